@@ -1,0 +1,30 @@
+# recserve: `make serve` serves the default model, `make test` runs every test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.recserve-setup
+
+.PHONY: setup serve test proto lint clean
+
+setup: $(STAMP)
+
+# Idempotent: rebuilt only when the lock or the project metadata change.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24" setuptools wheel
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -c "import torch, torchrec, ray, grpc, triton; print('recserve env ok: torch', torch.__version__, 'torchrec', torchrec.__version__, 'ray', ray.__version__)"
+	@touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/recserve serve
+
+test: setup
+	$(PY) -m pytest -q
+
+proto: setup
+	$(PY) protos/generate.py
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

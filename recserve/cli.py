@@ -1,0 +1,49 @@
+"""The ``recserve`` command line.
+
+Each area registers its own subcommands through a ``register(subparsers)`` function in a
+light module (argparse only; heavy imports happen inside the command), listed in
+``COMMAND_MODULES``. A command's handler takes the parsed args and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module:function pairs; each adds one or more subcommands
+COMMAND_MODULES = (
+    "recserve.commands:register",  # train, export, inspect
+    "recserve.planning:register",  # plan
+    "serving.commands:register",  # serve
+    "kernels.commands:register",  # kernels search / bench
+    "loadtest.commands:register",  # bench
+    "serving.fading.commands:register",  # fade
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recserve",
+        description="Serve sharded DLRM/DCNv2 recommendation models on Ray Serve.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for spec in COMMAND_MODULES:
+        module_name, func = spec.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and module_name.startswith(e.name):
+                continue  # that area is not built in this checkout
+            raise
+        getattr(module, func)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
