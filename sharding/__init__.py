@@ -1,0 +1,44 @@
+"""Sharding planner: which shard holds which embedding table (or row range of one).
+
+Pure Python over table specs; imports no torch, Ray, gRPC or CUDA. Entry point::
+
+    plan(tables, strategy="load", num_shards=4, shard_memory=80 * 10**9) -> ShardPlan
+
+Types and the JSON format are in :mod:`sharding.types`; the strategies in
+:mod:`sharding.partitioners`; row-wise splitting in :mod:`sharding.splitters`.
+"""
+
+from sharding.checks import check_plan
+from sharding.partitioners import PARTITIONERS, Partitioner
+from sharding.planners import plan
+from sharding.stats import plan_report
+from sharding.types import (
+    DTYPES,
+    STRATEGIES,
+    PlannerError,
+    PlannerErrorType,
+    Shard,
+    ShardPlan,
+    TableSlice,
+    TableSpec,
+    element_bytes,
+    row_bytes,
+)
+
+__all__ = [
+    "DTYPES",
+    "PARTITIONERS",
+    "STRATEGIES",
+    "Partitioner",
+    "PlannerError",
+    "PlannerErrorType",
+    "Shard",
+    "ShardPlan",
+    "TableSlice",
+    "TableSpec",
+    "check_plan",
+    "element_bytes",
+    "plan",
+    "plan_report",
+    "row_bytes",
+]
