@@ -4,11 +4,11 @@ Example::
 
     >>> from sharding import TableSpec, plan
     >>> tables = [TableSpec(name="a", rows=10, dim=4), TableSpec(name="b", rows=6, dim=4)]
-    >>> p = plan(tables, strategy="capacity", num_shards=2, shard_memory=120)
+    >>> p = plan(tables, strategy="capacity", num_shards=2, shard_memory=140)
     >>> [[f"{s.table}[{s.row_start}:{s.row_end})" for s in sh.slices] for sh in p.shards]
-    [['a[0:5)', 'b[0:2)'], ['a[5:10)', 'b[2:6)']]
+    [['a[0:5)', 'b[0:3)'], ['a[5:10)', 'b[3:6)']]
 
-(``a`` is 160 bytes, more than the 120-byte cap, so it is split into two row ranges; ``b``
+(``a`` is 160 bytes, more than the 140-byte cap, so it is split into two row ranges; ``b``
 then fits on neither shard whole and is split over the room that is left.)
 """
 

@@ -3,11 +3,11 @@
 Example (``recserve plan --workload tiny --strategy load --shards 2``)::
 
     plan: strategy=load  shards=2  dtype=fp32  shard_memory=none
-    shard          bytes        MiB   fill       cost  tables
-        0        312,320       0.30      -      240.0  t_user t_hist[0:3750)
-        1        435,200       0.42      -      240.0  t_item t_hist[3750:5000) t_cat
-    bytes: max 435,200  mean 373,760  max/mean 1.164
-    cost:  max 240.0  mean 240.0  max/mean 1.000
+    shard            bytes         MiB   fill       cost  tables
+        0           81,600        0.08      -      256.0  t_hist[0:2500) t_cat
+        1          272,000        0.26      -      224.0  t_user t_item t_hist[2500:5000)
+    bytes: max 272,000  mean 176,800  max/mean 1.538
+    cost:  max 256.0  mean 240.0  max/mean 1.067
     cost = estimated bytes of embedding rows read per request (pooling factor x dim x bytes
     per element x request rate); split tables carry cost in proportion to their rows.
 """
