@@ -1,0 +1,532 @@
+"""Table-batched pooled embedding lookup (TBE): all tables of a shard in one launch.
+
+Input layout (as FBGEMM's TBE)::
+
+    T tables, batch B.  indices: flat, table-major; offsets: [T*B + 1]
+    bag (t, b) = indices[offsets[t*B + b] : offsets[t*B + b + 1]]
+
+    e.g. T=2, B=2, table 0 bags [3, 1] and [], table 1 bags [7] and [2, 2]:
+    indices = [3, 1, 7, 2, 2]        offsets = [0, 2, 2, 3, 5]
+    output  = [B, dim_0 + dim_1] float32, row b = [pool(bag(0, b)) | pool(bag(1, b))]
+
+Storage per table (the model package's layout): fp32/fp16/bf16 ``[rows, dim]``, or row-wise
+quantized uint8 ``[rows, dim]`` (int8) / ``[rows, ceil(dim/2)]`` (int4, element 2j in the low
+nibble of byte j) with fp32 ``scale`` and ``bias`` ``[rows]``: value = q * scale + bias.
+Accumulation is fp32; empty bags give zeros; mean divides by the bag length.
+
+Tables of one storage dtype are packed into one flat buffer and looked up by one launch;
+a shard whose tables mix storage dtypes makes one launch per dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.errors import BackendUnavailableError, IndexOutOfRangeError, KernelInputError
+from kernels.registry import REFERENCE, Choice, Winners, pow2_bucket
+
+OP = "embedding_bag"
+DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
+_FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_QUANT_BITS = {"fp32": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4}
+_META_COLS = 6  # base, row stride, dim, output column, scale/bias row base, global table id
+
+TEMPLATES = ("per_bag", "multi_bag")
+DEFAULT_CONFIGS = {
+    "per_bag": {"BLOCK_N": 8, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2},
+    "multi_bag": {"BAGS": 8, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2},
+}
+
+
+@dataclass(frozen=True)
+class TableWeights:
+    """One table (or a row slice of one) as stored in the model package."""
+
+    weight: torch.Tensor  # fp32/fp16/bf16 [rows, dim] or uint8 (int8: [rows, dim]; int4: [rows, ceil(dim/2)])
+    dim: int
+    dtype: str  # "fp32" | "fp16" | "bf16" | "int8" | "int4"
+    scale: torch.Tensor | None = None  # fp32 [rows], quantized only
+    bias: torch.Tensor | None = None  # fp32 [rows], quantized only
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise KernelInputError(f"TableWeights.dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.dim, int) or self.dim <= 0:
+            raise KernelInputError(f"TableWeights.dim: must be a positive int, got {self.dim!r}")
+        w = self.weight
+        if w.dim() != 2:
+            raise KernelInputError(f"TableWeights.weight: must be 2-D, got shape {tuple(w.shape)}")
+        if self.dtype in _FLOAT_DTYPES:
+            if w.dtype != _FLOAT_DTYPES[self.dtype] or w.shape[1] != self.dim:
+                raise KernelInputError(
+                    f"TableWeights.weight: {self.dtype} table must be {_FLOAT_DTYPES[self.dtype]} "
+                    f"[rows, {self.dim}], got {w.dtype} {tuple(w.shape)}"
+                )
+            if self.scale is not None or self.bias is not None:
+                raise KernelInputError("TableWeights.scale/bias: only quantized tables have them")
+            return
+        cols = self.dim if self.dtype == "int8" else (self.dim + 1) // 2
+        if w.dtype != torch.uint8 or w.shape[1] != cols:
+            raise KernelInputError(
+                f"TableWeights.weight: {self.dtype} table must be uint8 [rows, {cols}], "
+                f"got {w.dtype} {tuple(w.shape)}"
+            )
+        for name in ("scale", "bias"):
+            v = getattr(self, name)
+            if v is None or v.dtype != torch.float32 or tuple(v.shape) != (w.shape[0],):
+                got = None if v is None else (v.dtype, tuple(v.shape))
+                raise KernelInputError(
+                    f"TableWeights.{name}: {self.dtype} table needs float32 [{w.shape[0]}], got {got}"
+                )
+
+    @property
+    def rows(self) -> int:
+        return int(self.weight.shape[0])
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+def quantize_rowwise(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp [rows, dim] -> (uint8 codes, fp32 scale [rows], fp32 bias [rows]), the package layout."""
+    w = weight.float()
+    lo = w.min(dim=1).values  # [rows]
+    hi = w.max(dim=1).values  # [rows]
+    levels = (1 << bits) - 1
+    scale = ((hi - lo) / levels).clamp_min(1e-12)  # [rows]
+    q = torch.round((w - lo[:, None]) / scale[:, None]).clamp_(0, levels).to(torch.uint8)  # [rows, dim]
+    if bits == 4:
+        if q.shape[1] % 2:
+            q = F.pad(q, (0, 1))
+        q = q[:, 0::2] | (q[:, 1::2] << 4)  # [rows, ceil(dim/2)]
+    return q.contiguous(), scale.contiguous(), lo.contiguous()
+
+
+def dequantize_rows(table: TableWeights, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a table as fp32 [len(ids), dim]."""
+    q = table.weight.index_select(0, ids)  # [n, cols]
+    if table.dtype in _FLOAT_DTYPES:
+        return q.float()
+    if table.dtype == "int4":
+        q = torch.stack((q & 0xF, q >> 4), dim=2).reshape(q.shape[0], 2 * q.shape[1])[:, : table.dim]  # [n, dim]
+    return q.float() * table.scale.index_select(0, ids)[:, None] + table.bias.index_select(0, ids)[:, None]
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def embedding_bag_reference(
+    tables: Sequence[TableWeights],
+    indices: torch.Tensor,  # [N] int32/int64, table-major
+    offsets: torch.Tensor,  # [T*B + 1]
+    per_sample_weights: torch.Tensor | None = None,  # [N] fp32
+    *,
+    pooling: str = "sum",
+) -> torch.Tensor:
+    """Plain torch: one F.embedding_bag per table. Returns [B, sum dims] fp32."""
+    T = len(tables)
+    B = (offsets.numel() - 1) // T
+    bounds = offsets[::B].to(torch.int64).tolist()  # [T + 1] where each table's ids start
+    outs = []
+    for t, table in enumerate(tables):
+        lo, hi = bounds[t], bounds[t + 1]
+        ids = indices[lo:hi].to(torch.int64)  # [n_t]
+        local = (offsets[t * B : t * B + B + 1].to(torch.int64) - lo)  # [B + 1]
+        psw = per_sample_weights[lo:hi] if per_sample_weights is not None else None
+        if table.dtype == "fp32" and not (pooling == "mean" and psw is not None):
+            pooled = F.embedding_bag(ids, table.weight, local, mode=pooling, per_sample_weights=psw,
+                                     include_last_offset=True)
+        else:
+            rows = dequantize_rows(table, ids)  # [n_t, dim] fp32
+            pooled = F.embedding_bag(torch.arange(ids.numel(), device=ids.device), rows, local,
+                                     mode="sum", per_sample_weights=psw, include_last_offset=True)
+            if pooling == "mean":
+                counts = (local[1:] - local[:-1]).clamp_min(1).to(torch.float32)  # [B]
+                pooled = pooled / counts[:, None]
+        outs.append(pooled.float())  # [B, dim_t]
+    return torch.cat(outs, dim=1)  # [B, sum dims]
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _load_rows(W, SCALE, BIAS, row_off, row_idx, d, rmask, mask, QUANT: tl.constexpr):
+    """Rows as fp32 [n, BLOCK_D]: row_off = element/byte offset of each row, row_idx = its
+    global row (for scale/bias), d = the columns, rmask = [n] live rows, mask = [n, BLOCK_D]."""
+    if QUANT == 0:
+        v = tl.load(W + row_off[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        if QUANT == 8:
+            q = tl.load(W + row_off[:, None] + d[None, :], mask=mask, other=0)
+        else:
+            byte = tl.load(W + row_off[:, None] + (d // 2)[None, :], mask=mask, other=0)
+            q = (byte >> ((d % 2) * 4).to(tl.uint8)[None, :]) & 0xF
+        s = tl.load(SCALE + row_idx, mask=rmask, other=0.0)
+        b = tl.load(BIAS + row_idx, mask=rmask, other=0.0)
+        v = q.to(tl.float32) * s[:, None] + b[:, None]
+        v = tl.where(mask, v, 0.0)
+    return v
+
+
+@triton.jit(do_not_specialize=["B"])
+def _eb_per_bag_kernel(
+    W, SCALE, BIAS, META, IDX, OFF, PSW, OUT,
+    B, out_stride,
+    QUANT: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (bag, column block); BLOCK_N ids of the bag gathered per step."""
+    pid = tl.program_id(0)  # bag within this dtype group: t * B + b
+    pid_d = tl.program_id(1)
+    t = pid // B
+    b = pid - t * B
+    base = tl.load(META + t * 6 + 0)
+    stride = tl.load(META + t * 6 + 1)
+    dim = tl.load(META + t * 6 + 2)
+    out_col = tl.load(META + t * 6 + 3)
+    row_base = tl.load(META + t * 6 + 4)
+    bag = tl.load(META + t * 6 + 5) * B + b
+    start = tl.load(OFF + bag).to(tl.int64)
+    end = tl.load(OFF + bag + 1).to(tl.int64)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    dmask = d < dim
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i in range(start, end, BLOCK_N):
+        n = i + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        nmask = n < end
+        idx = tl.load(IDX + n, mask=nmask, other=0).to(tl.int64)
+        row_off = tl.multiple_of(base + idx * stride, ALIGN)  # [BLOCK_N]
+        mask = nmask[:, None] & dmask[None, :]
+        v = _load_rows(W, SCALE, BIAS, row_off, row_base + idx, d, nmask, mask, QUANT)  # [BLOCK_N, BLOCK_D]
+        if HAS_W:
+            v = v * tl.load(PSW + n, mask=nmask, other=0.0)[:, None]
+        acc += v
+    pooled = tl.sum(acc, axis=0)  # [BLOCK_D]
+    if MEAN:
+        pooled = pooled / tl.maximum(end - start, 1).to(tl.float32)
+    tl.store(OUT + b.to(tl.int64) * out_stride + out_col + d, pooled, mask=dmask)
+
+
+@triton.jit(do_not_specialize=["B", "n_bags"])
+def _eb_multi_bag_kernel(
+    W, SCALE, BIAS, META, IDX, OFF, PSW, OUT,
+    B, n_bags, out_stride,
+    QUANT: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr,
+    BAGS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (BAGS consecutive bags, column block); one id of each bag per step,
+    so BAGS independent row loads are in flight. Suits short bags (pooling factor ~1-8)."""
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    g = pid * BAGS + tl.arange(0, BAGS)  # [BAGS] bag within this dtype group
+    gmask = g < n_bags
+    t = tl.where(gmask, g // B, 0)
+    b = g - (g // B) * B
+    base = tl.load(META + t * 6 + 0)
+    stride = tl.load(META + t * 6 + 1)
+    dim = tl.load(META + t * 6 + 2)
+    out_col = tl.load(META + t * 6 + 3)
+    row_base = tl.load(META + t * 6 + 4)
+    bag = tl.load(META + t * 6 + 5) * B + b
+    start = tl.load(OFF + bag, mask=gmask, other=0).to(tl.int64)
+    end = tl.load(OFF + bag + 1, mask=gmask, other=0).to(tl.int64)
+    length = end - start  # [BAGS]
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    dmask = (d[None, :] < dim[:, None]) & gmask[:, None]  # [BAGS, BLOCK_D]
+    acc = tl.zeros([BAGS, BLOCK_D], dtype=tl.float32)
+    max_len = tl.max(length, axis=0)
+    for i in range(0, max_len):
+        nmask = i < length  # [BAGS]
+        n = start + i
+        idx = tl.load(IDX + n, mask=nmask, other=0).to(tl.int64)
+        row_off = tl.multiple_of(base + idx * stride, ALIGN)
+        mask = nmask[:, None] & dmask
+        v = _load_rows(W, SCALE, BIAS, row_off, row_base + idx, d, nmask, mask, QUANT)  # [BAGS, BLOCK_D]
+        if HAS_W:
+            v = v * tl.load(PSW + n, mask=nmask, other=0.0)[:, None]
+        acc += v
+    if MEAN:
+        acc = acc / tl.maximum(length, 1).to(tl.float32)[:, None]
+    out = OUT + b.to(tl.int64)[:, None] * out_stride + out_col[:, None] + d[None, :]
+    tl.store(out, acc, mask=dmask)
+
+
+# ----------------------------------------------------------------------------- packing + launch
+
+
+@dataclass
+class PackedGroup:
+    """Tables of one storage dtype packed for one launch."""
+
+    dtype: str
+    quant: int  # 0, 8 or 4
+    weight: torch.Tensor  # flat [sum rows*stride] (fp or uint8)
+    scale: torch.Tensor  # flat fp32 [sum rows] (a 1-element dummy for fp tables)
+    bias: torch.Tensor  # flat fp32 [sum rows]
+    meta: torch.Tensor  # int64 [T_g, 6]
+    table_ids: tuple[int, ...]  # global table index of each packed table
+    max_dim: int
+    align: int  # largest power of two (<= 16) dividing every row offset, in elements
+
+
+def _pow2_divisor(x: int, cap: int = 16) -> int:
+    if x == 0:
+        return cap
+    return min(cap, x & -x)
+
+
+def pack_tables(tables: Sequence[TableWeights], device: torch.device) -> list[PackedGroup]:
+    """Group tables by storage dtype and pack each group into flat device buffers."""
+    out_cols = [0]
+    for tw in tables:
+        out_cols.append(out_cols[-1] + tw.dim)
+    groups: list[PackedGroup] = []
+    for dtype in DTYPES:
+        ids = [i for i, tw in enumerate(tables) if tw.dtype == dtype]
+        if not ids:
+            continue
+        quant = _QUANT_BITS[dtype]
+        meta, weights, scales, biases = [], [], [], []
+        base = row_base = 0
+        align = 16
+        for i in ids:
+            tw = tables[i]
+            stride = int(tw.weight.shape[1])
+            meta.append([base, stride, tw.dim, out_cols[i], row_base, i])
+            align = min(align, _pow2_divisor(base), _pow2_divisor(stride))
+            weights.append(tw.weight.reshape(-1))
+            if quant:
+                scales.append(tw.scale)
+                biases.append(tw.bias)
+            base += tw.rows * stride
+            row_base += tw.rows
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        weight = weight.to(device).contiguous()
+        if quant:
+            scale = torch.cat(scales).to(device=device, dtype=torch.float32).contiguous()
+            bias = torch.cat(biases).to(device=device, dtype=torch.float32).contiguous()
+        else:
+            scale = bias = torch.zeros(1, dtype=torch.float32, device=device)
+        groups.append(PackedGroup(
+            dtype=dtype, quant=quant, weight=weight, scale=scale, bias=bias,
+            meta=torch.tensor(meta, dtype=torch.int64, device=device), table_ids=tuple(ids),
+            max_dim=max(tables[i].dim for i in ids), align=align,
+        ))
+    return groups
+
+
+def launch(
+    group: PackedGroup,
+    indices: torch.Tensor,  # [N] int32/int64
+    offsets: torch.Tensor,  # [T*B + 1] int32/int64
+    per_sample_weights: torch.Tensor | None,  # [N] fp32
+    out: torch.Tensor,  # [B, sum dims] fp32, written in this group's columns
+    B: int,
+    *,
+    pooling: str,
+    template: str,
+    config: dict[str, int],
+) -> None:
+    """Launch one template/config over one packed group. No input checks (see the class)."""
+    n_bags = len(group.table_ids) * B
+    if n_bags == 0:
+        return
+    cfg = dict(config)
+    block_d = min(cfg.pop("BLOCK_D"), triton.next_power_of_2(group.max_dim))
+    num_warps, num_stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
+    psw = per_sample_weights if per_sample_weights is not None else group.scale
+    common = dict(QUANT=group.quant, MEAN=pooling == "mean", HAS_W=per_sample_weights is not None,
+                  ALIGN=group.align, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+    grid_d = triton.cdiv(group.max_dim, block_d)
+    args = (group.weight, group.scale, group.bias, group.meta, indices, offsets, psw, out)
+    if template == "per_bag":
+        _eb_per_bag_kernel[(n_bags, grid_d)](*args, B, out.stride(0), BLOCK_N=cfg["BLOCK_N"], **common)
+    elif template == "multi_bag":
+        bags = cfg["BAGS"]
+        _eb_multi_bag_kernel[(triton.cdiv(n_bags, bags), grid_d)](
+            *args, B, n_bags, out.stride(0), BAGS=bags, **common)
+    else:
+        raise KernelInputError(f"template: unknown embedding_bag template {template!r}")
+
+
+def shape_bucket(max_dim: int, batch: int, avg_pooling: float) -> str:
+    """Bucket of a lookup: 'd128_p8_b512' (max dim, ids per bag, batch; powers of two)."""
+    return f"d{triton.next_power_of_2(max_dim)}_p{pow2_bucket(avg_pooling)}_b{pow2_bucket(batch)}"
+
+
+def triton_usable(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------- public module
+
+
+class TableBatchedEmbeddingBag:
+    """All tables of one shard replica, looked up by one launch per storage dtype.
+
+    Built once per replica: packs and uploads the weights, reads the device's winners,
+    warms the kernels up. ``backend``:
+      - ``"auto"``: on CUDA the searched winner for the call's shape bucket, or the
+        reference where the search found nothing faster; on CPU the reference.
+      - ``"triton"``: always the Triton kernel (winner config, else a default config);
+        on CPU this needs TRITON_INTERPRET=1 (tests).
+      - ``"reference"``: always the torch reference (one F.embedding_bag per table).
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[TableWeights],
+        *,
+        pooling: str = "sum",
+        device: torch.device | str = "cpu",
+        backend: str = "auto",
+        winners: Winners | None = None,
+        warmup: bool = True,
+    ) -> None:
+        if not tables:
+            raise KernelInputError("tables: need at least one table")
+        if pooling not in ("sum", "mean"):
+            raise KernelInputError(f"pooling: must be 'sum' or 'mean', got {pooling!r}")
+        if backend not in ("auto", "triton", "reference"):
+            raise KernelInputError(f"backend: must be 'auto', 'triton' or 'reference', got {backend!r}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if backend == "triton" and not triton_usable(self.device):
+            raise BackendUnavailableError(
+                "backend='triton' needs a CUDA device or TRITON_INTERPRET=1 for CPU tensors")
+        self.pooling = pooling
+        self.backend = backend
+        self.dims = tuple(t.dim for t in tables)
+        self.total_dim = sum(self.dims)
+        self.rows = torch.tensor([t.rows for t in tables], dtype=torch.int64, device=self.device)  # [T]
+        self._rows_host = [t.rows for t in tables]
+        self.tables = [
+            TableWeights(
+                weight=t.weight.to(self.device).contiguous(), dim=t.dim, dtype=t.dtype,
+                scale=None if t.scale is None else t.scale.to(self.device).contiguous(),
+                bias=None if t.bias is None else t.bias.to(self.device).contiguous(),
+            )
+            for t in tables
+        ]
+        self.groups = pack_tables(self.tables, self.device) if backend != "reference" else []
+        self.winners = winners if winners is not None else Winners.for_device(self.device)
+        self._choices: dict[tuple[str, str], Choice] = {}
+        if warmup and self.device.type == "cuda" and backend != "reference":
+            self._warmup()
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.tables)
+
+    def choice(self, group: PackedGroup, B: int, n_indices: int) -> Choice:
+        """The kernel to run for this group and call shape (dict lookups only)."""
+        T = self.num_tables
+        bucket = shape_bucket(group.max_dim, B, n_indices / max(T * B, 1))
+        key = (group.dtype, bucket)
+        got = self._choices.get(key)
+        if got is None:
+            got = self.winners.lookup(OP, group.dtype, bucket)
+            if self.backend == "triton" and got.backend != "triton":
+                got = Choice("triton", "per_bag", DEFAULT_CONFIGS["per_bag"])
+            elif self.backend == "auto" and self.device.type != "cuda":
+                got = REFERENCE
+            self._choices[key] = got
+        return got
+
+    def check_inputs(self, indices, offsets, per_sample_weights) -> int:
+        """Validate shapes/dtypes/devices and every id (one host sync). Returns B."""
+        T = self.num_tables
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
+            raise KernelInputError("indices: must be a 1-D int32 or int64 tensor")
+        if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.dtype not in (torch.int32, torch.int64):
+            raise KernelInputError("offsets: must be a 1-D int32 or int64 tensor")
+        if (offsets.numel() - 1) % T or offsets.numel() < T + 1:
+            raise KernelInputError(
+                f"offsets: length must be T*B + 1 with T={T} tables and B >= 1, got {offsets.numel()}")
+        for name, x in (("indices", indices), ("offsets", offsets)):
+            if x.device != self.device:
+                raise KernelInputError(f"{name}: must be on {self.device}, got {x.device}")
+        if per_sample_weights is not None:
+            if (per_sample_weights.dtype != torch.float32 or per_sample_weights.shape != indices.shape
+                    or per_sample_weights.device != self.device):
+                raise KernelInputError(
+                    f"per_sample_weights: must be float32 [{indices.numel()}] on {self.device}")
+        B = (offsets.numel() - 1) // T
+        N = indices.numel()
+        offs = offsets.to(torch.int64)
+        seg = offs[::B]  # [T + 1] start of each table's ids
+        flags = [offs[0] != 0, offs[-1] != N, (offs[1:] < offs[:-1]).any()]
+        if N:
+            pos = torch.arange(N, device=self.device)
+            table_of = torch.bucketize(pos, seg[1:].contiguous(), right=True).clamp_(max=T - 1)  # [N]
+            idx = indices.to(torch.int64)
+            bad = (idx < 0) | (idx >= self.rows[table_of])  # [N]
+            flags.append(bad.any())
+        f = torch.stack(flags).tolist()  # the one host sync
+        if f[0] or f[1] or f[2]:
+            raise KernelInputError(
+                f"offsets: must start at 0, never decrease and end at len(indices)={N}")
+        if N and f[3]:
+            p = int(bad.nonzero()[0, 0])
+            t = int(table_of[p])
+            raise IndexOutOfRangeError(table=t, index=int(idx[p]), rows=self._rows_host[t], position=p)
+        return B
+
+    def __call__(
+        self,
+        indices: torch.Tensor,  # [N] int32/int64, table-major
+        offsets: torch.Tensor,  # [T*B + 1]
+        per_sample_weights: torch.Tensor | None = None,  # [N] fp32
+    ) -> torch.Tensor:  # [B, sum dims] fp32
+        B = self.check_inputs(indices, offsets, per_sample_weights)
+        return self.forward_unchecked(indices, offsets, per_sample_weights, B)
+
+    def forward_unchecked(self, indices, offsets, per_sample_weights, B: int) -> torch.Tensor:
+        """The lookup without input checks (callers that validated already; benchmarks)."""
+        if self.backend == "reference":
+            return embedding_bag_reference(self.tables, indices, offsets, per_sample_weights, pooling=self.pooling)
+        choices = [self.choice(g, B, indices.numel()) for g in self.groups]
+        if all(c.backend == "reference" for c in choices):
+            return embedding_bag_reference(self.tables, indices, offsets, per_sample_weights, pooling=self.pooling)
+        out = torch.empty(B, self.total_dim, dtype=torch.float32, device=self.device)  # [B, sum dims]
+        ref = None
+        for g, c in zip(self.groups, choices):
+            if c.backend == "triton":
+                launch(g, indices, offsets, per_sample_weights, out, B,
+                       pooling=self.pooling, template=c.template, config=c.config)
+            else:
+                if ref is None:
+                    ref = embedding_bag_reference(self.tables, indices, offsets, per_sample_weights, pooling=self.pooling)
+                for t in g.table_ids:
+                    lo = sum(self.dims[:t])
+                    out[:, lo:lo + self.dims[t]] = ref[:, lo:lo + self.dims[t]]
+        return out
+
+    def _warmup(self) -> None:
+        """Compile the configs this replica can pick, on a tiny input, before serving."""
+        T = self.num_tables
+        configs = {(e["template"], tuple(sorted(e["config"].items())))
+                   for k, e in self.winners.entries.items()
+                   if k.startswith(OP + "/") and e.get("backend") == "triton"}
+        if self.backend == "triton":
+            configs.add(("per_bag", tuple(sorted(DEFAULT_CONFIGS["per_bag"].items()))))
+        B = 2
+        out = torch.empty(B, self.total_dim, dtype=torch.float32, device=self.device)
+        for index_dtype in (torch.int64, torch.int32):
+            indices = torch.zeros(T * B, dtype=index_dtype, device=self.device)
+            offsets = torch.arange(T * B + 1, dtype=index_dtype, device=self.device)
+            for g in self.groups:
+                for template, cfg in configs:
+                    launch(g, indices, offsets, None, out, B, pooling=self.pooling,
+                           template=template, config=dict(cfg))
+        torch.cuda.synchronize(self.device)
