@@ -1,0 +1,221 @@
+"""The wire format at the edge: a PredictRequest decoded and validated into a
+:class:`recserve.batch.Batch`, and scores encoded into a PredictResponse.
+
+Everything a caller can get wrong is checked here, once, and reported as
+:class:`InvalidRequest` naming the field as the caller wrote it; everything behind this
+point trusts the batch. Ids outside ``[0, rows)`` are rejected, never wrapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from recserve.batch import Bags, Batch
+from recserve.package import Manifest
+from serving.errors import InvalidRequest, ModelNotFound
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """What the edge needs to know to check a request (no tables, no weights)."""
+
+    name: str
+    version: str
+    dense_features: int  # F
+    rows: dict[str, int]  # sparse feature -> rows of its table
+    served: tuple[str, ...]  # features the model looks up (model order)
+    dropped: tuple[str, ...]  # features whose tables the package dropped: accepted, ignored
+    max_batch_size: int  # largest B a request may carry
+
+    @staticmethod
+    def of(manifest: Manifest, *, max_batch_size: int) -> ModelSpec:
+        w = manifest.workload
+        return ModelSpec(
+            name=manifest.name,
+            version=manifest.version,
+            dense_features=w.dense_features,
+            rows={f: t.rows for t in w.tables for f in t.features},
+            served=manifest.served_features,
+            dropped=tuple(manifest.dropped_features),
+            max_batch_size=max_batch_size,
+        )
+
+
+def check_model(spec: ModelSpec, model: str, version: str = "") -> None:
+    """NOT_FOUND unless (model, version) names the served model (empty = the served one)."""
+    if model and model != spec.name:
+        raise ModelNotFound(f"model {model!r} is not served here (this server serves {spec.name!r})")
+    if version and version != spec.version:
+        raise ModelNotFound(
+            f"model {spec.name!r} version {version!r} is not served here (serving version {spec.version!r})"
+        )
+
+
+def decode_request(request, spec: ModelSpec) -> Batch:
+    """A ``recserve.v1.PredictRequest`` as a validated Batch (served features only)."""
+    check_model(spec, request.model, request.version)
+    B = int(request.batch_size)
+    dense = np.asarray(request.dense, dtype=np.float32)
+    sparse = {
+        name: (
+            np.asarray(f.values, dtype=np.int64),
+            np.asarray(f.lengths, dtype=np.int32),
+            np.asarray(f.weights, dtype=np.float32) if len(f.weights) else None,
+        )
+        for name, f in request.sparse.items()
+    }
+    units = np.asarray(request.unit_ids, dtype=np.uint64) if len(request.unit_ids) else None
+    return validate(spec, B, dense, sparse, units)
+
+
+def validate(
+    spec: ModelSpec,
+    batch_size: int,
+    dense: np.ndarray,  # float32 [B * F] or [B, F]
+    sparse: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],  # values [N], lengths [B], weights [N]
+    unit_ids: np.ndarray | None,  # uint64 [B]
+) -> Batch:
+    """Check every rule of the API and build the Batch; InvalidRequest names the field."""
+    B, F = batch_size, spec.dense_features
+    if B <= 0:
+        raise InvalidRequest("batch_size", "empty batch: batch_size must be at least 1")
+    if B > spec.max_batch_size:
+        raise InvalidRequest("batch_size", f"{B} is above this server's maximum of {spec.max_batch_size}")
+    dense = dense.reshape(-1)
+    if dense.size != B * F:
+        raise InvalidRequest(
+            "dense", f"has {dense.size} values, expected batch_size x dense width = {B} x {F} = {B * F}"
+        )
+    dense = dense.reshape(B, F)  # [B, F]
+    finite = np.isfinite(dense)
+    if not finite.all():
+        b, j = np.argwhere(~finite)[0]
+        raise InvalidRequest("dense", f"NaN or inf at example {b}, feature {j} ({dense[b, j]})")
+    unknown = sorted(set(sparse) - set(spec.rows))
+    if unknown:
+        raise InvalidRequest(f"sparse[{unknown[0]!r}]", f"unknown feature (the model has {list(spec.served)})")
+    missing = [f for f in spec.served if f not in sparse]
+    if missing:
+        raise InvalidRequest(
+            f"sparse[{missing[0]!r}]", "missing feature (send empty bags, lengths all 0, for no ids)"
+        )
+    bags: dict[str, Bags] = {}
+    for name, (values, lengths, weights) in sparse.items():
+        checked = _check_bags(name, values, lengths, weights, B, spec.rows[name])
+        if name not in spec.dropped:
+            bags[name] = checked
+    if unit_ids is not None:
+        unit_ids = unit_ids.reshape(-1).astype(np.uint64, copy=False)
+        if unit_ids.size != B:
+            raise InvalidRequest("unit_ids", f"has {unit_ids.size} entries, expected batch_size {B} (or none)")
+    return Batch(dense=dense, sparse={f: bags[f] for f in spec.served if f in bags}, unit_ids=unit_ids)
+
+
+def _check_bags(
+    name: str, values: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, B: int, rows: int
+) -> Bags:
+    field = f"sparse[{name!r}]"
+    values = values.reshape(-1).astype(np.int64, copy=False)
+    lengths = lengths.reshape(-1).astype(np.int32, copy=False)
+    if lengths.size != B:
+        raise InvalidRequest(f"{field}.lengths", f"has {lengths.size} entries, expected batch_size {B}")
+    if (lengths < 0).any():
+        i = int(np.argmax(lengths < 0))
+        raise InvalidRequest(f"{field}.lengths", f"negative length {int(lengths[i])} at example {i}")
+    total = int(lengths.sum(dtype=np.int64))
+    if total != values.size:
+        raise InvalidRequest(f"{field}.lengths", f"sum to {total} but values has {values.size} ids")
+    if values.size:
+        bad = (values < 0) | (values >= rows)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidRequest(f"{field}.values", f"id {int(values[i])} at position {i} is outside [0, {rows})")
+    if weights is not None:
+        weights = weights.reshape(-1).astype(np.float32, copy=False)
+        if weights.size != values.size:
+            raise InvalidRequest(f"{field}.weights", f"has {weights.size} entries, expected one per id ({values.size}) or none")
+        if not np.isfinite(weights).all():
+            i = int(np.argmax(~np.isfinite(weights)))
+            raise InvalidRequest(f"{field}.weights", f"NaN or inf at position {i}")
+    return Bags(values, lengths, weights)
+
+
+def encode_request(
+    dense: np.ndarray,  # float32 [B, F]
+    sparse: dict,  # name -> (values, lengths) or (values, lengths, weights)
+    *,
+    model: str = "",
+    version: str = "",
+    unit_ids: np.ndarray | None = None,  # [B]
+    request_id: str = "",
+):
+    """A PredictRequest from numpy arrays (what the client sends)."""
+    from recserve.v1 import ranker_pb2
+
+    dense = np.asarray(dense, dtype=np.float32)
+    if dense.ndim != 2:
+        raise ValueError(f"dense: must be a [B, F] matrix, got shape {dense.shape}")
+    req = ranker_pb2.PredictRequest(
+        model=model or "", version=version or "", request_id=request_id, batch_size=dense.shape[0]
+    )
+    _set_packed(req.dense, dense)
+    for name, bags in sparse.items():
+        if isinstance(bags, Bags):
+            values, lengths, weights = bags.values, bags.lengths, bags.weights
+        elif len(bags) == 2:
+            (values, lengths), weights = bags, None
+        else:
+            values, lengths, weights = bags
+        feature = req.sparse[name]
+        _set_packed(feature.values, np.asarray(values, dtype=np.int64))
+        _set_packed(feature.lengths, np.asarray(lengths, dtype=np.int32))
+        if weights is not None:
+            _set_packed(feature.weights, np.asarray(weights, dtype=np.float32))
+    if unit_ids is not None:
+        _set_packed(req.unit_ids, np.asarray(unit_ids).astype(np.uint64))
+    return req
+
+
+def _set_packed(field, array: np.ndarray) -> None:
+    field.extend(array.reshape(-1).tolist())
+
+
+def encode_response(scores: np.ndarray, *, model: str, version: str, request_id: str = ""):
+    from recserve.v1 import ranker_pb2
+
+    resp = ranker_pb2.PredictResponse(model=model, version=version, request_id=request_id)
+    resp.scores.extend(np.asarray(scores, dtype=np.float32).tolist())
+    return resp
+
+
+def model_info(manifest: Manifest, *, max_batch_size: int):
+    """The ModelInfoResponse of a package."""
+    from recserve.v1 import ranker_pb2
+
+    w, plan = manifest.workload, manifest.plan
+    resp = ranker_pb2.ModelInfoResponse(
+        model=manifest.name,
+        version=manifest.version,
+        dense_features=w.dense_features,
+        features=list(manifest.served_features),
+        interaction=w.interaction,
+        num_shards=plan.num_shards,
+        strategy=plan.strategy,
+        max_batch_size=max_batch_size,
+        dropped_features=list(manifest.dropped_features),
+    )
+    placed = set(plan.tables)
+    for t in w.tables:
+        if t.name not in placed:
+            continue
+        resp.tables.add(
+            name=t.name,
+            features=list(t.features),
+            rows=t.rows,
+            dim=t.dim,
+            dtype=manifest.dtype,
+            shards=sorted({k for k, _ in plan.slices_of(t.name)}),
+        )
+    return resp

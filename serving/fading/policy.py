@@ -1,0 +1,152 @@
+"""The keep decision: does example ``i`` keep feature ``f`` at coverage ``c``?
+
+Deterministic and consistent per unit (e.g. per user)::
+
+    u(unit, f)   = mix(mix(unit) ^ key(model, f, salt)) / 2**64         # uniform in [0, 1)
+    control      = v(unit, f) < control_fraction                        # holdout, never faded
+    keep         = control or u(unit, f) < coverage
+
+``mix`` is the splitmix64 finaliser; ``key`` is a 64-bit BLAKE2b digest of the model,
+feature and salt, so two features (or two salts) fade independent sets of units, and
+``v`` uses a different key (``"control"`` appended) so the control cohort is independent
+of the keep draw. Because ``keep`` compares one fixed draw against the coverage, lowering
+the coverage only ever removes units and raising it back restores exactly the same ones:
+a unit's treatment never flips back and forth within a schedule.
+
+``coverage`` applies to the treatment population (everything outside the control cohort),
+so the served fraction of all traffic is ``control + (1 - control) * coverage``. Once a
+schedule is done (coverage 0 past its soak) the control cohort is released too: the
+feature is then gone for everyone and dropping its tables changes no score.
+
+Where a request carries no unit ids, every example uses the request id as its unit
+(one treatment per request).
+
+A faded feature of an example becomes an empty bag: the model's "missing" value, and no
+lookup is sent for it. :func:`apply_fading` does that to a :class:`~recserve.batch.Batch`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from recserve.batch import Bags, Batch
+
+# Cohort of one example for one feature (int8 codes in FadeDecision.cohorts).
+CONTROL = 0  # in the holdout: keeps the feature whatever the coverage
+KEPT = 1  # treatment population, kept at this coverage
+FADED = 2  # treatment population, faded: sent as an empty bag
+COHORT_NAMES = ("control", "kept", "faded")
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser, elementwise over uint64 (wraps on overflow by design)."""
+    with np.errstate(over="ignore"):
+        z = z + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def key64(*parts: str) -> np.uint64:
+    """A stable 64-bit key of some strings (BLAKE2b; the same on every machine and run)."""
+    h = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+    return np.uint64(int.from_bytes(h, "little"))
+
+
+def unit_draws(units: np.ndarray, key: np.uint64) -> np.ndarray:
+    """One uniform draw in [0, 1) per unit for ``key``: float64 [B]."""
+    z = _mix(_mix(units.astype(np.uint64, copy=False)) ^ key)  # uint64 [B]
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2.0**53)
+
+
+def request_units(batch_size: int, request_id: str) -> np.ndarray:
+    """The unit of every example of a request that sent no unit ids: uint64 [B]."""
+    return np.full(batch_size, key64("request", request_id), dtype=np.uint64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureFade:
+    """What the request path needs to know about one feature being faded."""
+
+    feature: str
+    coverage: float  # in [0, 1]: kept fraction of the treatment population
+    salt: str = ""
+    control_fraction: float = 0.0  # in [0, 1): share of units held out at full coverage
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.coverage <= 1.0:
+            raise ValueError(f"coverage: must be in [0, 1], got {self.coverage!r}")
+        if not 0.0 <= self.control_fraction < 1.0:
+            raise ValueError(f"control_fraction: must be in [0, 1), got {self.control_fraction!r}")
+
+
+def cohorts(units: np.ndarray, model: str, fade: FeatureFade) -> np.ndarray:
+    """CONTROL / KEPT / FADED of every example for one feature: int8 [B]."""
+    out = np.full(units.shape[0], KEPT, dtype=np.int8)
+    if fade.coverage < 1.0:
+        u = unit_draws(units, key64(model, fade.feature, fade.salt))
+        out[u >= fade.coverage] = FADED
+    if fade.control_fraction > 0.0:
+        v = unit_draws(units, key64(model, fade.feature, fade.salt, "control"))
+        out[v < fade.control_fraction] = CONTROL
+    return out
+
+
+def fade_bags(bags: Bags, keep: np.ndarray) -> Bags:
+    """``bags`` with the examples where ``keep`` is False turned into empty bags."""
+    per_id = np.repeat(keep, bags.lengths)  # bool [N]
+    return Bags(
+        bags.values[per_id],
+        np.where(keep, bags.lengths, 0).astype(bags.lengths.dtype, copy=False),
+        None if bags.weights is None else bags.weights[per_id],
+    )
+
+
+@dataclass(frozen=True)
+class FadeDecision:
+    """What fading did to one batch: the guardrails and metrics read it after scoring."""
+
+    cohorts: dict[str, np.ndarray]  # feature -> int8 [B] (CONTROL, KEPT, FADED)
+    lookups_skipped: dict[str, int]  # feature -> ids not looked up in this batch
+
+    @property
+    def any_faded(self) -> bool:
+        return any(bool((c == FADED).any()) for c in self.cohorts.values())
+
+
+def apply_fading(
+    batch: Batch, model: str, fades: Mapping[str, FeatureFade], *, request_id: str = ""
+) -> tuple[Batch, FadeDecision]:
+    """The batch with faded features emptied per example, and what was decided.
+
+    Features without an entry in ``fades`` and features the request did not send pass
+    through untouched (the same ``Bags`` objects, so full coverage is bit-identical).
+    """
+    b = batch.batch_size
+    units = batch.unit_ids if batch.unit_ids is not None else request_units(b, request_id)
+    if units.shape[0] != b:
+        raise ValueError(f"unit_ids: has {units.shape[0]} entries for a batch of {b} examples")
+    sparse = dict(batch.sparse)
+    decided: dict[str, np.ndarray] = {}
+    skipped: dict[str, int] = {}
+    for feature, fade in fades.items():
+        c = cohorts(units, model, fade)  # int8 [B]
+        decided[feature] = c
+        bags = sparse.get(feature)
+        faded = c == FADED  # bool [B]
+        if bags is None or not faded.any():
+            skipped[feature] = 0
+            continue
+        skipped[feature] = int(bags.lengths[faded].sum())
+        sparse[feature] = fade_bags(bags, ~faded)
+    if not any(skipped.values()):
+        return batch, FadeDecision(decided, skipped)
+    return Batch(batch.dense, sparse, batch.unit_ids), FadeDecision(decided, skipped)

@@ -1,0 +1,224 @@
+"""Fading on the request path: the router's feature-filter step plus its guardrails.
+
+The router holds one :class:`FadingFilter` per served model and, for every request::
+
+    faded_batch, decision = fading.apply(batch, request_id)   # before splitting by shard
+    scores = ... score faded_batch ...
+    fading.observe(decision, scores, latency_s)                # after scoring
+
+``apply`` only reads an in-memory snapshot of the coverages; ``observe`` only updates
+counters. All store I/O (following state changes, advancing schedules whose soak ended,
+rolling back on a breach, reporting figures) happens on a background thread, so the
+request path never waits on disk. ``sync()`` runs one round of that work inline (tests,
+benchmarks). ``FadingFilter(...)(batch)`` is the plain ``(batch) -> batch`` form.
+
+Every replica judges the guardrails on its own traffic; the first one to see a breach
+rolls the feature back in the shared store (one transaction, audited with actor
+``guardrail:<replica>``), and every replica follows within one poll interval.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from recserve.batch import Batch
+from serving.fading import schedule as sched
+from serving.fading.guardrails import FeatureGuardrail
+from serving.fading.metrics import FadingMetrics
+from serving.fading.policy import FadeDecision, FeatureFade, apply_fading
+from serving.fading.schedule import FeatureState, Status
+from serving.fading.store import FadingStore
+
+
+def replica_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def active_fade(state: FeatureState) -> FeatureFade | None:
+    """What the request path applies for a state, or None when the feature is untouched."""
+    if state.coverage >= 1.0 and state.status == Status.MANUAL:
+        return None
+    return FeatureFade(
+        feature=state.feature,
+        coverage=state.coverage,
+        salt=state.salt,
+        control_fraction=state.control_fraction if state.control_active else 0.0,
+    )
+
+
+class FadingFilter:
+    """Applies the stored fading state of one model to its requests and guards it."""
+
+    def __init__(
+        self,
+        model: str,
+        store: FadingStore,
+        *,
+        features: tuple[str, ...] | None = None,  # the model's sparse features (others ignored)
+        replica: str | None = None,
+        poll_interval_s: float = 0.5,
+        report_interval_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
+        metrics: FadingMetrics | None = None,
+        background: bool = True,
+    ):
+        self.model = model
+        self.store = store
+        self.features = features
+        self.replica = replica or replica_name()
+        self.poll_interval_s = poll_interval_s
+        self.report_interval_s = report_interval_s
+        self.clock = clock
+        self.metrics = metrics or FadingMetrics()
+        self._lock = threading.Lock()
+        self._states: dict[str, FeatureState] = {}
+        self._fades: dict[str, FeatureFade] = {}  # swapped whole; read without the lock
+        self._guards: dict[str, FeatureGuardrail] = {}
+        self._data_version = -1
+        self._last_report = 0.0
+        self._breach_pending = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.sync()
+        if background:
+            self._thread = threading.Thread(target=self._run, name=f"fading-{model}", daemon=True)
+            self._thread.start()
+
+    # ---- request path -------------------------------------------------------------------
+
+    def apply(self, batch: Batch, request_id: str = "") -> tuple[Batch, FadeDecision]:
+        fades = self._fades
+        if not fades:
+            return batch, FadeDecision({}, {})
+        return apply_fading(batch, self.model, fades, request_id=request_id)
+
+    def __call__(self, batch: Batch) -> Batch:
+        return self.apply(batch)[0]
+
+    def observe(self, decision: FadeDecision, scores: np.ndarray, latency_s: float | None = None) -> None:
+        """Feed the scores of a request that went through :meth:`apply` to the guardrails."""
+        if not decision.cohorts:
+            return
+        scores = np.asarray(scores, dtype=np.float32)
+        with self._lock:
+            for feature, cohorts in decision.cohorts.items():
+                guard = self._guards.get(feature)
+                if guard is None:
+                    continue
+                skipped = decision.lookups_skipped.get(feature, 0)
+                guard.observe(cohorts, scores, latency_s, skipped)
+                self.metrics.inc("lookups_skipped", self.model, feature, skipped)
+                state = self._states.get(feature)
+                if state is not None and state.status == Status.RUNNING and guard.breach(state.thresholds):
+                    self._breach_pending.set()
+
+    # ---- background work ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._breach_pending.wait(self.poll_interval_s)
+            try:
+                self.sync()
+            except Exception as e:  # keep serving on the last state; retry next round
+                print(f"fading[{self.model}]: background sync failed: {e}")
+
+    def sync(self) -> None:
+        """One round: roll back breaches, advance soaked steps, reload state, report."""
+        now = self.clock()
+        self._handle_breaches(now)
+        for state in list(self._states.values()):
+            if state.status == Status.RUNNING and state.soak_left(now) <= 0:
+                self._data_version = -1  # our own commits do not change our data_version
+                self.store.transition(
+                    self.model, state.feature, lambda s: sched.tick(s, now),
+                    action="advance", actor=f"scheduler:{self.replica}", peer=self.replica, now=now,
+                )
+        self._reload()
+        if now - self._last_report >= self.report_interval_s:
+            self._report(now)
+
+    def _handle_breaches(self, now: float) -> None:
+        if not self._breach_pending.is_set():
+            return
+        self._breach_pending.clear()
+        with self._lock:
+            breaches = {
+                f: why
+                for f, g in self._guards.items()
+                if (s := self._states.get(f)) is not None
+                and s.status == Status.RUNNING
+                and (why := g.breach(s.thresholds))
+            }
+            figures = {f: self._guards[f].figures().to_json() for f in breaches}
+        for feature, why in breaches.items():
+            expected = self._states[feature]
+            self._data_version = -1
+
+            def roll(s: FeatureState, expected: FeatureState = expected) -> FeatureState:
+                # only the step that was judged; if it moved on meanwhile, judge again later
+                if s.status != Status.RUNNING or s.step != expected.step or s.coverage != expected.coverage:
+                    return s
+                return sched.rollback(s, now)
+
+            new = self.store.transition(
+                self.model, feature, roll, action="breach", actor=f"guardrail:{self.replica}",
+                peer=self.replica, reason=f"guardrail breach at coverage {expected.coverage:g}: {why}", now=now,
+            )
+            if new.status == Status.ROLLED_BACK:
+                self.metrics.inc("breaches", self.model, feature)
+                self.store.report_figures(self.replica, self.model, {feature: figures[feature]}, now)
+
+    def _reload(self) -> None:
+        version = self.store.data_version()
+        if version == self._data_version and self._states:
+            return
+        states = {
+            s.feature: s
+            for s in self.store.states(self.model)
+            if self.features is None or s.feature in self.features
+        }
+        fades = {f: fade for f, s in states.items() if (fade := active_fade(s)) is not None}
+        with self._lock:
+            for f, fade in fades.items():
+                g, prev = self._guards.get(f), self._states.get(f)
+                if g is None or prev is None or g.coverage != fade.coverage or prev.step != states[f].step:
+                    self._guards[f] = FeatureGuardrail(fade.coverage)  # a new step is judged afresh
+            for f in list(self._guards):
+                if f not in fades:
+                    del self._guards[f]
+            self._states = states
+            self._fades = fades
+        self._data_version = version
+        for f, s in states.items():
+            self.metrics.set("coverage", self.model, f, s.coverage)
+
+    def _report(self, now: float) -> None:
+        with self._lock:
+            figures = {f: g.figures() for f, g in self._guards.items()}
+        for f, fig in figures.items():
+            self.metrics.set("ratio", self.model, f, fig.ratio)
+            self.metrics.set("psi", self.model, f, fig.psi)
+            self.metrics.set("latency_ratio", self.model, f, fig.latency_ratio)
+        if figures:
+            self.store.report_figures(self.replica, self.model, {f: x.to_json() for f, x in figures.items()}, now)
+        self._last_report = now
+
+    def figures(self) -> dict[str, dict]:
+        with self._lock:
+            return {f: g.figures().to_json() for f, g in self._guards.items()}
+
+    def states(self) -> dict[str, FeatureState]:
+        return dict(self._states)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._breach_pending.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

@@ -1,0 +1,174 @@
+"""The single-server baseline: the whole model in one process behind a plain grpc.aio
+server speaking the same Ranker API (plus grpc.health.v1), no Ray. Same cores as the
+sharded app (serving/pipeline.py); the load-test issue compares the two.
+
+Use::
+
+    server, port = await create_server("artifacts/default", port=0)   # bound and started
+    ...
+    await server.stop(grace=1.0)
+
+or, from synchronous code (tests, benchmarks)::
+
+    with MonolithThread("artifacts/default") as running:
+        client = RankingClient(f"127.0.0.1:{running.port}")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from recserve.package import ModelPackage
+from recserve.v1 import ranker_pb2_grpc
+from serving.codec import decode_request, encode_response, model_info
+from serving.errors import DeadlineExceeded, Overloaded
+from serving.pipeline import DEFAULT_MAX_BATCH_SIZE, LocalRanker
+from serving.routing import FeatureFilter, identity_filter
+from serving.status import grpc_status
+
+SERVICE_NAME = "recserve.v1.Ranker"
+TIMEOUT_METADATA = "recserve-timeout-ms"  # the caller's deadline, as the client also sends it
+
+
+def remaining_seconds(context, default: float | None = None) -> float | None:
+    """Seconds left of the caller's deadline (gRPC deadline or recserve-timeout-ms), or default."""
+    left = context.time_remaining() if hasattr(context, "time_remaining") else None
+    for key, value in context.invocation_metadata() or ():
+        if key == TIMEOUT_METADATA:
+            ms = float(value) / 1000.0
+            left = ms if left is None else min(left, ms)
+    return left if left is not None else default
+
+
+class MonolithServicer(ranker_pb2_grpc.RankerServicer):
+    """Thin: decode, score in a worker thread, encode; errors leave through context.abort."""
+
+    def __init__(self, ranker: LocalRanker, *, max_in_flight: int = 64):
+        self.ranker = ranker
+        self.max_in_flight = max_in_flight
+        self._in_flight = 0
+
+    async def Predict(self, request, context):
+        started = time.monotonic()
+        try:
+            left = remaining_seconds(context)
+            batch = decode_request(request, self.ranker.spec)
+            if self._in_flight >= self.max_in_flight:
+                raise Overloaded(f"server is at its limit of {self.max_in_flight} requests in flight; retry later")
+            self._in_flight += 1
+            try:
+                work = asyncio.to_thread(self.ranker.score, batch)
+                if left is None:
+                    scores = await work
+                else:
+                    budget = left - (time.monotonic() - started)
+                    if budget <= 0:
+                        raise DeadlineExceeded("deadline expired before scoring started")
+                    try:
+                        scores = await asyncio.wait_for(work, timeout=budget)
+                    except TimeoutError:
+                        raise DeadlineExceeded(f"deadline of {left * 1000:.0f} ms exceeded while scoring") from None
+            finally:
+                self._in_flight -= 1
+        except Exception as e:  # noqa: BLE001  the edge: every error leaves with its code
+            code, message = grpc_status(e)
+            await context.abort(code, message)
+        m = self.ranker.package.manifest
+        return encode_response(scores, model=m.name, version=m.version, request_id=request.request_id)
+
+    async def ModelInfo(self, request, context):
+        try:
+            from serving.codec import check_model
+
+            check_model(self.ranker.spec, request.model)
+        except Exception as e:  # noqa: BLE001
+            code, message = grpc_status(e)
+            await context.abort(code, message)
+        return model_info(self.ranker.package.manifest, max_batch_size=self.ranker.spec.max_batch_size)
+
+
+async def create_server(
+    package: ModelPackage | str,
+    port: int = 0,
+    *,
+    host: str = "127.0.0.1",
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_in_flight: int = 64,
+    device: str = "cpu",
+    feature_filter: FeatureFilter = identity_filter,
+) -> tuple[grpc.aio.Server, int]:
+    """Load the package, bind ``host:port`` (0 = any free port), start; returns (server, port)."""
+    ranker = await asyncio.to_thread(
+        LocalRanker.load, package, max_batch_size=max_batch_size, device=device, feature_filter=feature_filter
+    )
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20)])
+    ranker_pb2_grpc.add_RankerServicer_to_server(MonolithServicer(ranker, max_in_flight=max_in_flight), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
+
+
+class MonolithThread:
+    """A monolith server on its own event loop in a background thread (for sync callers)."""
+
+    def __init__(self, package: ModelPackage | str, port: int = 0, **kwargs):
+        self._args = (package, port)
+        self._kwargs = kwargs
+        self.port: int | None = None
+        self._loop = asyncio.new_event_loop()
+        self._server: grpc.aio.Server | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="recserve-monolith", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._server, self.port = self._loop.run_until_complete(create_server(*self._args, **self._kwargs))
+        except BaseException as e:  # noqa: BLE001  re-raised in start()
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    def start(self) -> MonolithThread:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace=0.5), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> MonolithThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+async def serve_forever(package: ModelPackage | str, port: int = 9000, **kwargs) -> None:
+    """Run a monolith until cancelled (``recserve serve --monolith``)."""
+    server, bound = await create_server(package, port, **kwargs)
+    print(f"recserve monolith listening on {kwargs.get('host', '127.0.0.1')}:{bound}", flush=True)
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(grace=1.0)
