@@ -80,7 +80,7 @@ class FadingFilter:
         self._states: dict[str, FeatureState] = {}
         self._fades: dict[str, FeatureFade] = {}  # swapped whole; read without the lock
         self._guards: dict[str, FeatureGuardrail] = {}
-        self._data_version = -1
+        self._data_version: tuple[int, int] | None = None
         self._last_report = 0.0
         self._breach_pending = threading.Event()
         self._stop = threading.Event()
@@ -134,7 +134,7 @@ class FadingFilter:
         self._handle_breaches(now)
         for state in list(self._states.values()):
             if state.status == Status.RUNNING and state.soak_left(now) <= 0:
-                self._data_version = -1  # our own commits do not change our data_version
+                self._data_version = None  # our own commits do not change our data_version
                 self.store.transition(
                     self.model, state.feature, lambda s: sched.tick(s, now),
                     action="advance", actor=f"scheduler:{self.replica}", peer=self.replica, now=now,
@@ -158,7 +158,7 @@ class FadingFilter:
             figures = {f: self._guards[f].figures().to_json() for f in breaches}
         for feature, why in breaches.items():
             expected = self._states[feature]
-            self._data_version = -1
+            self._data_version = None
 
             def roll(s: FeatureState, expected: FeatureState = expected) -> FeatureState:
                 # only the step that was judged; if it moved on meanwhile, judge again later
@@ -175,7 +175,8 @@ class FadingFilter:
                 self.store.report_figures(self.replica, self.model, {feature: figures[feature]}, now)
 
     def _reload(self) -> None:
-        version = self.store.data_version()
+        # data_version is per connection (one per thread), so remember whose it was
+        version = (threading.get_ident(), self.store.data_version())
         if version == self._data_version and self._states:
             return
         states = {
