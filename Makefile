@@ -13,7 +13,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24" setuptools wheel
 	$(PY) -m pip install --quiet --no-deps -r requirements.lock
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
 	$(PY) -c "import torch, torchrec, ray, grpc, triton; print('recserve env ok: torch', torch.__version__, 'torchrec', torchrec.__version__, 'ray', ray.__version__)"
 	@touch $(STAMP)
 

@@ -54,27 +54,30 @@ def run_train(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from recserve.export import export_package
     from recserve.package import PackageError
-    from recserve.planning import make_plan, parse_bytes
+    from recserve.planning import parse_bytes, table_specs
     from recserve.workloads import load_workload
-    from sharding.types import PlannerError
+    from sharding import PlannerError, plan
 
     workload = load_workload(args.workload).with_max_rows(args.max_rows)
     dropped = tuple(f for f in args.drop_features.split(",") if f)
     try:
-        plan = make_plan(
-            workload,
+        unknown = sorted(set(dropped) - set(workload.features))
+        if unknown:
+            raise ValueError(f"--drop-features: unknown feature(s) {unknown}")
+        # a table is left out when every feature that reads it is dropped
+        kept = {t.name for t in workload.tables if not set(t.features) <= set(dropped)}
+        plan_ = plan(
+            [s for s in table_specs(workload, args.dtype) if s.name in kept],
             strategy=args.strategy,
             num_shards=args.shards,
             shard_memory=parse_bytes(args.shard_memory) if args.shard_memory else None,
-            dtype=args.dtype,
-            dropped_features=dropped,
         )
-        print(plan)
+        print(plan_)
         r = export_package(
             workload,
             args.state_dict,
             args.out,
-            plan=plan,
+            plan=plan_,
             name=args.name,
             version=args.model_version,
             dropped_features=dropped,

@@ -28,7 +28,8 @@ def quantize_rows(w: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tens
     hi = w.max(dim=1).values  # [R]
     scale = (hi - lo) / levels  # [R]
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round((w - lo[:, None]) / safe[:, None]).clamp_(0, levels).to(torch.uint8)  # [R, D]
+    # one fp32 temporary the size of the chunk, then in place
+    q = (w - lo[:, None]).div_(safe[:, None]).round_().clamp_(0, levels).to(torch.uint8)  # [R, D]
     q[scale == 0] = 0
     if dtype == "int4":
         q = pack_int4(q)
