@@ -173,7 +173,8 @@ class Routing:
         for k, out in outputs.items():
             if out is None:
                 continue
-            out = torch.as_tensor(out)
+            if isinstance(out, np.ndarray):  # results from the object store are read-only
+                out = torch.from_numpy(out if out.flags.writeable else out.copy())
             cols = self.columns[k]
             sparse.index_add_(1, self._feature_index[k], out.reshape(batch_size, len(cols), self.dim))
         return sparse

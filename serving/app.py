@@ -1,0 +1,36 @@
+"""The Serve application, wired in one expression by a typed builder.
+
+``deploy/serve.yaml`` names ``serving.app:build_app``; ``recserve serve`` calls it too::
+
+    Router.bind(package, [shard-0, ..., shard-N], DenseTower, args)
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from recserve.package import ModelPackage
+from serving.config import AppArgs
+from serving.default_model import resolve_package
+from serving.deployments import DenseTower, Router, Shard, shard_name
+
+
+def build_app(args: AppArgs) -> Application:
+    """The recserve app for ``args.package``: one deployment per shard, the tower, the router.
+
+    The package is opened (manifest checked) here, so a bad package fails the deploy with
+    the PackageError naming the file instead of starting replicas.
+    """
+    if isinstance(args, dict):
+        args = AppArgs(**args)
+    path = resolve_package(args.package)
+    manifest = ModelPackage.open(path).manifest
+    device = args.resolved_device()
+    shards = [
+        Shard.options(name=shard_name(sh.index), user_config=args.shard_batching.model_dump()).bind(
+            str(path), sh.index, device
+        )
+        for sh in manifest.plan.shards
+    ]
+    tower = DenseTower.options(user_config=args.tower_batching.model_dump()).bind(str(path), device)
+    return Router.bind(str(path), shards, tower, args.model_dump())

@@ -1,0 +1,55 @@
+"""Typed settings of the Serve app: what ``build_app`` takes (deploy/serve.yaml ``args``) and
+the run-time batching settings of shards and the tower (their ``user_config``).
+
+Both reject unknown keys and validate on construction.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Serve's two handle transports. Chosen by benchmarks/transports.py (figures in the README):
+# "reference" = Ray actor calls, results through the object store (DeploymentResponses are
+# passed on to the tower as object refs, so the router never copies shard outputs);
+# "grpc" = Serve's inter-deployment gRPC (handle.options(_by_reference=False)).
+Transport = Literal["reference", "grpc"]
+DEFAULT_TRANSPORT: Transport = "reference"
+
+
+class BatchingConfig(BaseModel):
+    """Dynamic batching of one deployment (@serve.batch); changeable at run time via user_config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(512, gt=0, description="examples per batched call (sum of request batch sizes)")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, description="longest wait for a batch to fill, seconds")
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`serving.app.build_app` (the ``args:`` of deploy/serve.yaml)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    package: str = Field("default", description="model package directory, or 'default' for artifacts/default "
+                                                "(trained and exported on first use)")
+    transport: Transport = Field(DEFAULT_TRANSPORT, description="handle transport between deployments")
+    max_batch_size: int = Field(4096, gt=0, description="largest batch (examples) one request may carry")
+    default_timeout_s: float = Field(10.0, gt=0, description="deadline for requests that carry none, seconds")
+    shard_down_after_s: float = Field(
+        1.0, gt=0, description="a shard call not answered after this long triggers a liveness check; "
+                               "a shard with no running replica fails the request with UNAVAILABLE")
+    device: str = Field("cpu", description="torch device of shards and tower: cpu, cuda, or auto")
+    feature_filter: str | None = Field(
+        None, description="import path 'module:factory' of the feature filter (fading); "
+                          "factory(manifest) -> callable(Batch) -> Batch; None = identity")
+    shard_batching: BatchingConfig = BatchingConfig()
+    tower_batching: BatchingConfig = BatchingConfig()
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

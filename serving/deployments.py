@@ -1,0 +1,277 @@
+"""Ray Serve deployments: thin wrappers over the cores.
+
+    Router      gRPC ingress (recserve.v1.Ranker + grpc.health.v1.Health); loads no tables
+    shard-K     one deployment per shard (Shard class); replicas are copies of shard K
+    DenseTower  bottom MLP -> interaction -> top MLP
+
+The router passes each shard's DeploymentResponse straight into the tower call, so with
+the "reference" transport the pooled embeddings go shard -> object store -> tower and
+never through the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError, TaskCancelledError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from recserve.package import ModelPackage
+from serving.codec import ModelSpec, check_model, decode_request, encode_response, model_info
+from serving.config import AppArgs, BatchingConfig
+from serving.errors import DeadlineExceeded, Overloaded, ServingError, ShardUnavailable
+from serving.routing import FeatureFilter, Routing, ShardRequest, identity_filter
+from serving.shard import ShardCore
+from serving.status import grpc_status
+from serving.tower import TowerCore
+
+logger = logging.getLogger("ray.serve")
+
+TIMEOUT_METADATA = "recserve-timeout-ms"
+_DOWN_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index}"
+
+
+def _examples(items: list) -> int:
+    """batch_size_fn of @serve.batch: count examples, not requests."""
+    return sum(int(getattr(x, "batch_size", None) or len(x.dense)) for x in items)
+
+
+def _apply_batching(method, config: dict | None) -> None:
+    cfg = BatchingConfig(**(config or {}))
+    method.set_max_batch_size(cfg.max_batch_size)
+    method.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+class Shard:
+    """Shard K of the package: loads only shards/shard-K.safetensors."""
+
+    def __init__(self, package: str, index: int, device: str = "cpu"):
+        self.core = ShardCore(ModelPackage.open(package), index, device=device)
+
+    def reconfigure(self, config: dict) -> None:
+        _apply_batching(self._batched, config)
+
+    async def lookup(self, request: ShardRequest) -> np.ndarray:
+        """Pooled embeddings float32 [B, columns x D] of one request."""
+        return await self._batched(request)
+
+    @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.002, batch_size_fn=_examples)
+    async def _batched(self, requests: list[ShardRequest]) -> list[np.ndarray]:
+        return await asyncio.to_thread(self.core.lookup_many, requests)
+
+
+@dataclass(frozen=True)
+class _TowerItem:
+    dense: np.ndarray  # float32 [B, F_dense]
+    parts: tuple  # per shard: float32 [B, columns x D] or None (not called)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.dense.shape[0])
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+class DenseTower:
+    """Assembles shard outputs into [B, F, D] and runs the dense model."""
+
+    def __init__(self, package: str, device: str = "cpu"):
+        pkg = ModelPackage.open(package)
+        self.routing = Routing(pkg.manifest)
+        self.core = TowerCore.from_package(pkg, device=device)
+
+    def reconfigure(self, config: dict) -> None:
+        _apply_batching(self._batched, config)
+
+    async def score(self, dense: np.ndarray, *parts: np.ndarray | None) -> np.ndarray:
+        """Scores float32 [B]; ``parts[k]`` is shard k's output (Serve resolved the responses)."""
+        return await self._batched(_TowerItem(dense, parts))
+
+    @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.002, batch_size_fn=_examples)
+    async def _batched(self, items: list[_TowerItem]) -> list[np.ndarray]:
+        return await asyncio.to_thread(self._score_many, items)
+
+    def _score_many(self, items: list[_TowerItem]) -> list[np.ndarray]:
+        sparse = [self.routing.assemble(it.batch_size, dict(enumerate(it.parts))) for it in items]  # [B_i, F, D]
+        dense = np.concatenate([it.dense for it in items]) if len(items) > 1 else items[0].dense
+        scores = self.core.score(dense, torch.cat(sparse) if len(sparse) > 1 else sparse[0])  # [sum B]
+        return np.split(scores, np.cumsum([it.batch_size for it in items])[:-1])
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+class Router:
+    """gRPC ingress: decode + validate -> feature filter -> split -> shards -> tower -> encode."""
+
+    def __init__(self, package: str, shards: list[DeploymentHandle], tower: DeploymentHandle, args: dict):
+        self.args = AppArgs(**args)
+        manifest = ModelPackage.open(package).manifest  # the manifest only: the router holds no tables
+        self.manifest = manifest
+        self.spec = ModelSpec.of(manifest, max_batch_size=self.args.max_batch_size)
+        self.routing = Routing(manifest)
+        by_reference = self.args.transport == "reference"
+        self.shards = [h.options(method_name="lookup", _by_reference=by_reference) for h in shards]
+        self.tower = tower.options(method_name="score", _by_reference=by_reference)
+        self.feature_filter: FeatureFilter = identity_filter
+        if self.args.feature_filter:
+            module, _, factory = self.args.feature_filter.partition(":")
+            self.feature_filter = getattr(importlib.import_module(module), factory)(manifest)
+        self._status_cache: tuple[float, dict[str, int]] = (0.0, {})
+
+    # ------------------------------------------------------------------ gRPC methods
+
+    async def Predict(self, request, grpc_context=None):
+        from recserve.v1 import ranker_pb2
+
+        try:
+            deadline = time.monotonic() + self._timeout_s(grpc_context)
+            batch = decode_request(request, self.spec)
+            scores = await self.score(batch, deadline)
+            return encode_response(scores, model=self.manifest.name, version=self.manifest.version,
+                                   request_id=request.request_id)
+        except Exception as e:  # noqa: BLE001  the edge: every error leaves with its code
+            self._fail(grpc_context, e)
+            return ranker_pb2.PredictResponse()
+
+    async def ModelInfo(self, request, grpc_context=None):
+        from recserve.v1 import ranker_pb2
+
+        try:
+            check_model(self.spec, request.model)
+            return model_info(self.manifest, max_batch_size=self.spec.max_batch_size)
+        except Exception as e:  # noqa: BLE001
+            self._fail(grpc_context, e)
+            return ranker_pb2.ModelInfoResponse()
+
+    async def Check(self, request, grpc_context=None):
+        """grpc.health.v1.Health/Check for "" and "recserve.v1.Ranker"."""
+        from grpc_health.v1 import health_pb2
+
+        if request.service not in ("", "recserve.v1.Ranker"):
+            import grpc
+
+            if grpc_context is not None:
+                grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+                grpc_context.set_details(f"unknown service {request.service!r}")
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    # ------------------------------------------------------------------ the request path
+
+    async def score(self, batch, deadline: float) -> np.ndarray:
+        """Scores float32 [B] of a validated batch, within ``deadline`` (time.monotonic())."""
+        batch = self.feature_filter(batch)  # THE fading hook: on the decoded batch, before the split
+        requests = self.routing.split(batch)
+        calls: dict[int, DeploymentResponse] = {k: self.shards[k].remote(r) for k, r in requests.items()}
+        parts = [calls.get(k) for k in range(self.routing.num_shards)]
+        tower_call = self.tower.remote(batch.dense, *parts)
+        try:
+            return await self._await(tower_call, calls, deadline)
+        except BaseException:
+            tower_call.cancel()
+            for c in calls.values():
+                c.cancel()
+            raise
+
+    async def _await(self, tower_call: DeploymentResponse, calls: dict[int, DeploymentResponse], deadline: float):
+        """The tower's result, or DEADLINE_EXCEEDED, or UNAVAILABLE as soon as a shard it
+        waits on is known to be down (checked once the call has taken shard_down_after_s)."""
+        result = asyncio.ensure_future(_resolve(tower_call))
+        budget = deadline - time.monotonic()
+        check_at = time.monotonic() + self.args.shard_down_after_s
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise DeadlineExceeded(
+                        f"deadline of {budget * 1000:.0f} ms exceeded waiting for "
+                        f"{', '.join(shard_name(k) for k in sorted(calls)) or 'no shard'} and the dense tower")
+                done, _ = await asyncio.wait({result}, timeout=max(min(deadline, check_at) - now, 0.0))
+                if done:
+                    try:
+                        return result.result()
+                    except Exception as e:  # noqa: BLE001
+                        error = _as_serving_error(e)
+                        if isinstance(error, ShardUnavailable):  # name the shard that is down
+                            await self._check_shards_alive(sorted(calls), fresh=True)
+                        raise error from e
+                if time.monotonic() >= check_at:
+                    await self._check_shards_alive(sorted(calls))
+                    check_at = time.monotonic() + 0.5
+        finally:
+            if not result.done():
+                result.cancel()
+
+    async def _check_shards_alive(self, shards: list[int], *, fresh: bool = False) -> None:
+        """UNAVAILABLE if a shard this request waits on has no running replica."""
+        running = await self._running_replicas(fresh=fresh)
+        for k in shards:
+            if running.get(shard_name(k), 0) == 0:
+                raise ShardUnavailable(shard_name(k), "no running replica")
+        if running.get("DenseTower", 0) == 0:
+            raise ShardUnavailable("DenseTower", "no running replica")
+
+    async def _running_replicas(self, *, fresh: bool = False) -> dict[str, int]:
+        at, cached = self._status_cache
+        if not fresh and time.monotonic() - at < 0.5:
+            return cached
+        app = serve.get_replica_context().app_name
+        status = await asyncio.to_thread(serve.status)
+        deployments = status.applications[app].deployments if app in status.applications else {}
+        running = {name: int(d.replica_states.get("RUNNING", 0)) for name, d in deployments.items()}
+        self._status_cache = (time.monotonic(), running)
+        return running
+
+    # ------------------------------------------------------------------ helpers
+
+    def _timeout_s(self, grpc_context) -> float:
+        budget = self.args.default_timeout_s
+        if grpc_context is not None:
+            for key, value in grpc_context.invocation_metadata():
+                if key == TIMEOUT_METADATA:
+                    try:
+                        budget = min(budget, float(value) / 1000.0)
+                    except ValueError:
+                        pass
+        return budget
+
+    def _fail(self, grpc_context, error: BaseException) -> None:
+        error = _as_serving_error(error)
+        code, message = grpc_status(error)
+        if not isinstance(error, ServingError):
+            logger.exception("recserve: request failed", exc_info=error)
+        if grpc_context is not None:
+            grpc_context.set_code(code)
+            grpc_context.set_details(message)
+
+
+async def _resolve(response: DeploymentResponse):
+    return await response
+
+
+def _as_serving_error(error: BaseException) -> BaseException:
+    """Ray and Serve failures as typed serving errors (a shard's own ServingError passes through)."""
+    if isinstance(error, ServingError):
+        return error
+    if isinstance(error, RayTaskError) and isinstance(error.cause, ServingError):
+        return error.cause
+    if isinstance(error, BackPressureError):
+        return Overloaded(error.message)
+    if isinstance(error, (TaskCancelledError, asyncio.CancelledError)):
+        return DeadlineExceeded("request cancelled before it finished")
+    if isinstance(error, _DOWN_ERRORS) or (
+        isinstance(error, RayServeException) and isinstance(error.__cause__, _DOWN_ERRORS)
+    ):
+        return ShardUnavailable("a shard or the dense tower", str(error).splitlines()[0][:300])
+    return error
