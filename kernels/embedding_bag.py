@@ -177,11 +177,11 @@ def _load_rows(W, SCALE, BIAS, row_off, row_idx, d, rmask, mask, QUANT: tl.const
     return v
 
 
-@triton.jit(do_not_specialize=["B"])
+@triton.jit(do_not_specialize=["B", "first_bag"])
 def _eb_per_bag_kernel(
     W, SCALE, BIAS, META, IDX, OFF, PSW, OUT,
-    B, out_stride,
-    QUANT: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr,
+    B, first_bag, out_stride,
+    QUANT: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr, CONTIG: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per (bag, column block); BLOCK_N ids of the bag gathered per step."""
@@ -194,7 +194,10 @@ def _eb_per_bag_kernel(
     dim = tl.load(META + t * 6 + 2)
     out_col = tl.load(META + t * 6 + 3)
     row_base = tl.load(META + t * 6 + 4)
-    bag = tl.load(META + t * 6 + 5) * B + b
+    if CONTIG:  # the group's tables are consecutive global tables: no dependent load
+        bag = first_bag + pid
+    else:
+        bag = tl.load(META + t * 6 + 5) * B + b
     start = tl.load(OFF + bag).to(tl.int64)
     end = tl.load(OFF + bag + 1).to(tl.int64)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
@@ -216,11 +219,11 @@ def _eb_per_bag_kernel(
     tl.store(OUT + b.to(tl.int64) * out_stride + out_col + d, pooled, mask=dmask)
 
 
-@triton.jit(do_not_specialize=["B", "n_bags"])
+@triton.jit(do_not_specialize=["B", "n_bags", "first_bag"])
 def _eb_multi_bag_kernel(
     W, SCALE, BIAS, META, IDX, OFF, PSW, OUT,
-    B, n_bags, out_stride,
-    QUANT: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr,
+    B, n_bags, first_bag, out_stride,
+    QUANT: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr, CONTIG: tl.constexpr,
     BAGS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per (BAGS consecutive bags, column block); one id of each bag per step,
@@ -236,7 +239,10 @@ def _eb_multi_bag_kernel(
     dim = tl.load(META + t * 6 + 2)
     out_col = tl.load(META + t * 6 + 3)
     row_base = tl.load(META + t * 6 + 4)
-    bag = tl.load(META + t * 6 + 5) * B + b
+    if CONTIG:
+        bag = first_bag + g
+    else:
+        bag = tl.load(META + t * 6 + 5) * B + b
     start = tl.load(OFF + bag, mask=gmask, other=0).to(tl.int64)
     end = tl.load(OFF + bag + 1, mask=gmask, other=0).to(tl.int64)
     length = end - start  # [BAGS]
@@ -258,6 +264,27 @@ def _eb_multi_bag_kernel(
         acc = acc / tl.maximum(length, 1).to(tl.float32)[:, None]
     out = OUT + b.to(tl.int64)[:, None] * out_stride + out_col[:, None] + d[None, :]
     tl.store(out, acc, mask=dmask)
+
+
+@triton.jit(do_not_specialize=["N", "TB", "B", "T"])
+def _validate_kernel(IDX, OFF, ROWS, FLAGS, N, TB, B, T, BLOCK: tl.constexpr):
+    """One pass over ids and offsets. FLAGS (init to a large value) receives, by atomic min,
+    [0] the first position of an out-of-range id, [1] 0 if the offsets are malformed."""
+    pid = tl.program_id(0)
+    p = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] positions
+    qm = p < TB  # offsets pairs (p, p + 1)
+    o0 = tl.load(OFF + p, mask=qm, other=0).to(tl.int64)
+    o1 = tl.load(OFF + p + 1, mask=qm, other=0).to(tl.int64)
+    bad_off = qm & ((o1 < o0) | ((p == 0) & (o0 != 0)) | ((p == TB - 1) & (o1 != N)))
+    tl.atomic_min(FLAGS + 1, tl.min(tl.where(bad_off, 0, 1).to(tl.int64), axis=0))
+    pm = p < N
+    idx = tl.load(IDX + p, mask=pm, other=0).to(tl.int64)
+    table = tl.zeros([BLOCK], dtype=tl.int64)  # table of each position (ids are table-major)
+    for t in range(1, T):
+        table += (p >= tl.load(OFF + t * B).to(tl.int64)).to(tl.int64)
+    rows = tl.load(ROWS + table, mask=pm, other=0)
+    bad = pm & ((idx < 0) | (idx >= rows))
+    tl.atomic_min(FLAGS + 0, tl.min(tl.where(bad, p.to(tl.int64), N), axis=0))
 
 
 # ----------------------------------------------------------------------------- packing + launch
@@ -344,16 +371,20 @@ def launch(
     block_d = min(cfg.pop("BLOCK_D"), triton.next_power_of_2(group.max_dim))
     num_warps, num_stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
     psw = per_sample_weights if per_sample_weights is not None else group.scale
+    ids = group.table_ids
+    contig = ids == tuple(range(ids[0], ids[0] + len(ids)))
     common = dict(QUANT=group.quant, MEAN=pooling == "mean", HAS_W=per_sample_weights is not None,
-                  ALIGN=group.align, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+                  ALIGN=group.align, CONTIG=contig, BLOCK_D=block_d, num_warps=num_warps,
+                  num_stages=num_stages)
     grid_d = triton.cdiv(group.max_dim, block_d)
     args = (group.weight, group.scale, group.bias, group.meta, indices, offsets, psw, out)
     if template == "per_bag":
-        _eb_per_bag_kernel[(n_bags, grid_d)](*args, B, out.stride(0), BLOCK_N=cfg["BLOCK_N"], **common)
+        _eb_per_bag_kernel[(n_bags, grid_d)](*args, B, ids[0] * B, out.stride(0), BLOCK_N=cfg["BLOCK_N"],
+                                             **common)
     elif template == "multi_bag":
         bags = cfg["BAGS"]
         _eb_multi_bag_kernel[(triton.cdiv(n_bags, bags), grid_d)](
-            *args, B, n_bags, out.stride(0), BAGS=bags, **common)
+            *args, B, n_bags, ids[0] * B, out.stride(0), BAGS=bags, **common)
     else:
         raise KernelInputError(f"template: unknown embedding_bag template {template!r}")
 
@@ -419,6 +450,8 @@ class TableBatchedEmbeddingBag:
             for t in tables
         ]
         self.groups = pack_tables(self.tables, self.device) if backend != "reference" else []
+        # ids are checked by one Triton pass where Triton runs, else by torch ops
+        self._validate_with_triton = triton_usable(self.device) and backend != "reference"
         self.winners = winners if winners is not None else Winners.for_device(self.device)
         self._choices: dict[tuple[str, str], Choice] = {}
         if warmup and self.device.type == "cuda" and backend != "reference":
@@ -463,6 +496,21 @@ class TableBatchedEmbeddingBag:
                     f"per_sample_weights: must be float32 [{indices.numel()}] on {self.device}")
         B = (offsets.numel() - 1) // T
         N = indices.numel()
+        if self._validate_with_triton:
+            flags = torch.full((2,), 1 << 62, dtype=torch.int64, device=self.device)  # [first bad id pos, offsets ok]
+            TB = T * B
+            _validate_kernel[(triton.cdiv(max(N, TB), 1024),)](indices, offsets, self.rows, flags, N, TB, B, T,
+                                                               BLOCK=1024)
+            first_bad, offsets_ok = flags.tolist()  # the one host sync
+            if offsets_ok == 0:
+                raise KernelInputError(
+                    f"offsets: must start at 0, never decrease and end at len(indices)={N}")
+            if first_bad < N:
+                p = int(first_bad)
+                t = int(torch.searchsorted(offsets[::B].to(torch.int64).cpu().contiguous(), p, right=True)) - 1
+                t = min(t, T - 1)
+                raise IndexOutOfRangeError(table=t, index=int(indices[p]), rows=self._rows_host[t], position=p)
+            return B
         offs = offsets.to(torch.int64)
         seg = offs[::B]  # [T + 1] start of each table's ids
         flags = [offs[0] != 0, offs[-1] != N, (offs[1:] < offs[:-1]).any()]

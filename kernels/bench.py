@@ -1,0 +1,213 @@
+"""Benchmark of issue 4 section 4: lookups and interaction on a GPU, always beside torch.
+
+    python -m kernels.bench [--out results.json] [--rows-cap 4000000]
+    recserve kernels bench
+
+Prints one table: for each case the torch time, the kernel time (searched winner, or the
+default config where the winners file has none), speed-up, and for lookups the effective
+bandwidth (bytes of embedding rows read / time) next to the device's copy bandwidth
+measured in the same run (bytes read + bytes written / time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels.embedding_bag import TableBatchedEmbeddingBag, TableWeights, embedding_bag_reference
+from kernels.interaction import dcn_cross, dcn_cross_reference, dot_interaction, dot_interaction_reference
+from kernels.search.workloads import load_tables
+from kernels.timing import CudaTimer, copy_bandwidth
+
+_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def _random_table(dtype: str, rows: int, dim: int, device) -> TableWeights:
+    if dtype in ("fp32", "fp16", "bf16"):
+        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        return TableWeights(torch.randn(rows, dim, device=device, dtype=dt), dim, dtype)
+    cols = dim if dtype == "int8" else (dim + 1) // 2
+    q = torch.randint(0, 256, (rows, cols), device=device, dtype=torch.uint8)
+    scale = torch.rand(rows, device=device) * 0.01
+    bias = torch.randn(rows, device=device) * 0.1
+    return TableWeights(q, dim, dtype, scale, bias)
+
+
+def _fixed_bags(rows: list[int], pooling: list[int], B: int, device, gen):
+    """Every bag of table t holds exactly pooling[t] uniform ids (MLPerf multi-hot sizes)."""
+    ids, lengths = [], []
+    for r, p in zip(rows, pooling):
+        ids.append(torch.randint(0, r, (B * p,), device=device, generator=gen))
+        lengths.append(torch.full((B,), p, device=device, dtype=torch.int64))
+    indices = torch.cat(ids)  # [N]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), torch.cat(lengths).cumsum(0)])
+    return indices, offsets
+
+
+def bench_lookup(name, tables, pooling, B, timer, copy_bw, device, gen, torch_fn=None) -> dict:
+    rows = [t.rows for t in tables]
+    indices, offsets = _fixed_bags(rows, pooling, B, device, gen)
+    T = len(tables)
+    tb = TableBatchedEmbeddingBag(tables, device=device, backend="triton")
+    choice = tb.choice(tb.groups[0], B, indices.numel())
+    out = tb(indices, offsets)
+    ref = embedding_bag_reference(tb.tables, indices, offsets)
+    err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    # torch: one F.embedding_bag per table, inputs pre-sliced so only the calls are timed
+    bounds = offsets[::B].tolist()
+    per_table = [(indices[bounds[t]:bounds[t + 1]], offsets[t * B:t * B + B + 1] - bounds[t]) for t in range(T)]
+    if torch_fn is None:
+        def torch_fn():
+            outs = [F.embedding_bag(i, tw.weight, o, mode="sum", include_last_offset=True)
+                    for tw, (i, o) in zip(tb.tables, per_table)]
+            return outs[0] if T == 1 else torch.cat(outs, dim=1)
+    t_torch = timer(torch_fn)
+    t_kernel = timer(lambda: tb.forward_unchecked(indices, offsets, None, B))
+    t_checked = timer(lambda: tb(indices, offsets))
+    row_bytes = sum(len_t * B * tw.dim * _BYTES[tw.dtype] for len_t, tw in zip(pooling, tables))
+    if tables[0].dtype in ("int8", "int4"):
+        row_bytes += sum(len_t * B * 8 for len_t in pooling)  # scale + bias per row
+    return dict(case=name, torch_us=t_torch * 1e6, kernel_us=t_kernel * 1e6, checked_us=t_checked * 1e6,
+                speedup=t_torch / t_kernel, eff_tbs=row_bytes / t_kernel / 1e12,
+                pct_copy=100 * row_bytes / t_kernel / copy_bw, rel_err=err,
+                config=f"{choice.template} {choice.config}" + ("" if choice.key else " (default)"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--rows-cap", type=int, default=4_000_000, help="cap dlrmv2 table rows (memory)")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--only", default="", help="comma list: a,b,dot,dcn (default all)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels.bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    only = set(filter(None, args.only.split(",")))
+    timer = CudaTimer(warmup=5, reps=args.reps)
+    gen = torch.Generator(device=device).manual_seed(0)
+    copy_bw = copy_bandwidth(timer)
+    import triton
+
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                commit=_commit(), python=platform.python_version(), copy_tbs=copy_bw / 1e12)
+    print(f"# {meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}  "
+          f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write)", flush=True)
+    results = []
+
+    if not only or "a" in only:  # (a) one 10M x 128 table, B=16384, 32 ids per bag
+        for dtype in ("fp32", "fp16"):
+            tables = [_random_table(dtype, 10_000_000, 128, device)]
+            results.append(bench_lookup(f"lookup a {dtype} 10Mx128 B=16384 L=32", tables, [32], 16384,
+                                        timer, copy_bw, device, gen))
+            print(results[-1], flush=True)
+            del tables
+            torch.cuda.empty_cache()
+
+    if not only or "b" in only:  # (b) 26 dlrmv2 tables, fixed multi-hot sizes
+        specs = load_tables("dlrmv2")
+        rows = [min(s["rows"], args.rows_cap) for s in specs]
+        pooling = [int(round(s["pooling_factor"])) for s in specs]
+        for dtype in ("fp16", "int8"):
+            tables = [_random_table(dtype, r, s["dim"], device) for r, s in zip(rows, specs)]
+            for B in (512, 4096):
+                # torch has no int8 bag: its loop gathers, dequantizes and bags per table
+                res = bench_lookup(f"lookup b {dtype} dlrmv2x26 B={B}", tables, pooling, B, timer, copy_bw,
+                                   device, gen, torch_fn=_int8_torch_loop(tables, pooling, B, device, gen)
+                                   if dtype == "int8" else None)
+                results.append(res)
+                print(res, flush=True)
+            del tables
+            torch.cuda.empty_cache()
+
+    if not only or "dot" in only:  # dot interaction, 27 vectors x 128, fp16
+        for B in (4096, 16384):
+            dense = torch.randn(B, 128, device=device, dtype=torch.float16, generator=gen)
+            sparse = torch.randn(B, 26, 128, device=device, dtype=torch.float16, generator=gen)
+            out = dot_interaction(dense, sparse, backend="triton")
+            ref = dot_interaction_reference(dense.double(), sparse.double())
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            t_torch = timer(lambda: dot_interaction_reference(dense, sparse))
+            t_kernel = timer(lambda: dot_interaction(dense, sparse, backend="triton"))
+            nbytes = (dense.numel() + sparse.numel() + out.numel()) * 2
+            results.append(dict(case=f"dot interaction fp16 27x128 B={B}", torch_us=t_torch * 1e6,
+                                kernel_us=t_kernel * 1e6, speedup=t_torch / t_kernel,
+                                eff_tbs=nbytes / t_kernel / 1e12, pct_copy=100 * nbytes / t_kernel / copy_bw,
+                                rel_err=err))
+            print(results[-1], flush=True)
+
+    if not only or "dcn" in only:  # DCNv2 cross, dlrmv2: N = 27 * 128, rank 512, 3 layers
+        N, r = 27 * 128, 512
+        for B in (512, 4096):
+            V = [torch.randn(r, N, device=device, generator=gen).div(N**0.5).half() for _ in range(3)]
+            W = [torch.randn(N, r, device=device, generator=gen).div(r**0.5).half() for _ in range(3)]
+            bb = [torch.randn(N, device=device, generator=gen).half() for _ in range(3)]
+            x0 = torch.randn(B, N, device=device, generator=gen).half()
+            out = dcn_cross(x0, V, W, bb, backend="triton")
+            ref = dcn_cross_reference(x0.float(), [v.float() for v in V], [w.float() for w in W],
+                                      [x.float() for x in bb])
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            t_torch = timer(lambda: dcn_cross_reference(x0, V, W, bb))
+            t_kernel = timer(lambda: dcn_cross(x0, V, W, bb, backend="triton"))
+            flops = 3 * 2 * (2 * B * N * r)
+            results.append(dict(case=f"dcn cross fp16 N=3456 r=512 L=3 B={B}", torch_us=t_torch * 1e6,
+                                kernel_us=t_kernel * 1e6, speedup=t_torch / t_kernel,
+                                tflops=flops / t_kernel / 1e12, rel_err=err))
+            print(results[-1], flush=True)
+
+    print()
+    print(f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; commit {meta['commit']}; "
+          f"copy bandwidth {copy_bw / 1e12:.2f} TB/s")
+    print("| case | torch us | kernel us | kernel+checks us | speed-up | eff. TB/s | % of copy BW | rel err |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['case']} | {r['torch_us']:.1f} | {r['kernel_us']:.1f} | "
+              f"{r.get('checked_us', float('nan')):.1f} | {r['speedup']:.2f}x | "
+              f"{r.get('eff_tbs', float('nan')):.2f} | {r.get('pct_copy', float('nan')):.0f}% | {r['rel_err']:.1e} |")
+    for r in results:
+        if "config" in r:
+            print(f"  {r['case']}: {r['config']}")
+    if args.out:
+        args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    return 0
+
+
+def _int8_torch_loop(tables, pooling, B, device, gen):
+    """Torch per-table loop for quantized tables: gather rows, dequantize, F.embedding_bag."""
+    from kernels.embedding_bag import dequantize_rows
+
+    rows = [t.rows for t in tables]
+    indices, offsets = _fixed_bags(rows, pooling, B, device, gen)
+    bounds = offsets[::B].tolist()
+    per_table = [(indices[bounds[t]:bounds[t + 1]], offsets[t * B:t * B + B + 1] - bounds[t])
+                 for t in range(len(tables))]
+
+    def fn():
+        outs = []
+        for tw, (i, o) in zip(tables, per_table):
+            vals = dequantize_rows(tw, i)  # [n_t, dim] fp32
+            outs.append(F.embedding_bag(torch.arange(i.numel(), device=device), vals, o, mode="sum",
+                                        include_last_offset=True))
+        return torch.cat(outs, dim=1)
+
+    return fn
+
+
+if __name__ == "__main__":
+    sys.exit(main())

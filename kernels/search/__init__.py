@@ -1,0 +1,1 @@
+"""The kernel search (after KernelEvolve): candidates, gate, fitness, selection, graph on disk."""
