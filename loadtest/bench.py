@@ -1,0 +1,254 @@
+"""``recserve bench``: one trace, many serving configurations, fixed offered rates.
+
+For each configuration (``monolith`` or ``STRATEGY-SHARDS``, e.g. ``table-2``) the bench
+exports the package if it is not there yet, starts the server in its own process group,
+warms it up, then replays the same seeded trace open-loop at each offered rate (and
+closed-loop at a fixed concurrency for the maximum throughput), measuring the CPU busy
+time of the serving processes over each run. Configurations whose plan is identical to
+an earlier one's (every strategy at one shard, ``singular`` at any count) are run once and
+named by the first.
+
+Outputs in ``out_dir``: ``bench.csv`` (every row), ``p99.png`` (P99 vs offered load, one
+line per configuration), ``table.md`` and ``table.txt``, and the servers' logs.
+Traffic goes only to 127.0.0.1; every run is bounded by a duration and a request count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loadtest.cpu import self_cpu_s
+from loadtest.driver import closed_loop, open_loop, warm_up
+from loadtest.report import format_table, plot_p99, write_csv
+from loadtest.stats import RunSummary, fill_cpu_overhead, summarize
+from loadtest.trace import Trace, cap_rows_to_served, fanout, make_trace
+from recserve.workloads import load_workload
+from sharding.types import STRATEGIES, ShardPlan
+
+MONOLITH = "monolith"
+
+
+class BenchError(ValueError):
+    """A bench option is invalid; the message names it."""
+
+
+def parse_config(name: str) -> tuple[str, int] | None:
+    """``"table-2"`` -> ("table", 2); ``"monolith"`` -> None. BenchError otherwise."""
+    if name == MONOLITH:
+        return None
+    strategy, _, shards = name.rpartition("-")
+    if strategy not in STRATEGIES or not shards.isdigit() or int(shards) <= 0:
+        raise BenchError(
+            f"--configs: {name!r} is not 'monolith' or STRATEGY-SHARDS with STRATEGY in {STRATEGIES} (e.g. table-2)"
+        )
+    return strategy, int(shards)
+
+
+def default_configs(shard_counts: tuple[int, ...] = (1, 2, 4)) -> tuple[str, ...]:
+    return (MONOLITH, *(f"{s}-{n}" for n in shard_counts for s in STRATEGIES))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions:
+    """Everything one bench run needs; validated on construction."""
+
+    workload: str = "criteo-kaggle"  # bundled name or JSON file
+    max_rows: int | None = 100_000  # cap every table (fits a small machine); None = full size
+    configs: tuple[str, ...] = field(default_factory=default_configs)
+    rates: tuple[float, ...] = (50.0, 100.0, 200.0)  # offered requests/s, open loop
+    duration_s: float = 20.0  # per rate
+    max_requests: int = 20_000  # per run
+    closed_concurrency: int = 8  # closed-loop workers; 0 = no closed-loop run
+    trace_size: int = 2_000  # distinct requests in the trace (replayed cyclically)
+    seed: int = 0
+    timeout_s: float = 5.0  # per-request deadline
+    arrivals: str = "poisson"
+    warmup_requests: int = 50
+    dtype: str = "fp32"
+    shard_memory: str | None = None  # for the capacity strategy, e.g. "8MiB"
+    train_steps: int = 200
+    artifacts: Path = Path("artifacts/bench")
+    out_dir: Path = Path("benchmarks/results")
+    serve_env: tuple[tuple[str, str], ...] = ()  # extra env for the Ray Serve stack
+    serve_args: tuple[str, ...] = ()  # extra args for `recserve serve`
+
+    def __post_init__(self) -> None:
+        for c in self.configs:
+            parse_config(c)
+        if not self.configs:
+            raise BenchError("--configs: name at least one configuration")
+        if not self.rates and not self.closed_concurrency:
+            raise BenchError("--rates: give at least one rate, or a --closed-concurrency")
+        if any(r <= 0 for r in self.rates):
+            raise BenchError(f"--rates: must be positive, got {list(self.rates)}")
+        if self.duration_s <= 0 or self.duration_s > 600:
+            raise BenchError(f"--duration: must be in (0, 600] seconds, got {self.duration_s}")
+        if self.max_requests <= 0:
+            raise BenchError(f"--max-requests: must be positive, got {self.max_requests}")
+        if self.trace_size <= 0:
+            raise BenchError(f"--trace-size: must be positive, got {self.trace_size}")
+        if self.closed_concurrency < 0:
+            raise BenchError(f"--closed-concurrency: must be >= 0, got {self.closed_concurrency}")
+        if self.arrivals not in ("poisson", "uniform"):
+            raise BenchError(f"--arrivals: must be poisson or uniform, got {self.arrivals!r}")
+
+    @property
+    def model_dir(self) -> Path:
+        rows = f"rows{self.max_rows}" if self.max_rows else "full"
+        name = Path(self.workload).stem
+        return self.artifacts / f"{name}-{rows}-{self.dtype}"
+
+
+def _recserve(*args: str) -> None:
+    """Run a ``recserve`` subcommand in a child process (keeps torch out of the sender)."""
+    cmd = [sys.executable, "-m", "recserve.cli", *args]
+    print("$ recserve " + " ".join(args), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def ensure_state_dict(opts: BenchOptions) -> Path:
+    path = opts.model_dir / "model.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = ["--max-rows", str(opts.max_rows)] if opts.max_rows else []
+        _recserve("train", "--workload", opts.workload, *rows, "--out", str(path), "--steps", str(opts.train_steps))
+    return path
+
+
+def ensure_package(opts: BenchOptions, strategy: str, shards: int) -> Path:
+    out = opts.model_dir / "packages" / f"{strategy}-{shards}"
+    if not (out / "manifest.json").exists():
+        state = ensure_state_dict(opts)
+        rows = ["--max-rows", str(opts.max_rows)] if opts.max_rows else []
+        mem = ["--shard-memory", opts.shard_memory] if opts.shard_memory else []
+        _recserve(
+            "export", "--workload", opts.workload, *rows, "--state-dict", str(state), "--out", str(out),
+            "--strategy", strategy, "--shards", str(shards), "--dtype", opts.dtype, *mem, "--force",
+        )  # fmt: skip
+    return out
+
+
+def read_plan(package: Path) -> ShardPlan:
+    """The sharding plan of a package, read from its manifest (no torch needed)."""
+    raw = json.loads((package / "manifest.json").read_text())
+    return ShardPlan.from_json(raw["plan"])
+
+
+def _plan_key(plan: ShardPlan) -> str:
+    shards = [sorted((s.table, s.row_start, s.row_end) for s in sh.slices) for sh in plan.shards]
+    return json.dumps(sorted(shards))
+
+
+def measure(
+    config: str,
+    target,
+    trace: Trace,
+    opts: BenchOptions,
+    *,
+    plan: ShardPlan | None,
+) -> list[RunSummary]:
+    """Warm ``target`` up, then one open-loop run per rate and one closed-loop run."""
+    fan = fanout(trace, plan) if plan is not None else None
+    payloads = trace.payloads
+    codes = asyncio.run(warm_up(target.address, payloads, opts.warmup_requests, timeout_s=30.0))
+    bad = [c for c in codes if c != "OK"]
+    if bad:
+        print(f"  warm-up: {len(bad)}/{len(codes)} failed ({bad[0]})", flush=True)
+    rows = []
+    runs: list[tuple[str, float | int]] = [("open", r) for r in opts.rates]
+    if opts.closed_concurrency:
+        runs.append(("closed", opts.closed_concurrency))
+    start = 0
+    for mode, x in runs:
+        time.sleep(0.5)  # let the previous run's stragglers drain
+        cpu0, me0 = target.cpu.read(), self_cpu_s()
+        if mode == "open":
+            run = asyncio.run(
+                open_loop(
+                    target.address, payloads, rate=float(x), duration_s=opts.duration_s,
+                    max_requests=opts.max_requests, timeout_s=opts.timeout_s,
+                    arrivals=opts.arrivals, seed=opts.seed, start_index=start,
+                )
+            )  # fmt: skip
+        else:
+            run = asyncio.run(
+                closed_loop(
+                    target.address, payloads, concurrency=int(x), duration_s=opts.duration_s,
+                    max_requests=opts.max_requests, timeout_s=opts.timeout_s, start_index=start,
+                )
+            )  # fmt: skip
+        cpu_s, client_s = target.cpu.read() - cpu0, self_cpu_s() - me0
+        row = summarize(config, run, fanout=fan, cpu_s=cpu_s, client_cpu_s=client_s)
+        rows.append(row)
+        print(
+            f"  {config:>12} {mode:>6} {'c=' + str(x) if mode == 'closed' else f'{x:g}/s':>8}: "
+            f"{row.throughput_rps:7.1f} ok/s  p50 {row.p50_ms:7.1f}  p99 {row.p99_ms:7.1f} ms  "
+            f"errors {row.errors or '-'}  cpu {row.cpu_ms_per_req:.2f} ms/req",
+            flush=True,
+        )
+    return rows
+
+
+def run_bench(opts: BenchOptions) -> list[RunSummary]:
+    from loadtest.targets import MonolithServer, ServeStack
+
+    out = Path(opts.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    workload = load_workload(opts.workload).with_max_rows(opts.max_rows)
+    print(f"trace: {opts.trace_size} requests of {workload.name} (seed {opts.seed})", flush=True)
+    trace = make_trace(workload, opts.trace_size, seed=opts.seed)
+    print(
+        f"  {trace.batch_sizes.mean():.0f} examples/request on average, "
+        f"{trace.request_bytes.mean() / 1024:.1f} KiB/request",
+        flush=True,
+    )
+    rows: list[RunSummary] = []
+    seen: dict[str, str] = {}
+    for config in opts.configs:
+        parsed = parse_config(config)
+        if parsed is None:
+            package = ensure_package(opts, "singular", 1)
+            print(f"[{config}] package {package}", flush=True)
+            with MonolithServer(package, log_dir=logs) as target:
+                _check_rows(trace, target.info)
+                rows += measure(config, target, trace, opts, plan=None)
+            continue
+        strategy, shards = parsed
+        package = ensure_package(opts, strategy, shards)
+        plan = read_plan(package)
+        key = _plan_key(plan)
+        if key in seen:
+            print(f"[{config}] same plan as {seen[key]}: not run again", flush=True)
+            continue
+        seen[key] = config
+        print(f"[{config}] package {package} ({plan.num_shards} shard(s))", flush=True)
+        with ServeStack(
+            package, name=config, log_dir=logs, env=dict(opts.serve_env), extra_args=opts.serve_args
+        ) as target:
+            _check_rows(trace, target.info)
+            print("  serving processes: " + "; ".join(target.processes()), flush=True)
+            rows += measure(config, target, trace, opts, plan=plan)
+    fill_cpu_overhead(rows)
+    write_csv(rows, out / "bench.csv")
+    plot_p99(rows, out / "p99.png", title=f"{workload.name}: P99 latency vs offered load")
+    (out / "table.md").write_text(format_table(rows, markdown=True) + "\n")
+    table = format_table(rows)
+    (out / "table.txt").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out / 'bench.csv'}, {out / 'p99.png'}, {out / 'table.md'}")
+    return rows
+
+
+def _check_rows(trace: Trace, info) -> None:
+    """Refuse a trace with ids the served tables do not have (would be all errors)."""
+    capped = cap_rows_to_served(trace.workload, info)
+    if capped != trace.workload:
+        too_big = [t.name for t, c in zip(trace.workload.tables, capped.tables) if t.rows != c.rows]
+        raise BenchError(f"the served model has fewer rows than the trace's workload in tables {too_big}")

@@ -1,0 +1,213 @@
+"""Senders that replay a trace at a server over gRPC and record every request.
+
+- :func:`open_loop`: requests leave at fixed offered-rate arrival times (Poisson or evenly
+  spaced), whether or not earlier ones have answered, so a slow server cannot slow the
+  offered load down. Latency is measured from the *scheduled* send time (no coordinated
+  omission): if the sender itself falls behind, that delay counts.
+- :func:`closed_loop`: ``concurrency`` workers each send the next request as soon as their
+  previous one answers: the maximum throughput the server sustains.
+
+Both are bounded by a duration and a request count, and every request carries a deadline;
+the payloads are pre-serialized ``PredictRequest`` bytes, sent through a raw
+(bytes-in, bytes-out) method so the client spends no time encoding or decoding.
+Traffic goes to the address given; the bench only ever passes 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import grpc
+import numpy as np
+
+from loadtest.trace import PREDICT_METHOD
+
+Arrivals = Literal["poisson", "uniform"]
+
+# The Serve gRPC proxy does not forward gRPC deadlines; recserve reads this header too.
+TIMEOUT_METADATA = "recserve-timeout-ms"
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Every request of one run, in send order."""
+
+    mode: str  # "open" or "closed"
+    offered_rps: float | None  # open loop: the offered rate
+    concurrency: int | None  # closed loop: number of workers
+    wall_s: float  # from the first scheduled send to the last answer
+    scheduled_s: np.ndarray  # float64 [n] scheduled send time, seconds since the run began
+    latency_s: np.ndarray  # float64 [n] answer time - scheduled send time
+    service_s: np.ndarray  # float64 [n] answer time - actual send time
+    codes: tuple[str, ...]  # [n] "OK" or the gRPC status code name
+    trace_index: np.ndarray  # int64 [n] which trace request was sent
+    request_bytes: np.ndarray  # int64 [n]
+    response_bytes: np.ndarray  # int64 [n] (0 on error)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+
+def arrival_offsets(
+    rate: float, duration_s: float, max_requests: int, *, arrivals: Arrivals = "poisson", seed: int = 0
+) -> np.ndarray:
+    """Send times (s from start) at ``rate`` per second within ``duration_s``, at most ``max_requests``."""
+    if rate <= 0:
+        raise ValueError(f"rate: must be positive, got {rate}")
+    if duration_s <= 0:
+        raise ValueError(f"duration_s: must be positive, got {duration_s}")
+    if max_requests <= 0:
+        raise ValueError(f"max_requests: must be positive, got {max_requests}")
+    n = min(max_requests, int(np.ceil(rate * duration_s)) + 1)
+    if arrivals == "uniform":
+        t = np.arange(n, dtype=np.float64) / rate
+    elif arrivals == "poisson":
+        rng = np.random.default_rng(seed)
+        t = np.cumsum(rng.exponential(1.0 / rate, n))
+        t -= t[0]  # the first request leaves at once
+    else:
+        raise ValueError(f"arrivals: must be 'poisson' or 'uniform', got {arrivals!r}")
+    return t[t < duration_s][:max_requests]  # [n]
+
+
+def _deadline(timeout_s: float) -> tuple[tuple[str, str], ...]:
+    return ((TIMEOUT_METADATA, str(int(timeout_s * 1000))),)
+
+
+class _Recorder:
+    def __init__(self, n: int) -> None:
+        self.scheduled = np.zeros(n)
+        self.latency = np.full(n, np.nan)
+        self.service = np.full(n, np.nan)
+        self.codes = ["UNSENT"] * n
+        self.index = np.zeros(n, np.int64)
+        self.req_bytes = np.zeros(n, np.int64)
+        self.resp_bytes = np.zeros(n, np.int64)
+        self.count = 0
+
+    async def send(self, call, slot: int, k: int, payload: bytes, scheduled: float, t0: float, timeout_s: float) -> None:
+        start = time.perf_counter()
+        self.scheduled[slot] = scheduled - t0
+        self.index[slot] = k
+        self.req_bytes[slot] = len(payload)
+        try:
+            resp = await call(payload, timeout=timeout_s, metadata=_deadline(timeout_s))
+            code, nbytes = "OK", len(resp)
+        except grpc.aio.AioRpcError as e:
+            code, nbytes = e.code().name, 0
+        end = time.perf_counter()
+        self.latency[slot] = end - scheduled
+        self.service[slot] = end - start
+        self.codes[slot] = code
+        self.resp_bytes[slot] = nbytes
+
+    def record(self, *, mode: str, rate: float | None, concurrency: int | None, wall_s: float) -> RunRecord:
+        n = self.count
+        return RunRecord(
+            mode=mode,
+            offered_rps=rate,
+            concurrency=concurrency,
+            wall_s=wall_s,
+            scheduled_s=self.scheduled[:n].copy(),
+            latency_s=self.latency[:n].copy(),
+            service_s=self.service[:n].copy(),
+            codes=tuple(self.codes[:n]),
+            trace_index=self.index[:n].copy(),
+            request_bytes=self.req_bytes[:n].copy(),
+            response_bytes=self.resp_bytes[:n].copy(),
+        )
+
+
+async def wait_ready(address: str, timeout_s: float = 60.0) -> None:
+    """Wait until a gRPC channel to ``address`` connects (raises TimeoutError)."""
+    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as ch:
+        await asyncio.wait_for(ch.channel_ready(), timeout_s)
+
+
+async def warm_up(address: str, payloads: Sequence[bytes], n: int, *, timeout_s: float = 30.0) -> list[str]:
+    """Send ``n`` requests one by one (not recorded); returns their status codes."""
+    codes = []
+    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as ch:
+        call = ch.unary_unary(PREDICT_METHOD)
+        for i in range(n):
+            try:
+                await call(payloads[i % len(payloads)], timeout=timeout_s, metadata=_deadline(timeout_s))
+                codes.append("OK")
+            except grpc.aio.AioRpcError as e:
+                codes.append(e.code().name)
+    return codes
+
+
+async def open_loop(
+    address: str,
+    payloads: Sequence[bytes],
+    *,
+    rate: float,
+    duration_s: float,
+    max_requests: int = 100_000,
+    timeout_s: float = 5.0,
+    arrivals: Arrivals = "poisson",
+    seed: int = 0,
+    start_index: int = 0,
+) -> RunRecord:
+    """Send trace requests (cycling from ``start_index``) at ``rate``/s for ``duration_s``."""
+    offsets = arrival_offsets(rate, duration_s, max_requests, arrivals=arrivals, seed=seed)
+    rec = _Recorder(len(offsets))
+    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as ch:
+        call = ch.unary_unary(PREDICT_METHOD)
+        await asyncio.wait_for(ch.channel_ready(), 30.0)
+        tasks = []
+        t0 = time.perf_counter() + 0.01
+        for slot, off in enumerate(offsets):
+            due = t0 + off
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            k = (start_index + slot) % len(payloads)
+            rec.count = slot + 1
+            tasks.append(asyncio.create_task(rec.send(call, slot, k, payloads[k], due, t0, timeout_s)))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    return rec.record(mode="open", rate=rate, concurrency=None, wall_s=wall)
+
+
+async def closed_loop(
+    address: str,
+    payloads: Sequence[bytes],
+    *,
+    concurrency: int,
+    duration_s: float,
+    max_requests: int = 100_000,
+    timeout_s: float = 5.0,
+    start_index: int = 0,
+) -> RunRecord:
+    """``concurrency`` workers send back to back for ``duration_s`` (at most ``max_requests``)."""
+    if concurrency <= 0:
+        raise ValueError(f"concurrency: must be positive, got {concurrency}")
+    if duration_s <= 0 or max_requests <= 0:
+        raise ValueError("duration_s and max_requests: must be positive")
+    rec = _Recorder(max_requests)
+    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as ch:
+        call = ch.unary_unary(PREDICT_METHOD)
+        await asyncio.wait_for(ch.channel_ready(), 30.0)
+        t0 = time.perf_counter()
+        end = t0 + duration_s
+
+        async def worker() -> None:
+            while time.perf_counter() < end and rec.count < max_requests:
+                slot = rec.count
+                rec.count += 1
+                k = (start_index + slot) % len(payloads)
+                await rec.send(call, slot, k, payloads[k], time.perf_counter(), t0, timeout_s)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return rec.record(mode="closed", rate=None, concurrency=concurrency, wall_s=wall)

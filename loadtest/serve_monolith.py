@@ -1,0 +1,39 @@
+"""Run the monolithic server in this process until SIGINT/SIGTERM (used by the bench).
+
+    python -m loadtest.serve_monolith PACKAGE --port 9100
+
+Prints ``PORT <n>`` once it answers; listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+
+async def _serve(package: str, port: int, max_in_flight: int) -> None:
+    from serving.monolith import create_server
+
+    server, bound = await create_server(package, port, host="127.0.0.1", max_in_flight=max_in_flight)
+    print(f"PORT {bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.serve_monolith")
+    p.add_argument("package")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--max-in-flight", type=int, default=256)
+    args = p.parse_args(argv)
+    asyncio.run(_serve(args.package, args.port, args.max_in_flight))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""The servers under test, each started in its own process group and stopped afterwards.
+
+- :class:`MonolithServer`: the whole model in one process behind a plain grpc.aio server
+  (``serving.monolith.create_server``), started through ``python -m loadtest.serve_monolith``.
+- :class:`ServeStack`: the sharded Ray Serve stack, started with ``recserve serve PACKAGE
+  --port P`` (a local Ray instance, the gRPC proxy on P); stopped with SIGINT so it shuts
+  Serve and Ray down, then anything of its process tree still alive is ended by pid.
+
+Both listen on 127.0.0.1 only, say which processes do the serving (for the CPU meter and
+for py-spy), and are ready when ``ModelInfo`` answers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+
+from loadtest.cpu import CpuMeter, describe, process_tree, ray_control_processes, ray_serve_processes
+from loadtest.trace import MODEL_INFO_METHOD
+from recserve.v1 import ranker_pb2
+
+
+class TargetError(RuntimeError):
+    """A server under test failed to start; the message says which and points at its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_info(address: str, timeout_s: float = 5.0) -> ranker_pb2.ModelInfoResponse:
+    """Ask the server at ``address`` which model it serves (raises grpc.RpcError)."""
+    with grpc.insecure_channel(address) as ch:
+        call = ch.unary_unary(
+            MODEL_INFO_METHOD,
+            request_serializer=ranker_pb2.ModelInfoRequest.SerializeToString,
+            response_deserializer=ranker_pb2.ModelInfoResponse.FromString,
+        )
+        return call(ranker_pb2.ModelInfoRequest(), timeout=timeout_s)
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+class _Target:
+    name: str
+    address: str
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    def _spawn(self, argv: list[str], env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def _wait_ready(self, timeout_s: float) -> ranker_pb2.ModelInfoResponse:
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise TargetError(
+                    f"{self.name}: server exited with {self.proc.returncode} before answering; "
+                    f"log {self.log_path}:\n{_tail(self.log_path)}"
+                )
+            try:
+                return model_info(self.address, timeout_s=2.0)
+            except grpc.RpcError as e:
+                last = e
+                time.sleep(0.5)
+        raise TargetError(
+            f"{self.name}: no ModelInfo answer from {self.address} in {timeout_s:.0f}s ({last}); "
+            f"log {self.log_path}:\n{_tail(self.log_path)}"
+        )
+
+    def _stop(self, grace_s: float) -> None:
+        if self.proc is None:
+            return
+        tree = process_tree(self.proc.pid)  # ours: started by us, in our session
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+        gone, alive = psutil.wait_procs([p for p in tree if p.is_running()], timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self._log.close()
+        self.proc = None
+
+    def serving_pids(self) -> list[int]:
+        return self.cpu.pids()
+
+
+class MonolithServer(_Target):
+    """The single-server baseline for ``package``."""
+
+    def __init__(self, package: Path, *, log_dir: Path, port: int | None = None, ready_timeout_s: float = 120.0):
+        self.name = "monolith"
+        self.package = Path(package)
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir) / "monolith.log"
+        self.ready_timeout_s = ready_timeout_s
+
+    def __enter__(self) -> MonolithServer:
+        argv = [sys.executable, "-m", "loadtest.serve_monolith", str(self.package), "--port", str(self.port)]
+        self._spawn(argv, dict(os.environ))
+        self.cpu = CpuMeter(lambda: process_tree(self.proc.pid) if self.proc else [])
+        self.info = self._wait_ready(self.ready_timeout_s)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop(grace_s=15)
+
+
+class ServeStack(_Target):
+    """``recserve serve PACKAGE --port P``: the router, shards and dense tower on Ray Serve."""
+
+    def __init__(
+        self,
+        package: Path,
+        *,
+        name: str,
+        log_dir: Path,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
+        ready_timeout_s: float = 300.0,
+    ):
+        self.name = name
+        self.package = Path(package)
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir) / f"serve-{name}.log"
+        self.env = dict(env or {})
+        self.extra_args = tuple(extra_args)
+        self.ready_timeout_s = ready_timeout_s
+
+    def __enter__(self) -> ServeStack:
+        argv = [sys.executable, "-m", "recserve.cli", "serve", str(self.package), "--port", str(self.port)]
+        argv += list(self.extra_args)
+        env = dict(os.environ)
+        env.update(self.env)
+        env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        self._spawn(argv, env)
+        self.cpu = CpuMeter(lambda: ray_serve_processes(within=self.proc.pid) if self.proc else [])
+        self.control_cpu = CpuMeter(lambda: ray_control_processes(within=self.proc.pid) if self.proc else [])
+        self.info = self._wait_ready(self.ready_timeout_s)
+        # replicas answer ModelInfo only once every deployment is up; wait for all of them
+        return self
+
+    def processes(self) -> list[str]:
+        return describe(ray_serve_processes(within=self.proc.pid)) if self.proc else []
+
+    def __exit__(self, *exc) -> None:
+        self._stop(grace_s=60)

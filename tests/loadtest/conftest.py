@@ -1,0 +1,44 @@
+"""Fixtures for the load-test tests: bench options on the tiny workload and its package."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from loadtest.bench import BenchOptions, ensure_package
+
+
+@pytest.fixture(scope="session")
+def tiny_bench_root(tmp_path_factory: pytest.TempPathFactory, tiny_state_dict: Path) -> Path:
+    """An artifacts dir holding the session's trained tiny model where the bench looks for it."""
+    root = tmp_path_factory.mktemp("bench")
+    opts = BenchOptions(workload="tiny", max_rows=None, artifacts=root / "artifacts", out_dir=root / "out")
+    opts.model_dir.mkdir(parents=True)
+    shutil.copy(tiny_state_dict, opts.model_dir / "model.pt")
+    return root
+
+
+def tiny_options(root: Path, **kw) -> BenchOptions:
+    base = dict(
+        workload="tiny", max_rows=None, artifacts=root / "artifacts", out_dir=root / "out",
+        trace_size=50, warmup_requests=3,
+    )  # fmt: skip
+    base.update(kw)
+    return BenchOptions(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_bench_root: Path) -> Path:
+    """The tiny model exported with every table on one shard (what the monolith loads)."""
+    return ensure_package(tiny_options(tiny_bench_root), "singular", 1)
+
+
+@pytest.fixture(scope="session")
+def monolith(tiny_package: Path):
+    """A monolithic server for the tiny package, in this process (background thread)."""
+    from serving.monolith import MonolithThread
+
+    with MonolithThread(str(tiny_package), port=0, max_in_flight=256) as running:
+        yield f"127.0.0.1:{running.port}"

@@ -1,0 +1,39 @@
+"""The senders against a real monolithic server for the tiny model (127.0.0.1 only)."""
+
+import asyncio
+
+import numpy as np
+
+from loadtest.driver import closed_loop, open_loop, warm_up
+from loadtest.targets import free_port
+from loadtest.trace import make_trace
+
+
+def test_open_loop_sends_at_the_offered_rate_and_every_request_is_answered(monolith, tiny):
+    trace = make_trace(tiny, 30, seed=0)
+    run = asyncio.run(open_loop(monolith, trace.payloads, rate=40.0, duration_s=1.5, arrivals="uniform"))
+    assert len(run) == 60
+    assert set(run.codes) == {"OK"}
+    np.testing.assert_allclose(run.scheduled_s, np.arange(60) / 40.0, atol=1e-6)
+    assert (run.latency_s >= run.service_s).all() and (run.latency_s < 2.0).all()
+    assert (run.response_bytes > 0).all()
+    np.testing.assert_array_equal(run.trace_index, np.arange(60) % 30)
+
+
+def test_closed_loop_stops_at_the_request_cap(monolith, tiny):
+    trace = make_trace(tiny, 10, seed=0)
+    run = asyncio.run(closed_loop(monolith, trace.payloads, concurrency=3, duration_s=30.0, max_requests=25))
+    assert len(run) == 25 and set(run.codes) == {"OK"}
+    assert run.wall_s < 30.0
+
+
+def test_missed_deadlines_are_counted_not_raised(monolith, tiny):
+    trace = make_trace(tiny, 5, seed=0)
+    run = asyncio.run(open_loop(monolith, trace.payloads, rate=50.0, duration_s=0.2, timeout_s=1e-6))
+    assert len(run) > 0 and set(run.codes) <= {"DEADLINE_EXCEEDED", "OK"} and "DEADLINE_EXCEEDED" in run.codes
+
+
+def test_a_server_that_is_not_there_gives_unavailable(tiny):
+    trace = make_trace(tiny, 2, seed=0)
+    codes = asyncio.run(warm_up(f"127.0.0.1:{free_port()}", trace.payloads, 2, timeout_s=2.0))
+    assert codes == ["UNAVAILABLE", "UNAVAILABLE"]
