@@ -80,7 +80,7 @@ class FadingFilter:
         self._states: dict[str, FeatureState] = {}
         self._fades: dict[str, FeatureFade] = {}  # swapped whole; read without the lock
         self._guards: dict[str, FeatureGuardrail] = {}
-        self._data_version: tuple[int, int] | None = None
+        self._data_version: tuple | None = None
         self._last_report = 0.0
         self._breach_pending = threading.Event()
         self._stop = threading.Event()

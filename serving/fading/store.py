@@ -148,9 +148,13 @@ class FadingStore:
 
         def __exit__(self, exc_type, *_) -> None:
             self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                self.local.commits = getattr(self.local, "commits", 0) + 1
 
     def _tx(self) -> FadingStore._Tx:
-        return FadingStore._Tx(self._conn())
+        tx = FadingStore._Tx(self._conn())
+        tx.local = self._local
+        return tx
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -160,9 +164,11 @@ class FadingStore:
 
     # ---- reads ------------------------------------------------------------------------
 
-    def data_version(self) -> int:
-        """Changes whenever another connection has committed; cheap to poll."""
-        return int(self._conn().execute("PRAGMA data_version").fetchone()[0])
+    def data_version(self) -> tuple[int, int]:
+        """Changes whenever anyone has committed (cheap to poll). SQLite's data_version
+        counts other connections' commits; this thread's own are counted beside it."""
+        pragma = int(self._conn().execute("PRAGMA data_version").fetchone()[0])
+        return pragma, getattr(self._local, "commits", 0)
 
     def get(self, model: str, feature: str) -> FeatureState:
         row = self._conn().execute(
