@@ -1,0 +1,79 @@
+"""``recserve kernels search`` and ``recserve kernels bench`` (registered by recserve/cli.py).
+
+    recserve kernels search --op embedding_bag --workload dlrmv2 --dtypes fp16,int8 --batch 512,4096
+    recserve kernels search --op interaction --workload dlrmv2 --budget 20
+    recserve kernels bench --out bench.json
+
+The search resumes from its graphs under --graph-dir and merges its winners into
+kernels/winners/<device-slug>.json (or --winners).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("kernels", help="search and benchmark the GPU kernels")
+    sub = p.add_subparsers(dest="kernels_command", metavar="ACTION", required=True)
+
+    s = sub.add_parser("search", help="search kernel configs for a workload's shapes on this GPU")
+    s.add_argument("--op", required=True, choices=["embedding_bag", "interaction"])
+    s.add_argument("--workload", required=True, help="bundled name (tiny, criteo-kaggle, dlrmv2) or JSON path")
+    s.add_argument("--budget", type=int, default=24, help="evaluated candidates per shape bucket")
+    s.add_argument("--patience", type=int, default=8, help="stop a bucket after this many rounds without gain")
+    s.add_argument("--dtypes", default="fp32,fp16,bf16,int8,int4", help="comma list of storage dtypes")
+    s.add_argument("--batch", default="512,4096", help="comma list of batch sizes (one bucket each)")
+    s.add_argument("--graph-dir", type=Path, default=Path("artifacts/kernel_search"))
+    s.add_argument("--winners", type=Path, help="winners file (default kernels/winners/<device>.json)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(handler=search_command)
+
+    b = sub.add_parser("bench", help="issue-4 benchmark: lookups and interaction vs torch, one table")
+    b.add_argument("--out", type=Path, help="write the results as JSON here")
+    b.add_argument("--only", default="", help="comma list of a,b,dot,dcn (default all)")
+    b.add_argument("--rows-cap", type=int, default=4_000_000)
+    b.set_defaults(handler=bench_command)
+
+
+def search_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from kernels.registry import WINNERS_DIR, Winners, device_slug
+    from kernels.search.evolve import record_winner, run_search
+    from kernels.search.problems import problems_for
+    from kernels.timing import CudaTimer
+
+    if not torch.cuda.is_available():
+        print("recserve kernels search: needs a CUDA GPU (winners are per device)")
+        return 2
+    device = torch.device("cuda")
+    slug = device_slug(device)
+    winners_path = args.winners or WINNERS_DIR / f"{slug}.json"
+    winners = Winners.load(winners_path)
+    winners.meta.update(device=torch.cuda.get_device_name(device), slug=slug)
+    cuda_timer = CudaTimer(warmup=3, reps=15, device=device)
+    problems = problems_for(args.op, args.workload, dtypes=args.dtypes.split(","),
+                            batches=[int(b) for b in args.batch.split(",")], device=device)
+    print(f"searching {len(problems)} buckets of {args.op} for {args.workload} on {slug}", flush=True)
+    for i, problem in enumerate(problems):
+        print(f"--- bucket {i + 1}/{len(problems)}", flush=True)
+        graph_path = args.graph_dir / slug / f"{problem.op}_{problem.dtype}_{problem.bucket}.json"
+        graph = run_search(problem, graph_path=graph_path, timer=lambda fn, label: cuda_timer(fn),
+                           budget=args.budget, patience=args.patience, seed=args.seed,
+                           device_name=slug, log=lambda m: print(m, flush=True))
+        record_winner(winners, graph)
+        winners.save(winners_path)  # after every bucket: an interrupted search keeps its winners
+        torch.cuda.empty_cache()
+    print(f"winners: {winners_path}")
+    return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from kernels import bench
+
+    argv = ["--only", args.only, "--rows-cap", str(args.rows_cap)]
+    if args.out:
+        argv += ["--out", str(args.out)]
+    return bench.main(argv)

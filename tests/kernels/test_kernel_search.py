@@ -1,0 +1,176 @@
+"""The search: gate, fitness, selection, termination, persistence and resume, winners.
+
+Most tests drive the search loop with a toy problem and a fake timer (a plain function of
+the candidate), so the expected outcome is known; one test runs the real lookup problem
+through the Triton interpreter on a tiny workload."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kernels.registry import Winners
+from kernels.search.evolve import GATE_SEEDS, record_winner, run_search
+from kernels.search.graph import SearchGraph
+from kernels.search.problems import EmbeddingBagProblem, problems_for
+from kernels.search.space import SPACES, Candidate
+
+
+@dataclass
+class ToyProblem:
+    """Lookup-shaped search space; output is correct unless the config is 'broken'."""
+
+    op: str = "embedding_bag"
+    dtype: str = "fp16"
+    bucket: str = "d128_p8_b512"
+    tolerance: float = 1e-6
+    broken_bags: int = 64  # multi_bag with BAGS=64 returns wrong numbers
+    crash_stages: int = 3  # num_stages=3 "fails to compile"
+
+    def normalize(self, cand):
+        return cand
+
+    def gate_inputs(self, seed):
+        return torch.arange(4.0) + seed
+
+    def timing_inputs(self):
+        return torch.arange(4.0)
+
+    def reference(self, x):
+        return x * 2
+
+    def run(self, cand, x):
+        cfg = cand.cfg
+        if cfg["num_stages"] == self.crash_stages:
+            raise RuntimeError("PassManager::run failed")
+        if cand.template == "multi_bag" and cfg["BAGS"] == self.broken_bags:
+            return x * 2 + 1
+        return x * 2
+
+    def error(self, out, ref):
+        return float((out - ref).abs().max())
+
+
+def fake_timer(ref_seconds=100e-6):
+    """Seconds as a known function of the config: bigger BLOCK_N / BAGS and 2 warps are fast."""
+    def timer(fn, label):
+        if label == "reference":
+            return ref_seconds
+        cfg = dict(kv.split("=") for kv in label.split(":")[1].split(","))
+        width = int(cfg.get("BLOCK_N", cfg.get("BAGS")))
+        return 50e-6 / width + 1e-6 * abs(int(cfg["num_warps"]) - 2) + 2e-6
+    return timer
+
+
+def test_search_beats_its_seeds_and_records_the_fittest_node_as_winner(tmp_path):
+    graph = run_search(ToyProblem(), graph_path=tmp_path / "g.json", timer=fake_timer(), budget=40,
+                       patience=40, log=lambda m: None)
+    seeds_best = max(n.fitness for n in graph.nodes if n.made_by == "seed")
+    best = graph.best()
+    assert best.fitness > seeds_best
+    assert best.config["num_warps"] == 2 and (best.config.get("BLOCK_N", 0) >= 32 or best.config.get("BAGS", 0) >= 32)
+    winners = Winners()
+    entry = record_winner(winners, graph)
+    assert entry["backend"] == "triton" and entry["config"] == best.config
+    choice = winners.lookup("embedding_bag", "fp16", "d128_p8_b512")
+    assert choice.template == best.template and choice.config == best.config
+
+
+def test_candidates_that_fail_the_gate_or_crash_get_fitness_zero(tmp_path):
+    graph = run_search(ToyProblem(), graph_path=tmp_path / "g.json", timer=fake_timer(), budget=60,
+                       patience=60, log=lambda m: None)
+    crashed = [n for n in graph.nodes if n.config["num_stages"] == 3]
+    broken = [n for n in graph.nodes if n.template == "multi_bag" and n.config.get("BAGS") == 64
+              and n.config["num_stages"] != 3]
+    assert crashed and all(n.status == "compile_error" and n.fitness == 0 and "PassManager" in n.error for n in crashed)
+    assert broken and all(n.status == "gate_failed" and n.fitness == 0 for n in broken)
+    assert graph.best().status == "ok"
+
+
+def test_children_are_one_step_mutations_or_template_switches_of_their_parent(tmp_path):
+    graph = run_search(ToyProblem(), graph_path=tmp_path / "g.json", timer=fake_timer(), budget=30,
+                       patience=30, log=lambda m: None)
+    children = [n for n in graph.nodes if n.parent is not None]
+    assert children
+    for n in children:
+        parent = graph.nodes[n.parent]
+        if n.made_by == "mutate":
+            assert n.template == parent.template
+            assert sum(n.config[k] != parent.config[k] for k in n.config) == 1
+        else:
+            assert n.made_by == "switch" and n.template != parent.template
+            assert set(n.config) == set(SPACES["embedding_bag"][n.template])
+    keys = [n.candidate for n in graph.nodes]
+    assert len(keys) == len(set(keys)), "a candidate was evaluated twice"
+
+
+def test_an_interrupted_search_resumes_from_its_graph_on_disk(tmp_path):
+    path = tmp_path / "g.json"
+    first = run_search(ToyProblem(), graph_path=path, timer=fake_timer(), budget=8, patience=99, log=lambda m: None)
+    saved = json.loads(path.read_text())
+    assert len(saved["nodes"]) == 8 and saved["reference_seconds"] == pytest.approx(100e-6)
+
+    calls = []
+
+    def counting_timer(fn, label):
+        calls.append(label)
+        return fake_timer()(fn, label)
+
+    resumed = run_search(ToyProblem(), graph_path=path, timer=counting_timer, budget=14, patience=99,
+                         log=lambda m: None)
+    assert len(resumed.nodes) == 14
+    assert [n.candidate for n in resumed.nodes[:8]] == [n.candidate for n in first.nodes]
+    assert "reference" not in calls  # the reference time was kept, not re-measured
+    assert len(calls) <= 6  # only the new nodes were timed
+    with pytest.raises(ValueError, match="holds"):
+        SearchGraph.open(path, op="interaction", dtype="fp16", bucket="d128_p8_b512")
+
+
+def test_search_stops_after_patience_rounds_without_gain(tmp_path):
+    flat = lambda fn, label: 100e-6 if label == "reference" else 50e-6  # noqa: E731  every candidate 2x
+    graph = run_search(ToyProblem(), graph_path=tmp_path / "g.json", timer=flat, budget=100, patience=5,
+                       log=lambda m: None)
+    assert graph.rounds == 5 and graph.rounds_since_gain == 5
+    assert len(graph.nodes) == 4 + 5  # the seeds, then five rounds that gained nothing
+
+
+def test_speedups_above_ten_are_flagged_and_a_slower_bucket_keeps_the_reference(tmp_path):
+    graph = run_search(ToyProblem(), graph_path=tmp_path / "a.json", timer=fake_timer(ref_seconds=1e-3),
+                       budget=6, patience=6, log=lambda m: None)
+    assert graph.best().fitness > 10 and graph.best().flagged
+    slow = run_search(ToyProblem(), graph_path=tmp_path / "b.json", timer=fake_timer(ref_seconds=1e-6),
+                      budget=6, patience=6, log=lambda m: None)
+    winners = Winners()
+    assert record_winner(winners, slow)["backend"] == "reference"
+    assert winners.lookup("embedding_bag", "fp16", "d128_p8_b512").backend == "reference"
+
+
+class _BrokenMultiBag(EmbeddingBagProblem):
+    def run(self, cand, inputs):
+        out = super().run(cand, inputs)
+        return out + 1e-3 if cand.template == "multi_bag" else out
+
+
+def test_real_lookup_problem_gate_runs_the_triton_kernel_on_ragged_and_empty_bags(tmp_path):
+    (problem,) = problems_for("embedding_bag", "tiny", dtypes=["int4"], batches=[3], device=torch.device("cpu"))
+    for seed in range(GATE_SEEDS):
+        inp = problem.gate_inputs(seed)
+        lengths = (inp["offsets"][1:] - inp["offsets"][:-1]).tolist()
+        assert 0 in lengths and len(set(lengths)) > 1  # empty and ragged bags in every gate input
+    broken = _BrokenMultiBag(**{k: getattr(problem, k) for k in ("dtype", "rows", "dims", "pooling", "batch", "device")})
+    graph = run_search(broken, graph_path=tmp_path / "g.json", timer=lambda fn, label: 1e-4 if label == "reference" else 5e-5,
+                       budget=4, patience=0, log=lambda m: None)
+    assert graph.bucket == "d8_p4_b4"  # tiny: mean pooling (1+1+10+3)/4 -> 4
+    status = {n.template: n.status for n in graph.nodes}
+    assert status == {"per_bag": "ok", "multi_bag": "gate_failed"}
+
+
+def test_workload_problems_cover_every_dtype_and_batch_and_the_dcn_layers():
+    eb = problems_for("embedding_bag", "dlrmv2", dtypes=["fp16", "int8"], batches=[512, 4096], device=torch.device("cpu"))
+    assert {(p.dtype, p.bucket) for p in eb} == {("fp16", "d128_p8_b512"), ("fp16", "d128_p8_b4096"),
+                                                 ("int8", "d128_p8_b512"), ("int8", "d128_p8_b4096")}
+    inter = problems_for("interaction", "dlrmv2", dtypes=["fp16", "int8"], batches=[4096], device=torch.device("cpu"))
+    assert [(p.op, p.bucket) for p in inter] == [("interaction", "n27_d128_b4096"), ("dcn_cross", "n4096_r512_b4096")]
