@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--graph-dir", type=Path, default=Path("artifacts/kernel_search"))
     s.add_argument("--winners", type=Path, help="winners file (default kernels/winners/<device>.json)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--rows-cap", type=int, default=2_000_000, help="cap table rows of the timing inputs")
     s.set_defaults(handler=search_command)
 
     b = sub.add_parser("bench", help="issue-4 benchmark: lookups and interaction vs torch, one table")
@@ -57,12 +58,20 @@ def search_command(args: argparse.Namespace) -> int:
     problems = problems_for(args.op, args.workload, dtypes=args.dtypes.split(","),
                             batches=[int(b) for b in args.batch.split(",")], device=device)
     print(f"searching {len(problems)} buckets of {args.op} for {args.workload} on {slug}", flush=True)
+    for problem in problems:
+        if hasattr(problem, "rows_cap"):
+            problem.rows_cap = args.rows_cap
     for i, problem in enumerate(problems):
         print(f"--- bucket {i + 1}/{len(problems)}", flush=True)
         graph_path = args.graph_dir / slug / f"{problem.op}_{problem.dtype}_{problem.bucket}.json"
-        graph = run_search(problem, graph_path=graph_path, timer=lambda fn, label: cuda_timer(fn),
-                           budget=args.budget, patience=args.patience, seed=args.seed,
-                           device_name=slug, log=lambda m: print(m, flush=True))
+        try:
+            graph = run_search(problem, graph_path=graph_path, timer=lambda fn, label: cuda_timer(fn),
+                               budget=args.budget, patience=args.patience, seed=args.seed,
+                               device_name=slug, log=lambda m: print(m, flush=True))
+        except Exception as e:  # one bucket's failure (e.g. out of memory) must not lose the others
+            print(f"bucket {problem.op}/{problem.dtype}/{problem.bucket} failed: {type(e).__name__}: {e}")
+            torch.cuda.empty_cache()
+            continue
         record_winner(winners, graph)
         winners.save(winners_path)  # after every bucket: an interrupted search keeps its winners
         torch.cuda.empty_cache()

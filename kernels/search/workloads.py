@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 SPEC_DIR = Path(__file__).resolve().parents[2] / "recserve" / "workload_specs"
+KERNEL_SPEC_DIR = Path(__file__).resolve().parent / "specs"  # benchmark-only shapes (lookup-a)
 
 
 class WorkloadSpecError(ValueError):
@@ -18,6 +19,8 @@ def load_spec(workload: str | Path) -> dict:
     path = Path(workload)
     if not path.suffix:
         path = SPEC_DIR / f"{workload}.json"
+        if not path.exists():
+            path = KERNEL_SPEC_DIR / f"{workload}.json"
     if not path.exists():
         raise WorkloadSpecError(f"workload: no spec {str(workload)!r} (looked for {path})")
     return json.loads(path.read_text())

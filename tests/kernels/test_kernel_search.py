@@ -42,7 +42,7 @@ class ToyProblem:
     def reference(self, x):
         return x * 2
 
-    def run(self, cand, x):
+    def run(self, cand, x, poison=True):
         cfg = cand.cfg
         if cfg["num_stages"] == self.crash_stages:
             raise RuntimeError("PassManager::run failed")
@@ -149,8 +149,8 @@ def test_speedups_above_ten_are_flagged_and_a_slower_bucket_keeps_the_reference(
 
 
 class _BrokenMultiBag(EmbeddingBagProblem):
-    def run(self, cand, inputs):
-        out = super().run(cand, inputs)
+    def run(self, cand, inputs, poison=True):
+        out = super().run(cand, inputs, poison)
         return out + 1e-3 if cand.template == "multi_bag" else out
 
 
