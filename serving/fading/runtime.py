@@ -1,16 +1,17 @@
 """Fading on the request path: the router's feature-filter step plus its guardrails.
 
-The router holds one :class:`FadingFilter` per served model and, for every request::
+The router holds one :class:`FadingFilter` per served model (``router_filter(manifest)``
+is the factory ``AppArgs.feature_filter`` names) and, for every request::
 
-    faded_batch, decision = fading.apply(batch, request_id)   # before splitting by shard
-    scores = ... score faded_batch ...
-    fading.observe(decision, scores, latency_s)                # after scoring
+    batch = fading(batch, request_id)          # before splitting by shard: a FadedBatch
+    scores = ... score batch ...
+    fading.observe(batch, scores, latency_s)   # after scoring: feeds the guardrails
 
-``apply`` only reads an in-memory snapshot of the coverages; ``observe`` only updates
-counters. All store I/O (following state changes, advancing schedules whose soak ended,
-rolling back on a breach, reporting figures) happens on a background thread, so the
-request path never waits on disk. ``sync()`` runs one round of that work inline (tests,
-benchmarks). ``FadingFilter(...)(batch)`` is the plain ``(batch) -> batch`` form.
+``fading(batch)`` only reads an in-memory snapshot of the coverages; ``observe`` only
+updates counters. All store I/O (following state changes, advancing schedules whose soak
+ended, rolling back on a breach, reporting figures) happens on a background thread, so
+the request path never waits on disk. ``sync()`` runs one round of it inline (tests,
+benchmarks).
 
 Every replica judges the guardrails on its own traffic; the first one to see a breach
 rolls the feature back in the shared store (one transaction, audited with actor
@@ -19,11 +20,13 @@ rolls the feature back in the shared store (one transaction, audited with actor
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,6 +37,19 @@ from serving.fading.metrics import FadingMetrics
 from serving.fading.policy import FadeDecision, FeatureFade, apply_fading
 from serving.fading.schedule import FeatureState, Status
 from serving.fading.store import FadingStore
+
+
+@dataclass(frozen=True)
+class FadedBatch(Batch):
+    """A batch after the fading step, carrying what was decided for the guardrails."""
+
+    decision: FadeDecision = FadeDecision({}, {})
+
+
+def content_request_id(batch: Batch) -> str:
+    """A stand-in request id for callers that have none: a digest of the dense features,
+    so the same request always gets the same treatment."""
+    return "content:" + hashlib.blake2b(batch.dense.tobytes(), digest_size=8).hexdigest()
 
 
 def replica_name() -> str:
@@ -92,18 +108,23 @@ class FadingFilter:
 
     # ---- request path -------------------------------------------------------------------
 
-    def apply(self, batch: Batch, request_id: str = "") -> tuple[Batch, FadeDecision]:
+    def __call__(self, batch: Batch, request_id: str = "") -> FadedBatch:
+        """The fading step: faded features of each example become empty bags.
+
+        The unit of an example is its unit id; without unit ids, the request id; without
+        that either, a digest of the request's dense features."""
         fades = self._fades
         if not fades:
-            return batch, FadeDecision({}, {})
-        return apply_fading(batch, self.model, fades, request_id=request_id)
+            return FadedBatch(batch.dense, batch.sparse, batch.unit_ids)
+        if batch.unit_ids is None and not request_id:
+            request_id = content_request_id(batch)
+        out, decision = apply_fading(batch, self.model, fades, request_id=request_id)
+        return FadedBatch(out.dense, out.sparse, out.unit_ids, decision)
 
-    def __call__(self, batch: Batch) -> Batch:
-        return self.apply(batch)[0]
-
-    def observe(self, decision: FadeDecision, scores: np.ndarray, latency_s: float | None = None) -> None:
-        """Feed the scores of a request that went through :meth:`apply` to the guardrails."""
-        if not decision.cohorts:
+    def observe(self, batch: Batch, scores: np.ndarray, latency_s: float | None = None) -> None:
+        """Feed the scores of a batch that went through the fading step to the guardrails."""
+        decision = getattr(batch, "decision", None)
+        if decision is None or not decision.cohorts:
             return
         scores = np.asarray(scores, dtype=np.float32)
         with self._lock:
@@ -218,8 +239,24 @@ class FadingFilter:
         return dict(self._states)
 
     def close(self) -> None:
+        """Stop the background thread (the state in the store is untouched)."""
         self._stop.set()
         self._breach_pending.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+def router_filter(manifest) -> FadingFilter:
+    """``AppArgs.feature_filter = "serving.fading.runtime:router_filter"``: fading for the
+    manifest's model over the shared store (``$RECSERVE_FADE_STORE``, default
+    ``artifacts/fading.sqlite``)."""
+    from serving.fading.metrics import FadingMetrics
+    from serving.fading.store import default_store_path
+
+    return FadingFilter(
+        manifest.name,
+        FadingStore(default_store_path()),
+        features=tuple(manifest.served_features),
+        metrics=FadingMetrics(),
+    )

@@ -101,8 +101,13 @@ class AuditEntry:
 
 
 def default_store_path() -> Path:
-    """``$RECSERVE_FADE_STORE``, else ``artifacts/fading.sqlite`` under the working directory."""
-    return Path(os.environ.get(ENV_STORE) or Path.cwd() / "artifacts" / "fading.sqlite").resolve()
+    """``$RECSERVE_FADE_STORE``, else ``fading.sqlite`` in the artifacts directory
+    (``$RECSERVE_ARTIFACTS`` or the checkout's ``artifacts/``), the same for every process."""
+    if os.environ.get(ENV_STORE):
+        return Path(os.environ[ENV_STORE]).resolve()
+    from serving.default_model import artifacts_dir
+
+    return (Path(artifacts_dir()) / "fading.sqlite").resolve()
 
 
 class FadingStore:

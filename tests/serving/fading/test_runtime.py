@@ -31,10 +31,10 @@ def traffic(tiny, seed: int = 7, n: int = 40, size: int = 256):
 def serve(ranker, fading: FadingFilter, batch):
     """The router's steps: fade, score, tell the guardrails."""
     t0 = time.perf_counter()
-    faded, decision = fading.apply(batch)
+    faded = fading(batch)
     scores = ranker.score(faded)
-    fading.observe(decision, scores, time.perf_counter() - t0)
-    return scores, decision, faded
+    fading.observe(faded, scores, time.perf_counter() - t0)
+    return scores, faded.decision, faded
 
 
 def operator(store: FadingStore, feature: str, change, now: float, action: str = "set_coverage") -> None:
@@ -150,7 +150,7 @@ def test_every_replica_follows_a_change_made_through_the_store(tmp_path, tiny, c
     cohorts = []
     for r in replicas:
         r.sync()
-        cohorts.append(r.apply(batch)[1].cohorts["user_id"])
+        cohorts.append(r(batch).decision.cohorts["user_id"])
     for c in cohorts[1:]:
         np.testing.assert_array_equal(c, cohorts[0])  # same units faded on every replica
     assert (cohorts[0] == FADED).mean() > 0.9 and (cohorts[0] == KEPT).sum() == 0
@@ -161,10 +161,10 @@ def test_the_background_thread_picks_up_changes_without_blocking_requests(tmp_pa
     fading = FadingFilter(MODEL, store, poll_interval_s=0.05)
     try:
         batch = TrafficGenerator(tiny, seed=5).batch(100)
-        assert fading(batch) is batch
+        assert fading(batch).sparse is batch.sparse
         store.transition(MODEL, "category", lambda s: sched.set_coverage(s, 0.0, time.time()), action="set_coverage", actor="t")
         deadline = time.time() + 5
-        while fading(batch) is batch and time.time() < deadline:
+        while fading(batch).sparse is batch.sparse and time.time() < deadline:
             time.sleep(0.02)
         assert fading(batch).sparse["category"].values.size < batch.sparse["category"].values.size
     finally:
@@ -177,4 +177,30 @@ def test_features_the_model_does_not_have_are_ignored(tmp_path, tiny, clock, fea
     operator(store, feature, lambda s, t: sched.set_coverage(s, 0.0, t), clock())
     fading = FadingFilter(MODEL, store, features=tiny.features, clock=clock, background=False)
     batch = TrafficGenerator(tiny, seed=5).batch(10)
-    assert fading(batch) is batch
+    assert fading(batch).sparse is batch.sparse
+
+
+def test_the_fading_step_plugs_into_the_serving_pipeline_as_its_feature_filter(tmp_path, tiny, tiny_package, clock) -> None:
+    from serving.pipeline import LocalRanker
+
+    store = FadingStore(tmp_path / "s.sqlite")
+    operator(store, "recent_items", lambda s, t: sched.set_coverage(s, 0.0, t), clock())
+    fading = FadingFilter(MODEL, store, clock=clock, background=False)
+    ranker = LocalRanker.load(tiny_package, feature_filter=fading)
+    batch = TrafficGenerator(tiny, seed=9).batch(300)
+    assert not np.array_equal(ranker.score(batch), LocalRanker.load(tiny_package).score(batch))
+
+
+def test_without_unit_or_request_ids_the_same_request_gets_the_same_treatment(tmp_path, tiny, clock) -> None:
+    import dataclasses
+
+    store = FadingStore(tmp_path / "s.sqlite")
+    operator(store, "category", lambda s, t: sched.set_coverage(s, 0.5, t), clock())
+    fading = FadingFilter(MODEL, store, clock=clock, background=False)
+    seen = set()
+    for seed in range(20):
+        batch = dataclasses.replace(TrafficGenerator(tiny, seed=seed).batch(50), unit_ids=None)
+        a, b = fading(batch).decision.cohorts["category"], fading(batch).decision.cohorts["category"]
+        np.testing.assert_array_equal(a, b)
+        seen.add(int(a[0]))
+    assert seen == {KEPT, FADED}  # different requests do get different treatments
