@@ -2,12 +2,11 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from recserve.cli import main as cli
 from recserve.export import export_package
 from recserve.model import embedding_key
 from recserve.package import MANIFEST, ModelPackage, PackageError, shard_file
@@ -128,15 +127,14 @@ def test_a_damaged_package_is_refused_naming_the_file_and_problem(package, damag
         ModelPackage.open(package).verify()
 
 
-def test_inspect_verifies_and_exits_non_zero_on_damage(package):
-    cmd = [sys.executable, "-m", "recserve.cli", "inspect", str(package)]
-    ok = subprocess.run(cmd, capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert "t_item[0:2345)" in ok.stdout and "verified" in ok.stdout
+def test_inspect_verifies_and_exits_non_zero_on_damage(package, capsys):
+    assert cli(["inspect", str(package)]) == 0
+    out = capsys.readouterr().out
+    assert "t_item[0:2345)" in out and "verified" in out
     _flip_byte(package / shard_file(0), -1)
-    bad = subprocess.run(cmd, capture_output=True, text=True)
-    assert bad.returncode == 1
-    assert "shard-0.safetensors" in bad.stderr and "sha256" in bad.stderr
+    assert cli(["inspect", str(package)]) == 1
+    err = capsys.readouterr().err
+    assert "shard-0.safetensors" in err and "sha256" in err
 
 
 def test_a_state_dict_of_another_model_is_refused(tmp_path, tiny, tiny_state_dict):
@@ -149,3 +147,34 @@ def test_a_state_dict_of_another_model_is_refused(tmp_path, tiny, tiny_state_dic
 def test_export_refuses_to_overwrite_without_being_asked(package, tiny, tiny_state_dict):
     with pytest.raises(PackageError, match="already exists"):
         export_package(tiny, tiny_state_dict, package, plan=hand_plan(tiny, "fp32", SPLIT), progress=False)
+
+
+@pytest.mark.parametrize(
+    "strategy, shards, extra",
+    [("singular", 1, []), ("table", 3, []), ("capacity", 2, ["--shard-memory", "120KiB"]), ("load", 3, ["--shard-memory", "150KiB"])],
+)
+def test_export_cli_plans_writes_and_inspects_for_every_strategy(tmp_path, tiny_state_dict, strategy, shards, extra, capsys):
+    out = tmp_path / "pkg"
+    args = ["export", "--workload", "tiny", "--state-dict", str(tiny_state_dict),
+            "--out", str(out), "--strategy", strategy, "--shards", str(shards), "--dtype", "fp16", *extra]
+    assert cli(args) == 0
+    assert "peak memory" in capsys.readouterr().out
+    pkg = ModelPackage.open(out)
+    pkg.verify()
+    assert pkg.manifest.plan.strategy == strategy and pkg.manifest.plan.num_shards == shards
+    if strategy in ("capacity", "load"):  # the caps force t_item/t_hist (80 KiB fp16... 80,000 B) to split
+        assert all(sh.bytes <= pkg.manifest.plan.shard_memory for sh in pkg.manifest.plan.shards)
+
+
+def test_export_cli_drops_faded_features_and_says_why_it_cannot_place(tmp_path, tiny_state_dict, capsys):
+    out = tmp_path / "pkg"
+    base = ["export", "--workload", "tiny", "--state-dict", str(tiny_state_dict)]
+    assert cli([*base, "--out", str(out), "--shards", "2", "--drop-features", "recent_items"]) == 0
+    m = ModelPackage.open(out).manifest
+    assert "t_hist" not in m.plan.tables and m.dropped_features == ("recent_items",)
+    ModelPackage.open(out).verify()
+    capsys.readouterr()
+    assert cli([*base, "--out", str(tmp_path / "x"), "--strategy", "capacity", "--shards", "1", "--shard-memory", "10KiB"]) == 2
+    assert "t_" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert cli([*base, "--out", str(tmp_path / "y"), "--drop-features", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
