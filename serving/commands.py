@@ -1,0 +1,101 @@
+"""``recserve serve``: start a local Ray instance, deploy the app, serve until Ctrl-C/SIGTERM.
+
+Light module: argparse only at import time (the CLI imports every area's commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+GRPC_SERVICERS = [
+    "recserve.v1.ranker_pb2_grpc.add_RankerServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+APP_NAME = "recserve"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model package over gRPC on a local Ray Serve instance",
+        description="Start local Ray (127.0.0.1, dashboard on 127.0.0.1:8265), deploy the sharded app "
+        "(router, one deployment per shard, dense tower) and serve until Ctrl-C or SIGTERM. "
+        "With no PACKAGE the default model (criteo-kaggle, tables capped at 100k rows) is trained "
+        "and exported into artifacts/default on first run. Ray's gRPC proxy listens on all interfaces.",
+    )
+    p.add_argument("package", nargs="?", default="default", help="model package directory (default: the default model)")
+    p.add_argument("--port", type=int, default=9000, help="gRPC port (default 9000)")
+    p.add_argument("--http-port", type=int, default=8000, help="Serve HTTP proxy port, bound to 127.0.0.1 (default 8000)")
+    p.add_argument("--transport", choices=("reference", "grpc"), default=None,
+                   help="handle transport between deployments (default: the faster, see README)")
+    p.add_argument("--device", default="cpu", help="torch device for shards and tower: cpu, cuda, auto")
+    p.add_argument("--max-batch-size", type=int, default=4096, help="largest batch one request may carry")
+    p.add_argument("--monolith", action="store_true",
+                   help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
+    p.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import sys
+    import threading
+
+    from recserve.package import ModelPackage, PackageError
+    from serving.default_model import resolve_package
+
+    try:
+        path = resolve_package(args.package)
+        manifest = ModelPackage.open(path).manifest
+    except PackageError as e:
+        print(f"recserve serve: {e}", file=sys.stderr)
+        return 2
+    if args.monolith:
+        import asyncio
+
+        from serving.monolith import serve_forever
+
+        try:
+            asyncio.run(serve_forever(path, args.port, max_batch_size=args.max_batch_size, device=args.device))
+        except KeyboardInterrupt:
+            pass
+        return 0
+
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.config import DEFAULT_TRANSPORT, AppArgs
+
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    app_args = AppArgs(package=str(path), transport=args.transport or DEFAULT_TRANSPORT,
+                       device=args.device, max_batch_size=args.max_batch_size)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"recserve: starting Ray (127.0.0.1, dashboard http://127.0.0.1:8265) ...", flush=True)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=8265, configure_logging=False, log_to_driver=False)
+    try:
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": args.http_port},
+            grpc_options={"port": args.port, "grpc_servicer_functions": GRPC_SERVICERS},
+        )
+        print(f"recserve: deploying {manifest.name} {manifest.version} from {path} "
+              f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "
+              f"transport {app_args.transport}) ...", flush=True)
+        serve.run(build_app(app_args), name=APP_NAME, blocking=False)
+        print(f"recserve: serving recserve.v1.Ranker on 0.0.0.0:{args.port} (gRPC; Ray's proxy binds all "
+              f"interfaces; connect to 127.0.0.1:{args.port}). Ctrl-C to stop.", flush=True)
+        print(f'recserve: try  python -c "from serving.client import RankingClient; '
+              f"print(RankingClient('127.0.0.1:{args.port}').model_info())\"", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("recserve: shutting down ...", flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    print("recserve: stopped", flush=True)
+    return 0

@@ -1,0 +1,199 @@
+"""Serving fixtures: packages of the tiny model under every strategy, the torchrec reference,
+a monolith server per package, and ONE Ray instance + Serve for the whole session (start-ups
+are the slow part on CI's 2 cores)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recserve.batch import Batch
+from recserve.workloads import WorkloadConfig
+import socket
+from types import SimpleNamespace
+
+from recserve.batch import Bags
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (strategy, shards, shard_memory): capacity/load caps force row-wise splits of t_item and
+# t_hist (160,000 bytes each; the four tables total 353,600 bytes in fp32).
+LAYOUTS = {
+    "singular-1": ("singular", 1, None),
+    "table-2": ("table", 2, None),
+    "table-3": ("table", 3, None),
+    "capacity-1": ("capacity", 1, 400_000),
+    "capacity-2": ("capacity", 2, 180_000),
+    "capacity-3": ("capacity", 3, 130_000),
+    "load-1": ("load", 1, None),
+    "load-2": ("load", 2, 180_000),
+    "load-3": ("load", 3, 130_000),
+}
+
+
+def as_sparse(batch: Batch) -> dict:
+    """A Batch's sparse features in the client's format."""
+    return {f: (b.values, b.lengths) if b.weights is None else (b.values, b.lengths, b.weights)
+            for f, b in batch.sparse.items()}
+
+
+def with_weights(batch: Batch, seed: int = 0) -> Batch:
+    rng = np.random.default_rng(seed)
+    sparse = {f: Bags(b.values, b.lengths, rng.uniform(0.1, 2.0, b.values.size).astype(np.float32))
+              for f, b in batch.sparse.items()}
+    return Batch(batch.dense, sparse, batch.unit_ids)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+MAX_BATCH = 64  # max_batch_size of the servers under test
+
+
+def bad_requests(tiny: WorkloadConfig) -> list[tuple[str, object, str, str]]:
+    """(case, PredictRequest, expected gRPC code name, text the message must contain): issue 3 §5."""
+    import math
+
+    from recserve.synth import TrafficGenerator
+    from serving.codec import encode_request
+
+    good = TrafficGenerator(tiny, seed=11).batch(4)
+
+    def req(**kw):
+        r = encode_request(good.dense, as_sparse(good), unit_ids=good.unit_ids)
+        for k, v in kw.items():
+            setattr(r, k, v)
+        return r
+
+    cases = []
+
+    def add(case, r, code, text):
+        cases.append((case, r, code, text))
+
+    r = req(); r.sparse["no_such_feature"].lengths.extend([0, 0, 0, 0])
+    add("unknown feature", r, "INVALID_ARGUMENT", "sparse['no_such_feature']")
+    r = req(); del r.sparse["category"]
+    add("missing feature", r, "INVALID_ARGUMENT", "sparse['category']")
+    r = req(); r.sparse["user_id"].lengths[0] += 1
+    add("lengths do not sum to the values", r, "INVALID_ARGUMENT", "sparse['user_id'].lengths")
+    r = req(); l = r.sparse["recent_items"].lengths; l[0], l[1] = l[0] + 1, -1; r.sparse["recent_items"].lengths[:] = l
+    add("negative length", r, "INVALID_ARGUMENT", "sparse['recent_items'].lengths")
+    r = req(); r.sparse["item_id"].lengths.append(1); r.sparse["item_id"].values.append(3)
+    add("lengths not one per example", r, "INVALID_ARGUMENT", "sparse['item_id'].lengths")
+    r = req(); r.sparse["item_id"].values[0] = 5000
+    add("id equal to rows", r, "INVALID_ARGUMENT", "sparse['item_id'].values")
+    r = req(); r.sparse["category"].values[0] = -1
+    add("negative id", r, "INVALID_ARGUMENT", "sparse['category'].values")
+    r = req(); r.sparse["user_id"].weights.extend([1.0])
+    add("weights not one per id", r, "INVALID_ARGUMENT", "sparse['user_id'].weights")
+    r = req(); del r.dense[-1]
+    add("wrong dense width", r, "INVALID_ARGUMENT", "dense")
+    r = req(); r.dense[5] = math.nan
+    add("NaN in dense", r, "INVALID_ARGUMENT", "dense")
+    r = req(); r.dense[0] = math.inf
+    add("inf in dense", r, "INVALID_ARGUMENT", "dense")
+    r = encode_request(np.zeros((0, tiny.dense_features), np.float32), {f: ([], []) for f in tiny.features})
+    add("empty batch", r, "INVALID_ARGUMENT", "batch_size")
+    r = req(); r.unit_ids.append(7)
+    add("mismatched unit ids", r, "INVALID_ARGUMENT", "unit_ids")
+    big = TrafficGenerator(tiny, seed=12).batch(MAX_BATCH + 1)
+    add("batch above the maximum", encode_request(big.dense, as_sparse(big)), "INVALID_ARGUMENT", "batch_size")
+    add("unknown model", req(model="no-such-model"), "NOT_FOUND", "no-such-model")
+    add("unknown version", req(version="v999"), "NOT_FOUND", "v999")
+    return cases
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """Test data and helpers for the serving tests (importlib import mode: tests cannot import conftest)."""
+    return SimpleNamespace(layouts=LAYOUTS, max_batch=MAX_BATCH, as_sparse=as_sparse, with_weights=with_weights,
+                           bad_requests=bad_requests)
+
+
+@pytest.fixture(scope="session")
+def tiny_packages(tmp_path_factory, tiny: WorkloadConfig, tiny_state_dict: Path):
+    """layout name -> exported package dir (exported on first use)."""
+    from recserve.export import export_package
+    from recserve.planning import plan_workload
+
+    root = tmp_path_factory.mktemp("tiny-packages")
+    made: dict[str, Path] = {}
+
+    def get(layout: str) -> Path:
+        if layout not in made:
+            strategy, n, mem = LAYOUTS[layout]
+            plan = plan_workload(tiny, strategy=strategy, num_shards=n, shard_memory=mem)
+            made[layout] = export_package(tiny, tiny_state_dict, root / layout, plan=plan, progress=False).path
+        return made[layout]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference(tiny: WorkloadConfig, tiny_state_dict: Path):
+    """reference(batch) -> sigmoid of the torchrec forward (weighted model if the batch has weights)."""
+    from recserve.model import build_model, predict
+
+    state = torch.load(tiny_state_dict, weights_only=True)
+    models = {}
+    for weighted in (False, True):
+        m = build_model(tiny, weighted=weighted)
+        m.load_state_dict(state)
+        models[weighted] = m.eval()
+
+    def score(batch: Batch) -> np.ndarray:
+        weighted = any(b.weights is not None for b in batch.sparse.values())
+        return predict(models[weighted], batch, tiny.features)
+
+    return score
+
+
+@pytest.fixture(scope="session")
+def serve_instance():
+    """One local Ray + Serve with the gRPC proxy on a free port; yields that port."""
+    import ray
+    from ray import serve
+
+    from serving.commands import GRPC_SERVICERS
+
+    # replicas import serving/, kernels/, recserve/ from this checkout
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    port = free_port()
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
+             log_to_driver=False, configure_logging=False)
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": free_port()},
+        grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICERS},
+    )
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def deploy(serve_instance):
+    """deploy(package, name, **args) -> RankingClient for that Serve application."""
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.client import RankingClient
+    from serving.config import AppArgs
+
+    clients = []
+
+    def run(package: Path, name: str, **args) -> RankingClient:
+        serve.run(build_app(AppArgs(package=str(package), **args)), name=name, route_prefix=f"/{name}")
+        client = RankingClient(f"127.0.0.1:{serve_instance}", application=name)
+        clients.append(client)
+        return client
+
+    yield run
+    for c in clients:
+        c.close()
+

@@ -1,0 +1,94 @@
+"""The monolith (whole model, one process, plain grpc.aio) over real gRPC on 127.0.0.1:
+the broad parity matrix, every bad input, deadlines, health."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from recserve.batch import Bags, Batch
+from recserve.synth import TrafficGenerator
+from serving.client import RankingClient
+from serving.monolith import MonolithThread
+
+TOL = 1e-5
+LAYOUTS = ["singular-1", "table-2", "table-3", "capacity-1", "capacity-2", "capacity-3", "load-1", "load-2", "load-3"]
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_packages, helpers):
+    running = {}
+
+    def get(layout: str, **kwargs) -> RankingClient:
+        key = (layout, tuple(sorted(kwargs.items())))
+        if key not in running:
+            srv = MonolithThread(tiny_packages(layout), max_batch_size=helpers.max_batch, **kwargs).start()
+            running[key] = (srv, RankingClient(f"127.0.0.1:{srv.port}"))
+        return running[key][1]
+
+    yield get
+    for srv, client in running.values():
+        client.close()
+        srv.stop()
+
+
+def _batches(tiny, with_weights):
+    gen = TrafficGenerator(tiny, seed=21, empty_bag_fraction=0.3)
+    yield "batch size 1", gen.batch(1)
+    yield "ragged with empty bags", gen.batch(37)
+    yield "per-id weights", with_weights(gen.batch(17))
+    B = 3
+    yield "all bags empty", Batch(gen.batch(B).dense, {f: Bags.empty(B) for f in tiny.features})
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_monolith_scores_equal_torchrec_for_every_strategy_and_shard_count(layout, servers, reference, tiny, helpers):
+    client = servers(layout)
+    for case, batch in _batches(tiny, helpers.with_weights):
+        got = client.predict(batch.dense, helpers.as_sparse(batch), unit_ids=batch.unit_ids, timeout=30)
+        np.testing.assert_allclose(got, reference(batch), rtol=0, atol=TOL, err_msg=f"{layout}: {case}")
+
+
+def test_every_bad_input_gets_its_code_and_the_server_stays_up(servers, tiny, reference, helpers):
+    client = servers("capacity-3")
+    for case, request, code, text in helpers.bad_requests(tiny):
+        with pytest.raises(grpc.RpcError) as err:
+            client.predict_raw(request, timeout=30)
+        assert err.value.code() == grpc.StatusCode[code], case
+        assert text in err.value.details(), (case, err.value.details())
+    batch = TrafficGenerator(tiny, seed=1).batch(4)
+    got = client.predict(batch.dense, helpers.as_sparse(batch), timeout=30)
+    np.testing.assert_allclose(got, reference(batch), atol=TOL)
+
+
+def test_a_missed_deadline_is_deadline_exceeded_and_the_server_stays_up(tiny_packages, tiny, reference, helpers):
+    as_sparse = helpers.as_sparse
+
+    def slow(batch):  # a feature filter that takes 300 ms: the work outlasts the deadline
+        time.sleep(0.3)
+        return batch
+
+    batch = TrafficGenerator(tiny, seed=2).batch(8)
+    with MonolithThread(tiny_packages("table-2"), feature_filter=slow) as srv, \
+            RankingClient(f"127.0.0.1:{srv.port}") as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.predict(batch.dense, as_sparse(batch), timeout=0.1)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        got = client.predict(batch.dense, as_sparse(batch), timeout=30)
+        np.testing.assert_allclose(got, reference(batch), atol=TOL)
+
+
+def test_health_and_model_info_answer(servers, tiny):
+    client = servers("load-2")
+    assert client.health_check() == "SERVING"
+    assert client.health_check("") == "SERVING"
+    info = client.model_info()
+    assert info.model == "tiny" and info.num_shards == 2 and info.dense_features == tiny.dense_features
+    assert list(info.features) == list(tiny.features)
+    assert {t.name: t.rows for t in info.tables} == {t.name: t.rows for t in tiny.tables}
+    with pytest.raises(grpc.RpcError) as err:
+        client.model_info("no-such-model")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
