@@ -42,7 +42,7 @@ _META_COLS = 6  # base, row stride, dim, output column, scale/bias row base, glo
 TEMPLATES = ("per_bag", "multi_bag")
 DEFAULT_CONFIGS = {
     "per_bag": {"BLOCK_N": 8, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2},
-    "multi_bag": {"BAGS": 8, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2},
+    "multi_bag": {"BAGS": 8, "BLOCK_N": 1, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2},
 }
 
 
@@ -159,9 +159,10 @@ def embedding_bag_reference(
 
 
 @triton.jit
-def _load_rows(W, SCALE, BIAS, row_off, row_idx, d, rmask, mask, QUANT: tl.constexpr):
+def _load_rows(W, SB, row_off, row_idx, d, rmask, mask, QUANT: tl.constexpr):
     """Rows as fp32 [n, BLOCK_D]: row_off = element/byte offset of each row, row_idx = its
-    global row (for scale/bias), d = the columns, rmask = [n] live rows, mask = [n, BLOCK_D]."""
+    global row (for scale/bias), d = the columns, rmask = [n] live rows, mask = [n, BLOCK_D].
+    SB holds each row's fp32 scale and bias as one int64 (one 8-byte load per row)."""
     if QUANT == 0:
         v = tl.load(W + row_off[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
@@ -170,8 +171,9 @@ def _load_rows(W, SCALE, BIAS, row_off, row_idx, d, rmask, mask, QUANT: tl.const
         else:
             byte = tl.load(W + row_off[:, None] + (d // 2)[None, :], mask=mask, other=0)
             q = (byte >> ((d % 2) * 4).to(tl.uint8)[None, :]) & 0xF
-        s = tl.load(SCALE + row_idx, mask=rmask, other=0.0)
-        b = tl.load(BIAS + row_idx, mask=rmask, other=0.0)
+        sb = tl.load(SB + row_idx, mask=rmask, other=0)  # [n] int64: bias bits << 32 | scale bits
+        s = (sb & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+        b = (sb >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
         v = q.to(tl.float32) * s[:, None] + b[:, None]
         v = tl.where(mask, v, 0.0)
     return v
@@ -179,7 +181,7 @@ def _load_rows(W, SCALE, BIAS, row_off, row_idx, d, rmask, mask, QUANT: tl.const
 
 @triton.jit(do_not_specialize=["B", "first_bag"])
 def _eb_per_bag_kernel(
-    W, SCALE, BIAS, META, IDX, OFF, PSW, OUT,
+    W, SB, META, IDX, OFF, PSW, OUT,
     B, first_bag, out_stride,
     QUANT: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr, CONTIG: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -209,7 +211,7 @@ def _eb_per_bag_kernel(
         idx = tl.load(IDX + n, mask=nmask, other=0).to(tl.int64)
         row_off = tl.multiple_of(base + idx * stride, ALIGN)  # [BLOCK_N]
         mask = nmask[:, None] & dmask[None, :]
-        v = _load_rows(W, SCALE, BIAS, row_off, row_base + idx, d, nmask, mask, QUANT)  # [BLOCK_N, BLOCK_D]
+        v = _load_rows(W, SB, row_off, row_base + idx, d, nmask, mask, QUANT)  # [BLOCK_N, BLOCK_D]
         if HAS_W:
             v = v * tl.load(PSW + n, mask=nmask, other=0.0)[:, None]
         acc += v
@@ -221,23 +223,25 @@ def _eb_per_bag_kernel(
 
 @triton.jit(do_not_specialize=["B", "n_bags", "first_bag"])
 def _eb_multi_bag_kernel(
-    W, SCALE, BIAS, META, IDX, OFF, PSW, OUT,
+    W, SB, META, IDX, OFF, PSW, OUT,
     B, n_bags, first_bag, out_stride,
     QUANT: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr, CONTIG: tl.constexpr,
-    BAGS: tl.constexpr, BLOCK_D: tl.constexpr,
+    BAGS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (BAGS consecutive bags, column block); one id of each bag per step,
-    so BAGS independent row loads are in flight. Suits short bags (pooling factor ~1-8)."""
+    """One program per (BAGS consecutive bags, column block); each step gathers BLOCK_N ids of
+    every bag at once, so BAGS * BLOCK_N independent row loads are in flight and the per-bag
+    set-up (metadata, offsets) is paid once per BAGS bags. Tile rows are (bag, slot) pairs."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
-    g = pid * BAGS + tl.arange(0, BAGS)  # [BAGS] bag within this dtype group
+    r = tl.arange(0, BAGS * BLOCK_N)  # [R] tile row = bag slot * BLOCK_N + id slot
+    slot = r % BLOCK_N
+    g = pid * BAGS + r // BLOCK_N  # [R] bag within this dtype group
     gmask = g < n_bags
     t = tl.where(gmask, g // B, 0)
     b = g - (g // B) * B
     base = tl.load(META + t * 6 + 0)
     stride = tl.load(META + t * 6 + 1)
     dim = tl.load(META + t * 6 + 2)
-    out_col = tl.load(META + t * 6 + 3)
     row_base = tl.load(META + t * 6 + 4)
     if CONTIG:
         bag = first_bag + g
@@ -245,25 +249,40 @@ def _eb_multi_bag_kernel(
         bag = tl.load(META + t * 6 + 5) * B + b
     start = tl.load(OFF + bag, mask=gmask, other=0).to(tl.int64)
     end = tl.load(OFF + bag + 1, mask=gmask, other=0).to(tl.int64)
-    length = end - start  # [BAGS]
+    length = end - start  # [R]
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    dmask = (d[None, :] < dim[:, None]) & gmask[:, None]  # [BAGS, BLOCK_D]
-    acc = tl.zeros([BAGS, BLOCK_D], dtype=tl.float32)
+    dmask = (d[None, :] < dim[:, None]) & gmask[:, None]  # [R, BLOCK_D]
+    acc = tl.zeros([BAGS * BLOCK_N, BLOCK_D], dtype=tl.float32)
     max_len = tl.max(length, axis=0)
-    for i in range(0, max_len):
-        nmask = i < length  # [BAGS]
-        n = start + i
+    for i in range(0, max_len, BLOCK_N):
+        k = i + slot  # [R] position within the bag
+        nmask = k < length
+        n = start + k
         idx = tl.load(IDX + n, mask=nmask, other=0).to(tl.int64)
         row_off = tl.multiple_of(base + idx * stride, ALIGN)
         mask = nmask[:, None] & dmask
-        v = _load_rows(W, SCALE, BIAS, row_off, row_base + idx, d, nmask, mask, QUANT)  # [BAGS, BLOCK_D]
+        v = _load_rows(W, SB, row_off, row_base + idx, d, nmask, mask, QUANT)  # [R, BLOCK_D]
         if HAS_W:
             v = v * tl.load(PSW + n, mask=nmask, other=0.0)[:, None]
         acc += v
+    pooled = tl.sum(tl.reshape(acc, [BAGS, BLOCK_N, BLOCK_D]), axis=1)  # [BAGS, BLOCK_D]
+    # per-bag values again, at [BAGS] (the tile rows with slot 0)
+    gb = pid * BAGS + tl.arange(0, BAGS)  # [BAGS]
+    gbmask = gb < n_bags
+    tb = tl.where(gbmask, gb // B, 0)
+    bb = gb - (gb // B) * B
+    dim_b = tl.load(META + tb * 6 + 2)
+    out_col = tl.load(META + tb * 6 + 3)
     if MEAN:
-        acc = acc / tl.maximum(length, 1).to(tl.float32)[:, None]
-    out = OUT + b.to(tl.int64)[:, None] * out_stride + out_col[:, None] + d[None, :]
-    tl.store(out, acc, mask=dmask)
+        if CONTIG:
+            bag_b = first_bag + gb
+        else:
+            bag_b = tl.load(META + tb * 6 + 5) * B + bb
+        len_b = (tl.load(OFF + bag_b + 1, mask=gbmask, other=0).to(tl.int64)
+                 - tl.load(OFF + bag_b, mask=gbmask, other=0).to(tl.int64))
+        pooled = pooled / tl.maximum(len_b, 1).to(tl.float32)[:, None]
+    out = OUT + bb.to(tl.int64)[:, None] * out_stride + out_col[:, None] + d[None, :]
+    tl.store(out, pooled, mask=(d[None, :] < dim_b[:, None]) & gbmask[:, None])
 
 
 @triton.jit(do_not_specialize=["N", "TB", "B", "T"])
@@ -297,8 +316,7 @@ class PackedGroup:
     dtype: str
     quant: int  # 0, 8 or 4
     weight: torch.Tensor  # flat [sum rows*stride] (fp or uint8)
-    scale: torch.Tensor  # flat fp32 [sum rows] (a 1-element dummy for fp tables)
-    bias: torch.Tensor  # flat fp32 [sum rows]
+    scale_bias: torch.Tensor  # int64 [sum rows]: fp32 scale bits | fp32 bias bits << 32 (dummy [1] for fp)
     meta: torch.Tensor  # int64 [T_g, 6]
     table_ids: tuple[int, ...]  # global table index of each packed table
     max_dim: int
@@ -339,12 +357,12 @@ def pack_tables(tables: Sequence[TableWeights], device: torch.device) -> list[Pa
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         weight = weight.to(device).contiguous()
         if quant:
-            scale = torch.cat(scales).to(device=device, dtype=torch.float32).contiguous()
-            bias = torch.cat(biases).to(device=device, dtype=torch.float32).contiguous()
+            sb = torch.stack([torch.cat(scales), torch.cat(biases)], dim=1).to(device=device, dtype=torch.float32)
+            scale_bias = sb.contiguous().view(torch.int64).reshape(-1)  # [sum rows] (little-endian: scale low)
         else:
-            scale = bias = torch.zeros(1, dtype=torch.float32, device=device)
+            scale_bias = torch.zeros(1, dtype=torch.int64, device=device)
         groups.append(PackedGroup(
-            dtype=dtype, quant=quant, weight=weight, scale=scale, bias=bias,
+            dtype=dtype, quant=quant, weight=weight, scale_bias=scale_bias,
             meta=torch.tensor(meta, dtype=torch.int64, device=device), table_ids=tuple(ids),
             max_dim=max(tables[i].dim for i in ids), align=align,
         ))
@@ -370,21 +388,21 @@ def launch(
     cfg = dict(config)
     block_d = min(cfg.pop("BLOCK_D"), triton.next_power_of_2(group.max_dim))
     num_warps, num_stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
-    psw = per_sample_weights if per_sample_weights is not None else group.scale
+    psw = per_sample_weights if per_sample_weights is not None else out  # dummy pointer when unweighted
     ids = group.table_ids
     contig = ids == tuple(range(ids[0], ids[0] + len(ids)))
     common = dict(QUANT=group.quant, MEAN=pooling == "mean", HAS_W=per_sample_weights is not None,
                   ALIGN=group.align, CONTIG=contig, BLOCK_D=block_d, num_warps=num_warps,
                   num_stages=num_stages)
     grid_d = triton.cdiv(group.max_dim, block_d)
-    args = (group.weight, group.scale, group.bias, group.meta, indices, offsets, psw, out)
+    args = (group.weight, group.scale_bias, group.meta, indices, offsets, psw, out)
     if template == "per_bag":
         _eb_per_bag_kernel[(n_bags, grid_d)](*args, B, ids[0] * B, out.stride(0), BLOCK_N=cfg["BLOCK_N"],
                                              **common)
     elif template == "multi_bag":
         bags = cfg["BAGS"]
         _eb_multi_bag_kernel[(triton.cdiv(n_bags, bags), grid_d)](
-            *args, B, n_bags, ids[0] * B, out.stride(0), BAGS=bags, **common)
+            *args, B, n_bags, ids[0] * B, out.stride(0), BAGS=bags, BLOCK_N=cfg.get("BLOCK_N", 1), **common)
     else:
         raise KernelInputError(f"template: unknown embedding_bag template {template!r}")
 

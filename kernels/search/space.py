@@ -12,7 +12,7 @@ SPACES: dict[str, dict[str, dict[str, tuple[int, ...]]]] = {
     "embedding_bag": {
         "per_bag": {"BLOCK_N": (2, 4, 8, 16, 32, 64), "BLOCK_D": (16, 32, 64, 128, 256),
                     "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3)},
-        "multi_bag": {"BAGS": (2, 4, 8, 16, 32, 64), "BLOCK_D": (16, 32, 64, 128, 256),
+        "multi_bag": {"BAGS": (2, 4, 8, 16, 32, 64), "BLOCK_N": (1, 2, 4, 8, 16), "BLOCK_D": (16, 32, 64, 128, 256),
                       "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3)},
     },
     "interaction": {
@@ -29,8 +29,8 @@ SEEDS: dict[str, list[tuple[str, dict[str, int]]]] = {
     "embedding_bag": [
         ("per_bag", {"BLOCK_N": 8, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2}),
         ("per_bag", {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 2, "num_stages": 1}),
-        ("multi_bag", {"BAGS": 8, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2}),
-        ("multi_bag", {"BAGS": 16, "BLOCK_D": 128, "num_warps": 2, "num_stages": 1}),
+        ("multi_bag", {"BAGS": 8, "BLOCK_N": 1, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2}),
+        ("multi_bag", {"BAGS": 4, "BLOCK_N": 8, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2}),
     ],
     "interaction": [
         ("dot_tile", {"SAMPLES": 1, "num_warps": 4, "num_stages": 2}),

@@ -33,12 +33,21 @@ def _run_template(tb: TableBatchedEmbeddingBag, template, config, indices, offse
     return out
 
 
+# every template, and the multi-bag one also with several ids per bag per step
+VARIANTS = {
+    "per_bag": ("per_bag", {}),
+    "multi_bag": ("multi_bag", {}),
+    "multi_bag_n4": ("multi_bag", {"BAGS": 2, "BLOCK_N": 4}),
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_kernel_matches_reference_on_ragged_mixed_dim_tables(device, dtype, template, pooling, weighted):
-    gen = torch.Generator().manual_seed(hash((dtype, template, pooling, weighted)) % 2**31)
+def test_kernel_matches_reference_on_ragged_mixed_dim_tables(device, dtype, variant, pooling, weighted):
+    template, extra = VARIANTS[variant]
+    gen = torch.Generator().manual_seed(sum(map(ord, f"{dtype}{variant}{pooling}{weighted}")))
     tables = [make_table(dtype, r, d, gen) for r, d in zip(ROWS, DIMS)]
     B = 3
     index_dtype = torch.int32 if weighted else torch.int64  # both index dtypes covered
@@ -47,7 +56,7 @@ def test_kernel_matches_reference_on_ragged_mixed_dim_tables(device, dtype, temp
     psw = psw if weighted else None
     tb = TableBatchedEmbeddingBag(tables, pooling=pooling, device=device, backend="triton", warmup=False)
     # BLOCK_D=8 < dim 12: the column split is exercised too
-    config = dict(DEFAULT_CONFIGS[template], BLOCK_D=8)
+    config = dict(DEFAULT_CONFIGS[template], BLOCK_D=8, **extra)
     out = _run_template(tb, template, config, indices, offsets, psw, B)
     ref = embedding_bag_reference(tb.tables, indices, offsets, psw, pooling=pooling)
     assert out.shape == (B, sum(DIMS)) and out.dtype == torch.float32
@@ -197,7 +206,8 @@ def test_gpu_kernel_matches_reference_at_serving_shapes(dtype, template):
     B = 300
     indices, offsets, psw = make_batch(rows, B, gen, max_len=40)
     tb = TableBatchedEmbeddingBag(tables, device=device, backend="triton", warmup=False)
-    for config in ({**DEFAULT_CONFIGS[template]}, {**DEFAULT_CONFIGS[template], "BLOCK_D": 64}):
+    extra = {"BLOCK_N": 4, "BAGS": 4} if template == "multi_bag" else {"BLOCK_N": 32}
+    for config in ({**DEFAULT_CONFIGS[template]}, {**DEFAULT_CONFIGS[template], "BLOCK_D": 64, **extra}):
         out = _run_template(tb, template, config, indices.to(device), offsets.to(device), psw.to(device), B)
         ref = embedding_bag_reference(tb.tables, indices.to(device), offsets.to(device), psw.to(device))
         torch.testing.assert_close(out, ref, atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)
@@ -214,7 +224,8 @@ def test_gpu_auto_backend_follows_the_winners_table():
 
     bucket = shape_bucket(64, 64, n / (3 * 64))
     win = Winners({f"embedding_bag/fp16/{bucket}": {"backend": "triton", "template": "multi_bag",
-                                                    "config": {"BAGS": 4, "BLOCK_D": 64, "num_warps": 2, "num_stages": 1}}})
+                                                    "config": {"BAGS": 4, "BLOCK_N": 2, "BLOCK_D": 64,
+                                                               "num_warps": 2, "num_stages": 1}}})
     tb = TableBatchedEmbeddingBag(tables, device=device, backend="auto", winners=win)
     assert tb.choice(tb.groups[0], 64, n).template == "multi_bag"
     out = tb(indices.to(device), offsets.to(device))
