@@ -51,6 +51,7 @@ def parse_config(name: str) -> tuple[str, int] | None:
 
 
 def default_configs(shard_counts: tuple[int, ...] = (1, 2, 4)) -> tuple[str, ...]:
+    """monolith and every strategy at every count (singular-N > 1 is the same plan as singular-1)."""
     return (MONOLITH, *(f"{s}-{n}" for n in shard_counts for s in STRATEGIES))
 
 
@@ -121,12 +122,38 @@ def ensure_state_dict(opts: BenchOptions) -> Path:
     return path
 
 
+def shard_memory_for(opts: BenchOptions, strategy: str, shards: int) -> str | None:
+    """The per-shard cap for ``strategy``: --shard-memory, or for ``capacity`` without one,
+    the tables' total bytes / shards + 10% (so the bin-packing has room but needs every shard)."""
+    if opts.shard_memory or strategy != "capacity":
+        return opts.shard_memory
+    from recserve.planning import table_specs
+
+    workload = load_workload(opts.workload).with_max_rows(opts.max_rows)
+    total = sum(t.bytes for t in table_specs(workload, opts.dtype))  # bytes
+    return str(int(total / shards * 1.1) + 1)
+
+
+def plan_for(opts: BenchOptions, strategy: str, shards: int) -> ShardPlan:
+    """The plan ``recserve export`` would write for this configuration (no export needed)."""
+    from recserve.planning import parse_bytes, plan_workload
+
+    if strategy == "singular":
+        shards = 1  # every table on one shard, whatever the count asked for
+    mem = shard_memory_for(opts, strategy, shards)
+    workload = load_workload(opts.workload).with_max_rows(opts.max_rows)
+    return plan_workload(
+        workload, strategy=strategy, num_shards=shards, shard_memory=parse_bytes(mem) if mem else None, dtype=opts.dtype
+    )
+
+
 def ensure_package(opts: BenchOptions, strategy: str, shards: int) -> Path:
     out = opts.model_dir / "packages" / f"{strategy}-{shards}"
     if not (out / "manifest.json").exists():
         state = ensure_state_dict(opts)
         rows = ["--max-rows", str(opts.max_rows)] if opts.max_rows else []
-        mem = ["--shard-memory", opts.shard_memory] if opts.shard_memory else []
+        cap = shard_memory_for(opts, strategy, shards)
+        mem = ["--shard-memory", cap] if cap else []
         _recserve(
             "export", "--workload", opts.workload, *rows, "--state-dict", str(state), "--out", str(out),
             "--strategy", strategy, "--shards", str(shards), "--dtype", opts.dtype, *mem, "--force",
@@ -221,13 +248,13 @@ def run_bench(opts: BenchOptions) -> list[RunSummary]:
                 rows += measure(config, target, trace, opts, plan=None)
             continue
         strategy, shards = parsed
-        package = ensure_package(opts, strategy, shards)
-        plan = read_plan(package)
-        key = _plan_key(plan)
+        key = _plan_key(plan_for(opts, strategy, shards))
         if key in seen:
             print(f"[{config}] same plan as {seen[key]}: not run again", flush=True)
             continue
         seen[key] = config
+        package = ensure_package(opts, strategy, shards)
+        plan = read_plan(package)
         print(f"[{config}] package {package} ({plan.num_shards} shard(s))", flush=True)
         with ServeStack(
             package, name=config, log_dir=logs, env=dict(opts.serve_env), extra_args=opts.serve_args

@@ -163,6 +163,8 @@ class ServeStack(_Target):
 
     def __enter__(self) -> ServeStack:
         argv = [sys.executable, "-m", "recserve.cli", "serve", str(self.package), "--port", str(self.port)]
+        if "--http-port" not in self.extra_args:
+            argv += ["--http-port", str(free_port())]  # never collide with another Serve on 8000
         argv += list(self.extra_args)
         env = dict(os.environ)
         env.update(self.env)

@@ -20,7 +20,7 @@ def tiny_bench_root(tmp_path_factory: pytest.TempPathFactory, tiny_state_dict: P
     return root
 
 
-def tiny_options(root: Path, **kw) -> BenchOptions:
+def _tiny_options(root: Path, **kw) -> BenchOptions:
     base = dict(
         workload="tiny", max_rows=None, artifacts=root / "artifacts", out_dir=root / "out",
         trace_size=50, warmup_requests=3,
@@ -32,7 +32,13 @@ def tiny_options(root: Path, **kw) -> BenchOptions:
 @pytest.fixture(scope="session")
 def tiny_package(tiny_bench_root: Path) -> Path:
     """The tiny model exported with every table on one shard (what the monolith loads)."""
-    return ensure_package(tiny_options(tiny_bench_root), "singular", 1)
+    return ensure_package(_tiny_options(tiny_bench_root), "singular", 1)
+
+
+@pytest.fixture
+def tiny_options(tiny_bench_root: Path):
+    """BenchOptions(**overrides) for the tiny model, small trace, under the session's bench root."""
+    return lambda **kw: _tiny_options(tiny_bench_root, **kw)
 
 
 @pytest.fixture(scope="session")

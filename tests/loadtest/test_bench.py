@@ -1,0 +1,58 @@
+"""The bench harness end to end on the tiny model (seconds per run, 127.0.0.1 only)."""
+
+import csv
+
+import pytest
+
+from loadtest.bench import BenchError, BenchOptions, default_configs, parse_config, read_plan, run_bench
+
+
+def test_config_names_parse_and_bad_ones_are_refused_by_option_name():
+    assert parse_config("monolith") is None
+    assert parse_config("capacity-4") == ("capacity", 4)
+    for bad in ("table", "rows-2", "table-0", "table-x"):
+        with pytest.raises(BenchError, match="--configs"):
+            parse_config(bad)
+    assert len(default_configs()) == 13
+    with pytest.raises(BenchError, match="--rates"):
+        BenchOptions(rates=(10, -1))
+    with pytest.raises(BenchError, match="--duration"):
+        BenchOptions(duration_s=3600)
+
+
+def test_bench_against_the_monolith_writes_csv_plot_and_table(tiny_bench_root, tiny_package, tiny_options, capsys):
+    out = tiny_bench_root / "out-mono"
+    opts = tiny_options(
+        configs=("monolith",), rates=(20.0, 40.0), duration_s=1.5, closed_concurrency=2, out_dir=out
+    )
+    rows = run_bench(opts)
+    assert [(r.mode, r.offered_rps if r.mode == "open" else r.concurrency) for r in rows] == [
+        ("open", 20.0), ("open", 40.0), ("closed", 2),
+    ]  # fmt: skip
+    for r in rows:
+        assert r.ok > 0 and r.errors == "" and r.p50_ms <= r.p95_ms <= r.p99_ms
+        assert r.cpu_s > 0 and r.cpu_overhead == pytest.approx(1.0)
+        assert r.shard_calls_per_req == 0
+    with open(out / "bench.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert (out / "p99.png").stat().st_size > 5_000
+    assert "monolith" in (out / "table.md").read_text()
+    assert "p99 ms" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_runs_one_sharded_configuration_on_ray_serve(tiny_bench_root, tiny_package, tiny_options):
+    """One Ray Serve start (about a minute on 2 cores): table-2 next to the monolith."""
+    out = tiny_bench_root / "out-sharded"
+    opts = tiny_options(
+        configs=("monolith", "table-2"), rates=(10.0,), duration_s=2.0, closed_concurrency=0,
+        out_dir=out,
+    )  # fmt: skip
+    rows = run_bench(opts)
+    sharded = [r for r in rows if r.config == "table-2"]
+    assert len(sharded) == 1 and sharded[0].ok > 0 and sharded[0].errors == ""
+    assert sharded[0].shard_calls_per_req == pytest.approx(2.0)  # every tiny request reads every table
+    assert sharded[0].internal_bytes_per_req > 0
+    assert sharded[0].cpu_s > 0 and sharded[0].cpu_overhead > 0
+    plan = read_plan(tiny_bench_root / "artifacts" / "tiny-full-fp32" / "packages" / "table-2")
+    assert plan.num_shards == 2
