@@ -135,9 +135,10 @@ class Router:
         from recserve.v1 import ranker_pb2
 
         try:
-            deadline = time.monotonic() + self._timeout_s(grpc_context)
+            budget = self._timeout_s(grpc_context)
+            deadline = time.monotonic() + budget
             batch = decode_request(request, self.spec)
-            scores = await self.score(batch, deadline)
+            scores = await self.score(batch, deadline, budget_s=budget)
             return encode_response(scores, model=self.manifest.name, version=self.manifest.version,
                                    request_id=request.request_id)
         except Exception as e:  # noqa: BLE001  the edge: every error leaves with its code
@@ -169,26 +170,29 @@ class Router:
 
     # ------------------------------------------------------------------ the request path
 
-    async def score(self, batch, deadline: float) -> np.ndarray:
-        """Scores float32 [B] of a validated batch, within ``deadline`` (time.monotonic())."""
+    async def score(self, batch, deadline: float, *, budget_s: float | None = None) -> np.ndarray:
+        """Scores float32 [B] of a validated batch, within ``deadline`` (time.monotonic()).
+
+        ``budget_s`` is the caller's whole budget (for the error message)."""
         batch = self.feature_filter(batch)  # THE fading hook: on the decoded batch, before the split
         requests = self.routing.split(batch)
         calls: dict[int, DeploymentResponse] = {k: self.shards[k].remote(r) for k, r in requests.items()}
         parts = [calls.get(k) for k in range(self.routing.num_shards)]
         tower_call = self.tower.remote(batch.dense, *parts)
         try:
-            return await self._await(tower_call, calls, deadline)
+            return await self._await(tower_call, calls, deadline, budget_s)
         except BaseException:
             tower_call.cancel()
             for c in calls.values():
                 c.cancel()
             raise
 
-    async def _await(self, tower_call: DeploymentResponse, calls: dict[int, DeploymentResponse], deadline: float):
+    async def _await(self, tower_call: DeploymentResponse, calls: dict[int, DeploymentResponse], deadline: float,
+                     budget_s: float | None = None):
         """The tower's result, or DEADLINE_EXCEEDED, or UNAVAILABLE as soon as a shard it
         waits on is known to be down (checked once the call has taken shard_down_after_s)."""
         result = asyncio.ensure_future(_resolve(tower_call))
-        budget = deadline - time.monotonic()
+        budget = budget_s if budget_s is not None else deadline - time.monotonic()
         check_at = time.monotonic() + self.args.shard_down_after_s
         try:
             while True:

@@ -1,0 +1,142 @@
+"""The sharded Ray Serve app over real gRPC on 127.0.0.1 (one Ray instance per session):
+every strategy at least once, both transports, every bad input, a deadline, a shard down."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from recserve.batch import Bags, Batch
+from recserve.synth import TrafficGenerator
+
+TOL = 1e-5
+
+
+def _batches(tiny, with_weights):
+    gen = TrafficGenerator(tiny, seed=31, empty_bag_fraction=0.3)
+    yield "batch size 1", gen.batch(1)
+    yield "ragged with empty bags", gen.batch(45)
+    yield "per-id weights", with_weights(gen.batch(13))
+    yield "all bags empty", Batch(gen.batch(2).dense, {f: Bags.empty(2) for f in tiny.features})
+
+
+@pytest.fixture(scope="module")
+def main_app(deploy, tiny_packages, helpers):
+    """capacity, 3 shards, row-wise split tables, default transport: the app most tests share."""
+    from ray import serve
+
+    client = deploy(tiny_packages("capacity-3"), "main", max_batch_size=helpers.max_batch)
+    yield client
+    serve.delete("main")
+
+
+@pytest.mark.parametrize(
+    "layout,transport",
+    [("singular-1", "reference"), ("table-2", "grpc"), ("load-2", "reference"), ("capacity-3", "grpc")],
+)
+def test_served_scores_equal_torchrec_for_every_strategy(layout, transport, deploy, tiny_packages, reference,
+                                                         tiny, helpers):
+    from ray import serve
+
+    name = f"{layout}-{transport}"
+    client = deploy(tiny_packages(layout), name, transport=transport)
+    try:
+        for case, batch in _batches(tiny, helpers.with_weights):
+            got = client.predict(batch.dense, helpers.as_sparse(batch), unit_ids=batch.unit_ids, timeout=60)
+            np.testing.assert_allclose(got, reference(batch), rtol=0, atol=TOL, err_msg=f"{name}: {case}")
+    finally:
+        serve.delete(name)
+
+
+def test_main_app_scores_equal_torchrec(main_app, reference, tiny, helpers):
+    for case, batch in _batches(tiny, helpers.with_weights):
+        got = main_app.predict(batch.dense, helpers.as_sparse(batch), timeout=60)
+        np.testing.assert_allclose(got, reference(batch), rtol=0, atol=TOL, err_msg=case)
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_scores(main_app, reference, tiny, helpers):
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = TrafficGenerator(tiny, seed=32, empty_bag_fraction=0.2)
+    batches = [gen.batch(b) for b in (1, 7, 3, 16, 2, 9, 5, 11)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda b: main_app.predict(b.dense, helpers.as_sparse(b), timeout=60), batches))
+    for batch, got in zip(batches, results):
+        np.testing.assert_allclose(got, reference(batch), rtol=0, atol=TOL)
+
+
+def test_every_bad_input_gets_its_code_over_serve(main_app, tiny, reference, helpers):
+    for case, request, code, text in helpers.bad_requests(tiny):
+        with pytest.raises(grpc.RpcError) as err:
+            main_app.predict_raw(request, timeout=60)
+        assert err.value.code() == grpc.StatusCode[code], (case, err.value.details())
+        assert text in err.value.details(), (case, err.value.details())
+    batch = TrafficGenerator(tiny, seed=1).batch(4)
+    got = main_app.predict(batch.dense, helpers.as_sparse(batch), timeout=60)
+    np.testing.assert_allclose(got, reference(batch), atol=TOL)
+
+
+def test_the_callers_deadline_holds_end_to_end(main_app, tiny, reference, helpers):
+    from serving.client import TIMEOUT_METADATA
+    from serving.codec import encode_request
+
+    batch = TrafficGenerator(tiny, seed=33).batch(helpers.max_batch)
+    request = encode_request(batch.dense, helpers.as_sparse(batch))
+    # a 5 ms budget cannot cover three shard hops and the tower: the router gives up, cancels
+    # the shard calls and answers DEADLINE_EXCEEDED itself (the gRPC deadline is far away)
+    metadata = [("application", "main"), (TIMEOUT_METADATA, "5")]
+    with pytest.raises(grpc.RpcError) as err:
+        main_app.stub.Predict(request, metadata=metadata, timeout=60)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "deadline of 5 ms" in err.value.details(), err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # and a plain gRPC deadline ends the call too
+        main_app.predict(batch.dense, helpers.as_sparse(batch), timeout=0.005)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    got = main_app.predict(batch.dense, helpers.as_sparse(batch), timeout=60)
+    np.testing.assert_allclose(got, reference(batch), atol=TOL)
+
+
+def test_health_and_model_info_over_serve(main_app, tiny):
+    assert main_app.health_check() == "SERVING"
+    info = main_app.model_info()
+    assert info.model == "tiny" and info.num_shards == 3 and info.strategy == "capacity"
+    assert any(len(t.shards) > 1 for t in info.tables), "capacity-3 splits a table over shards"
+
+
+def test_a_shard_that_is_down_gives_unavailable_and_the_rest_keeps_serving(deploy, tiny_packages, tmp_path,
+                                                                             reference, tiny, helpers):
+    import ray
+    from ray import serve
+
+    package = shutil.copytree(tiny_packages("table-2"), tmp_path / "table-2")
+    client = deploy(package, "down", shard_down_after_s=0.5)
+    try:
+        batch = TrafficGenerator(tiny, seed=34).batch(6)
+        np.testing.assert_allclose(client.predict(batch.dense, helpers.as_sparse(batch), timeout=60),
+                                   reference(batch), atol=TOL)
+        from recserve.package import ModelPackage
+
+        plan = ModelPackage.open(package).manifest.plan
+        down = plan.shards[1]
+        # shard 1 goes down for good: its file no longer verifies, so no replacement can start
+        with open(package / "shards" / f"shard-{down.index}.safetensors", "ab") as f:
+            f.write(b"corrupt")
+        for name in ray.util.list_named_actors(all_namespaces=True):
+            if f"down#shard-{down.index}#" in name["name"]:
+                ray.kill(ray.get_actor(name["name"], namespace=name["namespace"]), no_restart=True)
+        with pytest.raises(grpc.RpcError) as err:
+            client.predict(batch.dense, helpers.as_sparse(batch), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert f"shard-{down.index}" in err.value.details()
+        # a request that needs no table of the dead shard is still served, correctly
+        down_features = {f for t in tiny.tables if t.name in {s.table for s in down.slices} for f in t.features}
+        sparse = {f: (Bags.empty(6) if f in down_features else b) for f, b in batch.sparse.items()}
+        partial = Batch(batch.dense, sparse)
+        got = client.predict(partial.dense, helpers.as_sparse(partial), timeout=30)
+        np.testing.assert_allclose(got, reference(partial), atol=TOL)
+    finally:
+        serve.delete("down", _blocking=False)
