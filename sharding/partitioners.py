@@ -19,6 +19,12 @@ shard, and the rows are shared out so that the chosen shards end as even as poss
 bytes (capacity) or cost (load) (:func:`sharding.splitters.water_fill`). Slices of one
 table always land on distinct shards.
 
+``capacity`` and ``load`` then refine the greedy result on their *other* figure
+(:meth:`Partitioner._rebalance`): while some move of a piece, or swap of two pieces,
+lowers the busiest shard's cost (capacity) or bytes (load) without raising the largest
+bytes (capacity) or cost (load) of any shard and without breaking the cap, it is made.
+The figure the strategy is named after never gets worse.
+
 Because an empty shard is always the preferred shard (most room, fewest bytes, zero
 cost), a shard stays empty only when there are fewer tables or slices than shards.
 """
@@ -26,6 +32,7 @@ cost), a shard stays empty only when there are fewer tables or slices than shard
 from __future__ import annotations
 
 import abc
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +72,15 @@ class ShardBin:
 
 
 Balance = Literal["bytes", "cost"]
+
+# Rebalancing (see Partitioner._rebalance): an exchange must lower the worst shard's figure
+# by at least MIN_GAIN of it; pairs of pieces are tried only on shards holding at most
+# PAIR_LIMIT pieces; the search stops after MAX_EXCHANGES_TRIED candidates (a count, not a
+# time, so plans stay deterministic). Together they keep planning hundreds of tables to
+# about a second.
+MIN_GAIN = 1e-3
+PAIR_LIMIT = 12
+MAX_EXCHANGES_TRIED = 300_000
 
 
 class Partitioner(abc.ABC):
@@ -125,6 +141,83 @@ class Partitioner(abc.ABC):
         for b, n in zip(chosen, counts):
             if n:
                 b.add(next(pieces))
+
+    def _rebalance(self, bins: list[ShardBin], *, keep: Balance, improve: Balance) -> None:
+        """Lower the highest ``improve`` figure (bytes or cost) by exchanging pieces between
+        the worst shard and another: one piece moved, or swapped for one or two pieces, or
+        two pieces swapped for one. Never raises the highest ``keep`` figure, overfills a
+        shard or puts two slices of a table on one shard. Deterministic, and it stops: each
+        exchange lowers the worst shard's figure by at least ``MIN_GAIN`` and lifts no other
+        shard to it, and the search gives up after ``MAX_EXCHANGES_TRIED`` candidates."""
+
+        def fig(x: ShardBin, which: Balance) -> float:
+            return float(x.bytes) if which == "bytes" else x.cost
+
+        def groups(b: ShardBin, most: int) -> list[tuple[tuple[TableSlice, ...], float, float]]:
+            """(pieces, their `improve` sum, their `keep` sum) for groups of up to `most` pieces."""
+            if len(b.slices) > PAIR_LIMIT:  # many small pieces: single pieces are fine-grained enough
+                most = min(most, 1)
+            out = []
+            for k in range(most + 1):
+                for g in itertools.combinations(b.slices, k):
+                    by, co = sum(x.bytes for x in g), sum(x.cost for x in g)
+                    out.append((g, by, co) if improve == "bytes" else (g, co, by))
+            return out
+
+        limit = max(fig(b, keep) for b in bins) * (1 + 1e-12)
+        budget = MAX_EXCHANGES_TRIED
+        while budget > 0:
+            src = max(bins, key=lambda b: (fig(b, improve), -b.index))
+            worst, src_keep = fig(src, improve), fig(src, keep)
+            gives = groups(src, 2)[1:]  # non-empty
+            best: tuple | None = None
+            for dst in bins:
+                if dst is src:
+                    continue
+                dst_fig, dst_keep = fig(dst, improve), fig(dst, keep)
+                takes = groups(dst, 2)
+                for give, gi, gk in gives:
+                    for take, ti, tk in takes:
+                        if len(give) + len(take) > 3:
+                            continue
+                        budget -= 1
+                        d_improve, d_keep = gi - ti, gk - tk  # flowing src -> dst
+                        after = max(worst - d_improve, dst_fig + d_improve)
+                        if d_improve <= 0 or after > worst * (1 - MIN_GAIN):
+                            continue
+                        if best is not None and after > best[0][0]:
+                            continue
+                        if max(src_keep - d_keep, dst_keep + d_keep) > limit:
+                            continue
+                        db = sum(x.bytes for x in give) - sum(x.bytes for x in take)
+                        if dst.capacity is not None and dst.bytes + db > dst.capacity:
+                            continue
+                        if src.capacity is not None and src.bytes - db > src.capacity:
+                            continue
+                        if self._would_meet(give, dst, take) or self._would_meet(take, src, give):
+                            continue  # two slices of one table would share a shard
+                        key = (after, dst.index, [(x.table, x.row_start) for x in give + take])
+                        if best is None or key < best[0]:
+                            best = (key, dst, give, take)
+            if best is None:
+                return
+            _, dst, give, take = best
+            for x in give:
+                self._move(src, dst, x)
+            for x in take:
+                self._move(dst, src, x)
+
+    @staticmethod
+    def _would_meet(incoming: tuple[TableSlice, ...], b: ShardBin, leaving: tuple[TableSlice, ...]) -> bool:
+        staying = {x.table for x in b.slices if x not in leaving}
+        return any(x.table in staying for x in incoming)
+
+    @staticmethod
+    def _move(src: ShardBin, dst: ShardBin, piece: TableSlice) -> None:
+        src.slices.remove(piece)
+        src.bytes -= piece.bytes
+        src.cost -= piece.cost
+        dst.add(piece)
 
     def _no_room(self, table: TableSpec, bins: list[ShardBin], *, split: bool) -> PlannerError:
         free = [b.free or 0 for b in bins]
@@ -223,6 +316,7 @@ class CapacityPartitioner(Partitioner):
                 min_slices=math.ceil(t.bytes / shard_memory),
                 may_split=True,
             )
+        self._rebalance(bins, keep="bytes", improve="cost")
         return self._in_model_order(tables, bins)
 
 
@@ -250,6 +344,7 @@ class LoadPartitioner(Partitioner):
                 min_slices=max(1, min(by_cost, num_shards), by_bytes),
                 may_split=True,
             )
+        self._rebalance(bins, keep="cost", improve="bytes")
         return self._in_model_order(tables, bins)
 
 

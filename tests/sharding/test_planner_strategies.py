@@ -10,6 +10,7 @@ from tests.sharding.planner_helpers import assert_every_row_placed_exactly_once
 from recserve.planning import table_specs
 from recserve.workloads import load_workload
 from sharding import PlannerError, PlannerErrorType, TableSpec, plan
+from sharding.partitioners import CapacityPartitioner, LoadPartitioner
 
 
 def spec(name: str, rows: int, dim: int = 4, pooling_factor: float = 1.0, dtype: str = "fp32") -> TableSpec:
@@ -172,3 +173,33 @@ def test_plans_print_a_readable_table():
     p = plan([spec("a", 10), spec("b", 300)], strategy="capacity", num_shards=2, shard_memory=4000)
     text = str(p)
     assert "strategy=capacity" in text and "b[0:" in text and "balance" in text
+
+
+class _GreedyOnlyLoad(LoadPartitioner):
+    def _rebalance(self, bins, *, keep, improve):  # the greedy stage alone, for comparison
+        return None
+
+
+class _GreedyOnlyCapacity(CapacityPartitioner):
+    def _rebalance(self, bins, *, keep, improve):
+        return None
+
+
+@pytest.mark.parametrize("num_shards", [2, 4, 8])
+def test_rebalancing_evens_the_other_figure_without_raising_the_strategys_own(num_shards):
+    for workload in ("criteo-kaggle", "dlrmv2"):
+        tables = table_specs(load_workload(workload), "fp32")
+        cap = 2 * sum(t.bytes for t in tables) // num_shards
+        for refined_cls, greedy_cls, own, other in (
+            (LoadPartitioner, _GreedyOnlyLoad, "cost", "bytes"),
+            (CapacityPartitioner, _GreedyOnlyCapacity, "bytes", "cost"),
+        ):
+            refined = refined_cls().partition(tables, num_shards=num_shards, shard_memory=cap)
+            greedy = greedy_cls().partition(tables, num_shards=num_shards, shard_memory=cap)
+
+            def peak(per_shard, which):
+                return max(sum(getattr(s, which) for s in sh) for sh in per_shard)
+
+            assert peak(refined, own) <= peak(greedy, own) * (1 + 1e-9)
+            assert peak(refined, other) <= peak(greedy, other)
+            assert max(sum(s.bytes for s in sh) for sh in refined) <= cap
