@@ -223,15 +223,19 @@ class Partitioner(abc.ABC):
         free = [b.free or 0 for b in bins]
         per_row = row_bytes(table.dim, table.dtype)
         usable = sum((f // per_row) * per_row for f in free)  # bytes, whole rows only
-        need = "room for it" if split else "one shard with room for it whole"
         placed = sum(b.bytes for b in bins)
+        why = (
+            f"the shards have only {sum(free):,} bytes left"
+            + (f" ({usable:,} in whole rows)" if usable != sum(free) else "")
+            if split
+            else f"it is never split and no shard has room for all of it (most free on one "
+            f"shard: {max(free):,} bytes; {sum(free):,} left in total)"
+        )
         return PlannerError(
             f"{self.name}: cannot place table {table.name!r} ({table.bytes:,} bytes = "
-            f"{table.rows:,} rows x {per_row} B): it needs {need}, but only "
-            f"{sum(free):,} bytes are left over {len(bins)} shard(s) "
-            f"({usable:,} usable in whole rows; most free on one shard: {max(free):,} bytes; "
-            f"{placed:,} bytes already placed). Use more shards, a larger shard_memory, a "
-            f"smaller dtype"
+            f"{table.rows:,} rows x {per_row} B): {why}; {placed:,} bytes of {len(bins)} "
+            f"shard(s) x {bins[0].capacity or 0:,} are already used. Use more shards, a larger "
+            f"shard_memory or a smaller dtype"
             + (", or the capacity/load strategy, which split tables row-wise." if not split else "."),
             PlannerErrorType.INSUFFICIENT_MEMORY,
             {

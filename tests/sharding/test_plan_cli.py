@@ -81,7 +81,7 @@ def test_plan_command_exits_2_naming_the_table_that_does_not_fit(capsys):
                  "--shard-memory", "20GiB"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "INSUFFICIENT_MEMORY" in err and "'t_cat_" in err and "bytes are left" in err
+    assert "INSUFFICIENT_MEMORY" in err and "'t_cat_" in err and "left in total" in err
 
 
 def test_plan_command_exits_2_on_a_bad_workload(capsys):

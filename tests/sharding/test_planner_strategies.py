@@ -97,7 +97,7 @@ def test_a_table_too_big_for_the_total_free_room_names_the_table_its_size_and_th
     msg = str(e.value)
     assert e.value.error_type is PlannerErrorType.INSUFFICIENT_MEMORY
     assert "'too_big'" in msg and "3,200 bytes" in msg and "200 rows" in msg
-    assert "3,000 bytes are left" in msg  # nothing placed yet: too_big goes first
+    assert "only 3,000 bytes left" in msg  # nothing placed yet: too_big goes first
     assert e.value.details["room_left"] == 3000
 
 
