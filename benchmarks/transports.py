@@ -109,6 +109,7 @@ def main() -> int:
                 print(f"deploying {app} ({manifest.plan.num_shards} shards) ...", flush=True)
                 serve.run(build_app(AppArgs(package=str(pkg), transport=transport)), name=app, route_prefix=f"/{app}")
                 with RankingClient(f"127.0.0.1:{port}", application=app) as client:
+                    client.wait_until_serving(manifest.name, manifest.version)
                     r = measure(client, batches, concurrency=args.concurrency)
                 rows.append((name, manifest.plan.num_shards, batch_size, transport, r))
                 serve.delete(app)

@@ -69,6 +69,24 @@ class RankingClient:
         resp = self.health.Check(health_pb2.HealthCheckRequest(service=service), **self._call_args(timeout))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
+    def wait_until_serving(self, model: str, version: str | None = None, *, timeout: float = 60.0) -> None:
+        """Block until ModelInfo answers with ``model`` (and ``version``): after a deploy, Serve's
+        proxy may still route to the previous application for a moment."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                info = self.model_info(timeout=5.0)
+                if info.model == model and (version is None or info.version == version):
+                    return
+                last = f"answered by {info.model} {info.version}"
+            except grpc.RpcError as e:
+                last = f"{e.code().name}: {e.details()}"
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.address}: {model} {version or ''} not serving after {timeout}s ({last})")
+
     def close(self) -> None:
         self.channel.close()
 

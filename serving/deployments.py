@@ -110,7 +110,8 @@ class DenseTower:
         return np.split(scores, np.cumsum([it.batch_size for it in items])[:-1])
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+# max_queued_requests: beyond it Serve's proxy answers RESOURCE_EXHAUSTED (BackPressureError)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, max_queued_requests=4096)
 class Router:
     """gRPC ingress: decode + validate -> feature filter -> split -> shards -> tower -> encode."""
 

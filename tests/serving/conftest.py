@@ -181,6 +181,7 @@ def deploy(serve_instance):
     """deploy(package, name, **args) -> RankingClient for that Serve application."""
     from ray import serve
 
+    from recserve.package import ModelPackage
     from serving.app import build_app
     from serving.client import RankingClient
     from serving.config import AppArgs
@@ -191,6 +192,8 @@ def deploy(serve_instance):
         serve.run(build_app(AppArgs(package=str(package), **args)), name=name, route_prefix=f"/{name}")
         client = RankingClient(f"127.0.0.1:{serve_instance}", application=name)
         clients.append(client)
+        m = ModelPackage.open(package).manifest
+        client.wait_until_serving(m.name, m.version)  # the proxy learns of new apps asynchronously
         return client
 
     yield run

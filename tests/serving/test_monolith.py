@@ -81,6 +81,29 @@ def test_a_missed_deadline_is_deadline_exceeded_and_the_server_stays_up(tiny_pac
         np.testing.assert_allclose(got, reference(batch), atol=TOL)
 
 
+def test_overload_is_resource_exhausted(tiny_packages, tiny, helpers):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def slow(batch):
+        time.sleep(0.5)
+        return batch
+
+    batch = TrafficGenerator(tiny, seed=4).batch(2)
+    with MonolithThread(tiny_packages("singular-1"), feature_filter=slow, max_in_flight=1) as srv, \
+            RankingClient(f"127.0.0.1:{srv.port}") as client:
+
+        def call(_):
+            try:
+                client.predict(batch.dense, helpers.as_sparse(batch), timeout=30)
+                return "OK"
+            except grpc.RpcError as e:
+                return e.code().name
+
+        with ThreadPoolExecutor(4) as pool:
+            codes = sorted(pool.map(call, range(4)))
+    assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, codes
+
+
 def test_health_and_model_info_answer(servers, tiny):
     client = servers("load-2")
     assert client.health_check() == "SERVING"
