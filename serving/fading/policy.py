@@ -27,6 +27,7 @@ lookup is sent for it. :func:`apply_fading` does that to a :class:`~recserve.bat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,13 +47,19 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
+_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+
+
 def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser, elementwise over uint64 (wraps on overflow by design)."""
-    with np.errstate(over="ignore"):
-        z = z + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
+    """splitmix64 finaliser, elementwise over a uint64 array (wraps around by design; numpy
+    does not warn on array overflow). Returns a new array."""
+    z = z + _GOLDEN
+    z ^= z >> _S30
+    z *= _M1
+    z ^= z >> _S27
+    z *= _M2
+    z ^= z >> _S31
+    return z
 
 
 def key64(*parts: str) -> np.uint64:
@@ -61,10 +68,16 @@ def key64(*parts: str) -> np.uint64:
     return np.uint64(int.from_bytes(h, "little"))
 
 
-def unit_draws(units: np.ndarray, key: np.uint64) -> np.ndarray:
+def mix_units(units: np.ndarray) -> np.ndarray:
+    """The first mixing round of the draws, shared by every feature: uint64 [B]."""
+    return _mix(np.asarray(units).astype(np.uint64, copy=False))
+
+
+def unit_draws(units: np.ndarray, key: np.uint64, *, mixed: np.ndarray | None = None) -> np.ndarray:
     """One uniform draw in [0, 1) per unit for ``key``: float64 [B]."""
-    z = _mix(_mix(units.astype(np.uint64, copy=False)) ^ key)  # uint64 [B]
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2.0**53)
+    z = _mix((mix_units(units) if mixed is None else mixed) ^ key)  # uint64 [B]
+    z >>= _S11
+    return z.astype(np.float64) * (1.0 / 2.0**53)
 
 
 def request_units(batch_size: int, request_id: str) -> np.ndarray:
@@ -87,16 +100,25 @@ class FeatureFade:
         if not 0.0 <= self.control_fraction < 1.0:
             raise ValueError(f"control_fraction: must be in [0, 1), got {self.control_fraction!r}")
 
+    @functools.cache  # noqa: B019  (a handful of frozen fades; computed once, not per request)
+    def keys(self, model: str) -> tuple[np.uint64, np.uint64]:
+        """(keep key, control key) of this feature of ``model``."""
+        return key64(model, self.feature, self.salt), key64(model, self.feature, self.salt, "control")
 
-def cohorts(units: np.ndarray, model: str, fade: FeatureFade) -> np.ndarray:
-    """CONTROL / KEPT / FADED of every example for one feature: int8 [B]."""
+
+def cohorts(units: np.ndarray, model: str, fade: FeatureFade, *, mixed: np.ndarray | None = None) -> np.ndarray:
+    """CONTROL / KEPT / FADED of every example for one feature: int8 [B].
+
+    ``mixed``: ``mix_units(units)``, when the caller shares it across features."""
     out = np.full(units.shape[0], KEPT, dtype=np.int8)
+    if fade.coverage >= 1.0 and fade.control_fraction <= 0.0:
+        return out
+    keep_key, control_key = fade.keys(model)
+    mixed = mix_units(units) if mixed is None else mixed
     if fade.coverage < 1.0:
-        u = unit_draws(units, key64(model, fade.feature, fade.salt))
-        out[u >= fade.coverage] = FADED
+        out[unit_draws(units, keep_key, mixed=mixed) >= fade.coverage] = FADED
     if fade.control_fraction > 0.0:
-        v = unit_draws(units, key64(model, fade.feature, fade.salt, "control"))
-        out[v < fade.control_fraction] = CONTROL
+        out[unit_draws(units, control_key, mixed=mixed) < fade.control_fraction] = CONTROL
     return out
 
 
@@ -137,8 +159,9 @@ def apply_fading(
     sparse = dict(batch.sparse)
     decided: dict[str, np.ndarray] = {}
     skipped: dict[str, int] = {}
+    mixed = mix_units(units)  # [B], shared by every feature
     for feature, fade in fades.items():
-        c = cohorts(units, model, fade)  # int8 [B]
+        c = cohorts(units, model, fade, mixed=mixed)  # int8 [B]
         decided[feature] = c
         bags = sparse.get(feature)
         faded = c == FADED  # bool [B]
