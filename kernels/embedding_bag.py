@@ -159,15 +159,23 @@ def embedding_bag_reference(
 
 
 @triton.jit
-def _load_rows(W, SB, row_off, row_idx, d, rmask, mask, QUANT: tl.constexpr):
+def _load_rows(W, SB, row_off, row_idx, d, rmask, mask, QUANT: tl.constexpr, EVICT: tl.constexpr):
     """Rows as fp32 [n, BLOCK_D]: row_off = element/byte offset of each row, row_idx = its
     global row (for scale/bias), d = the columns, rmask = [n] live rows, mask = [n, BLOCK_D].
     SB holds each row's fp32 scale and bias as one int64 (one 8-byte load per row)."""
+    # EVICT: rows are read once; "evict_first" keeps them from pushing ids/offsets out of L2
     if QUANT == 0:
-        v = tl.load(W + row_off[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if EVICT:
+            v = tl.load(W + row_off[:, None] + d[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        else:
+            v = tl.load(W + row_off[:, None] + d[None, :], mask=mask, other=0.0)
+        v = v.to(tl.float32)
     else:
         if QUANT == 8:
-            q = tl.load(W + row_off[:, None] + d[None, :], mask=mask, other=0)
+            if EVICT:
+                q = tl.load(W + row_off[:, None] + d[None, :], mask=mask, other=0, eviction_policy="evict_first")
+            else:
+                q = tl.load(W + row_off[:, None] + d[None, :], mask=mask, other=0)
         else:
             byte = tl.load(W + row_off[:, None] + (d // 2)[None, :], mask=mask, other=0)
             q = (byte >> ((d % 2) * 4).to(tl.uint8)[None, :]) & 0xF
@@ -184,7 +192,7 @@ def _eb_per_bag_kernel(
     W, SB, META, IDX, OFF, PSW, OUT,
     B, first_bag, out_stride,
     QUANT: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr, CONTIG: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVICT: tl.constexpr,
 ):
     """One program per (bag, column block); BLOCK_N ids of the bag gathered per step."""
     pid = tl.program_id(0)  # bag within this dtype group: t * B + b
@@ -211,7 +219,7 @@ def _eb_per_bag_kernel(
         idx = tl.load(IDX + n, mask=nmask, other=0).to(tl.int64)
         row_off = tl.multiple_of(base + idx * stride, ALIGN)  # [BLOCK_N]
         mask = nmask[:, None] & dmask[None, :]
-        v = _load_rows(W, SB, row_off, row_base + idx, d, nmask, mask, QUANT)  # [BLOCK_N, BLOCK_D]
+        v = _load_rows(W, SB, row_off, row_base + idx, d, nmask, mask, QUANT, EVICT)  # [BLOCK_N, BLOCK_D]
         if HAS_W:
             v = v * tl.load(PSW + n, mask=nmask, other=0.0)[:, None]
         acc += v
@@ -226,7 +234,7 @@ def _eb_multi_bag_kernel(
     W, SB, META, IDX, OFF, PSW, OUT,
     B, n_bags, first_bag, out_stride,
     QUANT: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr, CONTIG: tl.constexpr,
-    BAGS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BAGS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVICT: tl.constexpr,
 ):
     """One program per (BAGS consecutive bags, column block); each step gathers BLOCK_N ids of
     every bag at once, so BAGS * BLOCK_N independent row loads are in flight and the per-bag
@@ -261,7 +269,7 @@ def _eb_multi_bag_kernel(
         idx = tl.load(IDX + n, mask=nmask, other=0).to(tl.int64)
         row_off = tl.multiple_of(base + idx * stride, ALIGN)
         mask = nmask[:, None] & dmask
-        v = _load_rows(W, SB, row_off, row_base + idx, d, nmask, mask, QUANT)  # [R, BLOCK_D]
+        v = _load_rows(W, SB, row_off, row_base + idx, d, nmask, mask, QUANT, EVICT)  # [R, BLOCK_D]
         if HAS_W:
             v = v * tl.load(PSW + n, mask=nmask, other=0.0)[:, None]
         acc += v
@@ -286,24 +294,25 @@ def _eb_multi_bag_kernel(
 
 
 @triton.jit(do_not_specialize=["N", "TB", "B", "T"])
-def _validate_kernel(IDX, OFF, ROWS, FLAGS, N, TB, B, T, BLOCK: tl.constexpr):
-    """One pass over ids and offsets. FLAGS (init to a large value) receives, by atomic min,
-    [0] the first position of an out-of-range id, [1] 0 if the offsets are malformed."""
+def _validate_kernel(IDX, OFF, ROWS, FLAGS, N, TB, B, T, BLOCK: tl.constexpr, T_POW2: tl.constexpr):
+    """One pass over ids and offsets; program p writes FLAGS[p] = [first position of an
+    out-of-range id in its block (or N), 1 if its offsets are malformed else 0]."""
     pid = tl.program_id(0)
     p = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] positions
     qm = p < TB  # offsets pairs (p, p + 1)
     o0 = tl.load(OFF + p, mask=qm, other=0).to(tl.int64)
     o1 = tl.load(OFF + p + 1, mask=qm, other=0).to(tl.int64)
     bad_off = qm & ((o1 < o0) | ((p == 0) & (o0 != 0)) | ((p == TB - 1) & (o1 != N)))
-    tl.atomic_min(FLAGS + 1, tl.min(tl.where(bad_off, 0, 1).to(tl.int64), axis=0))
     pm = p < N
     idx = tl.load(IDX + p, mask=pm, other=0).to(tl.int64)
-    table = tl.zeros([BLOCK], dtype=tl.int64)  # table of each position (ids are table-major)
-    for t in range(1, T):
-        table += (p >= tl.load(OFF + t * B).to(tl.int64)).to(tl.int64)
+    ts = tl.arange(0, T_POW2)  # [T_POW2]
+    seg = tl.load(OFF + ts * B, mask=(ts > 0) & (ts < T), other=N + 1).to(tl.int64)  # table starts
+    table = tl.sum((p[:, None] >= seg[None, :]).to(tl.int32), axis=1)  # [BLOCK] ids are table-major
     rows = tl.load(ROWS + table, mask=pm, other=0)
     bad = pm & ((idx < 0) | (idx >= rows))
-    tl.atomic_min(FLAGS + 0, tl.min(tl.where(bad, p.to(tl.int64), N), axis=0))
+    first = tl.min(tl.where(bad, p.to(tl.int64), N), axis=0)
+    tl.store(FLAGS + pid * 2, first)
+    tl.store(FLAGS + pid * 2 + 1, tl.max(bad_off.to(tl.int64), axis=0))
 
 
 # ----------------------------------------------------------------------------- packing + launch
@@ -392,8 +401,8 @@ def launch(
     ids = group.table_ids
     contig = ids == tuple(range(ids[0], ids[0] + len(ids)))
     common = dict(QUANT=group.quant, MEAN=pooling == "mean", HAS_W=per_sample_weights is not None,
-                  ALIGN=group.align, CONTIG=contig, BLOCK_D=block_d, num_warps=num_warps,
-                  num_stages=num_stages)
+                  ALIGN=group.align, CONTIG=contig, BLOCK_D=block_d, EVICT=cfg.get("EVICT", 0),
+                  num_warps=num_warps, num_stages=num_stages)
     grid_d = triton.cdiv(group.max_dim, block_d)
     args = (group.weight, group.scale_bias, group.meta, indices, offsets, psw, out)
     if template == "per_bag":
@@ -515,12 +524,14 @@ class TableBatchedEmbeddingBag:
         B = (offsets.numel() - 1) // T
         N = indices.numel()
         if self._validate_with_triton:
-            flags = torch.full((2,), 1 << 62, dtype=torch.int64, device=self.device)  # [first bad id pos, offsets ok]
             TB = T * B
-            _validate_kernel[(triton.cdiv(max(N, TB), 1024),)](indices, offsets, self.rows, flags, N, TB, B, T,
-                                                               BLOCK=1024)
-            first_bad, offsets_ok = flags.tolist()  # the one host sync
-            if offsets_ok == 0:
+            t_pow2 = triton.next_power_of_2(T)
+            block = max(64, min(1024, 16384 // t_pow2))
+            grid = triton.cdiv(max(N, TB), block)
+            flags = torch.empty(grid, 2, dtype=torch.int64, device=self.device)  # per block: [first bad, offsets bad]
+            _validate_kernel[(grid,)](indices, offsets, self.rows, flags, N, TB, B, T, BLOCK=block, T_POW2=t_pow2)
+            first_bad, offsets_bad = torch.stack([flags[:, 0].min(), flags[:, 1].max()]).tolist()  # the one sync
+            if offsets_bad:
                 raise KernelInputError(
                     f"offsets: must start at 0, never decrease and end at len(indices)={N}")
             if first_bad < N:

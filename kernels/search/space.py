@@ -10,10 +10,10 @@ from dataclasses import dataclass
 # op -> template -> parameter -> allowed values (ordered: neighbours are adjacent)
 SPACES: dict[str, dict[str, dict[str, tuple[int, ...]]]] = {
     "embedding_bag": {
-        "per_bag": {"BLOCK_N": (2, 4, 8, 16, 32, 64), "BLOCK_D": (16, 32, 64, 128, 256),
-                    "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3)},
+        "per_bag": {"BLOCK_N": (1, 2, 4, 8, 16, 32, 64), "BLOCK_D": (16, 32, 64, 128, 256),
+                    "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3), "EVICT": (0, 1)},
         "multi_bag": {"BAGS": (2, 4, 8, 16, 32, 64), "BLOCK_N": (1, 2, 4, 8, 16), "BLOCK_D": (16, 32, 64, 128, 256),
-                      "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3)},
+                      "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3), "EVICT": (0, 1)},
     },
     "interaction": {
         "dot_tile": {"SAMPLES": (1, 2, 4, 8), "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3)},
@@ -27,10 +27,10 @@ SPACES: dict[str, dict[str, dict[str, tuple[int, ...]]]] = {
 # hand-picked starting points, one or more per template (the graph's roots)
 SEEDS: dict[str, list[tuple[str, dict[str, int]]]] = {
     "embedding_bag": [
-        ("per_bag", {"BLOCK_N": 8, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2}),
-        ("per_bag", {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 2, "num_stages": 1}),
-        ("multi_bag", {"BAGS": 8, "BLOCK_N": 1, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2}),
-        ("multi_bag", {"BAGS": 4, "BLOCK_N": 8, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2}),
+        ("per_bag", {"BLOCK_N": 8, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2, "EVICT": 0}),
+        ("per_bag", {"BLOCK_N": 1, "BLOCK_D": 128, "num_warps": 1, "num_stages": 1, "EVICT": 1}),
+        ("multi_bag", {"BAGS": 8, "BLOCK_N": 1, "BLOCK_D": 128, "num_warps": 4, "num_stages": 1, "EVICT": 0}),
+        ("multi_bag", {"BAGS": 4, "BLOCK_N": 4, "BLOCK_D": 128, "num_warps": 4, "num_stages": 1, "EVICT": 1}),
     ],
     "interaction": [
         ("dot_tile", {"SAMPLES": 1, "num_warps": 4, "num_stages": 2}),

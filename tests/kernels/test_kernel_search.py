@@ -155,8 +155,8 @@ class _BrokenMultiBag(EmbeddingBagProblem):
         return out + 1e-3 if cand.template == "multi_bag" else out
 
 
-def test_real_lookup_problem_gate_runs_the_triton_kernel_on_ragged_and_empty_bags(tmp_path):
-    (problem,) = problems_for("embedding_bag", "tiny", dtypes=["int4"], batches=[3], device=torch.device("cpu"))
+def test_real_lookup_problem_gate_runs_the_triton_kernel_on_ragged_and_empty_bags(tmp_path, device):
+    (problem,) = problems_for("embedding_bag", "tiny", dtypes=["int4"], batches=[3], device=device)
     for seed in range(GATE_SEEDS):
         inp = problem.gate_inputs(seed)
         lengths = (inp["offsets"][1:] - inp["offsets"][:-1]).tolist()
