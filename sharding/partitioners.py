@@ -20,10 +20,11 @@ bytes (capacity) or cost (load) (:func:`sharding.splitters.water_fill`). Slices 
 table always land on distinct shards.
 
 ``capacity`` and ``load`` then refine the greedy result on their *other* figure
-(:meth:`Partitioner._rebalance`): while some move of a piece, or swap of two pieces,
-lowers the busiest shard's cost (capacity) or bytes (load) without raising the largest
-bytes (capacity) or cost (load) of any shard and without breaking the cap, it is made.
-The figure the strategy is named after never gets worse.
+(:meth:`Partitioner._rebalance`): while moving a piece off the worst shard, or swapping
+it for one or two pieces of another shard (or two of its pieces for one), lowers the worst
+shard's cost (capacity) or bytes (load) without raising the highest bytes (capacity) or
+cost (load) and without breaking the cap, the exchange is made. The figure the strategy
+is named after never gets worse, and no shard is ever emptied.
 
 Because an empty shard is always the preferred shard (most room, fewest bytes, zero
 cost), a shard stays empty only when there are fewer tables or slices than shards.
