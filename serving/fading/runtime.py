@@ -247,16 +247,59 @@ class FadingFilter:
             self._thread = None
 
 
+class RemoteStore:
+    """The store as seen from a router on another node: through the FadingControl API.
+
+    Follows the state with ``Status`` (one call per poll) and reports a guardrail breach
+    with ``Rollback`` (audited under the router token's principal, with the figures in
+    the reason). Schedules are advanced by the control plane's own scheduler, so
+    ``advance`` is a no-op here; per-replica figures stay in the replica's metrics.
+    """
+
+    def __init__(self, address: str, token: str):
+        from serving.fading.client import FadingClient
+
+        self.client = FadingClient(address, token=token)
+        self._polls = 0
+
+    def data_version(self) -> tuple:
+        self._polls += 1  # no cheap change counter over the API: reload on every poll
+        return ("remote", self._polls)
+
+    def states(self, model: str | None = None) -> list[FeatureState]:
+        from serving.fading.format import state_from_proto
+
+        return [state_from_proto(s) for s in self.client.status(model or "").features]
+
+    def transition(self, model, feature, change, *, action, actor, peer="", reason="", now=None) -> FeatureState:
+        from serving.fading.format import state_from_proto
+
+        if action == "breach":
+            return state_from_proto(self.client.rollback(model, feature, reason=f"{actor}: {reason}"))
+        (s,) = self.client.status(model, feature).features
+        return state_from_proto(s)
+
+    def report_figures(self, replica, model, figures, now=None) -> None:
+        pass
+
+
 def router_filter(manifest) -> FadingFilter:
     """``AppArgs.feature_filter = "serving.fading.runtime:router_filter"``: fading for the
-    manifest's model over the shared store (``$RECSERVE_FADE_STORE``, default
+    manifest's model. With ``$RECSERVE_FADE_ADDR`` set (routers on other nodes than the
+    control plane), state comes from the FadingControl API with ``$RECSERVE_FADE_TOKEN``;
+    otherwise from the node's store file (``$RECSERVE_FADE_STORE``, default
     ``artifacts/fading.sqlite``)."""
+    from serving.fading.client import ENV_ADDR
     from serving.fading.metrics import FadingMetrics
     from serving.fading.store import default_store_path
 
+    if os.environ.get(ENV_ADDR):
+        store = RemoteStore(os.environ[ENV_ADDR], os.environ.get("RECSERVE_FADE_TOKEN", ""))
+    else:
+        store = FadingStore(default_store_path())
     return FadingFilter(
         manifest.name,
-        FadingStore(default_store_path()),
+        store,
         features=tuple(manifest.served_features),
         metrics=FadingMetrics(),
     )

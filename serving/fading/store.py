@@ -18,8 +18,9 @@ Why SQLite (WAL):
 Multi-node: SQLite must not be shared over a network file system (its locks are not
 reliable there). On a Ray cluster of several nodes, run the FadingControl server (and its
 SQLite file) on one node, the head, and have routers elsewhere follow its state through
-the ``Status`` RPC (``RemoteStateSource`` in runtime.py); the schema below is plain SQL, so a
-Postgres backend is a drop-in for a store that several nodes write directly.
+the ``Status`` RPC and report breaches through ``Rollback`` (``RemoteStore`` in runtime.py,
+chosen by setting ``$RECSERVE_FADE_ADDR``); the schema below is plain SQL, so a Postgres
+backend is a drop-in for a store that several nodes write directly.
 
 Tables: ``features`` (one row per model and feature: coverage, status, version and the
 whole state as JSON), ``audit`` (every change: who, from where, when, from -> to, why) and

@@ -204,3 +204,25 @@ def test_without_unit_or_request_ids_the_same_request_gets_the_same_treatment(tm
         np.testing.assert_array_equal(a, b)
         seen.add(int(a[0]))
     assert seen == {KEPT, FADED}  # different requests do get different treatments
+
+
+def test_a_router_on_another_node_follows_and_rolls_back_through_the_control_plane(tmp_path, tiny, tiny_ranker, clock) -> None:
+    from serving.fading.client import FadingClient
+    from serving.fading.runtime import RemoteStore
+    from serving.fading.service import ControlThread
+
+    tokens = {"tok-op": "alice", "tok-router": "router"}
+    with ControlThread(FadingStore(tmp_path / "s.sqlite"), tokens=tokens, tick_interval_s=0) as control:
+        address = f"127.0.0.1:{control.port}"
+        with FadingClient(address, token="tok-op") as op:
+            op.start(MODEL, "recent_items", Schedule.parse("0.5,0", "1h"), thresholds=THRESHOLDS, control_fraction=0.2)
+        fading = FadingFilter(MODEL, RemoteStore(address, "tok-router"), clock=clock, background=False)
+        assert fading.states()["recent_items"].coverage == 0.5
+        for seed in range(24):
+            serve(tiny_ranker, fading, TrafficGenerator(tiny, seed=500 + seed).batch(256))
+        fading.sync()
+        with FadingClient(address, token="tok-op") as op:
+            (st,) = op.status(MODEL).features
+            entries = list(op.audit(MODEL).entries)
+    assert (st.status, st.coverage) == ("rolled_back", 1.0)
+    assert entries[-1].actor == "router" and entries[-1].reason.startswith("guardrail:")
