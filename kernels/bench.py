@@ -59,6 +59,11 @@ def _fixed_bags(rows: list[int], pooling: list[int], B: int, device, gen):
     return indices, offsets
 
 
+def _best_of(timer, fn, rounds: int = 3) -> float:
+    """Min over rounds of the timer's median: robust to a transient slow round."""
+    return min(timer(fn) for _ in range(rounds))
+
+
 def bench_lookup(name, tables, pooling, B, timer, copy_bw, device, gen, torch_fn=None) -> dict:
     rows = [t.rows for t in tables]
     indices, offsets = _fixed_bags(rows, pooling, B, device, gen)
@@ -76,9 +81,9 @@ def bench_lookup(name, tables, pooling, B, timer, copy_bw, device, gen, torch_fn
             outs = [F.embedding_bag(i, tw.weight, o, mode="sum", include_last_offset=True)
                     for tw, (i, o) in zip(tb.tables, per_table)]
             return outs[0] if T == 1 else torch.cat(outs, dim=1)
-    t_torch = timer(torch_fn)
-    t_kernel = timer(lambda: tb.forward_unchecked(indices, offsets, None, B))
-    t_checked = timer(lambda: tb(indices, offsets))
+    t_torch = _best_of(timer, torch_fn)
+    t_kernel = _best_of(timer, lambda: tb.forward_unchecked(indices, offsets, None, B))
+    t_checked = _best_of(timer, lambda: tb(indices, offsets))
     row_bytes = sum(len_t * B * tw.dim * _BYTES[tw.dtype] for len_t, tw in zip(pooling, tables))
     if tables[0].dtype in ("int8", "int4"):
         row_bytes += sum(len_t * B * 8 for len_t in pooling)  # scale + bias per row
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--rows-cap", type=int, default=4_000_000, help="cap dlrmv2 table rows (memory)")
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--only", default="", help="comma list: a,b,dot,dcn (default all)")
+    ap.add_argument("--only", default="", help="comma list: a,b,dot,dcn,caps (default all but caps)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels.bench needs a CUDA GPU", file=sys.stderr)
@@ -136,6 +141,19 @@ def main(argv: list[str] | None = None) -> int:
             del tables
             torch.cuda.empty_cache()
 
+    if "caps" in only:  # how table size alone moves (b) fp16 B=512 (TLB reach, not bytes moved)
+        specs = load_tables("dlrmv2")
+        pooling = [int(round(s["pooling_factor"])) for s in specs]
+        for cap in (500_000, 2_000_000, 8_000_000):
+            tables = [_random_table("fp16", min(s["rows"], cap), s["dim"], device) for s in specs]
+            gb = sum(t.weight.numel() * 2 for t in tables) / 1e9
+            res = bench_lookup(f"lookup b fp16 B=512 rows cap {cap:,} ({gb:.1f} GB)", tables, pooling, 512,
+                               timer, copy_bw, device, gen)
+            results.append(res)
+            print(res, flush=True)
+            del tables
+            torch.cuda.empty_cache()
+
     if not only or "dot" in only:  # dot interaction, 27 vectors x 128, fp16
         for B in (4096, 16384):
             dense = torch.randn(B, 128, device=device, dtype=torch.float16, generator=gen)
@@ -143,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             out = dot_interaction(dense, sparse, backend="triton")
             ref = dot_interaction_reference(dense.double(), sparse.double())
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            t_torch = timer(lambda: dot_interaction_reference(dense, sparse))
-            t_kernel = timer(lambda: dot_interaction(dense, sparse, backend="triton"))
+            t_torch = _best_of(timer, lambda: dot_interaction_reference(dense, sparse))
+            t_kernel = _best_of(timer, lambda: dot_interaction(dense, sparse, backend="triton"))
             nbytes = (dense.numel() + sparse.numel() + out.numel()) * 2
             results.append(dict(case=f"dot interaction fp16 27x128 B={B}", torch_us=t_torch * 1e6,
                                 kernel_us=t_kernel * 1e6, speedup=t_torch / t_kernel,
@@ -163,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             ref = dcn_cross_reference(x0.float(), [v.float() for v in V], [w.float() for w in W],
                                       [x.float() for x in bb])
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            t_torch = timer(lambda: dcn_cross_reference(x0, V, W, bb))
-            t_kernel = timer(lambda: dcn_cross(x0, V, W, bb, backend="triton"))
+            t_torch = _best_of(timer, lambda: dcn_cross_reference(x0, V, W, bb))
+            t_kernel = _best_of(timer, lambda: dcn_cross(x0, V, W, bb, backend="triton"))
             flops = 3 * 2 * (2 * B * N * r)
             results.append(dict(case=f"dcn cross fp16 N=3456 r=512 L=3 B={B}", torch_us=t_torch * 1e6,
                                 kernel_us=t_kernel * 1e6, speedup=t_torch / t_kernel,

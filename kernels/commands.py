@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     b = sub.add_parser("bench", help="issue-4 benchmark: lookups and interaction vs torch, one table")
     b.add_argument("--out", type=Path, help="write the results as JSON here")
-    b.add_argument("--only", default="", help="comma list of a,b,dot,dcn (default all)")
+    b.add_argument("--only", default="", help="comma list of a,b,dot,dcn,caps (default all but caps)")
     b.add_argument("--rows-cap", type=int, default=4_000_000)
     b.set_defaults(handler=bench_command)
 
