@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -106,6 +107,18 @@ class FeatureFade:
         return key64(model, self.feature, self.salt), key64(model, self.feature, self.salt, "control")
 
 
+def _draw_bits(mixed: np.ndarray, key: np.uint64) -> np.ndarray:
+    """The 53-bit integer behind :func:`unit_draws` (draw = bits / 2**53): uint64 [B]."""
+    z = _mix(mixed ^ key)
+    z >>= _S11
+    return z
+
+
+def _threshold(p: float) -> np.uint64:
+    """bits < ceil(p * 2**53)  <=>  bits / 2**53 < p, exactly, for 53-bit integers."""
+    return np.uint64(math.ceil(p * 2.0**53))
+
+
 def cohorts(units: np.ndarray, model: str, fade: FeatureFade, *, mixed: np.ndarray | None = None) -> np.ndarray:
     """CONTROL / KEPT / FADED of every example for one feature: int8 [B].
 
@@ -115,10 +128,10 @@ def cohorts(units: np.ndarray, model: str, fade: FeatureFade, *, mixed: np.ndarr
         return out
     keep_key, control_key = fade.keys(model)
     mixed = mix_units(units) if mixed is None else mixed
-    if fade.coverage < 1.0:
-        out[unit_draws(units, keep_key, mixed=mixed) >= fade.coverage] = FADED
+    if fade.coverage < 1.0:  # integer compares: the same decisions as unit_draws(...) >= coverage
+        out[_draw_bits(mixed, keep_key) >= _threshold(fade.coverage)] = FADED
     if fade.control_fraction > 0.0:
-        out[unit_draws(units, control_key, mixed=mixed) < fade.control_fraction] = CONTROL
+        out[_draw_bits(mixed, control_key) < _threshold(fade.control_fraction)] = CONTROL
     return out
 
 

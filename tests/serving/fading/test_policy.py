@@ -121,3 +121,14 @@ def test_unit_ids_of_the_wrong_length_are_rejected_naming_the_field() -> None:
 def test_coverage_outside_zero_one_is_rejected(bad: float) -> None:
     with pytest.raises(ValueError, match="coverage"):
         FeatureFade(feature="f", coverage=bad)
+
+
+def test_the_integer_fast_path_decides_exactly_as_the_uniform_draws() -> None:
+    from serving.fading.policy import key64, unit_draws
+
+    u = units()
+    for coverage in (0.0, 0.123456789, 0.5, 0.999999, 1.0):
+        fade = FeatureFade(feature="f", coverage=coverage, control_fraction=0.07)
+        expect = np.where(unit_draws(u, key64("m", "f", "")) >= coverage, FADED, KEPT)
+        expect[unit_draws(u, key64("m", "f", "", "control")) < 0.07] = CONTROL
+        np.testing.assert_array_equal(cohorts(u, "m", fade), expect)
