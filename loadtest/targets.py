@@ -116,6 +116,14 @@ class _Target:
         return self.cpu.pids()
 
 
+def _direct_ingress(env: dict[str, str]) -> bool:
+    """Whether Serve will run without proxies (throughput-optimized mode turns it on)."""
+    on = lambda k: env.get(k, "").lower() in ("1", "true")  # noqa: E731
+    if "RAY_SERVE_ENABLE_DIRECT_INGRESS" in env:
+        return on("RAY_SERVE_ENABLE_DIRECT_INGRESS") or on("RAY_SERVE_ENABLE_HA_PROXY")
+    return on("RAY_SERVE_THROUGHPUT_OPTIMIZED") or on("RAY_SERVE_ENABLE_HA_PROXY")
+
+
 class MonolithServer(_Target):
     """The single-server baseline for ``package``."""
 
@@ -169,6 +177,19 @@ class ServeStack(_Target):
         env = dict(os.environ)
         env.update(self.env)
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if _direct_ingress(env):
+            # Direct ingress: the router replica serves gRPC itself, on a port Serve allocates
+            # from a range; pin that range to one free port and send traffic there (the
+            # head-node proxy still listens on --port, unused: it shares no port with the
+            # replica, so the kernel never splits our connections between the two).
+            grpc_port, http = free_port(), free_port()
+            env.update(
+                RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT=str(grpc_port),
+                RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT=str(grpc_port + 1),
+                RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(http),
+                RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(http + 1),
+            )
+            self.address = f"127.0.0.1:{grpc_port}"
         self._spawn(argv, env)
         self.cpu = CpuMeter(lambda: ray_serve_processes(within=self.proc.pid) if self.proc else [])
         self.control_cpu = CpuMeter(lambda: ray_control_processes(within=self.proc.pid) if self.proc else [])
