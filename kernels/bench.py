@@ -30,6 +30,10 @@ _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
 
 
 def _commit() -> str:
+    import os
+
+    if os.environ.get("RECSERVE_COMMIT"):  # set by callers that run a copy without .git
+        return os.environ["RECSERVE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
