@@ -87,11 +87,15 @@ def bench_lookup(name, tables, pooling, B, timer, copy_bw, device, gen, torch_fn
             return outs[0] if T == 1 else torch.cat(outs, dim=1)
     t_torch = _best_of(timer, torch_fn)
     t_kernel = _best_of(timer, lambda: tb.forward_unchecked(indices, offsets, None, B))
-    t_checked = _best_of(timer, lambda: tb(indices, offsets))
+    t_checked = _best_of(timer, lambda: tb(indices, offsets))  # validate before launch (default)
+    tb.validate = "in_kernel"
+    t_fused = _best_of(timer, lambda: tb(indices, offsets))
+    tb.validate = "before_launch"
     row_bytes = sum(len_t * B * tw.dim * _BYTES[tw.dtype] for len_t, tw in zip(pooling, tables))
     if tables[0].dtype in ("int8", "int4"):
         row_bytes += sum(len_t * B * 8 for len_t in pooling)  # scale + bias per row
     return dict(case=name, torch_us=t_torch * 1e6, kernel_us=t_kernel * 1e6, checked_us=t_checked * 1e6,
+                fused_us=t_fused * 1e6, speedup_checked=t_torch / t_checked, speedup_fused=t_torch / t_fused,
                 speedup=t_torch / t_kernel, eff_tbs=row_bytes / t_kernel / 1e12,
                 pct_copy=100 * row_bytes / t_kernel / copy_bw, rel_err=err,
                 config=f"{choice.template} {choice.config}" + ("" if choice.key else " (default)"))
@@ -196,12 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; commit {meta['commit']}; "
           f"copy bandwidth {copy_bw / 1e12:.2f} TB/s")
-    print("| case | torch us | kernel us | kernel+checks us | speed-up | eff. TB/s | % of copy BW | rel err |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| case | torch us | kernel us | speed-up | eff. TB/s | % of copy BW | +checks before launch us (x torch) "
+          "| +checks in kernel us (x torch) | rel err |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    nan = float("nan")
     for r in results:
-        print(f"| {r['case']} | {r['torch_us']:.1f} | {r['kernel_us']:.1f} | "
-              f"{r.get('checked_us', float('nan')):.1f} | {r['speedup']:.2f}x | "
-              f"{r.get('eff_tbs', float('nan')):.2f} | {r.get('pct_copy', float('nan')):.0f}% | {r['rel_err']:.1e} |")
+        print(f"| {r['case']} | {r['torch_us']:.1f} | {r['kernel_us']:.1f} | {r['speedup']:.2f}x | "
+              f"{r.get('eff_tbs', nan):.2f} | {r.get('pct_copy', nan):.0f}% | "
+              f"{r.get('checked_us', nan):.1f} ({r.get('speedup_checked', nan):.2f}x) | "
+              f"{r.get('fused_us', nan):.1f} ({r.get('speedup_fused', nan):.2f}x) | {r['rel_err']:.1e} |")
     for r in results:
         if "config" in r:
             print(f"  {r['case']}: {r['config']}")

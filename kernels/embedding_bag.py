@@ -37,7 +37,7 @@ OP = "embedding_bag"
 DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
 _FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _QUANT_BITS = {"fp32": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4}
-_META_COLS = 6  # base, row stride, dim, output column, scale/bias row base, global table id
+_META_COLS = 8  # base, row stride, dim, output column, scale/bias row base, global table id, rows, pad
 
 TEMPLATES = ("per_bag", "multi_bag")
 DEFAULT_CONFIGS = {
@@ -187,29 +187,34 @@ def _load_rows(W, SB, row_off, row_idx, d, rmask, mask, QUANT: tl.constexpr, EVI
     return v
 
 
-@triton.jit(do_not_specialize=["B", "first_bag"])
+@triton.jit(do_not_specialize=["B", "first_bag", "N", "TB"])
 def _eb_per_bag_kernel(
-    W, SB, META, IDX, OFF, PSW, OUT,
-    B, first_bag, out_stride,
+    W, SB, META, IDX, OFF, PSW, OUT, ERR,
+    B, first_bag, out_stride, N, TB,
     QUANT: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr, CONTIG: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVICT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVICT: tl.constexpr, CHECK: tl.constexpr,
 ):
     """One program per (bag, column block); BLOCK_N ids of the bag gathered per step."""
     pid = tl.program_id(0)  # bag within this dtype group: t * B + b
     pid_d = tl.program_id(1)
     t = pid // B
     b = pid - t * B
-    base = tl.load(META + t * 6 + 0)
-    stride = tl.load(META + t * 6 + 1)
-    dim = tl.load(META + t * 6 + 2)
-    out_col = tl.load(META + t * 6 + 3)
-    row_base = tl.load(META + t * 6 + 4)
+    base = tl.load(META + t * 8 + 0)
+    stride = tl.load(META + t * 8 + 1)
+    dim = tl.load(META + t * 8 + 2)
+    out_col = tl.load(META + t * 8 + 3)
+    row_base = tl.load(META + t * 8 + 4)
     if CONTIG:  # the group's tables are consecutive global tables: no dependent load
         bag = first_bag + pid
     else:
-        bag = tl.load(META + t * 6 + 5) * B + b
+        bag = tl.load(META + t * 8 + 5) * B + b
     start = tl.load(OFF + bag).to(tl.int64)
     end = tl.load(OFF + bag + 1).to(tl.int64)
+    if CHECK:  # in-kernel validation: a bad bag reads nothing, a bad id is masked and reported
+        rows_t = tl.load(META + t * 8 + 6)
+        ok_off = (start >= 0) & (start <= end) & (end <= N) & ((bag != 0) | (start == 0)) & ((bag != TB - 1) | (end == N))
+        end = tl.where(ok_off, end, start)
+        first_bad = tl.zeros([], dtype=tl.int64) + N
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     dmask = d < dim
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -217,6 +222,11 @@ def _eb_per_bag_kernel(
         n = i + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         nmask = n < end
         idx = tl.load(IDX + n, mask=nmask, other=0).to(tl.int64)
+        if CHECK:
+            bad = nmask & ((idx < 0) | (idx >= rows_t))
+            first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, n, N), axis=0))
+            nmask = nmask & (bad == 0)
+            idx = tl.where(bad, 0, idx)
         row_off = tl.multiple_of(base + idx * stride, ALIGN)  # [BLOCK_N]
         mask = nmask[:, None] & dmask[None, :]
         v = _load_rows(W, SB, row_off, row_base + idx, d, nmask, mask, QUANT, EVICT)  # [BLOCK_N, BLOCK_D]
@@ -227,14 +237,16 @@ def _eb_per_bag_kernel(
     if MEAN:
         pooled = pooled / tl.maximum(end - start, 1).to(tl.float32)
     tl.store(OUT + b.to(tl.int64) * out_stride + out_col + d, pooled, mask=dmask)
+    if CHECK:  # -1: malformed offsets; < N: first bad id position; N: all good
+        tl.store(ERR + pid * tl.num_programs(1) + pid_d, tl.where(ok_off, first_bad, -1))
 
 
-@triton.jit(do_not_specialize=["B", "n_bags", "first_bag"])
+@triton.jit(do_not_specialize=["B", "n_bags", "first_bag", "N", "TB"])
 def _eb_multi_bag_kernel(
-    W, SB, META, IDX, OFF, PSW, OUT,
-    B, n_bags, first_bag, out_stride,
+    W, SB, META, IDX, OFF, PSW, OUT, ERR,
+    B, n_bags, first_bag, out_stride, N, TB,
     QUANT: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr, CONTIG: tl.constexpr,
-    BAGS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVICT: tl.constexpr,
+    BAGS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVICT: tl.constexpr, CHECK: tl.constexpr,
 ):
     """One program per (BAGS consecutive bags, column block); each step gathers BLOCK_N ids of
     every bag at once, so BAGS * BLOCK_N independent row loads are in flight and the per-bag
@@ -247,17 +259,23 @@ def _eb_multi_bag_kernel(
     gmask = g < n_bags
     t = tl.where(gmask, g // B, 0)
     b = g - (g // B) * B
-    base = tl.load(META + t * 6 + 0)
-    stride = tl.load(META + t * 6 + 1)
-    dim = tl.load(META + t * 6 + 2)
-    row_base = tl.load(META + t * 6 + 4)
+    base = tl.load(META + t * 8 + 0)
+    stride = tl.load(META + t * 8 + 1)
+    dim = tl.load(META + t * 8 + 2)
+    row_base = tl.load(META + t * 8 + 4)
     if CONTIG:
         bag = first_bag + g
     else:
-        bag = tl.load(META + t * 6 + 5) * B + b
+        bag = tl.load(META + t * 8 + 5) * B + b
     start = tl.load(OFF + bag, mask=gmask, other=0).to(tl.int64)
     end = tl.load(OFF + bag + 1, mask=gmask, other=0).to(tl.int64)
     length = end - start  # [R]
+    if CHECK:
+        rows_t = tl.load(META + t * 8 + 6)
+        ok_off = ((start >= 0) & (start <= end) & (end <= N) & ((bag != 0) | (start == 0))
+                  & ((bag != TB - 1) | (end == N))) | (gmask == 0)
+        length = tl.where(ok_off, length, 0)
+        first_bad = tl.zeros([], dtype=tl.int64) + N
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     dmask = (d[None, :] < dim[:, None]) & gmask[:, None]  # [R, BLOCK_D]
     acc = tl.zeros([BAGS * BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -267,6 +285,11 @@ def _eb_multi_bag_kernel(
         nmask = k < length
         n = start + k
         idx = tl.load(IDX + n, mask=nmask, other=0).to(tl.int64)
+        if CHECK:
+            bad = nmask & ((idx < 0) | (idx >= rows_t))
+            first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, n, N), axis=0))
+            nmask = nmask & (bad == 0)
+            idx = tl.where(bad, 0, idx)
         row_off = tl.multiple_of(base + idx * stride, ALIGN)
         mask = nmask[:, None] & dmask
         v = _load_rows(W, SB, row_off, row_base + idx, d, nmask, mask, QUANT, EVICT)  # [R, BLOCK_D]
@@ -279,18 +302,21 @@ def _eb_multi_bag_kernel(
     gbmask = gb < n_bags
     tb = tl.where(gbmask, gb // B, 0)
     bb = gb - (gb // B) * B
-    dim_b = tl.load(META + tb * 6 + 2)
-    out_col = tl.load(META + tb * 6 + 3)
+    dim_b = tl.load(META + tb * 8 + 2)
+    out_col = tl.load(META + tb * 8 + 3)
     if MEAN:
         if CONTIG:
             bag_b = first_bag + gb
         else:
-            bag_b = tl.load(META + tb * 6 + 5) * B + bb
+            bag_b = tl.load(META + tb * 8 + 5) * B + bb
         len_b = (tl.load(OFF + bag_b + 1, mask=gbmask, other=0).to(tl.int64)
                  - tl.load(OFF + bag_b, mask=gbmask, other=0).to(tl.int64))
         pooled = pooled / tl.maximum(len_b, 1).to(tl.float32)[:, None]
     out = OUT + bb.to(tl.int64)[:, None] * out_stride + out_col[:, None] + d[None, :]
     tl.store(out, pooled, mask=(d[None, :] < dim_b[:, None]) & gbmask[:, None])
+    if CHECK:  # -1: malformed offsets; < N: first bad id position; N: all good
+        any_bad_off = tl.max((ok_off == 0).to(tl.int32), axis=0)
+        tl.store(ERR + pid * tl.num_programs(1) + pid_d, tl.where(any_bad_off > 0, -1, first_bad))
 
 
 @triton.jit(do_not_specialize=["N", "TB", "B", "T"])
@@ -326,7 +352,7 @@ class PackedGroup:
     quant: int  # 0, 8 or 4
     weight: torch.Tensor  # flat [sum rows*stride] (fp or uint8)
     scale_bias: torch.Tensor  # int64 [sum rows]: fp32 scale bits | fp32 bias bits << 32 (dummy [1] for fp)
-    meta: torch.Tensor  # int64 [T_g, 6]
+    meta: torch.Tensor  # int64 [T_g, 8]
     table_ids: tuple[int, ...]  # global table index of each packed table
     max_dim: int
     align: int  # largest power of two (<= 16) dividing every row offset, in elements
@@ -355,7 +381,7 @@ def pack_tables(tables: Sequence[TableWeights], device: torch.device) -> list[Pa
         for i in ids:
             tw = tables[i]
             stride = int(tw.weight.shape[1])
-            meta.append([base, stride, tw.dim, out_cols[i], row_base, i])
+            meta.append([base, stride, tw.dim, out_cols[i], row_base, i, tw.rows, 0])
             align = min(align, _pow2_divisor(base), _pow2_divisor(stride))
             weights.append(tw.weight.reshape(-1))
             if quant:
@@ -389,11 +415,14 @@ def launch(
     pooling: str,
     template: str,
     config: dict[str, int],
-) -> None:
-    """Launch one template/config over one packed group. No input checks (see the class)."""
+    check: bool = False,
+) -> torch.Tensor | None:
+    """Launch one template/config over one packed group. Without ``check`` nothing is
+    validated (the class checks first). With it the kernel validates as it reads and returns
+    int64 codes, one per program: -1 malformed offsets, p < N first bad id position, N fine."""
     n_bags = len(group.table_ids) * B
     if n_bags == 0:
-        return
+        return None
     cfg = dict(config)
     block_d = min(cfg.pop("BLOCK_D"), triton.next_power_of_2(group.max_dim))
     num_warps, num_stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
@@ -404,16 +433,21 @@ def launch(
                   ALIGN=group.align, CONTIG=contig, BLOCK_D=block_d, EVICT=cfg.get("EVICT", 0),
                   num_warps=num_warps, num_stages=num_stages)
     grid_d = triton.cdiv(group.max_dim, block_d)
-    args = (group.weight, group.scale_bias, group.meta, indices, offsets, psw, out)
+    n_prog = n_bags if template == "per_bag" else triton.cdiv(n_bags, cfg.get("BAGS", 1))
+    err = torch.empty(n_prog * grid_d, dtype=torch.int64, device=out.device) if check else None
+    args = (group.weight, group.scale_bias, group.meta, indices, offsets, psw, out, err if check else out)
+    N, TB = indices.numel(), offsets.numel() - 1
     if template == "per_bag":
-        _eb_per_bag_kernel[(n_bags, grid_d)](*args, B, ids[0] * B, out.stride(0), BLOCK_N=cfg["BLOCK_N"],
-                                             **common)
+        _eb_per_bag_kernel[(n_bags, grid_d)](*args, B, ids[0] * B, out.stride(0), N, TB, BLOCK_N=cfg["BLOCK_N"],
+                                             CHECK=check, **common)
     elif template == "multi_bag":
         bags = cfg["BAGS"]
-        _eb_multi_bag_kernel[(triton.cdiv(n_bags, bags), grid_d)](
-            *args, B, n_bags, ids[0] * B, out.stride(0), BAGS=bags, BLOCK_N=cfg.get("BLOCK_N", 1), **common)
+        _eb_multi_bag_kernel[(n_prog, grid_d)](
+            *args, B, n_bags, ids[0] * B, out.stride(0), N, TB, BAGS=bags, BLOCK_N=cfg.get("BLOCK_N", 1),
+            CHECK=check, **common)
     else:
         raise KernelInputError(f"template: unknown embedding_bag template {template!r}")
+    return err
 
 
 def shape_bucket(max_dim: int, batch: int, avg_pooling: float) -> str:
@@ -438,6 +472,12 @@ class TableBatchedEmbeddingBag:
       - ``"triton"``: always the Triton kernel (winner config, else a default config);
         on CPU this needs TRITON_INTERPRET=1 (tests).
       - ``"reference"``: always the torch reference (one F.embedding_bag per table).
+    ``validate``:
+      - ``"before_launch"`` (default): one pass over ids and offsets, one host sync, then the
+        lookup; a bad id raises :class:`IndexOutOfRangeError` before any lookup runs.
+      - ``"in_kernel"``: where the Triton kernel runs, it validates as it reads (a bad id is
+        masked, never dereferenced) and the call raises the same errors before returning;
+        this saves the separate pass and the sync between the two launches.
     """
 
     def __init__(
@@ -449,6 +489,7 @@ class TableBatchedEmbeddingBag:
         backend: str = "auto",
         winners: Winners | None = None,
         warmup: bool = True,
+        validate: str = "before_launch",
     ) -> None:
         if not tables:
             raise KernelInputError("tables: need at least one table")
@@ -456,6 +497,9 @@ class TableBatchedEmbeddingBag:
             raise KernelInputError(f"pooling: must be 'sum' or 'mean', got {pooling!r}")
         if backend not in ("auto", "triton", "reference"):
             raise KernelInputError(f"backend: must be 'auto', 'triton' or 'reference', got {backend!r}")
+        if validate not in ("before_launch", "in_kernel"):
+            raise KernelInputError(f"validate: must be 'before_launch' or 'in_kernel', got {validate!r}")
+        self.validate = validate
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -503,8 +547,8 @@ class TableBatchedEmbeddingBag:
             self._choices[key] = got
         return got
 
-    def check_inputs(self, indices, offsets, per_sample_weights) -> int:
-        """Validate shapes/dtypes/devices and every id (one host sync). Returns B."""
+    def check_layout(self, indices, offsets, per_sample_weights) -> int:
+        """Validate shapes, dtypes and devices (no device work). Returns B."""
         T = self.num_tables
         if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
             raise KernelInputError("indices: must be a 1-D int32 or int64 tensor")
@@ -521,7 +565,19 @@ class TableBatchedEmbeddingBag:
                     or per_sample_weights.device != self.device):
                 raise KernelInputError(
                     f"per_sample_weights: must be float32 [{indices.numel()}] on {self.device}")
-        B = (offsets.numel() - 1) // T
+        return (offsets.numel() - 1) // T
+
+    def _raise_bad_id(self, indices, offsets, B: int, p: int) -> None:
+        T = self.num_tables
+        t = int(torch.searchsorted(offsets[::B].to(torch.int64).cpu().contiguous(), p, right=True)) - 1
+        t = min(max(t, 0), T - 1)
+        raise IndexOutOfRangeError(table=t, index=int(indices[p]), rows=self._rows_host[t], position=p)
+
+    def check_inputs(self, indices, offsets, per_sample_weights) -> int:
+        """Validate shapes/dtypes/devices, the offsets and every id, before any lookup is
+        launched (one host sync). Returns B."""
+        T = self.num_tables
+        B = self.check_layout(indices, offsets, per_sample_weights)
         N = indices.numel()
         if self._validate_with_triton:
             TB = T * B
@@ -535,10 +591,7 @@ class TableBatchedEmbeddingBag:
                 raise KernelInputError(
                     f"offsets: must start at 0, never decrease and end at len(indices)={N}")
             if first_bad < N:
-                p = int(first_bad)
-                t = int(torch.searchsorted(offsets[::B].to(torch.int64).cpu().contiguous(), p, right=True)) - 1
-                t = min(t, T - 1)
-                raise IndexOutOfRangeError(table=t, index=int(indices[p]), rows=self._rows_host[t], position=p)
+                self._raise_bad_id(indices, offsets, B, int(first_bad))
             return B
         offs = offsets.to(torch.int64)
         seg = offs[::B]  # [T + 1] start of each table's ids
@@ -565,8 +618,28 @@ class TableBatchedEmbeddingBag:
         offsets: torch.Tensor,  # [T*B + 1]
         per_sample_weights: torch.Tensor | None = None,  # [N] fp32
     ) -> torch.Tensor:  # [B, sum dims] fp32
+        if self.validate == "in_kernel":
+            B = self.check_layout(indices, offsets, per_sample_weights)
+            choices = [self.choice(g, B, indices.numel()) for g in self.groups]
+            if choices and all(c.backend == "triton" for c in choices):
+                return self._forward_checked_in_kernel(indices, offsets, per_sample_weights, B, choices)
         B = self.check_inputs(indices, offsets, per_sample_weights)
         return self.forward_unchecked(indices, offsets, per_sample_weights, B)
+
+    def _forward_checked_in_kernel(self, indices, offsets, per_sample_weights, B, choices) -> torch.Tensor:
+        """The lookup validates as it reads: a bad bag reads nothing and a bad id is masked,
+        so no out-of-range row is ever read; the call raises before returning any output."""
+        N = indices.numel()
+        out = torch.empty(B, self.total_dim, dtype=torch.float32, device=self.device)  # [B, sum dims]
+        errs = [launch(g, indices, offsets, per_sample_weights, out, B, pooling=self.pooling,
+                       template=c.template, config=c.config, check=True) for g, c in zip(self.groups, choices)]
+        errs = [e for e in errs if e is not None]
+        code = int(torch.cat(errs).min()) if errs else N  # the one host sync
+        if code == -1 or (not errs and (int(offsets[0]) != 0 or int(offsets[-1]) != N)):
+            raise KernelInputError(f"offsets: must start at 0, never decrease and end at len(indices)={N}")
+        if code < N:
+            self._raise_bad_id(indices, offsets, B, code)
+        return out
 
     def forward_unchecked(self, indices, offsets, per_sample_weights, B: int) -> torch.Tensor:
         """The lookup without input checks (callers that validated already; benchmarks)."""

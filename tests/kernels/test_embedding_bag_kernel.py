@@ -101,16 +101,17 @@ def test_tables_of_mixed_storage_dtypes_in_one_shard(device):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend, validate", [("triton", "before_launch"), ("reference", "before_launch"),
+                                               ("triton", "in_kernel")])
 @pytest.mark.parametrize("bad_id", [11, -1])
-def test_out_of_range_id_is_rejected_naming_table_and_id(device, backend, bad_id):
+def test_out_of_range_id_is_rejected_naming_table_and_id(device, backend, validate, bad_id):
     gen = torch.Generator().manual_seed(4)
     tables = [make_table("fp32", r, d, gen) for r, d in zip(ROWS, DIMS)]
     B = 2
     # table 0: bags [0], [1]; table 1: bags [2], [bad]; table 2: bags [], [3]
     indices = torch.tensor([0, 1, 2, bad_id, 3], device=device)
     offsets = torch.tensor([0, 1, 2, 3, 4, 4, 5], device=device)
-    tb = TableBatchedEmbeddingBag(tables, device=device, backend=backend, warmup=False)
+    tb = TableBatchedEmbeddingBag(tables, device=device, backend=backend, warmup=False, validate=validate)
     tb(torch.tensor([0, 1, 10, 2, 3], device=device), offsets)  # the last valid id of table 1 passes
     with pytest.raises(IndexOutOfRangeError) as err:
         tb(indices, offsets)
@@ -123,12 +124,37 @@ def test_out_of_range_id_is_rejected_naming_table_and_id(device, backend, bad_id
     "offsets, field",
     [([0, 1, 2, 3, 4, 4], "offsets"), ([1, 1, 2, 3, 4, 4, 5], "offsets"), ([0, 3, 2, 3, 4, 4, 5], "offsets")],
 )
-def test_malformed_offsets_are_rejected(device, offsets, field):
+@pytest.mark.parametrize("backend, validate", [("reference", "before_launch"), ("triton", "before_launch"),
+                                               ("triton", "in_kernel")])
+def test_malformed_offsets_are_rejected(device, offsets, field, backend, validate):
     gen = torch.Generator().manual_seed(5)
     tables = [make_table("fp32", r, d, gen) for r, d in zip(ROWS, DIMS)]
-    tb = TableBatchedEmbeddingBag(tables, device=device, backend="reference", warmup=False)
+    tb = TableBatchedEmbeddingBag(tables, device=device, backend=backend, warmup=False, validate=validate)
     with pytest.raises(KernelInputError, match=field):
         tb(torch.tensor([0, 1, 2, 3, 3], device=device), torch.tensor(offsets, device=device))
+
+
+@pytest.mark.parametrize("template", ["per_bag", "multi_bag"])
+def test_in_kernel_validation_gives_the_same_output_when_inputs_are_valid(device, template):
+    gen = torch.Generator().manual_seed(11)
+    tables = [make_table(dt, r, d, gen) for dt, r, d in zip(["int8", "int8", "int8"], ROWS, DIMS)]
+    indices, offsets, psw = make_batch(ROWS, 3, gen)
+    win = Winners({})
+    tb = TableBatchedEmbeddingBag(tables, device=device, backend="triton", warmup=False, validate="in_kernel",
+                                  winners=win)
+    tb._choices = {}
+    cfg = dict(DEFAULT_CONFIGS[template], BLOCK_D=8)
+    from kernels.registry import Choice
+
+    tb.choice = lambda g, B, n: Choice("triton", template, cfg)  # force the template under test
+    out = tb(indices.to(device), offsets.to(device), psw.to(device))
+    ref = embedding_bag_reference(tb.tables, indices.to(device), offsets.to(device), psw.to(device))
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    bad = indices.clone()
+    bad[-1] = ROWS[-1]  # one past the last table's rows
+    with pytest.raises(IndexOutOfRangeError) as err:
+        tb(bad.to(device), offsets.to(device), psw.to(device))
+    assert err.value.table == 2 and err.value.position == bad.numel() - 1
 
 
 def test_wrong_dtypes_and_layouts_are_rejected_naming_the_field():
