@@ -149,12 +149,15 @@ def _evaluate_logged(problem, node, graph, timer, timing_inputs, gate_cache, log
     log(f"[{tag}] #{node.id} {node.made_by:6s} {node.candidate.key} -> {result} ({took:.1f}s)")
 
 
-def record_winner(winners: Winners, graph: SearchGraph) -> dict:
+MIN_SPEEDUP = 1.1  # a winner must beat the reference by more than run-to-run timing noise
+
+
+def record_winner(winners: Winners, graph: SearchGraph, min_speedup: float = MIN_SPEEDUP) -> dict:
     """Write the graph's outcome into the winners table: its best candidate if it beat the
-    reference, else an explicit 'reference' entry."""
+    reference by more than ``min_speedup``, else an explicit 'reference' entry."""
     best = graph.best()
     key = make_key(graph.op, graph.dtype, graph.bucket)
-    if best is not None and best.fitness > 1.0:
+    if best is not None and best.fitness > min_speedup:
         entry = {"backend": "triton", "template": best.template, "config": best.config,
                  "speedup": round(best.fitness, 3), "kernel_us": round(best.seconds * 1e6, 2),
                  "reference_us": round(graph.reference_seconds * 1e6, 2), "flagged": best.flagged,
