@@ -123,9 +123,10 @@ def cohorts(units: np.ndarray, model: str, fade: FeatureFade, *, mixed: np.ndarr
     """CONTROL / KEPT / FADED of every example for one feature: int8 [B].
 
     ``mixed``: ``mix_units(units)``, when the caller shares it across features."""
-    out = np.full(units.shape[0], KEPT, dtype=np.int8)
-    if fade.coverage >= 1.0 and fade.control_fraction <= 0.0:
-        return out
+    everyone_faded = fade.coverage <= 0.0 and fade.control_fraction <= 0.0  # a done schedule
+    out = np.full(units.shape[0], FADED if everyone_faded else KEPT, dtype=np.int8)
+    if everyone_faded or (fade.coverage >= 1.0 and fade.control_fraction <= 0.0):
+        return out  # no draw needed
     keep_key, control_key = fade.keys(model)
     mixed = mix_units(units) if mixed is None else mixed
     if fade.coverage < 1.0:  # integer compares: the same decisions as unit_draws(...) >= coverage
@@ -172,13 +173,24 @@ def apply_fading(
     sparse = dict(batch.sparse)
     decided: dict[str, np.ndarray] = {}
     skipped: dict[str, int] = {}
-    mixed = mix_units(units)  # [B], shared by every feature
+    draws = any(0.0 < f.coverage < 1.0 or f.control_fraction > 0.0 for f in fades.values())
+    mixed = mix_units(units) if draws else None  # [B], shared by every feature
     for feature, fade in fades.items():
         c = cohorts(units, model, fade, mixed=mixed)  # int8 [B]
         decided[feature] = c
         bags = sparse.get(feature)
+        if bags is None:
+            skipped[feature] = 0
+            continue
+        if fade.coverage <= 0.0 and fade.control_fraction <= 0.0:  # everyone: no per-example work
+            skipped[feature] = int(bags.values.size)
+            if bags.values.size:
+                sparse[feature] = Bags(
+                    bags.values[:0], np.zeros_like(bags.lengths), None if bags.weights is None else bags.weights[:0]
+                )
+            continue
         faded = c == FADED  # bool [B]
-        if bags is None or not faded.any():
+        if not faded.any():
             skipped[feature] = 0
             continue
         skipped[feature] = int(bags.lengths[faded].sum())

@@ -22,6 +22,7 @@ class ReclaimReport:
     tables: tuple[str, ...]  # tables that can be dropped
     shard_bytes: dict[int, tuple[int, int]]  # shard -> (bytes now, bytes freed)
     lookups_per_example: float  # embedding ids per example no longer looked up
+    replanned: tuple[int, ...] = ()  # bytes per shard of a fresh plan without the tables
 
     @property
     def bytes_freed(self) -> int:
@@ -46,6 +47,12 @@ class ReclaimReport:
         pct = 100.0 * self.bytes_freed / total_now if total_now else 0.0
         lines.append(f"  {'all':>5} {total_now:>16,} {self.bytes_freed:>16,} {pct:>6.1f}%")
         lines.append(f"  lookups saved: {self.lookups_per_example:g} ids per example")
+        if self.replanned:
+            before = max(n for n, _ in self.shard_bytes.values())
+            lines.append(
+                f"  re-planned with the same strategy and shard count: largest shard {before:,} -> "
+                f"{max(self.replanned):,} bytes (per shard: {', '.join(f'{b:,}' for b in self.replanned)})"
+            )
         return "\n".join(lines)
 
 
@@ -67,6 +74,9 @@ def reclaim_report(manifest: Manifest, states) -> ReclaimReport:
         freed = sum(s.bytes for s in sh.slices if s.table in tables)
         shard_bytes[sh.index] = (now, freed)
     lookups = sum(w.table_of(f).pooling_factor for f in done)
+    replanned: tuple[int, ...] = ()
+    if tables:
+        replanned = _replan(manifest, set(manifest.plan.tables) - set(tables))
     return ReclaimReport(
         model=manifest.name,
         reclaimable=done,
@@ -74,4 +84,21 @@ def reclaim_report(manifest: Manifest, states) -> ReclaimReport:
         tables=tables,
         shard_bytes=shard_bytes,
         lookups_per_example=lookups,
+        replanned=replanned,
     )
+
+
+def _replan(manifest: Manifest, kept: set[str]) -> tuple[int, ...]:
+    """Bytes per shard of the plan ``recserve export --drop-features`` would make."""
+    from recserve.planning import table_specs
+    from sharding import PlannerError, plan
+
+    p = manifest.plan
+    specs = [s for s in table_specs(manifest.workload, p.dtype) if s.name in kept]
+    if not specs:
+        return ()
+    try:
+        new = plan(specs, strategy=p.strategy, num_shards=p.num_shards, shard_memory=p.shard_memory)
+    except (PlannerError, ValueError):
+        return ()
+    return tuple(sh.bytes for sh in new.shards)
