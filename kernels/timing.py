@@ -20,8 +20,11 @@ class CudaTimer:
         self.warmup = warmup
         self.reps = reps
         self.device = torch.device(device)
-        # larger than the L2 (50 MB on H100), written between trials to evict the inputs
-        self._flush = torch.empty(flush_bytes // 4, dtype=torch.int32, device=self.device)
+        # larger than the L2 (50 MB on H100), read between trials to evict the inputs. A read,
+        # not a write: written lines would stay dirty in L2 and their write-back would land
+        # inside the next timed trial, charging it DRAM traffic that is not its own.
+        self._flush = torch.ones(flush_bytes // 4, dtype=torch.int32, device=self.device)
+        self._sink = torch.empty((), dtype=torch.int64, device=self.device)
 
     def __call__(self, fn: Callable[[], object]) -> float:
         for _ in range(self.warmup):
@@ -29,7 +32,7 @@ class CudaTimer:
         torch.cuda.synchronize(self.device)
         times = []
         for _ in range(self.reps):
-            self._flush.zero_()
+            torch.sum(self._flush, out=self._sink)
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
