@@ -20,7 +20,6 @@ a shard whose tables mix storage dtypes makes one launch per dtype.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Sequence

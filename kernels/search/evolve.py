@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import random
 import time
-import traceback
 from pathlib import Path
 from typing import Callable
 

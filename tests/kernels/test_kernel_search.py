@@ -16,7 +16,7 @@ from kernels.registry import Winners
 from kernels.search.evolve import GATE_SEEDS, record_winner, run_search
 from kernels.search.graph import SearchGraph
 from kernels.search.problems import EmbeddingBagProblem, problems_for
-from kernels.search.space import SPACES, Candidate
+from kernels.search.space import SPACES
 
 
 @dataclass
