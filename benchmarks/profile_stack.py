@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-hz", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/profile"))
     p.add_argument("--serve-env", action="append", default=[], help="KEY=VALUE for the stack")
+    p.add_argument("--transport", choices=("reference", "grpc"), default=None, help="`recserve serve --transport`")
     args = p.parse_args(argv)
     if args.duration > 120:
         p.error("--duration: at most 120 s")
@@ -85,9 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     workload = load_workload(args.workload).with_max_rows(args.max_rows or None)
     trace = make_trace(workload, 500, seed=0)
     env = dict(kv.split("=", 1) for kv in args.serve_env)
-    with ServeStack(args.package, name="profile", log_dir=args.out, env=env) as stack:
+    extra = ("--transport", args.transport) if args.transport else ()
+    with ServeStack(args.package, name="profile", log_dir=args.out, env=env, extra_args=extra) as stack:
         asyncio.run(warm_up(stack.address, trace.payloads, 30))
         procs = ray_serve_processes(within=stack.proc.pid)
+        # idle burn: what the serving processes use with no traffic at all
+        time.sleep(2.0)
+        before = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
+        time.sleep(5.0)
+        idle = {p.pid: (sum(p.cpu_times()[:2]) - before[p.pid]) / 5.0 for p in procs}
+        print("idle CPU (no traffic), % of one core: " + ", ".join(
+            f"{describe([p])[0].split(':')[-1].strip() or p.pid} {idle[p.pid]:.0%}" for p in procs))
         print("profiling: " + "; ".join(describe(procs)), flush=True)
         spies = []
         for proc in procs:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -212,11 +213,12 @@ def measure(
             )  # fmt: skip
         cpu_s, client_s = target.cpu.read() - cpu0, self_cpu_s() - me0
         row = summarize(config, run, fanout=fan, cpu_s=cpu_s, client_cpu_s=client_s)
+        row.loadavg_1m = os.getloadavg()[0]
         rows.append(row)
         print(
             f"  {config:>12} {mode:>6} {'c=' + str(x) if mode == 'closed' else f'{x:g}/s':>8}: "
             f"{row.throughput_rps:7.1f} ok/s  p50 {row.p50_ms:7.1f}  p99 {row.p99_ms:7.1f} ms  "
-            f"errors {row.errors or '-'}  cpu {row.cpu_ms_per_req:.2f} ms/req",
+            f"errors {row.errors or '-'}  cpu {row.cpu_ms_per_req:.2f} ms/req  load {row.loadavg_1m:.1f}",
             flush=True,
         )
     return rows

@@ -25,7 +25,7 @@ Selector = Callable[[], list[psutil.Process]]
 
 # substrings of the process titles Ray sets (Ray 2.60: "ray::SERVE_REPLICA::<app>#<deployment>#<id>:
 # ServeReplica:<app>:<deployment>.<method>", "ray::ProxyActor", "ray::ServeController")
-SERVE_TITLES = ("ServeReplica", "ray::ProxyActor")
+SERVE_TITLES = ("ServeReplica", "ray::ProxyActor", "HAProxy", "haproxy")  # haproxy: the HAProxy ingress
 CONTROL_TITLES = ("ray::ServeController", "raylet", "gcs_server")
 
 

@@ -93,6 +93,7 @@ _TABLE = (
     ("intern KB", "internal_bytes_per_req", "{:.1f}"),
     ("cpu ms/req", "cpu_ms_per_req", "{:.2f}"),
     ("cpu x mono", "cpu_overhead", "{:.2f}"),
+    ("load", "loadavg_1m", "{:.1f}"),
 )
 
 

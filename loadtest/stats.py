@@ -50,6 +50,7 @@ class RunSummary:
     cpu_ms_per_req: float  # cpu_s / OK answers, in ms
     cpu_overhead: float  # cpu_ms_per_req / the monolith's at the same rate (NaN if unknown)
     client_cpu_s: float  # CPU seconds of the load generator during the run
+    loadavg_1m: float = float("nan")  # machine load average at the end of the run (noise check)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -116,12 +116,17 @@ class _Target:
         return self.cpu.pids()
 
 
+def _on(env: dict[str, str], key: str) -> bool:
+    return env.get(key, "").lower() in ("1", "true")
+
+
 def _direct_ingress(env: dict[str, str]) -> bool:
-    """Whether Serve will run without proxies (throughput-optimized mode turns it on)."""
-    on = lambda k: env.get(k, "").lower() in ("1", "true")  # noqa: E731
+    """Whether the router replica serves gRPC itself (throughput-optimized mode, HAProxy)."""
+    if _on(env, "RAY_SERVE_ENABLE_HA_PROXY"):
+        return True
     if "RAY_SERVE_ENABLE_DIRECT_INGRESS" in env:
-        return on("RAY_SERVE_ENABLE_DIRECT_INGRESS") or on("RAY_SERVE_ENABLE_HA_PROXY")
-    return on("RAY_SERVE_THROUGHPUT_OPTIMIZED") or on("RAY_SERVE_ENABLE_HA_PROXY")
+        return _on(env, "RAY_SERVE_ENABLE_DIRECT_INGRESS")
+    return _on(env, "RAY_SERVE_THROUGHPUT_OPTIMIZED")
 
 
 class MonolithServer(_Target):
@@ -177,6 +182,9 @@ class ServeStack(_Target):
         env = dict(os.environ)
         env.update(self.env)
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Ray starts workers at nice 15; the monolith runs at 0. On a busy machine that alone
+        # would hand the monolith the CPU, so the replicas run at the monolith's priority.
+        env.setdefault("RAY_worker_niceness", "0")
         if _direct_ingress(env):
             # Direct ingress: the router replica serves gRPC itself, on a port Serve allocates
             # from a range; pin that range to one free port and send traffic there (the
@@ -189,7 +197,8 @@ class ServeStack(_Target):
                 RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(http),
                 RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(http + 1),
             )
-            self.address = f"127.0.0.1:{grpc_port}"
+            if not _on(env, "RAY_SERVE_ENABLE_HA_PROXY"):
+                self.address = f"127.0.0.1:{grpc_port}"  # with HAProxy: its frontend on --port
         self._spawn(argv, env)
         self.cpu = CpuMeter(lambda: ray_serve_processes(within=self.proc.pid) if self.proc else [])
         self.control_cpu = CpuMeter(lambda: ray_control_processes(within=self.proc.pid) if self.proc else [])
