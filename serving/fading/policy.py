@@ -2,14 +2,16 @@
 
 Deterministic and consistent per unit (e.g. per user)::
 
-    u(unit, f)   = mix(mix(unit) ^ key(model, f, salt)) / 2**64         # uniform in [0, 1)
-    control      = v(unit, f) < control_fraction                        # holdout, never faded
-    keep         = control or u(unit, f) < coverage
+    z(unit, f)   = mix(mix(unit) ^ key(model, f, salt))                 # 64 random bits
+    u, v         = (z >> 32) / 2**32, (z & 0xffffffff) / 2**32          # two uniforms in [0, 1)
+    control      = v < control_fraction                                 # holdout, never faded
+    keep         = control or u < coverage
 
 ``mix`` is the splitmix64 finaliser; ``key`` is a 64-bit BLAKE2b digest of the model,
-feature and salt, so two features (or two salts) fade independent sets of units, and
-``v`` uses a different key (``"control"`` appended) so the control cohort is independent
-of the keep draw. Because ``keep`` compares one fixed draw against the coverage, lowering
+feature and salt, so two features (or two salts) fade independent sets of units; the
+control draw ``v`` comes from the other half of the bits, independent of the keep draw
+``u``. The decision is taken with integer compares of those bits (no floats on the
+request path). Because ``keep`` compares one fixed draw against the coverage, lowering
 the coverage only ever removes units and raising it back restores exactly the same ones:
 a unit's treatment never flips back and forth within a schedule.
 
@@ -48,7 +50,8 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+_S30, _S27, _S31, _S32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
+_LOW32 = np.uint64(0xFFFFFFFF)
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -74,11 +77,11 @@ def mix_units(units: np.ndarray) -> np.ndarray:
     return _mix(np.asarray(units).astype(np.uint64, copy=False))
 
 
-def unit_draws(units: np.ndarray, key: np.uint64, *, mixed: np.ndarray | None = None) -> np.ndarray:
-    """One uniform draw in [0, 1) per unit for ``key``: float64 [B]."""
-    z = _mix((mix_units(units) if mixed is None else mixed) ^ key)  # uint64 [B]
-    z >>= _S11
-    return z.astype(np.float64) * (1.0 / 2.0**53)
+def unit_draws(units: np.ndarray, key: np.uint64) -> tuple[np.ndarray, np.ndarray]:
+    """(keep draw u, control draw v) per unit for ``key``: float64 [B] each, in [0, 1).
+    The reference form of what :func:`cohorts` decides with integer compares."""
+    z = _mix(mix_units(units) ^ key)  # uint64 [B]
+    return (z >> _S32).astype(np.float64) / 2.0**32, (z & _LOW32).astype(np.float64) / 2.0**32
 
 
 def request_units(batch_size: int, request_id: str) -> np.ndarray:
@@ -102,21 +105,14 @@ class FeatureFade:
             raise ValueError(f"control_fraction: must be in [0, 1), got {self.control_fraction!r}")
 
     @functools.cache  # noqa: B019  (a handful of frozen fades; computed once, not per request)
-    def keys(self, model: str) -> tuple[np.uint64, np.uint64]:
-        """(keep key, control key) of this feature of ``model``."""
-        return key64(model, self.feature, self.salt), key64(model, self.feature, self.salt, "control")
-
-
-def _draw_bits(mixed: np.ndarray, key: np.uint64) -> np.ndarray:
-    """The 53-bit integer behind :func:`unit_draws` (draw = bits / 2**53): uint64 [B]."""
-    z = _mix(mixed ^ key)
-    z >>= _S11
-    return z
+    def key(self, model: str) -> np.uint64:
+        """The draw key of this feature of ``model``."""
+        return key64(model, self.feature, self.salt)
 
 
 def _threshold(p: float) -> np.uint64:
-    """bits < ceil(p * 2**53)  <=>  bits / 2**53 < p, exactly, for 53-bit integers."""
-    return np.uint64(math.ceil(p * 2.0**53))
+    """bits < ceil(p * 2**32)  <=>  bits / 2**32 < p, exactly, for 32-bit integers."""
+    return np.uint64(math.ceil(p * 2.0**32))
 
 
 def cohorts(units: np.ndarray, model: str, fade: FeatureFade, *, mixed: np.ndarray | None = None) -> np.ndarray:
@@ -127,12 +123,11 @@ def cohorts(units: np.ndarray, model: str, fade: FeatureFade, *, mixed: np.ndarr
     out = np.full(units.shape[0], FADED if everyone_faded else KEPT, dtype=np.int8)
     if everyone_faded or (fade.coverage >= 1.0 and fade.control_fraction <= 0.0):
         return out  # no draw needed
-    keep_key, control_key = fade.keys(model)
-    mixed = mix_units(units) if mixed is None else mixed
-    if fade.coverage < 1.0:  # integer compares: the same decisions as unit_draws(...) >= coverage
-        out[_draw_bits(mixed, keep_key) >= _threshold(fade.coverage)] = FADED
+    z = _mix((mix_units(units) if mixed is None else mixed) ^ fade.key(model))  # uint64 [B]
+    if fade.coverage < 1.0:  # integer compares: the same decisions as unit_draws(...)
+        out[(z >> _S32) >= _threshold(fade.coverage)] = FADED
     if fade.control_fraction > 0.0:
-        out[_draw_bits(mixed, control_key) < _threshold(fade.control_fraction)] = CONTROL
+        out[(z & _LOW32) < _threshold(fade.control_fraction)] = CONTROL
     return out
 
 

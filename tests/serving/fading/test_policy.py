@@ -8,7 +8,7 @@ import pytest
 from recserve.batch import Bags, Batch
 from recserve.synth import TrafficGenerator
 from recserve.workloads import load_workload
-from serving.fading.policy import CONTROL, FADED, KEPT, FeatureFade, apply_fading, cohorts
+from serving.fading.policy import CONTROL, FADED, KEPT, FeatureFade, apply_fading, cohorts, key64, unit_draws
 
 N = 100_000
 
@@ -124,11 +124,17 @@ def test_coverage_outside_zero_one_is_rejected(bad: float) -> None:
 
 
 def test_the_integer_fast_path_decides_exactly_as_the_uniform_draws() -> None:
-    from serving.fading.policy import key64, unit_draws
-
     u = units()
+    keep_draw, control_draw = unit_draws(u, key64("m", "f", ""))
     for coverage in (0.0, 0.123456789, 0.5, 0.999999, 1.0):
         fade = FeatureFade(feature="f", coverage=coverage, control_fraction=0.07)
-        expect = np.where(unit_draws(u, key64("m", "f", "")) >= coverage, FADED, KEPT)
-        expect[unit_draws(u, key64("m", "f", "", "control")) < 0.07] = CONTROL
+        expect = np.where(keep_draw >= coverage, FADED, KEPT)
+        expect[control_draw < 0.07] = CONTROL
         np.testing.assert_array_equal(cohorts(u, "m", fade), expect)
+
+
+def test_the_control_cohort_is_drawn_independently_of_the_keep_decision() -> None:
+    keep_draw, control_draw = unit_draws(units(), np.uint64(12345))
+    assert abs(float(np.corrcoef(keep_draw, control_draw)[0, 1])) < 0.01
+    in_control = control_draw < 0.1
+    assert abs(float((keep_draw[in_control] < 0.5).mean()) - 0.5) < 0.02

@@ -203,7 +203,7 @@ def test_without_unit_or_request_ids_the_same_request_gets_the_same_treatment(tm
         a, b = fading(batch).decision.cohorts["category"], fading(batch).decision.cohorts["category"]
         np.testing.assert_array_equal(a, b)
         seen.add(int(a[0]))
-    assert seen == {KEPT, FADED}  # different requests do get different treatments
+    assert {KEPT, FADED} <= seen  # different requests do get different treatments
 
 
 def test_a_router_on_another_node_follows_and_rolls_back_through_the_control_plane(tmp_path, tiny, tiny_ranker, clock) -> None:
