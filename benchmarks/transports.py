@@ -26,6 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_package(tmp: Path) -> Path:
     import torch
 
@@ -93,8 +101,8 @@ def main() -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
              configure_logging=False)
-    port = 9311
-    serve.start(http_options={"host": "127.0.0.1", "port": 8311},
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
                 grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICERS})
     rows = []
     try:

@@ -54,7 +54,7 @@ def _apply_batching(method, config: dict | None) -> None:
     method.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, health_check_period_s=2)
 class Shard:
     """Shard K of the package: loads only shards/shard-K.safetensors."""
 
@@ -83,7 +83,7 @@ class _TowerItem:
         return int(self.dense.shape[0])
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, health_check_period_s=2)
 class DenseTower:
     """Assembles shard outputs into [B, F, D] and runs the dense model."""
 
@@ -228,13 +228,27 @@ class Router:
             raise ShardUnavailable("DenseTower", "no running replica")
 
     async def _running_replicas(self, *, fresh: bool = False) -> dict[str, int]:
+        """Replicas per deployment of this app that the controller reports RUNNING and whose
+        actor is still alive (the controller notices a dead replica only at its next health
+        check; the actor's name leaves Ray's registry as soon as it dies)."""
         at, cached = self._status_cache
         if not fresh and time.monotonic() - at < 0.5:
             return cached
         app = serve.get_replica_context().app_name
-        status = await asyncio.to_thread(serve.status)
-        deployments = status.applications[app].deployments if app in status.applications else {}
-        running = {name: int(d.replica_states.get("RUNNING", 0)) for name, d in deployments.items()}
+
+        def look() -> dict[str, int]:
+            import ray
+
+            status = serve.status()
+            deployments = status.applications[app].deployments if app in status.applications else {}
+            alive = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+            running = {}
+            for name, d in deployments.items():
+                actors = sum(1 for a in alive if f"{app}#{name}#" in a)
+                running[name] = min(int(d.replica_states.get("RUNNING", 0)), actors)
+            return running
+
+        running = await asyncio.to_thread(look)
         self._status_cache = (time.monotonic(), running)
         return running
 

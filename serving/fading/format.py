@@ -43,6 +43,7 @@ def format_status(features) -> str:
                 f"{g.faded_examples}  mean {_f(g.mean_control)}/{_f(g.mean_kept)}/{_f(g.mean_faded)}  "
                 f"ratio {_f(g.ratio)}  psi {_f(g.psi)}  latency ratio {_f(g.latency_ratio, '.3f')}  "
                 f"lookups skipped {g.lookups_skipped:,}"
+                + (f" ({g.lookups_skipped / g.seconds:,.0f}/s)" if g.seconds > 0 else "")
             )
     return "\n".join(lines)
 

@@ -90,6 +90,11 @@ class Figures:
     requests_with_faded: int
     requests_without: int
     lookups_skipped: int
+    seconds: float  # how long these statistics have been collected
+
+    @property
+    def lookups_skipped_per_s(self) -> float:
+        return self.lookups_skipped / self.seconds if self.seconds > 0 else math.nan
 
     def to_json(self) -> dict:
         def clean(x: float) -> float | None:
@@ -106,14 +111,16 @@ class Figures:
             "requests_with_faded": self.requests_with_faded,
             "requests_without": self.requests_without,
             "lookups_skipped": self.lookups_skipped,
+            "seconds": self.seconds,
         }
 
 
 class FeatureGuardrail:
     """Streaming statistics of one feature at one coverage, and the breach test."""
 
-    def __init__(self, coverage: float):
+    def __init__(self, coverage: float, started_at: float = 0.0):
         self.coverage = coverage
+        self.started_at = started_at
         self.cohorts = {CONTROL: CohortStats(), KEPT: CohortStats(), FADED: CohortStats()}
         self.latency_faded = LatencyStats()  # requests with at least one faded example
         self.latency_other = LatencyStats()
@@ -127,7 +134,7 @@ class FeatureGuardrail:
             (self.latency_faded if (cohorts == FADED).any() else self.latency_other).add(latency_s)
         self.lookups_skipped += skipped
 
-    def figures(self) -> Figures:
+    def figures(self, now: float | None = None) -> Figures:
         c, k, f = (self.cohorts[x] for x in (CONTROL, KEPT, FADED))
         ratio = f.mean / c.mean if f.count and c.count and c.mean > 0 else math.nan
         ratio_kept = k.mean / c.mean if k.count and c.count and c.mean > 0 else math.nan
@@ -147,6 +154,7 @@ class FeatureGuardrail:
             requests_with_faded=self.latency_faded.count,
             requests_without=self.latency_other.count,
             lookups_skipped=self.lookups_skipped,
+            seconds=max(0.0, (now if now is not None else self.started_at) - self.started_at),
         )
 
     def breach(self, t: Thresholds) -> str | None:

@@ -9,6 +9,7 @@ only in memory and shown by ``recserve fade status``.
     recserve_fading_score_psi{model,feature}               gauge, PSI faded vs control
     recserve_fading_latency_ratio{model,feature}           gauge, latency with/without faded
     recserve_fading_lookups_skipped_total{model,feature}   counter; rate() = lookups skipped/s
+    recserve_fading_lookups_skipped_per_second{model,feature}  gauge, over the current step
     recserve_fading_breaches_total{model,feature}          counter of guardrail breaches
 """
 
@@ -47,6 +48,9 @@ class FadingMetrics:
                 "psi": m.Gauge("recserve_fading_score_psi", "PSI of faded vs control scores", _TAGS),
                 "latency_ratio": m.Gauge(
                     "recserve_fading_latency_ratio", "mean latency of requests with / without faded examples", _TAGS
+                ),
+                "lookups_skipped_per_s": m.Gauge(
+                    "recserve_fading_lookups_skipped_per_second", "lookups skipped per second, current step", _TAGS
                 ),
             }
             self._counters = {

@@ -176,7 +176,7 @@ class FadingFilter:
                 and s.status == Status.RUNNING
                 and (why := g.breach(s.thresholds))
             }
-            figures = {f: self._guards[f].figures().to_json() for f in breaches}
+            figures = {f: self._guards[f].figures(now).to_json() for f in breaches}
         for feature, why in breaches.items():
             expected = self._states[feature]
             self._data_version = None
@@ -210,7 +210,7 @@ class FadingFilter:
             for f, fade in fades.items():
                 g, prev = self._guards.get(f), self._states.get(f)
                 if g is None or prev is None or g.coverage != fade.coverage or prev.step != states[f].step:
-                    self._guards[f] = FeatureGuardrail(fade.coverage)  # a new step is judged afresh
+                    self._guards[f] = FeatureGuardrail(fade.coverage, self.clock())  # a new step is judged afresh
             for f in list(self._guards):
                 if f not in fades:
                     del self._guards[f]
@@ -222,18 +222,20 @@ class FadingFilter:
 
     def _report(self, now: float) -> None:
         with self._lock:
-            figures = {f: g.figures() for f, g in self._guards.items()}
+            figures = {f: g.figures(now) for f, g in self._guards.items()}
         for f, fig in figures.items():
             self.metrics.set("ratio", self.model, f, fig.ratio)
             self.metrics.set("psi", self.model, f, fig.psi)
             self.metrics.set("latency_ratio", self.model, f, fig.latency_ratio)
+            self.metrics.set("lookups_skipped_per_s", self.model, f, fig.lookups_skipped_per_s)
         if figures:
             self.store.report_figures(self.replica, self.model, {f: x.to_json() for f, x in figures.items()}, now)
         self._last_report = now
 
     def figures(self) -> dict[str, dict]:
+        now = self.clock()
         with self._lock:
-            return {f: g.figures().to_json() for f, g in self._guards.items()}
+            return {f: g.figures(now).to_json() for f, g in self._guards.items()}
 
     def states(self) -> dict[str, FeatureState]:
         return dict(self._states)

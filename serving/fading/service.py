@@ -142,6 +142,7 @@ def state_to_proto(s: FeatureState, figures: list[tuple[str, float, dict]], now:
                 mean_control=_nan(mean["control"]), mean_kept=_nan(mean["kept"]), mean_faded=_nan(mean["faded"]),
                 ratio=_nan(fig["ratio"]), ratio_kept=_nan(fig["ratio_kept"]), psi=_nan(fig["psi"]),
                 latency_ratio=_nan(fig["latency_ratio"]), lookups_skipped=fig["lookups_skipped"],
+                seconds=fig.get("seconds", 0.0),
             )
         )
     return out

@@ -113,7 +113,7 @@ def test_a_shard_that_is_down_gives_unavailable_and_the_rest_keeps_serving(deplo
     from ray import serve
 
     package = shutil.copytree(tiny_packages("table-2"), tmp_path / "table-2")
-    client = deploy(package, "down", shard_down_after_s=0.5)
+    client = deploy(package, "down", shard_down_after_s=0.5, default_timeout_s=60)
     try:
         batch = TrafficGenerator(tiny, seed=34).batch(6)
         np.testing.assert_allclose(client.predict(batch.dense, helpers.as_sparse(batch), timeout=60),
@@ -125,9 +125,15 @@ def test_a_shard_that_is_down_gives_unavailable_and_the_rest_keeps_serving(deplo
         # shard 1 goes down for good: its file no longer verifies, so no replacement can start
         with open(package / "shards" / f"shard-{down.index}.safetensors", "ab") as f:
             f.write(b"corrupt")
-        for name in ray.util.list_named_actors(all_namespaces=True):
-            if f"down#shard-{down.index}#" in name["name"]:
-                ray.kill(ray.get_actor(name["name"], namespace=name["namespace"]), no_restart=True)
+        def replicas():
+            return [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if f"down#shard-{down.index}#" in a["name"]]
+
+        for a in replicas():
+            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+        deadline = time.monotonic() + 30
+        while replicas() and time.monotonic() < deadline:  # ray.kill returns before the actor is gone
+            time.sleep(0.1)
         with pytest.raises(grpc.RpcError) as err:
             client.predict(batch.dense, helpers.as_sparse(batch), timeout=30)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
