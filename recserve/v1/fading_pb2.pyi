@@ -69,7 +69,7 @@ class SetCoverageRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., feature: _Optional[str] = ..., coverage: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GuardrailFigures(_message.Message):
-    __slots__ = ("replica", "at", "coverage", "control_examples", "kept_examples", "faded_examples", "mean_control", "mean_kept", "mean_faded", "ratio", "ratio_kept", "psi", "latency_ratio", "lookups_skipped")
+    __slots__ = ("replica", "at", "coverage", "control_examples", "kept_examples", "faded_examples", "mean_control", "mean_kept", "mean_faded", "ratio", "ratio_kept", "psi", "latency_ratio", "lookups_skipped", "seconds")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class GuardrailFigures(_message.Message):
     PSI_FIELD_NUMBER: _ClassVar[int]
     LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
     LOOKUPS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
     replica: str
     at: float
     coverage: float
@@ -98,7 +99,8 @@ class GuardrailFigures(_message.Message):
     psi: float
     latency_ratio: float
     lookups_skipped: int
-    def __init__(self, replica: _Optional[str] = ..., at: _Optional[float] = ..., coverage: _Optional[float] = ..., control_examples: _Optional[int] = ..., kept_examples: _Optional[int] = ..., faded_examples: _Optional[int] = ..., mean_control: _Optional[float] = ..., mean_kept: _Optional[float] = ..., mean_faded: _Optional[float] = ..., ratio: _Optional[float] = ..., ratio_kept: _Optional[float] = ..., psi: _Optional[float] = ..., latency_ratio: _Optional[float] = ..., lookups_skipped: _Optional[int] = ...) -> None: ...
+    seconds: float
+    def __init__(self, replica: _Optional[str] = ..., at: _Optional[float] = ..., coverage: _Optional[float] = ..., control_examples: _Optional[int] = ..., kept_examples: _Optional[int] = ..., faded_examples: _Optional[int] = ..., mean_control: _Optional[float] = ..., mean_kept: _Optional[float] = ..., mean_faded: _Optional[float] = ..., ratio: _Optional[float] = ..., ratio_kept: _Optional[float] = ..., psi: _Optional[float] = ..., latency_ratio: _Optional[float] = ..., lookups_skipped: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class FeatureFadeStatus(_message.Message):
     __slots__ = ("model", "feature", "coverage", "status", "step", "steps", "soak_left_seconds", "safe_coverage", "control_fraction", "salt", "thresholds", "updated_at", "reason", "reclaimable", "guardrails")
