@@ -8,9 +8,10 @@ is the factory ``AppArgs.feature_filter`` names) and, for every request::
     fading.observe(batch, scores, latency_s)   # after scoring: feeds the guardrails
 
 ``fading(batch)`` only reads an in-memory snapshot of the coverages; ``observe`` only
-updates counters. All store I/O (following state changes, advancing schedules whose soak
-ended, rolling back on a breach, reporting figures) happens on a background thread, so
-the request path never waits on disk. ``sync()`` runs one round of it inline (tests,
+updates counters. Everything else (following state changes, advancing schedules whose
+soak ended, testing the guardrails and rolling back on a breach, reporting figures)
+happens on a background thread every ``poll_interval_s`` (0.5 s), so the request path
+never waits on disk. ``sync()`` runs one round of it inline (tests,
 benchmarks).
 
 Every replica judges the guardrails on its own traffic; the first one to see a breach
@@ -98,7 +99,6 @@ class FadingFilter:
         self._guards: dict[str, FeatureGuardrail] = {}
         self._data_version: tuple | None = None
         self._last_report = 0.0
-        self._breach_pending = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.sync()
@@ -135,15 +135,12 @@ class FadingFilter:
                 skipped = decision.lookups_skipped.get(feature, 0)
                 guard.observe(cohorts, scores, latency_s, skipped)
                 self.metrics.inc("lookups_skipped", self.model, feature, skipped)
-                state = self._states.get(feature)
-                if state is not None and state.status == Status.RUNNING and guard.breach(state.thresholds):
-                    self._breach_pending.set()
+        # the breach test runs on the background thread, every poll (not per request)
 
     # ---- background work ----------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._breach_pending.wait(self.poll_interval_s)
+        while not self._stop.wait(self.poll_interval_s):
             try:
                 self.sync()
             except Exception as e:  # keep serving on the last state; retry next round
@@ -165,9 +162,6 @@ class FadingFilter:
             self._report(now)
 
     def _handle_breaches(self, now: float) -> None:
-        if not self._breach_pending.is_set():
-            return
-        self._breach_pending.clear()
         with self._lock:
             breaches = {
                 f: why
@@ -243,7 +237,6 @@ class FadingFilter:
     def close(self) -> None:
         """Stop the background thread (the state in the store is untouched)."""
         self._stop.set()
-        self._breach_pending.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from recserve.workloads import WorkloadConfig
+
+
+# The store the served app's router reads (router_filter -> default_store_path). Set at
+# collection time, before the session's Ray instance starts, so Serve replicas inherit it
+# and no test touches the checkout's artifacts/fading.sqlite.
+SERVED_STORE = Path(tempfile.mkdtemp(prefix="recserve-fading-")) / "fading.sqlite"
+os.environ.setdefault("RECSERVE_FADE_STORE", str(SERVED_STORE))
 
 
 class FakeClock:
