@@ -38,10 +38,11 @@ _FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
 _QUANT_BITS = {"fp32": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4}
 _META_COLS = 8  # base, row stride, dim, output column, scale/bias row base, global table id, rows, pad
 
-TEMPLATES = ("per_bag", "multi_bag")
+TEMPLATES = ("per_bag", "multi_bag", "split_bag")
 DEFAULT_CONFIGS = {
     "per_bag": {"BLOCK_N": 8, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2},
     "multi_bag": {"BAGS": 8, "BLOCK_N": 1, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2},
+    "split_bag": {"SPLITS": 4, "BLOCK_N": 2, "BLOCK_D": 128, "num_warps": 1, "num_stages": 1},
 }
 
 
@@ -318,6 +319,69 @@ def _eb_multi_bag_kernel(
         tl.store(ERR + pid * tl.num_programs(1) + pid_d, tl.where(any_bad_off > 0, -1, first_bad))
 
 
+@triton.jit(do_not_specialize=["B", "first_bag", "N", "TB"])
+def _eb_split_bag_kernel(
+    W, SB, META, IDX, OFF, PSW, OUT, ERR,
+    B, first_bag, out_stride, N, TB,
+    QUANT: tl.constexpr, MEAN: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr, CONTIG: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVICT: tl.constexpr,
+    CHECK: tl.constexpr,
+):
+    """SPLITS programs per (bag, column block): program s takes the chunks s, s + SPLITS, ...
+    of BLOCK_N ids and adds its partial sum into the (zeroed) output with an atomic add.
+    Long bags (dlrmv2's 100-id table) no longer serialize on one program."""
+    pid = tl.program_id(0)  # bag * SPLITS + split
+    pid_d = tl.program_id(1)
+    g = pid // SPLITS
+    s = pid - g * SPLITS
+    t = g // B
+    b = g - t * B
+    base = tl.load(META + t * 8 + 0)
+    stride = tl.load(META + t * 8 + 1)
+    dim = tl.load(META + t * 8 + 2)
+    out_col = tl.load(META + t * 8 + 3)
+    row_base = tl.load(META + t * 8 + 4)
+    if CONTIG:
+        bag = first_bag + g
+    else:
+        bag = tl.load(META + t * 8 + 5) * B + b
+    start = tl.load(OFF + bag).to(tl.int64)
+    end = tl.load(OFF + bag + 1).to(tl.int64)
+    length = end - start
+    if CHECK:
+        rows_t = tl.load(META + t * 8 + 6)
+        ok_off = (start >= 0) & (start <= end) & (end <= N) & ((bag != 0) | (start == 0)) & ((bag != TB - 1) | (end == N))
+        end = tl.where(ok_off, end, start)
+        first_bad = tl.zeros([], dtype=tl.int64) + N
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    dmask = d < dim
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i in range(start + s * BLOCK_N, end, SPLITS * BLOCK_N):
+        n = i + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        nmask = n < end
+        idx = tl.load(IDX + n, mask=nmask, other=0).to(tl.int64)
+        if CHECK:
+            bad = nmask & ((idx < 0) | (idx >= rows_t))
+            first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, n, N), axis=0))
+            nmask = nmask & (bad == 0)
+            idx = tl.where(bad, 0, idx)
+        row_off = tl.multiple_of(base + idx * stride, ALIGN)  # [BLOCK_N]
+        mask = nmask[:, None] & dmask[None, :]
+        v = _load_rows(W, SB, row_off, row_base + idx, d, nmask, mask, QUANT, EVICT)  # [BLOCK_N, BLOCK_D]
+        if HAS_W:
+            v = v * tl.load(PSW + n, mask=nmask, other=0.0)[:, None]
+        acc += v
+    part = tl.sum(acc, axis=0)  # [BLOCK_D]
+    if MEAN:
+        part = part / tl.maximum(length, 1).to(tl.float32)
+    # splits with no ids add nothing; skip their atomics (every bag's split 0 always writes)
+    sv = d * 0 + s  # [BLOCK_D] (vector masks: the interpreter wants no 0-d ones)
+    has_work = (sv * BLOCK_N < length) | (sv == 0)
+    tl.atomic_add(OUT + b.to(tl.int64) * out_stride + out_col + d, part, mask=dmask & has_work, sem="relaxed")
+    if CHECK:
+        tl.store(ERR + pid * tl.num_programs(1) + pid_d, tl.where(ok_off, first_bad, -1))
+
+
 @triton.jit(do_not_specialize=["N", "TB", "B", "T"])
 def _validate_kernel(IDX, OFF, ROWS, FLAGS, N, TB, B, T, BLOCK: tl.constexpr, T_POW2: tl.constexpr):
     """One pass over ids and offsets; program p writes FLAGS[p] = [first position of an
@@ -355,6 +419,7 @@ class PackedGroup:
     table_ids: tuple[int, ...]  # global table index of each packed table
     max_dim: int
     align: int  # largest power of two (<= 16) dividing every row offset, in elements
+    meta_host: tuple[tuple[int, int], ...] = ()  # (output column, dim) per packed table
 
 
 def _pow2_divisor(x: int, cap: int = 16) -> int:
@@ -399,6 +464,7 @@ def pack_tables(tables: Sequence[TableWeights], device: torch.device) -> list[Pa
             dtype=dtype, quant=quant, weight=weight, scale_bias=scale_bias,
             meta=torch.tensor(meta, dtype=torch.int64, device=device), table_ids=tuple(ids),
             max_dim=max(tables[i].dim for i in ids), align=align,
+            meta_host=tuple((out_cols[i], tables[i].dim) for i in ids),
         ))
     return groups
 
@@ -432,7 +498,8 @@ def launch(
                   ALIGN=group.align, CONTIG=contig, BLOCK_D=block_d, EVICT=cfg.get("EVICT", 0),
                   num_warps=num_warps, num_stages=num_stages)
     grid_d = triton.cdiv(group.max_dim, block_d)
-    n_prog = n_bags if template == "per_bag" else triton.cdiv(n_bags, cfg.get("BAGS", 1))
+    n_prog = {"per_bag": n_bags, "split_bag": n_bags * cfg.get("SPLITS", 1)}.get(
+        template, triton.cdiv(n_bags, cfg.get("BAGS", 1)))
     err = torch.empty(n_prog * grid_d, dtype=torch.int64, device=out.device) if check else None
     args = (group.weight, group.scale_bias, group.meta, indices, offsets, psw, out, err if check else out)
     N, TB = indices.numel(), offsets.numel() - 1
@@ -444,9 +511,23 @@ def launch(
         _eb_multi_bag_kernel[(n_prog, grid_d)](
             *args, B, n_bags, ids[0] * B, out.stride(0), N, TB, BAGS=bags, BLOCK_N=cfg.get("BLOCK_N", 1),
             CHECK=check, **common)
+    elif template == "split_bag":
+        _zero_group_columns(group, out)  # partial sums are added atomically
+        _eb_split_bag_kernel[(n_prog, grid_d)](
+            *args, B, ids[0] * B, out.stride(0), N, TB, SPLITS=cfg["SPLITS"], BLOCK_N=cfg["BLOCK_N"],
+            CHECK=check, **common)
     else:
         raise KernelInputError(f"template: unknown embedding_bag template {template!r}")
     return err
+
+
+def _zero_group_columns(group: PackedGroup, out: torch.Tensor) -> None:
+    cols = group.meta_host  # [(output column, dim)] of the group's tables
+    if sum(dim for _, dim in cols) == out.shape[1]:
+        out.zero_()
+    else:
+        for col, dim in cols:
+            out[:, col:col + dim].zero_()
 
 
 def shape_bucket(max_dim: int, batch: int, avg_pooling: float) -> str:

@@ -14,6 +14,8 @@ SPACES: dict[str, dict[str, dict[str, tuple[int, ...]]]] = {
                     "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3), "EVICT": (0, 1)},
         "multi_bag": {"BAGS": (2, 4, 8, 16, 32, 64), "BLOCK_N": (1, 2, 4, 8, 16), "BLOCK_D": (16, 32, 64, 128, 256),
                       "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3), "EVICT": (0, 1)},
+        "split_bag": {"SPLITS": (2, 4, 8, 16), "BLOCK_N": (1, 2, 4, 8), "BLOCK_D": (16, 32, 64, 128, 256),
+                      "num_warps": (1, 2, 4), "num_stages": (1, 2, 3), "EVICT": (0, 1)},
     },
     "interaction": {
         "dot_tile": {"SAMPLES": (1, 2, 4, 8), "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3)},
@@ -31,6 +33,7 @@ SEEDS: dict[str, list[tuple[str, dict[str, int]]]] = {
         ("per_bag", {"BLOCK_N": 1, "BLOCK_D": 128, "num_warps": 1, "num_stages": 1, "EVICT": 1}),
         ("multi_bag", {"BAGS": 8, "BLOCK_N": 1, "BLOCK_D": 128, "num_warps": 4, "num_stages": 1, "EVICT": 0}),
         ("multi_bag", {"BAGS": 4, "BLOCK_N": 4, "BLOCK_D": 128, "num_warps": 4, "num_stages": 1, "EVICT": 1}),
+        ("split_bag", {"SPLITS": 4, "BLOCK_N": 2, "BLOCK_D": 128, "num_warps": 1, "num_stages": 1, "EVICT": 1}),
     ],
     "interaction": [
         ("dot_tile", {"SAMPLES": 1, "num_warps": 4, "num_stages": 2}),

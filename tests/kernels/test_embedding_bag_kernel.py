@@ -38,6 +38,7 @@ VARIANTS = {
     "per_bag": ("per_bag", {}),
     "multi_bag": ("multi_bag", {}),
     "multi_bag_n4": ("multi_bag", {"BAGS": 2, "BLOCK_N": 4}),
+    "split_bag": ("split_bag", {"SPLITS": 3, "BLOCK_N": 1}),
 }
 
 
@@ -134,7 +135,7 @@ def test_malformed_offsets_are_rejected(device, offsets, field, backend, validat
         tb(torch.tensor([0, 1, 2, 3, 3], device=device), torch.tensor(offsets, device=device))
 
 
-@pytest.mark.parametrize("template", ["per_bag", "multi_bag"])
+@pytest.mark.parametrize("template", TEMPLATES)
 def test_in_kernel_validation_gives_the_same_output_when_inputs_are_valid(device, template):
     gen = torch.Generator().manual_seed(11)
     tables = [make_table(dt, r, d, gen) for dt, r, d in zip(["int8", "int8", "int8"], ROWS, DIMS)]
@@ -232,7 +233,8 @@ def test_gpu_kernel_matches_reference_at_serving_shapes(dtype, template):
     B = 300
     indices, offsets, psw = make_batch(rows, B, gen, max_len=40)
     tb = TableBatchedEmbeddingBag(tables, device=device, backend="triton", warmup=False)
-    extra = {"BLOCK_N": 4, "BAGS": 4} if template == "multi_bag" else {"BLOCK_N": 32}
+    extra = {"multi_bag": {"BLOCK_N": 4, "BAGS": 4}, "per_bag": {"BLOCK_N": 32},
+             "split_bag": {"SPLITS": 8, "BLOCK_N": 4}}[template]
     for config in ({**DEFAULT_CONFIGS[template]}, {**DEFAULT_CONFIGS[template], "BLOCK_D": 64, **extra}):
         out = _run_template(tb, template, config, indices.to(device), offsets.to(device), psw.to(device), B)
         ref = embedding_bag_reference(tb.tables, indices.to(device), offsets.to(device), psw.to(device))

@@ -16,7 +16,7 @@ from kernels.registry import Winners
 from kernels.search.evolve import GATE_SEEDS, record_winner, run_search
 from kernels.search.graph import SearchGraph
 from kernels.search.problems import EmbeddingBagProblem, problems_for
-from kernels.search.space import SPACES
+from kernels.search.space import SPACES, seeds
 
 
 @dataclass
@@ -27,8 +27,8 @@ class ToyProblem:
     dtype: str = "fp16"
     bucket: str = "d128_p8_b512"
     tolerance: float = 1e-6
-    broken_block_n: int = 8  # multi_bag with BLOCK_N=8 (a seed has it) returns wrong numbers
-    crash_stages: int = 1  # num_stages=1 (a seed has it) "fails to compile"
+    broken_block_n: int = 4  # multi_bag with BLOCK_N=4 (a seed has it) returns wrong numbers
+    crash_template: str = "split_bag"  # (a seed has it) "fails to compile"
 
     def normalize(self, cand):
         return cand
@@ -44,7 +44,7 @@ class ToyProblem:
 
     def run(self, cand, x, poison=True):
         cfg = cand.cfg
-        if cfg["num_stages"] == self.crash_stages:
+        if cand.template == self.crash_template:
             raise RuntimeError("PassManager::run failed")
         if cand.template == "multi_bag" and cfg["BLOCK_N"] == self.broken_block_n:
             return x * 2 + 1
@@ -83,9 +83,8 @@ def test_search_beats_its_seeds_and_records_the_fittest_node_as_winner(tmp_path)
 def test_candidates_that_fail_the_gate_or_crash_get_fitness_zero(tmp_path):
     graph = run_search(ToyProblem(), graph_path=tmp_path / "g.json", timer=fake_timer(), budget=60,
                        patience=60, log=lambda m: None)
-    crashed = [n for n in graph.nodes if n.config["num_stages"] == 1]
-    broken = [n for n in graph.nodes if n.template == "multi_bag" and n.config["BLOCK_N"] == 8
-              and n.config["num_stages"] != 1]
+    crashed = [n for n in graph.nodes if n.template == "split_bag"]
+    broken = [n for n in graph.nodes if n.template == "multi_bag" and n.config["BLOCK_N"] == 4]
     assert crashed and all(n.status == "compile_error" and n.fitness == 0 and "PassManager" in n.error for n in crashed)
     assert broken and all(n.status == "gate_failed" and n.fitness == 0 for n in broken)
     assert graph.best().status == "ok"
@@ -135,7 +134,7 @@ def test_search_stops_after_patience_rounds_without_gain(tmp_path):
     graph = run_search(ToyProblem(), graph_path=tmp_path / "g.json", timer=flat, budget=100, patience=5,
                        log=lambda m: None)
     assert graph.rounds == 5 and graph.rounds_since_gain == 5
-    assert len(graph.nodes) == 4 + 5  # the seeds, then five rounds that gained nothing
+    assert len(graph.nodes) == len(seeds("embedding_bag")) + 5  # the seeds, then five rounds without gain
 
 
 def test_speedups_above_ten_are_flagged_and_a_slower_bucket_keeps_the_reference(tmp_path):
@@ -163,10 +162,10 @@ def test_real_lookup_problem_gate_runs_the_triton_kernel_on_ragged_and_empty_bag
         assert 0 in lengths and len(set(lengths)) > 1  # empty and ragged bags in every gate input
     broken = _BrokenMultiBag(**{k: getattr(problem, k) for k in ("dtype", "rows", "dims", "pooling", "batch", "device")})
     graph = run_search(broken, graph_path=tmp_path / "g.json", timer=lambda fn, label: 1e-4 if label == "reference" else 5e-5,
-                       budget=4, patience=0, log=lambda m: None)
+                       budget=len(seeds("embedding_bag")), patience=0, log=lambda m: None)
     assert graph.bucket == "d8_p4_b4"  # tiny: mean pooling (1+1+10+3)/4 -> 4
     status = {n.template: n.status for n in graph.nodes}
-    assert status == {"per_bag": "ok", "multi_bag": "gate_failed"}
+    assert status == {"per_bag": "ok", "multi_bag": "gate_failed", "split_bag": "ok"}
 
 
 def test_workload_problems_cover_every_dtype_and_batch_and_the_dcn_layers():
