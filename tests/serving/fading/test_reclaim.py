@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
+from recserve.batch import Batch
 from recserve.cli import main as recserve_main
 from recserve.package import ModelPackage
 from recserve.synth import TrafficGenerator
@@ -57,8 +56,6 @@ def test_dropping_a_done_feature_changes_no_score(tmp_path, tiny, tiny_state_dic
         batch = TrafficGenerator(tiny, seed=seed).batch(200)
         without = dict(batch.sparse)
         del without["recent_items"]  # the new package does not serve it
-        from recserve.batch import Batch
-
         np.testing.assert_array_equal(
             smaller.score(Batch(batch.dense, without, batch.unit_ids)), faded_ranker.score(batch)
         )
