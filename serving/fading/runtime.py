@@ -53,6 +53,14 @@ def content_request_id(batch: Batch) -> str:
     return "content:" + hashlib.blake2b(batch.dense.tobytes(), digest_size=8).hexdigest()
 
 
+def _current_request_id() -> str:
+    """The request id the server set for this request (serving.routing.REQUEST_ID), if any."""
+    import serving.routing as routing
+
+    var = getattr(routing, "REQUEST_ID", None)
+    return var.get() if var is not None else ""
+
+
 def replica_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -117,7 +125,7 @@ class FadingFilter:
         if not fades:
             return FadedBatch(batch.dense, batch.sparse, batch.unit_ids)
         if batch.unit_ids is None and not request_id:
-            request_id = content_request_id(batch)
+            request_id = _current_request_id() or content_request_id(batch)
         out, decision = apply_fading(batch, self.model, fades, request_id=request_id)
         return FadedBatch(out.dense, out.sparse, out.unit_ids, decision)
 
