@@ -439,7 +439,7 @@ def pack_tables(tables: Sequence[TableWeights], device: torch.device) -> list[Pa
         if not ids:
             continue
         quant = _QUANT_BITS[dtype]
-        meta, weights, scales, biases = [], [], [], []
+        meta, scales, biases = [], [], []
         base = row_base = 0
         align = 16
         for i in ids:
@@ -447,14 +447,18 @@ def pack_tables(tables: Sequence[TableWeights], device: torch.device) -> list[Pa
             stride = int(tw.weight.shape[1])
             meta.append([base, stride, tw.dim, out_cols[i], row_base, i, tw.rows, 0])
             align = min(align, _pow2_divisor(base), _pow2_divisor(stride))
-            weights.append(tw.weight.reshape(-1))
             if quant:
                 scales.append(tw.scale)
                 biases.append(tw.bias)
             base += tw.rows * stride
             row_base += tw.rows
-        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-        weight = weight.to(device).contiguous()
+        w0 = tables[ids[0]].weight
+        if len(ids) == 1 and w0.device == device and w0.is_contiguous():
+            weight = w0.reshape(-1)  # one table already in place: no copy
+        else:
+            weight = torch.empty(base, dtype=w0.dtype, device=device)  # [sum rows*stride]
+            for i, row in zip(ids, meta):
+                weight[row[0]:row[0] + row[6] * row[1]].copy_(tables[i].weight.reshape(-1))
         if quant:
             sb = torch.stack([torch.cat(scales), torch.cat(biases)], dim=1).to(device=device, dtype=torch.float32)
             scale_bias = sb.contiguous().view(torch.int64).reshape(-1)  # [sum rows] (little-endian: scale low)
@@ -592,15 +596,26 @@ class TableBatchedEmbeddingBag:
         self.total_dim = sum(self.dims)
         self.rows = torch.tensor([t.rows for t in tables], dtype=torch.int64, device=self.device)  # [T]
         self._rows_host = [t.rows for t in tables]
-        self.tables = [
-            TableWeights(
-                weight=t.weight.to(self.device).contiguous(), dim=t.dim, dtype=t.dtype,
-                scale=None if t.scale is None else t.scale.to(self.device).contiguous(),
-                bias=None if t.bias is None else t.bias.to(self.device).contiguous(),
-            )
-            for t in tables
-        ]
-        self.groups = pack_tables(self.tables, self.device) if backend != "reference" else []
+        def on_device(x):
+            return None if x is None else x.to(self.device).contiguous()
+
+        if backend == "reference":
+            self.groups = []
+            self.tables = [TableWeights(weight=on_device(t.weight), dim=t.dim, dtype=t.dtype,
+                                        scale=on_device(t.scale), bias=on_device(t.bias)) for t in tables]
+        else:
+            # weights are copied once, table by table, into the packed buffer; the reference
+            # path then reads views of it, so the device holds each table once
+            self.groups = pack_tables(tables, self.device)
+            views = {}
+            for g in self.groups:
+                meta = g.meta.tolist()
+                for i, row in zip(g.table_ids, meta):
+                    base, stride, rows = row[0], row[1], row[6]
+                    views[i] = g.weight[base:base + rows * stride].view(rows, stride)
+            self.tables = [TableWeights(weight=views[i], dim=t.dim, dtype=t.dtype,
+                                        scale=on_device(t.scale), bias=on_device(t.bias))
+                           for i, t in enumerate(tables)]
         # ids are checked by one Triton pass where Triton runs, else by torch ops
         self._validate_with_triton = triton_usable(self.device) and backend != "reference"
         self.winners = winners if winners is not None else Winners.for_device(self.device)

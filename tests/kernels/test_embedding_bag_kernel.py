@@ -262,3 +262,15 @@ def test_gpu_auto_backend_follows_the_winners_table():
     lose = Winners({f"embedding_bag/fp16/{bucket}": {"backend": "reference"}})
     tb = TableBatchedEmbeddingBag(tables, device=device, backend="auto", winners=lose)
     assert tb.choice(tb.groups[0], 64, n).backend == "reference"
+
+
+def test_packed_weights_are_held_once_and_the_reference_reads_views_of_them(device):
+    gen = torch.Generator().manual_seed(12)
+    tables = [make_table(dt, r, d, gen) for dt, r, d in zip(["fp16", "fp16", "int8"], ROWS, DIMS)]
+    tb = TableBatchedEmbeddingBag(tables, device=device, backend="triton", warmup=False)
+    for g in tb.groups:
+        lo = g.weight.data_ptr()
+        hi = lo + g.weight.numel() * g.weight.element_size()
+        for i in g.table_ids:
+            assert lo <= tb.tables[i].weight.data_ptr() < hi  # a view, not a second copy
+            assert torch.equal(tb.tables[i].weight.cpu(), tables[i].weight)
