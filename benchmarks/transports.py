@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/transports.py [--requests 200] [--concurrency 8]
 
-For each workload (tiny; criteo-kaggle with tables capped at 100k rows = the default model)
+The monolith (whole model in one process, no Ray; serving/monolith.py) runs the same trace
+first, as the baseline. For each workload (tiny; criteo-kaggle with tables capped at 100k rows = the default model)
 and each transport ("reference": Ray actor calls through the object store, shard results
 passed to the tower as DeploymentResponses; "grpc": handle.options(_by_reference=False)),
 deploys the app on a local Ray, warms it up, then sends the same trace of requests over
@@ -92,11 +93,23 @@ def main() -> int:
     from serving.commands import GRPC_SERVICERS
     from serving.config import AppArgs
     from serving.default_model import ensure_default_package
+    from serving.monolith import MonolithThread
 
     tmp = Path(tempfile.mkdtemp(prefix="recserve-bench-"))
     packages = {}
     for name in args.workloads.split(","):
         packages[name] = tiny_package(tmp) if name == "tiny" else ensure_default_package()
+
+    rows = []
+    traces = {}
+    for name, pkg in packages.items():  # the baseline: the whole model in one process, no Ray
+        manifest = ModelPackage.open(pkg).manifest
+        batch_size = 64 if name == "tiny" else 256
+        gen = TrafficGenerator(manifest.workload, seed=0)
+        traces[name] = (batch_size, [gen.batch(batch_size) for _ in range(args.requests)])
+        with MonolithThread(pkg) as srv, RankingClient(f"127.0.0.1:{srv.port}") as client:
+            r = measure(client, traces[name][1], concurrency=args.concurrency)
+        rows.append((name, manifest.plan.num_shards, batch_size, "monolith", r))
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
@@ -104,14 +117,10 @@ def main() -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
                 grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICERS})
-    rows = []
     try:
         for name, pkg in packages.items():
             manifest = ModelPackage.open(pkg).manifest
-            w = manifest.workload
-            batch_size = 64 if name == "tiny" else 256
-            gen = TrafficGenerator(w, seed=0)
-            batches = [gen.batch(batch_size) for _ in range(args.requests)]
+            batch_size, batches = traces[name]
             for transport in ("reference", "grpc"):
                 app = f"bench-{name}-{transport}"
                 print(f"deploying {app} ({manifest.plan.num_shards} shards) ...", flush=True)
