@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # "grpc" = Serve's inter-deployment gRPC (handle.options(_by_reference=False)); Serve resolves
 # the shard responses in the router and sends them on by value.
 # The default is the faster on benchmarks/transports.py (figures in serving/README.md):
-# grpc, by 1.2x on p50 latency and 1.6-1.7x on throughput, on tiny and criteo-kaggle.
+# grpc, by 1.16-1.61x on p50 latency and 1.25-3.8x on throughput, on tiny and criteo-kaggle.
 Transport = Literal["reference", "grpc"]
 DEFAULT_TRANSPORT: Transport = "grpc"
 
