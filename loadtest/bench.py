@@ -225,7 +225,7 @@ def measure(
 
 
 def run_bench(opts: BenchOptions) -> list[RunSummary]:
-    from loadtest.targets import MonolithServer, ServeStack
+    from loadtest.targets import MonolithServer, ServeStack, TargetError
 
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,16 +238,23 @@ def run_bench(opts: BenchOptions) -> list[RunSummary]:
         f"{trace.request_bytes.mean() / 1024:.1f} KiB/request",
         flush=True,
     )
+    _write_run_info(opts, out)
     rows: list[RunSummary] = []
     seen: dict[str, str] = {}
+    failed: dict[str, str] = {}
     for config in opts.configs:
         parsed = parse_config(config)
         if parsed is None:
             package = ensure_package(opts, "singular", 1)
             print(f"[{config}] package {package}", flush=True)
-            with MonolithServer(package, log_dir=logs) as target:
-                _check_rows(trace, target.info)
-                rows += measure(config, target, trace, opts, plan=None)
+            try:
+                with MonolithServer(package, log_dir=logs) as target:
+                    _check_rows(trace, target.info)
+                    rows += measure(config, target, trace, opts, plan=None)
+            except TargetError as e:
+                failed[config] = str(e).splitlines()[0]
+                print(f"[{config}] FAILED: {e}", flush=True)
+            _write_outputs(rows, out, workload.name, failed, quiet=True)
             continue
         strategy, shards = parsed
         key = _plan_key(plan_for(opts, strategy, shards))
@@ -258,21 +265,62 @@ def run_bench(opts: BenchOptions) -> list[RunSummary]:
         package = ensure_package(opts, strategy, shards)
         plan = read_plan(package)
         print(f"[{config}] package {package} ({plan.num_shards} shard(s))", flush=True)
-        with ServeStack(
-            package, name=config, log_dir=logs, env=dict(opts.serve_env), extra_args=opts.serve_args
-        ) as target:
-            _check_rows(trace, target.info)
-            print("  serving processes: " + "; ".join(target.processes()), flush=True)
-            rows += measure(config, target, trace, opts, plan=plan)
+        try:
+            with ServeStack(
+                package, name=config, log_dir=logs, env=dict(opts.serve_env), extra_args=opts.serve_args
+            ) as target:
+                _check_rows(trace, target.info)
+                print("  serving processes: " + "; ".join(target.processes()), flush=True)
+                rows += measure(config, target, trace, opts, plan=plan)
+        except TargetError as e:  # one configuration that cannot start does not sink the others
+            failed[config] = str(e).splitlines()[0]
+            print(f"[{config}] FAILED: {e}", flush=True)
+        _write_outputs(rows, out, workload.name, failed, quiet=True)
+    _write_outputs(rows, out, workload.name, failed)
+    return rows
+
+
+def _write_outputs(rows: list[RunSummary], out: Path, name: str, failed: dict[str, str], *, quiet: bool = False) -> None:
+    """CSV, plot and tables of the rows so far (rewritten after every configuration)."""
+    if not rows:
+        return
     fill_cpu_overhead(rows)
     write_csv(rows, out / "bench.csv")
-    plot_p99(rows, out / "p99.png", title=f"{workload.name}: P99 latency vs offered load")
-    (out / "table.md").write_text(format_table(rows, markdown=True) + "\n")
+    plot_p99(rows, out / "p99.png", title=f"{name}: P99 latency vs offered load")
+    notes = "".join(f"\n- {c}: not measured ({why})" for c, why in failed.items())
+    (out / "table.md").write_text(format_table(rows, markdown=True) + "\n" + notes + ("\n" if notes else ""))
     table = format_table(rows)
-    (out / "table.txt").write_text(table + "\n")
-    print(table)
-    print(f"wrote {out / 'bench.csv'}, {out / 'p99.png'}, {out / 'table.md'}")
-    return rows
+    (out / "table.txt").write_text(table + "\n" + notes + ("\n" if notes else ""))
+    if not quiet:
+        print(table + notes)
+        print(f"wrote {out / 'bench.csv'}, {out / 'p99.png'}, {out / 'table.md'}")
+
+
+def _source_version() -> str:
+    """The code under test: $RECSERVE_BENCH_SOURCE (a snapshot's commit) or `git describe`."""
+    if os.environ.get("RECSERVE_BENCH_SOURCE"):
+        return os.environ["RECSERVE_BENCH_SOURCE"]
+    try:
+        r = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _write_run_info(opts: BenchOptions, out: Path) -> None:
+    import dataclasses
+    import platform
+
+    info = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()}
+    info.update(
+        source=_source_version(),
+        started_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        cpus=os.cpu_count(),
+        machine=platform.platform(),
+        loadavg_at_start=os.getloadavg(),
+        command="recserve bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
+    )
+    (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
 def _check_rows(trace: Trace, info) -> None:
