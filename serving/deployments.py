@@ -23,6 +23,7 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.metrics import Counter, Histogram
 
 from recserve.package import ModelPackage
 from serving.codec import ModelSpec, check_model, decode_request, encode_response, model_info
@@ -43,6 +44,10 @@ def shard_name(index: int) -> str:
     return f"shard-{index}"
 
 
+_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
 def _examples(items: list) -> int:
     """batch_size_fn of @serve.batch: count examples, not requests."""
     return sum(int(getattr(x, "batch_size", None) or len(x.dense)) for x in items)
@@ -60,6 +65,10 @@ class Shard:
 
     def __init__(self, package: str, index: int, device: str = "cpu"):
         self.core = ShardCore(ModelPackage.open(package), index, device=device)
+        # Serve tags every metric with its deployment (shard-K), replica and application
+        self._batch = Histogram("recserve_shard_batch_examples", description="examples per batched lookup",
+                                boundaries=_SIZES)
+        self._latency = Histogram("recserve_shard_lookup_ms", description="batched lookup time, ms", boundaries=_MS)
 
     def reconfigure(self, config: dict) -> None:
         _apply_batching(self._batched, config)
@@ -70,7 +79,11 @@ class Shard:
 
     @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.002, batch_size_fn=_examples)
     async def _batched(self, requests: list[ShardRequest]) -> list[np.ndarray]:
-        return await asyncio.to_thread(self.core.lookup_many, requests)
+        start = time.perf_counter()
+        out = await asyncio.to_thread(self.core.lookup_many, requests)
+        self._latency.observe((time.perf_counter() - start) * 1000)
+        self._batch.observe(_examples(requests))
+        return out
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,8 @@ class DenseTower:
         pkg = ModelPackage.open(package)
         self.routing = Routing(pkg.manifest)
         self.core = TowerCore.from_package(pkg, device=device)
+        self._batch = Histogram("recserve_tower_batch_examples", description="examples per batched tower call",
+                                boundaries=_SIZES)
 
     def reconfigure(self, config: dict) -> None:
         _apply_batching(self._batched, config)
@@ -101,6 +116,7 @@ class DenseTower:
 
     @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.002, batch_size_fn=_examples)
     async def _batched(self, items: list[_TowerItem]) -> list[np.ndarray]:
+        self._batch.observe(_examples(items))
         return await asyncio.to_thread(self._score_many, items)
 
     def _score_many(self, items: list[_TowerItem]) -> list[np.ndarray]:
@@ -129,22 +145,36 @@ class Router:
             module, _, factory = self.args.feature_filter.partition(":")
             self.feature_filter = getattr(importlib.import_module(module), factory)(manifest)
         self._status_cache: tuple[float, dict[str, int]] = (0.0, {})
+        self._requests = Counter("recserve_requests", description="Predict requests by gRPC code",
+                                 tag_keys=("code",))
+        self._latency = Histogram("recserve_request_ms", description="Predict time in the router, ms",
+                                  boundaries=_MS)
+        self._fanout = Histogram("recserve_shards_per_request", description="shards called per request",
+                                 boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32])
+        self._examples = Histogram("recserve_request_examples", description="examples per request",
+                                   boundaries=_SIZES)
 
     # ------------------------------------------------------------------ gRPC methods
 
     async def Predict(self, request, grpc_context=None):
         from recserve.v1 import ranker_pb2
 
+        start = time.monotonic()
         try:
             budget = self._timeout_s(grpc_context)
-            deadline = time.monotonic() + budget
+            deadline = start + budget
             batch = decode_request(request, self.spec)
+            self._examples.observe(batch.batch_size)
             scores = await self.score(batch, deadline, budget_s=budget)
+            self._requests.inc(tags={"code": "OK"})
             return encode_response(scores, model=self.manifest.name, version=self.manifest.version,
                                    request_id=request.request_id)
         except Exception as e:  # noqa: BLE001  the edge: every error leaves with its code
-            self._fail(grpc_context, e)
+            code = self._fail(grpc_context, e)
+            self._requests.inc(tags={"code": code.name})
             return ranker_pb2.PredictResponse()
+        finally:
+            self._latency.observe((time.monotonic() - start) * 1000)
 
     async def ModelInfo(self, request, grpc_context=None):
         from recserve.v1 import ranker_pb2
@@ -177,6 +207,7 @@ class Router:
         ``budget_s`` is the caller's whole budget (for the error message)."""
         batch = self.feature_filter(batch)  # THE fading hook: on the decoded batch, before the split
         requests = self.routing.split(batch)
+        self._fanout.observe(len(requests))
         calls: dict[int, DeploymentResponse] = {k: self.shards[k].remote(r) for k, r in requests.items()}
         parts = [calls.get(k) for k in range(self.routing.num_shards)]
         tower_call = self.tower.remote(batch.dense, *parts)
@@ -265,7 +296,8 @@ class Router:
                         pass
         return budget
 
-    def _fail(self, grpc_context, error: BaseException) -> None:
+    def _fail(self, grpc_context, error: BaseException):
+        """Set the status of a failed call on the gRPC context; returns the code."""
         error = _as_serving_error(error)
         code, message = grpc_status(error)
         if not isinstance(error, ServingError):
@@ -273,6 +305,7 @@ class Router:
         if grpc_context is not None:
             grpc_context.set_code(code)
             grpc_context.set_details(message)
+        return code
 
 
 async def _resolve(response: DeploymentResponse):
