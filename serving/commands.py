@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="handle transport between deployments (default: the faster, see README)")
     p.add_argument("--device", default="cpu", help="torch device for shards and tower: cpu, cuda, auto")
     p.add_argument("--max-batch-size", type=int, default=4096, help="largest batch one request may carry")
+    p.add_argument("--feature-filter", default=None, metavar="MODULE:FACTORY",
+                   help="feature filter applied by the router before the split (feature fading): "
+                        "factory(manifest) -> callable(Batch) -> Batch")
     p.add_argument("--monolith", action="store_true",
                    help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
     p.set_defaults(handler=run_serve)
@@ -55,8 +58,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
         from serving.monolith import serve_forever
 
+        kwargs = {}
+        if args.feature_filter:
+            import importlib
+
+            module, _, factory = args.feature_filter.partition(":")
+            kwargs["feature_filter"] = getattr(importlib.import_module(module), factory)(manifest)
         try:
-            asyncio.run(serve_forever(path, args.port, max_batch_size=args.max_batch_size, device=args.device))
+            asyncio.run(serve_forever(path, args.port, max_batch_size=args.max_batch_size, device=args.device,
+                                      **kwargs))
         except KeyboardInterrupt:
             pass
         return 0
@@ -69,7 +79,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     app_args = AppArgs(package=str(path), transport=args.transport or DEFAULT_TRANSPORT,
-                       device=args.device, max_batch_size=args.max_batch_size)
+                       device=args.device, max_batch_size=args.max_batch_size, feature_filter=args.feature_filter)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -53,6 +53,10 @@ def _examples(items: list) -> int:
     return sum(int(getattr(x, "batch_size", None) or len(x.dense)) for x in items)
 
 
+def _expired(request: ShardRequest) -> bool:
+    return request.deadline is not None and time.time() > request.deadline
+
+
 def _apply_batching(method, config: dict | None) -> None:
     cfg = BatchingConfig(**(config or {}))
     method.set_max_batch_size(cfg.max_batch_size)
@@ -64,6 +68,7 @@ class Shard:
     """Shard K of the package: loads only shards/shard-K.safetensors."""
 
     def __init__(self, package: str, index: int, device: str = "cpu"):
+        self.name = shard_name(index)
         self.core = ShardCore(ModelPackage.open(package), index, device=device)
         # Serve tags every metric with its deployment (shard-K), replica and application
         self._batch = Histogram("recserve_shard_batch_examples", description="examples per batched lookup",
@@ -74,16 +79,24 @@ class Shard:
         _apply_batching(self._batched, config)
 
     async def lookup(self, request: ShardRequest) -> np.ndarray:
-        """Pooled embeddings float32 [B, columns x D] of one request."""
-        return await self._batched(request)
+        """Pooled embeddings float32 [B, columns x D] of one request (DEADLINE_EXCEEDED if the
+        router's deadline passed before the lookup ran: the work is skipped)."""
+        out = None if _expired(request) else await self._batched(request)
+        if out is None:
+            raise DeadlineExceeded(f"{self.name}: the request's deadline passed before its lookup ran")
+        return out
 
     @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.002, batch_size_fn=_examples)
-    async def _batched(self, requests: list[ShardRequest]) -> list[np.ndarray]:
-        start = time.perf_counter()
-        out = await asyncio.to_thread(self.core.lookup_many, requests)
-        self._latency.observe((time.perf_counter() - start) * 1000)
-        self._batch.observe(_examples(requests))
-        return out
+    async def _batched(self, requests: list[ShardRequest]) -> list[np.ndarray | None]:
+        expired = [_expired(r) for r in requests]  # expired while queued: None, not looked up
+        live = [r for r, e in zip(requests, expired) if not e]
+        outs = iter(())
+        if live:
+            start = time.perf_counter()
+            outs = iter(await asyncio.to_thread(self.core.lookup_many, live))
+            self._latency.observe((time.perf_counter() - start) * 1000)
+            self._batch.observe(_examples(live))
+        return [None if e else next(outs) for e in expired]
 
 
 @dataclass(frozen=True)
@@ -206,7 +219,7 @@ class Router:
 
         ``budget_s`` is the caller's whole budget (for the error message)."""
         batch = self.feature_filter(batch)  # THE fading hook: on the decoded batch, before the split
-        requests = self.routing.split(batch)
+        requests = self.routing.split(batch, deadline=time.time() + (deadline - time.monotonic()))
         self._fanout.observe(len(requests))
         calls: dict[int, DeploymentResponse] = {k: self.shards[k].remote(r) for k, r in requests.items()}
         parts = [calls.get(k) for k in range(self.routing.num_shards)]

@@ -64,6 +64,7 @@ class ShardRequest:
     lengths: np.ndarray  # int32 [C, B]
     values: np.ndarray  # int64 [N] global ids
     weights: np.ndarray | None = None  # float32 [N]
+    deadline: float | None = None  # time.time() after which the caller no longer wants the result
 
     @property
     def batch_size(self) -> int:
@@ -121,8 +122,11 @@ class Routing:
         self._feature_index = {k: torch.tensor([c.feature_index for c in cols], dtype=torch.int64)
                                for k, cols in self.columns.items()}
 
-    def split(self, batch: Batch) -> dict[int, ShardRequest]:
-        """Per-shard lookups for ``batch``; a shard with no ids in the batch is left out."""
+    def split(self, batch: Batch, *, deadline: float | None = None) -> dict[int, ShardRequest]:
+        """Per-shard lookups for ``batch``; a shard with no ids in the batch is left out.
+
+        ``deadline`` (time.time()) travels with each request, so a shard skips work that
+        can no longer be used."""
         B = batch.batch_size
         # (shard, column) -> (values, lengths, weights)
         parts: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
@@ -160,6 +164,7 @@ class Routing:
                 lengths=lengths,
                 values=np.concatenate(values).astype(np.int64, copy=False),
                 weights=np.concatenate(weights).astype(np.float32, copy=False) if weighted else None,
+                deadline=deadline,
             )
         return out
 
