@@ -2,10 +2,17 @@
 
 Ray-free cores (usable in one process and unit-testable):
   codec.py     PredictRequest -> validated Batch, scores -> PredictResponse
-  routing.py   split a Batch into per-shard lookups by the plan; assemble shard outputs
+  routing.py   split a Batch into per-shard lookups by the plan; assemble shard outputs;
+               FeatureFilter, the fading hook
   shard.py     one shard: its tables' slices, rebased ids, one table-batched lookup
   tower.py     the dense tower: bottom MLP -> interaction -> top MLP -> sigmoid
-  pipeline.py  the whole model in one process (LocalRanker), used by monolith.py
+  pipeline.py  the whole model in one process (LocalRanker)
   errors.py    typed errors; status.py maps them to gRPC codes (the one place)
-Ray Serve: deployments.py (Router, Shard, DenseTower), app.py (build_app).
+Servers and tools:
+  monolith.py       LocalRanker behind a plain grpc.aio server (create_server, MonolithThread)
+  deployments.py    Ray Serve: Router (gRPC ingress), Shard (one deployment per shard), DenseTower
+  app.py, config.py build_app(AppArgs) -> Application, named by deploy/serve.yaml
+  client.py         RankingClient
+  commands.py       `recserve serve`; default_model.py: the default model, trained on first use
+See serving/README.md.
 """
