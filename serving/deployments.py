@@ -29,6 +29,7 @@ from recserve.package import ModelPackage
 from serving.codec import ModelSpec, check_model, decode_request, encode_response, model_info
 from serving.config import AppArgs, BatchingConfig
 from serving.errors import DeadlineExceeded, Overloaded, ServingError, ShardUnavailable
+from serving import routing as routing_module  # a module global: Serve pickles Router by value
 from serving.routing import FeatureFilter, Routing, ShardRequest, identity_filter
 from serving.shard import ShardCore
 from serving.status import grpc_status
@@ -173,6 +174,7 @@ class Router:
         from recserve.v1 import ranker_pb2
 
         start = time.monotonic()
+        token = routing_module.REQUEST_ID.set(request.request_id)
         try:
             budget = self._timeout_s(grpc_context)
             deadline = start + budget
@@ -187,6 +189,7 @@ class Router:
             self._requests.inc(tags={"code": code.name})
             return ranker_pb2.PredictResponse()
         finally:
+            routing_module.REQUEST_ID.reset(token)
             self._latency.observe((time.monotonic() - start) * 1000)
 
     async def ModelInfo(self, request, grpc_context=None):

@@ -29,7 +29,7 @@ from recserve.v1 import ranker_pb2_grpc
 from serving.codec import decode_request, encode_response, model_info
 from serving.errors import DeadlineExceeded, Overloaded
 from serving.pipeline import DEFAULT_MAX_BATCH_SIZE, LocalRanker
-from serving.routing import FeatureFilter, identity_filter
+from serving.routing import REQUEST_ID, FeatureFilter, identity_filter
 from serving.status import grpc_status
 
 SERVICE_NAME = "recserve.v1.Ranker"
@@ -56,6 +56,7 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
 
     async def Predict(self, request, context):
         started = time.monotonic()
+        token = REQUEST_ID.set(request.request_id)  # copied into the scoring thread by to_thread
         try:
             left = remaining_seconds(context)
             batch = decode_request(request, self.ranker.spec)
@@ -79,6 +80,8 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
         except Exception as e:  # noqa: BLE001  the edge: every error leaves with its code
             code, message = grpc_status(e)
             await context.abort(code, message)
+        finally:
+            REQUEST_ID.reset(token)
         m = self.ranker.package.manifest
         return encode_response(scores, model=m.name, version=m.version, request_id=request.request_id)
 

@@ -21,6 +21,7 @@ The shard subtracts each column's ``row_start`` (the rebase) before its lookup.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +41,11 @@ shard call for it). It must keep ``batch_size`` and ``dense`` shape."""
 
 def identity_filter(batch: Batch) -> Batch:
     return batch
+
+
+REQUEST_ID: ContextVar[str] = ContextVar("recserve_request_id", default="")
+"""The caller's request id (PredictRequest.request_id), set by both servers while a request is
+handled, the feature filter included (e.g. fading's unit for requests without unit ids)."""
 
 
 @dataclass(frozen=True, kw_only=True)

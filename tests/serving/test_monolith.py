@@ -115,3 +115,21 @@ def test_health_and_model_info_answer(servers, tiny):
     with pytest.raises(grpc.RpcError) as err:
         client.model_info("no-such-model")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_feature_filter_runs_before_the_split_and_sees_the_request_id(tiny_packages, tiny, reference, helpers):
+    from serving.routing import REQUEST_ID
+
+    seen = []
+
+    def drop_history(batch):  # fade recent_items out entirely: scored as empty bags
+        seen.append(REQUEST_ID.get())
+        sparse = {f: (Bags.empty(batch.batch_size) if f == "recent_items" else b) for f, b in batch.sparse.items()}
+        return Batch(batch.dense, sparse, batch.unit_ids)
+
+    batch = TrafficGenerator(tiny, seed=5).batch(6)
+    with MonolithThread(tiny_packages("table-3"), feature_filter=drop_history) as srv, \
+            RankingClient(f"127.0.0.1:{srv.port}") as client:
+        got = client.predict(batch.dense, helpers.as_sparse(batch), request_id="req-42", timeout=30)
+    assert seen == ["req-42"]
+    np.testing.assert_allclose(got, reference(drop_history(batch)), atol=TOL)
