@@ -221,6 +221,7 @@ class Router:
         """Scores float32 [B] of a validated batch, within ``deadline`` (time.monotonic()).
 
         ``budget_s`` is the caller's whole budget (for the error message)."""
+        started = time.monotonic()
         batch = self.feature_filter(batch)  # THE fading hook: on the decoded batch, before the split
         requests = self.routing.split(batch, deadline=time.time() + (deadline - time.monotonic()))
         self._fanout.observe(len(requests))
@@ -228,12 +229,14 @@ class Router:
         parts = [calls.get(k) for k in range(self.routing.num_shards)]
         tower_call = self.tower.remote(batch.dense, *parts)
         try:
-            return await self._await(tower_call, calls, deadline, budget_s)
+            scores = await self._await(tower_call, calls, deadline, budget_s)
         except BaseException:
             tower_call.cancel()
             for c in calls.values():
                 c.cancel()
             raise
+        routing_module.observe_scores(self.feature_filter, batch, scores, time.monotonic() - started)  # fading guardrails
+        return scores
 
     async def _await(self, tower_call: DeploymentResponse, calls: dict[int, DeploymentResponse], deadline: float,
                      budget_s: float | None = None):

@@ -7,6 +7,7 @@ tower in their own deployments.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from recserve.batch import Batch
 from recserve.package import ModelPackage
 from serving.codec import ModelSpec
-from serving.routing import FeatureFilter, Routing, identity_filter
+from serving.routing import FeatureFilter, Routing, identity_filter, observe_scores
 from serving.shard import ShardCore
 from serving.tower import TowerCore
 
@@ -55,8 +56,11 @@ class LocalRanker:
 
     def score(self, batch: Batch) -> np.ndarray:
         """Scores float32 [B] of a validated batch."""
+        started = time.perf_counter()
         batch = self.feature_filter(batch)  # the fading hook: before the split
         requests = self.routing.split(batch)
         outputs = {k: self.shards[k].lookup(r) for k, r in requests.items()}
         sparse = self.routing.assemble(batch.batch_size, outputs)  # [B, F, D]
-        return self.tower.score(batch.dense, sparse)
+        scores = self.tower.score(batch.dense, sparse)
+        observe_scores(self.feature_filter, batch, scores, time.perf_counter() - started)  # fading guardrails
+        return scores

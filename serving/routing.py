@@ -48,6 +48,14 @@ REQUEST_ID: ContextVar[str] = ContextVar("recserve_request_id", default="")
 handled, the feature filter included (e.g. fading's unit for requests without unit ids)."""
 
 
+def observe_scores(feature_filter: FeatureFilter, batch: Batch, scores: np.ndarray, latency_s: float) -> None:
+    """After scoring, hand the scores to a filter that defines ``observe(batch, scores,
+    latency_s)`` (fading's guardrails); ``batch`` is what the filter returned."""
+    observe = getattr(feature_filter, "observe", None)
+    if observe is not None:
+        observe(batch, scores, latency_s)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Column:
     """One pooled output of a shard: ``feature`` looked up in rows [row_start, row_end) of ``table``."""

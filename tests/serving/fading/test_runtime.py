@@ -189,6 +189,8 @@ def test_the_fading_step_plugs_into_the_serving_pipeline_as_its_feature_filter(t
     ranker = LocalRanker.load(tiny_package, feature_filter=fading)
     batch = TrafficGenerator(tiny, seed=9).batch(300)
     assert not np.array_equal(ranker.score(batch), LocalRanker.load(tiny_package).score(batch))
+    # the pipeline hands the scores back: the guardrails counted every example
+    assert sum(fading.figures()["recent_items"]["examples"].values()) == 300
 
 
 def test_without_unit_or_request_ids_the_same_request_gets_the_same_treatment(tmp_path, tiny, clock) -> None:
