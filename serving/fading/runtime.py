@@ -45,6 +45,7 @@ class FadedBatch(Batch):
     """A batch after the fading step, carrying what was decided for the guardrails."""
 
     decision: FadeDecision = FadeDecision({}, {})
+    generation: int = 0  # which snapshot of the coverages decided it (stale results are not counted)
 
 
 def content_request_id(batch: Batch) -> str:
@@ -104,6 +105,7 @@ class FadingFilter:
         self._lock = threading.Lock()
         self._states: dict[str, FeatureState] = {}
         self._fades: dict[str, FeatureFade] = {}  # swapped whole; read without the lock
+        self._generation = 0  # bumped whenever the fades change
         self._guards: dict[str, FeatureGuardrail] = {}
         self._data_version: tuple | None = None
         self._last_report = 0.0
@@ -121,13 +123,14 @@ class FadingFilter:
 
         The unit of an example is its unit id; without unit ids, the request id; without
         that either, a digest of the request's dense features."""
+        generation = self._generation  # read before the fades (written after them): never newer
         fades = self._fades
         if not fades:
             return FadedBatch(batch.dense, batch.sparse, batch.unit_ids)
         if batch.unit_ids is None and not request_id:
             request_id = _current_request_id() or content_request_id(batch)
         out, decision = apply_fading(batch, self.model, fades, request_id=request_id)
-        return FadedBatch(out.dense, out.sparse, out.unit_ids, decision)
+        return FadedBatch(out.dense, out.sparse, out.unit_ids, decision, generation)
 
     def observe(self, batch: Batch, scores: np.ndarray, latency_s: float | None = None) -> None:
         """Feed the scores of a batch that went through the fading step to the guardrails."""
@@ -136,6 +139,8 @@ class FadingFilter:
             return
         scores = np.asarray(scores, dtype=np.float32)
         with self._lock:
+            if getattr(batch, "generation", -1) != self._generation:
+                return  # decided under coverages that have changed since: not this step's traffic
             for feature, cohorts in decision.cohorts.items():
                 guard = self._guards.get(feature)
                 if guard is None:
@@ -217,7 +222,10 @@ class FadingFilter:
                 if f not in fades:
                     del self._guards[f]
             self._states = states
+            changed = fades != self._fades
             self._fades = fades
+            if changed:
+                self._generation += 1
         self._data_version = version
         for f, s in states.items():
             self.metrics.set("coverage", self.model, f, s.coverage)

@@ -228,3 +228,14 @@ def test_a_router_on_another_node_follows_and_rolls_back_through_the_control_pla
             entries = list(op.audit(MODEL).entries)
     assert (st.status, st.coverage) == ("rolled_back", 1.0)
     assert entries[-1].actor == "router" and entries[-1].reason.startswith("guardrail:")
+
+
+def test_results_decided_before_a_coverage_change_are_not_counted_for_the_new_step(tmp_path, tiny, tiny_ranker, clock) -> None:
+    store = FadingStore(tmp_path / "s.sqlite")
+    operator(store, "category", lambda s, t: sched.set_coverage(s, 0.5, t), clock())
+    fading = FadingFilter(MODEL, store, clock=clock, background=False)
+    in_flight = fading(TrafficGenerator(tiny, seed=3).batch(100))  # decided at 0.5
+    operator(store, "category", lambda s, t: sched.set_coverage(s, 1.0 - 1e-9, t), clock())
+    fading.sync()
+    fading.observe(in_flight, tiny_ranker.score(in_flight), 0.01)  # its scores arrive after the change
+    assert fading.figures()["category"]["examples"]["faded"] == 0
