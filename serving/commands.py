@@ -14,6 +14,9 @@ GRPC_SERVICERS = [
 APP_NAME = "recserve"
 
 
+# Fading is on by default: with no feature being faded it returns the batch untouched.
+FADING_FILTER = "serving.fading.runtime:router_filter"
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -30,15 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="handle transport between deployments (default: the faster, see README)")
     p.add_argument("--device", default="cpu", help="torch device for shards and tower: cpu, cuda, auto")
     p.add_argument("--max-batch-size", type=int, default=4096, help="largest batch one request may carry")
-    p.add_argument("--feature-filter", default=None, metavar="MODULE:FACTORY",
-                   help="feature filter applied by the router before the split (feature fading): "
-                        "factory(manifest) -> callable(Batch) -> Batch")
+    p.add_argument("--feature-filter", default=FADING_FILTER, metavar="MODULE:FACTORY",
+                   help="feature filter applied by the router before the split: factory(manifest) -> "
+                        f"callable(Batch) -> Batch (default: feature fading, {FADING_FILTER}; 'none' for no filter)")
     p.add_argument("--monolith", action="store_true",
                    help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
     p.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.feature_filter in ("", "none"):
+        args.feature_filter = None
     import os
     import signal
     import sys
