@@ -17,7 +17,6 @@ or, from synchronous code (tests, benchmarks)::
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import grpc
@@ -31,6 +30,7 @@ from serving.errors import DeadlineExceeded, Overloaded
 from serving.pipeline import DEFAULT_MAX_BATCH_SIZE, LocalRanker
 from serving.routing import REQUEST_ID, FeatureFilter, identity_filter
 from serving.status import grpc_status
+from serving.server_thread import ServerThread
 
 SERVICE_NAME = "recserve.v1.Ranker"
 TIMEOUT_METADATA = "recserve-timeout-ms"  # the caller's deadline, as the client also sends it
@@ -123,48 +123,11 @@ async def create_server(
     return server, bound
 
 
-class MonolithThread:
+class MonolithThread(ServerThread):
     """A monolith server on its own event loop in a background thread (for sync callers)."""
 
     def __init__(self, package: ModelPackage | str, port: int = 0, **kwargs):
-        self._args = (package, port)
-        self._kwargs = kwargs
-        self.port: int | None = None
-        self._loop = asyncio.new_event_loop()
-        self._server: grpc.aio.Server | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="recserve-monolith", daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._server, self.port = self._loop.run_until_complete(create_server(*self._args, **self._kwargs))
-        except BaseException as e:  # noqa: BLE001  re-raised in start()
-            self._error = e
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
-
-    def start(self) -> MonolithThread:
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(grace=0.5), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> MonolithThread:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__init__(lambda: create_server(package, port, **kwargs), name="recserve-monolith", grace_s=0.5)
 
 
 async def serve_forever(package: ModelPackage | str, port: int = 9000, **kwargs) -> None:

@@ -23,7 +23,6 @@ import asyncio
 import hmac
 import math
 import os
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +33,7 @@ from recserve.v1 import fading_pb2, fading_pb2_grpc
 from serving.fading import schedule as sched
 from serving.fading.schedule import FeatureState, Schedule, Status, Step, Thresholds, TransitionError
 from serving.fading.store import FadingStore, NotFound
+from serving.server_thread import ServerThread
 
 ENV_TOKEN = "RECSERVE_FADE_TOKEN"
 ENV_PRINCIPAL = "RECSERVE_FADE_PRINCIPAL"
@@ -287,47 +287,12 @@ async def create_server(
     return server, bound
 
 
-class ControlThread:
+class ControlThread(ServerThread):
     """A FadingControl server on its own event loop in a background thread (sync callers)."""
 
     def __init__(self, store: FadingStore, **kwargs):
-        self._store, self._kwargs = store, kwargs
-        self.port: int | None = None
-        self._loop = asyncio.new_event_loop()
-        self._server: grpc.aio.Server | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="recserve-fading-control", daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._server, self.port = self._loop.run_until_complete(create_server(self._store, **self._kwargs))
-        except BaseException as e:  # noqa: BLE001  re-raised in start()
-            self._error = e
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
-
-    def start(self) -> ControlThread:
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(grace=0.2), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> ControlThread:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__init__(lambda: create_server(store, **kwargs), name="recserve-fading-control", grace_s=0.2)
+        self.store = store
 
 
 async def serve_forever(store: FadingStore, *, tokens: Mapping[str, str], port: int, host: str = "127.0.0.1") -> None:

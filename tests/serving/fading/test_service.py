@@ -127,7 +127,7 @@ def test_reclaim_reads_the_state_through_the_control_plane(control, tiny_package
     assert recserve_main(["fade", "start", "tiny", "category", "--steps", "0", "--soak", "0", "--addr", a]) == 0
     from serving.fading.service import advance_due
 
-    advance_due(control._store, 1e12)  # the control plane's scheduler would do this within a second
+    advance_due(control.store, 1e12)  # the control plane's scheduler would do this within a second
     assert recserve_main(["fade", "reclaim", "--package", str(tiny_package), "--addr", a]) == 0
     out = capsys.readouterr().out
     assert "reclaimable features: category" in out and "tables dropped: t_cat" in out
