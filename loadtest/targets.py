@@ -119,6 +119,17 @@ class _Target:
         return self.cpu.pids()
 
 
+def _serve_has_option(option: str) -> bool:
+    """Whether this checkout's ``recserve serve`` takes ``option`` (read from its source)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("serving.commands")
+    try:
+        return spec is not None and spec.origin is not None and f'"{option}"' in Path(spec.origin).read_text()
+    except OSError:
+        return False
+
+
 def _on(env: dict[str, str], key: str) -> bool:
     return env.get(key, "").lower() in ("1", "true")
 
@@ -181,6 +192,8 @@ class ServeStack(_Target):
         argv = [sys.executable, "-m", "recserve.cli", "serve", str(self.package), "--port", str(self.port)]
         if "--http-port" not in self.extra_args:
             argv += ["--http-port", str(free_port())]  # never collide with another Serve on 8000
+        if "--feature-filter" not in self.extra_args and _serve_has_option("--feature-filter"):
+            argv += ["--feature-filter", "none"]  # the monolith runs no fading filter either
         argv += list(self.extra_args)
         env = dict(os.environ)
         env.update(self.env)
