@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("package", nargs="?", default="default", help="model package directory (default: the default model)")
     p.add_argument("--port", type=int, default=9000, help="gRPC port (default 9000)")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port on 127.0.0.1 (default 8265)")
     p.add_argument("--http-port", type=int, default=8000, help="Serve HTTP proxy port, bound to 127.0.0.1 (default 8000)")
     p.add_argument("--transport", choices=("reference", "grpc"), default=None,
                    help="handle transport between deployments (default: the faster, see README)")
@@ -88,9 +89,9 @@ def run_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"recserve: starting Ray (127.0.0.1, dashboard http://127.0.0.1:8265) ...", flush=True)
+    print(f"recserve: starting Ray (127.0.0.1, dashboard http://127.0.0.1:{args.dashboard_port}) ...", flush=True)
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=8265, configure_logging=False, log_to_driver=False)
+             dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port, configure_logging=False, log_to_driver=False)
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": args.http_port},

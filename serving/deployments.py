@@ -159,6 +159,7 @@ class Router:
             module, _, factory = self.args.feature_filter.partition(":")
             self.feature_filter = getattr(importlib.import_module(module), factory)(manifest)
         self._status_cache: tuple[float, dict[str, int]] = (0.0, {})
+        self._status_lookup: asyncio.Future | None = None  # the look under way, if any
         self._requests = Counter("recserve_requests", description="Predict requests by gRPC code",
                                  tag_keys=("code",))
         self._latency = Histogram("recserve_request_ms", description="Predict time in the router, ms",
@@ -284,6 +285,13 @@ class Router:
         at, cached = self._status_cache
         if not fresh and time.monotonic() - at < 0.5:
             return cached
+        # single flight: concurrent slow requests share one look (it pickles Serve's status),
+        # shielded so that a request that gives up does not cancel it for the others
+        if self._status_lookup is None or self._status_lookup.done():
+            self._status_lookup = asyncio.ensure_future(self._look_up_replicas())
+        return await asyncio.shield(self._status_lookup)
+
+    async def _look_up_replicas(self) -> dict[str, int]:
         app = serve.get_replica_context().app_name
 
         def look() -> dict[str, int]:

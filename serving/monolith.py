@@ -64,15 +64,14 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
                 raise Overloaded(f"server is at its limit of {self.max_in_flight} requests in flight; retry later")
             self._in_flight += 1
             try:
-                work = asyncio.to_thread(self.ranker.score, batch)
                 if left is None:
-                    scores = await work
+                    scores = await asyncio.to_thread(self.ranker.score, batch)
                 else:
                     budget = left - (time.monotonic() - started)
                     if budget <= 0:
                         raise DeadlineExceeded("deadline expired before scoring started")
                     try:
-                        scores = await asyncio.wait_for(work, timeout=budget)
+                        scores = await asyncio.wait_for(asyncio.to_thread(self.ranker.score, batch), timeout=budget)
                     except TimeoutError:
                         raise DeadlineExceeded(f"deadline of {left * 1000:.0f} ms exceeded while scoring") from None
             finally:
