@@ -30,7 +30,7 @@ from serving.errors import DeadlineExceeded, Overloaded
 from serving.pipeline import DEFAULT_MAX_BATCH_SIZE, LocalRanker
 from serving.routing import REQUEST_ID, FeatureFilter, identity_filter
 from serving.status import grpc_status
-from serving.server_thread import ServerThread
+from serving.server_thread import ServerThread, serve_until_signalled
 
 SERVICE_NAME = "recserve.v1.Ranker"
 TIMEOUT_METADATA = "recserve-timeout-ms"  # the caller's deadline, as the client also sends it
@@ -133,7 +133,4 @@ async def serve_forever(package: ModelPackage | str, port: int = 9000, **kwargs)
     """Run a monolith until cancelled (``recserve serve --monolith``)."""
     server, bound = await create_server(package, port, **kwargs)
     print(f"recserve monolith listening on {kwargs.get('host', '127.0.0.1')}:{bound}", flush=True)
-    try:
-        await server.wait_for_termination()
-    finally:
-        await server.stop(grace=1.0)
+    await serve_until_signalled(server, grace_s=1.0, name="recserve monolith")

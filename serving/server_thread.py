@@ -56,3 +56,24 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+async def serve_until_signalled(server: grpc.aio.Server, *, grace_s: float, name: str) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully (in-flight calls get ``grace_s``).
+
+    Explicit handlers, so a server started in the background (where a shell leaves SIGINT
+    ignored) or by a supervisor (SIGTERM) still stops cleanly."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        print(f"{name}: stopping ...", flush=True)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.stop(grace=grace_s)
+        print(f"{name}: stopped", flush=True)

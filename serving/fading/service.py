@@ -33,7 +33,7 @@ from recserve.v1 import fading_pb2, fading_pb2_grpc
 from serving.fading import schedule as sched
 from serving.fading.schedule import FeatureState, Schedule, Status, Step, Thresholds, TransitionError
 from serving.fading.store import FadingStore, NotFound
-from serving.server_thread import ServerThread
+from serving.server_thread import ServerThread, serve_until_signalled
 
 ENV_TOKEN = "RECSERVE_FADE_TOKEN"
 ENV_PRINCIPAL = "RECSERVE_FADE_PRINCIPAL"
@@ -298,7 +298,4 @@ class ControlThread(ServerThread):
 async def serve_forever(store: FadingStore, *, tokens: Mapping[str, str], port: int, host: str = "127.0.0.1") -> None:
     server, bound = await create_server(store, tokens=tokens, port=port, host=host)
     print(f"recserve FadingControl listening on {host}:{bound} (store {store.path}, {len(tokens)} token(s))", flush=True)
-    try:
-        await server.wait_for_termination()
-    finally:
-        await server.stop(grace=1.0)
+    await serve_until_signalled(server, grace_s=1.0, name="recserve FadingControl")
