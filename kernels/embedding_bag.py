@@ -616,8 +616,11 @@ class TableBatchedEmbeddingBag:
             self.tables = [TableWeights(weight=views[i], dim=t.dim, dtype=t.dtype,
                                         scale=on_device(t.scale), bias=on_device(t.bias))
                            for i, t in enumerate(tables)]
-        # ids are checked by one Triton pass where Triton runs, else by torch ops
-        self._validate_with_triton = triton_usable(self.device) and backend != "reference"
+        # ids are checked by one Triton pass on a GPU; on a CPU by torch ops, unless the Triton
+        # backend is forced (the interpreter tests): the interpreter is a test tool and is not
+        # thread-safe, so "auto" on a CPU never depends on TRITON_INTERPRET being set
+        self._validate_with_triton = (self.device.type == "cuda" and backend != "reference") or (
+            backend == "triton" and triton_usable(self.device))
         self.winners = winners if winners is not None else Winners.for_device(self.device)
         self._choices: dict[tuple[str, str], Choice] = {}
         if warmup and self.device.type == "cuda" and backend != "reference":

@@ -219,6 +219,22 @@ def test_auto_backend_on_cpu_runs_the_reference():
     torch.testing.assert_close(tb(indices, offsets), embedding_bag_reference(tables, indices, offsets))
 
 
+def test_auto_backend_on_cpu_serves_concurrent_callers_even_with_the_interpreter_switched_on():
+    """A shard replica scores requests from several threads. On a CPU "auto" must not go
+    near Triton's interpreter (a test tool, not thread-safe), even when TRITON_INTERPRET=1
+    is set, as it is for this test session."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(9)
+    tables = [make_table("fp32", r, d, gen) for r, d in zip(ROWS, DIMS)]
+    tb = TableBatchedEmbeddingBag(tables, device="cpu", backend="auto")
+    batches = [make_batch(ROWS, 16, gen) for _ in range(64)]
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda b: tb(b[0], b[1]), batches))
+    for (indices, offsets, _), out in zip(batches, outs):
+        torch.testing.assert_close(out, embedding_bag_reference(tables, indices, offsets))
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 
