@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec import EmbeddingBagCollection
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
@@ -55,6 +55,7 @@ from torchrec.modules.embedding_configs import DataType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as a script
 
+from recserve.model import table_configs
 from recserve.planning import parse_bytes, table_specs
 from recserve.workloads import WorkloadConfig, load_workload
 from sharding import PlannerError, TableSpec, plan, row_bytes
@@ -94,18 +95,7 @@ def score_ours(tables: list[TableSpec], strategy: str, n: int, cap: int) -> Scor
 def torchrec_plan(workload: WorkloadConfig, n: int, *, hbm: int, reserve: float, dtype: str, model_parallel: bool):
     """torchrec's plan for ``workload`` on ``n`` GPUs; (sharding options, wall seconds)."""
     ebc = EmbeddingBagCollection(
-        tables=[
-            EmbeddingBagConfig(
-                name=t.name,
-                feature_names=list(t.features),
-                embedding_dim=t.dim,
-                num_embeddings=t.rows,
-                pooling=PoolingType.SUM,
-                data_type=TORCH_DATA_TYPE[dtype],
-            )
-            for t in workload.tables
-        ],
-        device=torch.device("meta"),
+        tables=table_configs(workload, data_type=TORCH_DATA_TYPE[dtype]), device=torch.device("meta")
     )
     topology = Topology(world_size=n, compute_device="cuda", hbm_cap=hbm, local_world_size=n)
     constraints = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -25,6 +25,21 @@ def embedding_key(table: str) -> str:
     return f"{EMBEDDING_PREFIX}{table}.weight"
 
 
+def table_configs(workload: WorkloadConfig, *, data_type: DataType = DataType.FP32) -> list[EmbeddingBagConfig]:
+    """torchrec's config of every table of ``workload`` (sum pooling)."""
+    return [
+        EmbeddingBagConfig(
+            name=t.name,
+            feature_names=list(t.features),
+            embedding_dim=t.dim,
+            num_embeddings=t.rows,
+            pooling=PoolingType.SUM,
+            data_type=data_type,
+        )
+        for t in workload.tables
+    ]
+
+
 def build_model(
     workload: WorkloadConfig, *, device: str | torch.device = "cpu", weighted: bool = False
 ) -> DLRM:
@@ -33,20 +48,7 @@ def build_model(
     ``weighted=True`` makes the embedding bags use per-id weights from the input
     (the parameters are the same, so a state dict loads into either).
     """
-    ebc = EmbeddingBagCollection(
-        tables=[
-            EmbeddingBagConfig(
-                name=t.name,
-                feature_names=list(t.features),
-                embedding_dim=t.dim,
-                num_embeddings=t.rows,
-                pooling=PoolingType.SUM,
-            )
-            for t in workload.tables
-        ],
-        is_weighted=weighted,
-        device=torch.device(device),
-    )
+    ebc = EmbeddingBagCollection(tables=table_configs(workload), is_weighted=weighted, device=torch.device(device))
     common = dict(
         embedding_bag_collection=ebc,
         dense_in_features=workload.dense_features,
