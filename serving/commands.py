@@ -87,11 +87,16 @@ def run_serve(args: argparse.Namespace) -> int:
     app_args = AppArgs(package=str(path), transport=args.transport or DEFAULT_TRANSPORT,
                        device=args.device, max_batch_size=args.max_batch_size, feature_filter=args.feature_filter)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+
+    def stop_on_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    stop_on_signals()
     print(f"recserve: starting Ray (127.0.0.1, dashboard http://127.0.0.1:{args.dashboard_port}) ...", flush=True)
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port, configure_logging=False, log_to_driver=False)
+    stop_on_signals()  # again: Ray's driver installs a SIGTERM handler of its own that aborts the process
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": args.http_port},
