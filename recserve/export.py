@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from recserve.model import EMBEDDING_PREFIX, build_model
 from recserve.package import (
     DENSE_FILE,
     MANIFEST,
@@ -44,7 +45,6 @@ from recserve.workloads import WorkloadConfig
 from sharding.types import ShardPlan
 
 CHUNK_BYTES = 64 << 20  # rows converted at a time
-EMBEDDING_PREFIX = "sparse_arch.embedding_bag_collection.embedding_bags."
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _MADV_DONTNEED = 4
@@ -76,8 +76,6 @@ class ExportResult:
 
 def _check_state_dict(workload: WorkloadConfig, sd: dict[str, torch.Tensor]) -> None:
     """The state dict has exactly the tensors of the workload's torchrec model."""
-    from recserve.model import build_model  # torchrec: only export needs it
-
     expected = {k: tuple(v.shape) for k, v in build_model(workload, device="meta").state_dict().items()}
     got = {k: tuple(v.shape) for k, v in sd.items()}
     missing = sorted(set(expected) - set(got))
