@@ -64,8 +64,7 @@ def run_export(args: argparse.Namespace) -> int:
         unknown = sorted(set(dropped) - set(workload.features))
         if unknown:
             raise ValueError(f"--drop-features: unknown feature(s) {unknown}")
-        # a table is left out when every feature that reads it is dropped
-        kept = {t.name for t in workload.tables if not set(t.features) <= set(dropped)}
+        kept = {t.name for t in workload.tables_without(dropped)}
         plan_ = plan(
             [s for s in table_specs(workload, args.dtype) if s.name in kept],
             strategy=args.strategy,

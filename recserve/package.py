@@ -169,10 +169,7 @@ def parse_manifest(raw: Any) -> Manifest:
 
 def _check_plan_matches_tables(m: Manifest) -> None:
     """Every kept table is covered exactly once by the plan's row slices."""
-    dropped_tables = {
-        t.name for t in m.workload.tables if all(f in m.dropped_features for f in t.features)
-    }
-    tables = {t.name: t for t in m.workload.tables if t.name not in dropped_tables}
+    tables = {t.name: t for t in m.workload.tables_without(m.dropped_features)}
     if set(m.plan.tables) != set(tables):
         raise PackageError(
             f"{MANIFEST}: plan places tables {sorted(m.plan.tables)} but the model has {sorted(tables)}"

@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Literal
 
 Interaction = Literal["dot", "dcnv2"]
@@ -141,6 +142,12 @@ class WorkloadConfig:
             if feature in t.features:
                 return t
         raise WorkloadError(f"unknown sparse feature {feature!r}")
+
+    def tables_without(self, dropped_features: Iterable[str]) -> tuple[TableConfig, ...]:
+        """The tables still read once ``dropped_features`` are gone: a table is left out
+        only when every feature that reads it is dropped."""
+        dropped = set(dropped_features)
+        return tuple(t for t in self.tables if not set(t.features) <= dropped)
 
     def with_max_rows(self, max_rows: int | None) -> WorkloadConfig:
         """The same workload with every table capped at ``max_rows`` rows."""

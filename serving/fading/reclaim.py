@@ -67,7 +67,8 @@ def reclaim_report(manifest: Manifest, states) -> ReclaimReport:
         if not s.reclaimable and s.feature in served and (s.coverage < 1.0 or s.status.value != "manual")
     )
     gone = set(done) | set(manifest.dropped_features)
-    tables = tuple(t.name for t in w.tables if t.name in manifest.plan.tables and all(f in gone for f in t.features))
+    kept = {t.name for t in w.tables_without(gone)}
+    tables = tuple(t.name for t in w.tables if t.name in manifest.plan.tables and t.name not in kept)
     shard_bytes = {}
     for sh in manifest.plan.shards:
         now = sum(s.bytes for s in sh.slices)  # bytes in the plan's storage dtype
