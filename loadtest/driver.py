@@ -23,12 +23,9 @@ from typing import Literal, Sequence
 import grpc
 import numpy as np
 
-from loadtest.trace import PREDICT_METHOD
+from serving.api import PREDICT_METHOD, timeout_metadata
 
 Arrivals = Literal["poisson", "uniform"]
-
-# The Serve gRPC proxy does not forward gRPC deadlines; recserve reads this header too.
-TIMEOUT_METADATA = "recserve-timeout-ms"
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
@@ -79,7 +76,7 @@ def arrival_offsets(
 
 
 def _deadline(timeout_s: float) -> tuple[tuple[str, str], ...]:
-    return ((TIMEOUT_METADATA, str(int(timeout_s * 1000))),)
+    return (timeout_metadata(timeout_s),)
 
 
 class _Recorder:

@@ -35,12 +35,12 @@ import gevent  # noqa: E402
 import grpc  # noqa: E402
 from locust import User, constant_throughput, events, task  # noqa: E402
 
-from loadtest.trace import MODEL_INFO_METHOD, PREDICT_METHOD, Trace, cap_rows_to_served, make_trace  # noqa: E402
+from loadtest.trace import Trace, cap_rows_to_served, make_trace  # noqa: E402
 from recserve.v1 import ranker_pb2  # noqa: E402
 from recserve.workloads import load_workload  # noqa: E402
+from serving.api import MODEL_INFO_METHOD, PREDICT_METHOD, timeout_metadata  # noqa: E402
 
 DEFAULT_HOST = "127.0.0.1:9000"
-TIMEOUT_METADATA = "recserve-timeout-ms"  # the Serve proxy does not forward gRPC deadlines
 
 
 @events.init_command_line_parser.add_listener
@@ -127,7 +127,7 @@ class RankerUser(User):
         )
         self.call = self.channel.unary_unary(PREDICT_METHOD)  # bytes in, bytes out
         self.timeout = self.options.request_timeout
-        self.metadata = ((TIMEOUT_METADATA, str(int(self.timeout * 1000))),)
+        self.metadata = (timeout_metadata(self.timeout),)
 
     def on_stop(self) -> None:
         self.channel.close()

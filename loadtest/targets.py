@@ -24,8 +24,8 @@ import grpc
 import psutil
 
 from loadtest.cpu import CpuMeter, describe, process_tree, ray_control_processes, ray_serve_processes
-from loadtest.trace import MODEL_INFO_METHOD
 from recserve.v1 import ranker_pb2
+from serving.api import MODEL_INFO_METHOD
 
 
 PORT_BUSY_RETRIES = 6  # starts of `recserve serve` while Ray's dashboard port is taken

@@ -25,9 +25,6 @@ from recserve.v1 import ranker_pb2
 from recserve.workloads import WorkloadConfig
 from sharding.types import ShardPlan
 
-PREDICT_METHOD = "/recserve.v1.Ranker/Predict"
-MODEL_INFO_METHOD = "/recserve.v1.Ranker/ModelInfo"
-
 
 def encode_request(batch: Batch, *, model: str = "", request_id: str = "") -> ranker_pb2.PredictRequest:
     """The gRPC request for ``batch`` (dense row-major, sparse as packed jagged arrays)."""

@@ -16,9 +16,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recserve.v1 import ranker_pb2, ranker_pb2_grpc
+from serving.api import SERVICE_NAME, timeout_metadata
 from serving.codec import encode_request
-
-TIMEOUT_METADATA = "recserve-timeout-ms"  # the Serve proxy does not forward gRPC deadlines
 
 
 class RankingClient:
@@ -36,7 +35,7 @@ class RankingClient:
     def _call_args(self, timeout: float | None) -> dict:
         metadata = list(self._metadata)
         if timeout is not None:
-            metadata.append((TIMEOUT_METADATA, str(int(timeout * 1000))))
+            metadata.append(timeout_metadata(timeout))
         return {"timeout": timeout, "metadata": metadata}
 
     def predict(
@@ -64,7 +63,7 @@ class RankingClient:
     def model_info(self, model: str | None = None, *, timeout: float | None = 10.0) -> ranker_pb2.ModelInfoResponse:
         return self.stub.ModelInfo(ranker_pb2.ModelInfoRequest(model=model or ""), **self._call_args(timeout))
 
-    def health_check(self, service: str = "recserve.v1.Ranker", *, timeout: float | None = 5.0) -> str:
+    def health_check(self, service: str = SERVICE_NAME, *, timeout: float | None = 5.0) -> str:
         """'SERVING', 'NOT_SERVING', ... from the standard grpc.health.v1 service."""
         resp = self.health.Check(health_pb2.HealthCheckRequest(service=service), **self._call_args(timeout))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

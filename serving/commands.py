@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transport", choices=("reference", "grpc"), default=None,
                    help="handle transport between deployments (default: the faster, see README)")
     p.add_argument("--device", default="cpu", help="torch device for shards and tower: cpu, cuda, auto")
-    p.add_argument("--max-batch-size", type=int, default=4096, help="largest batch one request may carry")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="largest batch one request may carry (default: AppArgs' max_batch_size)")
     p.add_argument("--feature-filter", default=FADING_FILTER, metavar="MODULE:FACTORY",
                    help="feature filter applied by the router before the split: factory(manifest) -> "
                         f"callable(Batch) -> Batch (default: feature fading, {FADING_FILTER}; 'none' for no filter)")
@@ -51,7 +52,12 @@ def run_serve(args: argparse.Namespace) -> int:
     import threading
 
     from recserve.package import ModelPackage, PackageError
+    from serving.api import SERVICE_NAME
+    from serving.config import DEFAULT_MAX_BATCH_SIZE
     from serving.default_model import resolve_package
+
+    if args.max_batch_size is None:
+        args.max_batch_size = DEFAULT_MAX_BATCH_SIZE
 
     try:
         path = resolve_package(args.package)
@@ -62,17 +68,12 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.monolith:
         import asyncio
 
+        from serving.api import load_feature_filter
         from serving.monolith import serve_forever
 
-        kwargs = {}
-        if args.feature_filter:
-            import importlib
-
-            module, _, factory = args.feature_filter.partition(":")
-            kwargs["feature_filter"] = getattr(importlib.import_module(module), factory)(manifest)
         try:
             asyncio.run(serve_forever(path, args.port, max_batch_size=args.max_batch_size, device=args.device,
-                                      **kwargs))
+                                      feature_filter=load_feature_filter(args.feature_filter, manifest)))
         except KeyboardInterrupt:
             pass
         return 0
@@ -106,7 +107,7 @@ def run_serve(args: argparse.Namespace) -> int:
               f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "
               f"transport {app_args.transport}) ...", flush=True)
         serve.run(build_app(app_args), name=APP_NAME, blocking=False)
-        print(f"recserve: serving recserve.v1.Ranker on 0.0.0.0:{args.port} (gRPC; Ray's proxy binds all "
+        print(f"recserve: serving {SERVICE_NAME} on 0.0.0.0:{args.port} (gRPC; Ray's proxy binds all "
               f"interfaces; connect to 127.0.0.1:{args.port}). Ctrl-C to stop.", flush=True)
         print(f'recserve: try  python -c "from serving.client import RankingClient; '
               f"print(RankingClient('127.0.0.1:{args.port}').model_info())\"", flush=True)

@@ -56,3 +56,7 @@ class AppArgs(BaseModel):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# The default for servers built without AppArgs (LocalRanker, the monolith): AppArgs' own.
+DEFAULT_MAX_BATCH_SIZE: int = AppArgs.model_fields["max_batch_size"].default

@@ -12,7 +12,6 @@ never through the router.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -26,18 +25,18 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.metrics import Counter, Histogram
 
 from recserve.package import ModelPackage
+from serving.api import HEALTH_SERVICES, caller_timeout_s, load_feature_filter
 from serving.codec import ModelSpec, check_model, decode_request, encode_response, model_info
 from serving.config import AppArgs, BatchingConfig
 from serving.errors import DeadlineExceeded, Overloaded, ServingError, ShardUnavailable
 from serving import routing as routing_module  # a module global: Serve pickles Router by value
-from serving.routing import FeatureFilter, Routing, ShardRequest, identity_filter
+from serving.routing import FeatureFilter, Routing, ShardRequest
 from serving.shard import ShardCore
 from serving.status import grpc_status
 from serving.tower import TowerCore
 
 logger = logging.getLogger("ray.serve")
 
-TIMEOUT_METADATA = "recserve-timeout-ms"
 _DOWN_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
 
 
@@ -154,10 +153,7 @@ class Router:
         by_reference = self.args.transport == "reference"
         self.shards = [h.options(method_name="lookup", _by_reference=by_reference) for h in shards]
         self.tower = tower.options(method_name="score", _by_reference=by_reference)
-        self.feature_filter: FeatureFilter = identity_filter
-        if self.args.feature_filter:
-            module, _, factory = self.args.feature_filter.partition(":")
-            self.feature_filter = getattr(importlib.import_module(module), factory)(manifest)
+        self.feature_filter: FeatureFilter = load_feature_filter(self.args.feature_filter, manifest)
         self._status_cache: tuple[float, dict[str, int]] = (0.0, {})
         self._status_lookup: asyncio.Future | None = None  # the look under way, if any
         self._requests = Counter("recserve_requests", description="Predict requests by gRPC code",
@@ -177,7 +173,7 @@ class Router:
         start = time.monotonic()
         token = routing_module.REQUEST_ID.set(request.request_id)
         try:
-            budget = self._timeout_s(grpc_context)
+            budget = caller_timeout_s(grpc_context, self.args.default_timeout_s)
             deadline = start + budget
             batch = decode_request(request, self.spec)
             self._examples.observe(batch.batch_size)
@@ -207,7 +203,7 @@ class Router:
         """grpc.health.v1.Health/Check for "" and "recserve.v1.Ranker"."""
         from grpc_health.v1 import health_pb2
 
-        if request.service not in ("", "recserve.v1.Ranker"):
+        if request.service not in HEALTH_SERVICES:
             import grpc
 
             if grpc_context is not None:
@@ -311,17 +307,6 @@ class Router:
         return running
 
     # ------------------------------------------------------------------ helpers
-
-    def _timeout_s(self, grpc_context) -> float:
-        budget = self.args.default_timeout_s
-        if grpc_context is not None:
-            for key, value in grpc_context.invocation_metadata():
-                if key == TIMEOUT_METADATA:
-                    try:
-                        budget = min(budget, float(value) / 1000.0)
-                    except ValueError:
-                        pass
-        return budget
 
     def _fail(self, grpc_context, error: BaseException):
         """Set the status of a failed call on the gRPC context; returns the code."""

@@ -27,24 +27,12 @@ from recserve.package import ModelPackage
 from recserve.v1 import ranker_pb2_grpc
 from serving.codec import decode_request, encode_response, model_info
 from serving.errors import DeadlineExceeded, Overloaded
-from serving.pipeline import DEFAULT_MAX_BATCH_SIZE, LocalRanker
+from serving.api import HEALTH_SERVICES, caller_timeout_s
+from serving.config import DEFAULT_MAX_BATCH_SIZE
+from serving.pipeline import LocalRanker
 from serving.routing import REQUEST_ID, FeatureFilter, identity_filter
 from serving.status import grpc_status
 from serving.server_thread import ServerThread, serve_until_signalled
-
-SERVICE_NAME = "recserve.v1.Ranker"
-TIMEOUT_METADATA = "recserve-timeout-ms"  # the caller's deadline, as the client also sends it
-
-
-def remaining_seconds(context, default: float | None = None) -> float | None:
-    """Seconds left of the caller's deadline (gRPC deadline or recserve-timeout-ms), or default."""
-    left = context.time_remaining() if hasattr(context, "time_remaining") else None
-    for key, value in context.invocation_metadata() or ():
-        if key == TIMEOUT_METADATA:
-            ms = float(value) / 1000.0
-            left = ms if left is None else min(left, ms)
-    return left if left is not None else default
-
 
 class MonolithServicer(ranker_pb2_grpc.RankerServicer):
     """Thin: decode, score in a worker thread, encode; errors leave through context.abort."""
@@ -58,7 +46,7 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
         started = time.monotonic()
         token = REQUEST_ID.set(request.request_id)  # copied into the scoring thread by to_thread
         try:
-            left = remaining_seconds(context)
+            left = caller_timeout_s(context)
             batch = decode_request(request, self.ranker.spec)
             if self._in_flight >= self.max_in_flight:
                 raise Overloaded(f"server is at its limit of {self.max_in_flight} requests in flight; retry later")
@@ -117,7 +105,7 @@ async def create_server(
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()
-    for service in ("", SERVICE_NAME):
+    for service in HEALTH_SERVICES:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     return server, bound
 

@@ -15,11 +15,10 @@ import numpy as np
 from recserve.batch import Batch
 from recserve.package import ModelPackage
 from serving.codec import ModelSpec
+from serving.config import DEFAULT_MAX_BATCH_SIZE
 from serving.routing import FeatureFilter, Routing, identity_filter, observe_scores
 from serving.shard import ShardCore
 from serving.tower import TowerCore
-
-DEFAULT_MAX_BATCH_SIZE = 4096
 
 
 @dataclass

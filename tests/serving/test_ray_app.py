@@ -81,7 +81,7 @@ def test_every_bad_input_gets_its_code_over_serve(main_app, tiny, reference, hel
 
 
 def test_the_callers_deadline_holds_end_to_end(main_app, tiny, reference, helpers):
-    from serving.client import TIMEOUT_METADATA
+    from serving.api import TIMEOUT_METADATA
     from serving.codec import encode_request
 
     batch = TrafficGenerator(tiny, seed=33).batch(helpers.max_batch)
