@@ -23,10 +23,11 @@ import torch.nn.functional as F
 
 from kernels.embedding_bag import TableBatchedEmbeddingBag, TableWeights, embedding_bag_reference
 from kernels.interaction import dcn_cross, dcn_cross_reference, dot_interaction, dot_interaction_reference
+from kernels.quantize import ELEMENT_BITS, FLOAT_DTYPES, QUANTIZED, SCALE_BIAS_BYTES, weight_cols
 from kernels.search.workloads import load_tables
 from kernels.timing import CudaTimer, copy_bandwidth
 
-_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
+_BYTES = {d: bits / 8 for d, bits in ELEMENT_BITS.items()}
 
 
 def _commit() -> str:
@@ -42,10 +43,9 @@ def _commit() -> str:
 
 
 def _random_table(dtype: str, rows: int, dim: int, device) -> TableWeights:
-    if dtype in ("fp32", "fp16", "bf16"):
-        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        return TableWeights(torch.randn(rows, dim, device=device, dtype=dt), dim, dtype)
-    cols = dim if dtype == "int8" else (dim + 1) // 2
+    if dtype in FLOAT_DTYPES:
+        return TableWeights(torch.randn(rows, dim, device=device, dtype=FLOAT_DTYPES[dtype]), dim, dtype)
+    cols = weight_cols(dim, dtype)
     q = torch.randint(0, 256, (rows, cols), device=device, dtype=torch.uint8)
     scale = torch.rand(rows, device=device) * 0.01
     bias = torch.randn(rows, device=device) * 0.1
@@ -66,8 +66,8 @@ def _fixed_bags(rows: list[int], pooling: list[int], B: int, device, gen):
 def row_bytes_of(tables, pooling, B) -> float:
     """Bytes of embedding rows a lookup must read (plus scale/bias for quantized rows)."""
     n = sum(len_t * B * tw.dim * _BYTES[tw.dtype] for len_t, tw in zip(pooling, tables))
-    if tables[0].dtype in ("int8", "int4"):
-        n += sum(len_t * B * 8 for len_t in pooling)
+    if tables[0].dtype in QUANTIZED:
+        n += sum(len_t * B * SCALE_BIAS_BYTES for len_t in pooling)
     return n
 
 

@@ -30,12 +30,12 @@ import triton
 import triton.language as tl
 
 from kernels.errors import BackendUnavailableError, IndexOutOfRangeError, KernelInputError
+from kernels.quantize import DTYPES, unpack_int4
+from kernels.quantize import FLOAT_DTYPES as _FLOAT_DTYPES
+from kernels.quantize import QUANT_BITS as _QUANT_BITS
 from kernels.registry import REFERENCE, Choice, Winners, pow2_bucket
 
 OP = "embedding_bag"
-DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
-_FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_QUANT_BITS = {"fp32": 0, "fp16": 0, "bf16": 0, "int8": 8, "int4": 4}
 _META_COLS = 8  # base, row stride, dim, output column, scale/bias row base, global table id, rows, pad
 
 TEMPLATES = ("per_bag", "multi_bag", "split_bag")
@@ -95,28 +95,13 @@ class TableWeights:
 # ----------------------------------------------------------------------------- quantization
 
 
-def quantize_rowwise(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp [rows, dim] -> (uint8 codes, fp32 scale [rows], fp32 bias [rows]), the package layout."""
-    w = weight.float()
-    lo = w.min(dim=1).values  # [rows]
-    hi = w.max(dim=1).values  # [rows]
-    levels = (1 << bits) - 1
-    scale = ((hi - lo) / levels).clamp_min(1e-12)  # [rows]
-    q = torch.round((w - lo[:, None]) / scale[:, None]).clamp_(0, levels).to(torch.uint8)  # [rows, dim]
-    if bits == 4:
-        if q.shape[1] % 2:
-            q = F.pad(q, (0, 1))
-        q = q[:, 0::2] | (q[:, 1::2] << 4)  # [rows, ceil(dim/2)]
-    return q.contiguous(), scale.contiguous(), lo.contiguous()
-
-
 def dequantize_rows(table: TableWeights, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of a table as fp32 [len(ids), dim]."""
     q = table.weight.index_select(0, ids)  # [n, cols]
     if table.dtype in _FLOAT_DTYPES:
         return q.float()
     if table.dtype == "int4":
-        q = torch.stack((q & 0xF, q >> 4), dim=2).reshape(q.shape[0], 2 * q.shape[1])[:, : table.dim]  # [n, dim]
+        q = unpack_int4(q, table.dim)  # [n, dim]
     return q.float() * table.scale.index_select(0, ids)[:, None] + table.bias.index_select(0, ids)[:, None]
 
 

@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kernels.quantize import FLOAT_DTYPES, QUANTIZED, quantize_rowwise
 from recserve.model import EMBEDDING_PREFIX, build_model
 from recserve.package import (
     DENSE_FILE,
     MANIFEST,
-    QUANTIZED,
-    TORCH_DTYPES,
     FileEntry,
     Manifest,
     ModelPackage,
@@ -39,7 +38,6 @@ from recserve.package import (
     weight_dtype,
     weight_shape,
 )
-from recserve.quantize import quantize_rows
 from recserve.safetensors_stream import StreamingSafetensorsWriter, TensorSlot
 from recserve.workloads import WorkloadConfig
 from sharding.types import ShardPlan
@@ -104,12 +102,12 @@ def _write_shard(path: Path, shard, weights: dict[str, torch.Tensor], dtype: str
             b = min(a + step, s.row_end)
             chunk = src[a:b]  # [rows, dim] view into the mapped file
             if dtype in QUANTIZED:
-                q, scale, bias = quantize_rows(chunk, dtype)
+                q, scale, bias = quantize_rowwise(chunk, dtype)
                 writer.write(q)
                 scales.append(scale)
                 biases.append(bias)
             else:
-                writer.write(chunk.to(TORCH_DTYPES[dtype]))
+                writer.write(chunk.to(FLOAT_DTYPES[dtype]))
             _release(chunk)
             bar.update((b - a) * s.dim * 4)
         if dtype in QUANTIZED:  # scale and bias follow the weight: fp32 [rows] each

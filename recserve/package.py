@@ -14,7 +14,8 @@ runs the same checks on load and keeps the running version if they fail.
 
 In a shard file, a slice of table ``t`` covering rows [a, b) stores ``t.a-b.weight``
 (fp32/fp16/bf16 [b-a, dim]; uint8 [b-a, dim] for int8; uint8 [b-a, ceil(dim/2)] for
-int4) and, quantized only, ``t.a-b.scale`` and ``t.a-b.bias`` (fp32 [b-a]).
+int4) and, quantized only, ``t.a-b.scale`` and ``t.a-b.bias`` (fp32 [b-a]): the storage
+format of ``kernels/quantize.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from kernels.quantize import QUANTIZED, weight_cols, weight_dtype
 from recserve.workloads import WorkloadConfig, WorkloadError, workload_from_json
 from sharding.types import DTYPES, ShardPlan
 
@@ -36,8 +38,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-QUANTIZED = ("int8", "int4")
 
 
 class PackageError(Exception):
@@ -53,11 +53,7 @@ def slice_prefix(table: str, row_start: int, row_end: int) -> str:
 
 
 def weight_shape(rows: int, dim: int, dtype: str) -> tuple[int, int]:
-    return (rows, (dim + 1) // 2) if dtype == "int4" else (rows, dim)
-
-
-def weight_dtype(dtype: str) -> torch.dtype:
-    return torch.uint8 if dtype in QUANTIZED else TORCH_DTYPES[dtype]
+    return (rows, weight_cols(dim, dtype))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,17 +19,17 @@ import triton
 
 from kernels import embedding_bag as eb
 from kernels import interaction as ia
+from kernels.quantize import FLOAT_DTYPES as _FLOAT
+from kernels.quantize import weight_cols
 from kernels.search.space import Candidate
 from kernels.search.workloads import load_spec, load_tables
-
-_FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _random_table(dtype: str, rows: int, dim: int, gen: torch.Generator, device) -> eb.TableWeights:
     if dtype in _FLOAT:
         w = torch.randn(rows, dim, generator=gen, device=device)
         return eb.TableWeights(w.to(_FLOAT[dtype]), dim, dtype)
-    cols = dim if dtype == "int8" else (dim + 1) // 2
+    cols = weight_cols(dim, dtype)
     q = torch.randint(0, 256, (rows, cols), generator=gen, device=device, dtype=torch.uint8)
     scale = torch.rand(rows, generator=gen, device=device) * 0.02
     bias = torch.randn(rows, generator=gen, device=device) * 0.1

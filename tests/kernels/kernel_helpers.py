@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.embedding_bag import TableWeights, quantize_rowwise
+from kernels.embedding_bag import TableWeights
+from kernels.quantize import quantize_rowwise
 
 FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -17,7 +18,7 @@ def make_table(dtype: str, rows: int, dim: int, gen: torch.Generator) -> TableWe
     w = torch.randn(rows, dim, generator=gen)  # [rows, dim]
     if dtype in FLOAT:
         return TableWeights(weight=w.to(FLOAT[dtype]), dim=dim, dtype=dtype)
-    q, scale, bias = quantize_rowwise(w, 8 if dtype == "int8" else 4)
+    q, scale, bias = quantize_rowwise(w, dtype)
     return TableWeights(weight=q, dim=dim, dtype=dtype, scale=scale, bias=bias)
 
 

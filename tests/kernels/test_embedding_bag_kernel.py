@@ -17,7 +17,6 @@ from kernels.embedding_bag import (
     dequantize_rows,
     embedding_bag_reference,
     launch,
-    quantize_rowwise,
 )
 from kernels.errors import IndexOutOfRangeError, KernelInputError
 from kernels.registry import Winners
@@ -199,15 +198,6 @@ def test_int4_layout_puts_even_elements_in_the_low_nibble():
                       scale=torch.tensor([0.5]), bias=torch.tensor([-1.0]))
     row = dequantize_rows(tw, torch.tensor([0]))[0]
     assert row.tolist() == [1 * 0.5 - 1, 2 * 0.5 - 1, 15 * 0.5 - 1]
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_rowwise_quantization_error_is_within_half_a_step(bits):
-    w = torch.randn(9, 7, generator=torch.Generator().manual_seed(7))
-    q, scale, bias = quantize_rowwise(w, bits)
-    tw = TableWeights(weight=q, dim=7, dtype=f"int{bits}", scale=scale, bias=bias)
-    err = (dequantize_rows(tw, torch.arange(9)) - w).abs()  # [9, 7]
-    assert (err <= scale[:, None] / 2 + 1e-6).all()
 
 
 def test_auto_backend_on_cpu_runs_the_reference():
