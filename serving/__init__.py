@@ -6,8 +6,9 @@ Ray-free cores (usable in one process and unit-testable):
                FeatureFilter, the fading hook
   shard.py     one shard: its tables' slices, rebased ids, one table-batched lookup
   tower.py     the dense tower: bottom MLP -> interaction -> top MLP -> sigmoid
-  pipeline.py  the whole model in one process (LocalRanker)
+  local_ranker.py  the whole model in one process (LocalRanker)
   errors.py    typed errors; status.py maps them to gRPC codes (the one place)
+  api.py       the wire: service name, method paths, the deadline header and its reader
 Servers and tools:
   monolith.py       LocalRanker behind a plain grpc.aio server (create_server, MonolithThread)
   deployments.py    Ray Serve: Router (gRPC ingress), Shard (one deployment per shard), DenseTower

@@ -1,6 +1,6 @@
 """The single-server baseline: the whole model in one process behind a plain grpc.aio
 server speaking the same Ranker API (plus grpc.health.v1), no Ray. Same cores as the
-sharded app (serving/pipeline.py); the load-test issue compares the two.
+sharded app (serving/local_ranker.py); the load-test issue compares the two.
 
 Use::
 
@@ -29,7 +29,7 @@ from serving.codec import decode_request, encode_response, model_info
 from serving.errors import DeadlineExceeded, Overloaded
 from serving.api import HEALTH_SERVICES, caller_timeout_s
 from serving.config import DEFAULT_MAX_BATCH_SIZE
-from serving.pipeline import LocalRanker
+from serving.local_ranker import LocalRanker
 from serving.routing import REQUEST_ID, FeatureFilter, identity_filter
 from serving.status import grpc_status
 from serving.server_thread import ServerThread, serve_until_signalled

@@ -51,6 +51,6 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory, tiny: WorkloadConfig,
 @pytest.fixture(scope="session")
 def tiny_ranker(tiny_package: Path):
     """Every shard and the tower of the tiny package in this process (serving's LocalRanker)."""
-    from serving.pipeline import LocalRanker
+    from serving.local_ranker import LocalRanker
 
     return LocalRanker.load(tiny_package)
