@@ -78,10 +78,10 @@ def _upcast(x: torch.Tensor) -> bool:
 
 def dot_interaction_reference(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
     """torchrec InteractionArch.forward, verbatim in plain torch."""
-    F_ = sparse.shape[1]
+    num_sparse = sparse.shape[1]
     x = torch.cat((dense.unsqueeze(1), sparse), dim=1)  # [B, F+1, D]
     gram = torch.bmm(x, x.transpose(1, 2))  # [B, F+1, F+1]
-    i, j = torch.triu_indices(F_ + 1, F_ + 1, offset=1, device=dense.device)
+    i, j = torch.triu_indices(num_sparse + 1, num_sparse + 1, offset=1, device=dense.device)
     return torch.cat((dense, gram[:, i, j]), dim=1)  # [B, D + F(F+1)/2]
 
 
@@ -121,19 +121,19 @@ def launch_dot_interaction(dense, sparse, out, *, template: str = "dot_tile", co
     cfg = dict(DOT_DEFAULT if config is None else config)
     if template not in DOT_TEMPLATES:
         raise KernelInputError(f"template: unknown interaction template {template!r}")
-    B, F_, D = sparse.shape
+    B, num_sparse, D = sparse.shape
     samples = cfg["SAMPLES"]
     _dot_interaction_kernel[(triton.cdiv(B, samples),)](
-        dense, sparse, out, B, F_, D,
+        dense, sparse, out, B, num_sparse, D,
         dense.stride(0), sparse.stride(0), sparse.stride(1), out.stride(0),
-        BLOCK_N=max(16, triton.next_power_of_2(F_ + 1)), BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_N=max(16, triton.next_power_of_2(num_sparse + 1)), BLOCK_D=max(16, triton.next_power_of_2(D)),
         SAMPLES=samples, PRECISION=_precision(dense), UPCAST=_upcast(dense),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
-def dot_bucket(B: int, F_: int, D: int) -> str:
-    return f"n{F_ + 1}_d{triton.next_power_of_2(D)}_b{pow2_bucket(B)}"
+def dot_bucket(B: int, num_sparse: int, D: int) -> str:
+    return f"n{num_sparse + 1}_d{triton.next_power_of_2(D)}_b{pow2_bucket(B)}"
 
 
 def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -151,15 +151,15 @@ def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor, *, backend: str =
     if dense.device != sparse.device:
         raise KernelInputError("dense/sparse: must be on one device")
     _check_backend(backend, dense.device)
-    F_ = sparse.shape[1]
-    if F_ == 0:
+    num_sparse = sparse.shape[1]
+    if num_sparse == 0:
         return dense
-    choice = _pick("interaction", backend, dense.device, dense.dtype, dot_bucket(B, F_, D), "dot_tile", DOT_DEFAULT)
+    choice = _pick("interaction", backend, dense.device, dense.dtype, dot_bucket(B, num_sparse, D), "dot_tile", DOT_DEFAULT)
     if choice.backend != "triton":
         return dot_interaction_reference(dense, sparse)
     dense = dense if dense.stride(1) == 1 else dense.contiguous()
     sparse = sparse if sparse.stride(2) == 1 else sparse.contiguous()
-    out = torch.empty(B, D + F_ * (F_ + 1) // 2, dtype=dense.dtype, device=dense.device)  # [B, D + F(F+1)/2]
+    out = torch.empty(B, D + num_sparse * (num_sparse + 1) // 2, dtype=dense.dtype, device=dense.device)  # [B, D + F(F+1)/2]
     launch_dot_interaction(dense, sparse, out, template=choice.template, config=choice.config)
     return out
 

@@ -71,9 +71,9 @@ class TowerCore(torch.nn.Module):
     def from_package(package: ModelPackage, *, device: str = "cpu", backend: str = "auto") -> TowerCore:
         return TowerCore(package.manifest, package.load_dense(), device=device, backend=backend)
 
-    def warmup(self, F_: int, D: int, dense_width: int) -> None:
+    def warmup(self, num_sparse: int, D: int, dense_width: int) -> None:
         for B in (1, 8):
-            self.forward(torch.zeros(B, dense_width), torch.zeros(B, F_, D))
+            self.forward(torch.zeros(B, dense_width), torch.zeros(B, num_sparse, D))
 
     @torch.no_grad()
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:

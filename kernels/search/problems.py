@@ -158,8 +158,8 @@ class DotProblem:
 
     def run(self, cand: Candidate, inputs, poison: bool = True) -> torch.Tensor:
         dense, sparse = inputs["dense"], inputs["sparse"]
-        B, F_ = sparse.shape[:2]
-        out = torch.empty((B, self.dim + F_ * (F_ + 1) // 2), dtype=dense.dtype, device=self.device)
+        B, num_sparse = sparse.shape[:2]
+        out = torch.empty((B, self.dim + num_sparse * (num_sparse + 1) // 2), dtype=dense.dtype, device=self.device)
         if poison:
             out.fill_(float("nan"))
         ia.launch_dot_interaction(dense, sparse, out, template=cand.template, config=cand.cfg)
