@@ -38,12 +38,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-filter", default=FADING_FILTER, metavar="MODULE:FACTORY",
                    help="feature filter applied by the router before the split: factory(manifest) -> "
                         f"callable(Batch) -> Batch (default: feature fading, {FADING_FILTER}; 'none' for no filter)")
+    p.add_argument("--log-rate", type=float, default=0.0, metavar="R",
+                   help="fraction of requests whose served examples are logged as Parquet (0 = off)")
+    p.add_argument("--log-dir", default="", metavar="DIR",
+                   help="example log directory or pyarrow filesystem URL (s3://..., gs://...)")
     p.add_argument("--monolith", action="store_true",
                    help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
     p.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if not 0.0 <= args.log_rate <= 1.0 or (args.log_rate > 0 and not args.log_dir):
+        print("recserve serve: --log-rate must be in [0, 1] and needs --log-dir when above 0", file=__import__("sys").stderr)
+        return 2
     if args.feature_filter in ("", "none"):
         args.feature_filter = None
     import os
@@ -71,9 +78,14 @@ def run_serve(args: argparse.Namespace) -> int:
         from serving.api import load_feature_filter
         from serving.monolith import serve_forever
 
+        from serving.config import AppArgs
+        from serving.example_log import config_of
+
+        log = config_of(AppArgs(log_rate=args.log_rate, log_dir=args.log_dir))
         try:
             asyncio.run(serve_forever(path, args.port, max_batch_size=args.max_batch_size, device=args.device,
-                                      feature_filter=load_feature_filter(args.feature_filter, manifest)))
+                                      feature_filter=load_feature_filter(args.feature_filter, manifest),
+                                      example_log=log))
         except KeyboardInterrupt:
             pass
         return 0
@@ -86,7 +98,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     app_args = AppArgs(package=str(path), transport=args.transport or DEFAULT_TRANSPORT,
-                       device=args.device, max_batch_size=args.max_batch_size, feature_filter=args.feature_filter)
+                       device=args.device, max_batch_size=args.max_batch_size, feature_filter=args.feature_filter,
+                       log_rate=args.log_rate, log_dir=args.log_dir)
     stop = threading.Event()
 
     def stop_on_signals() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Serve's two handle transports between router, shards and tower:
 # "reference" = Ray actor calls, results through the object store (shard results are handed to
@@ -47,8 +47,23 @@ class AppArgs(BaseModel):
     feature_filter: str | None = Field(
         None, description="import path 'module:factory' of the feature filter (fading); "
                           "factory(manifest) -> callable(Batch) -> Batch; None = identity")
+    log_rate: float = Field(0.0, ge=0, le=1, description="fraction of requests whose served examples are logged "
+                                                         "(seeded hash of the request id; 0 = off)")
+    log_dir: str = Field("", description="where the example log goes: a directory or a pyarrow filesystem URL "
+                                         "(s3://..., gs://...); required when log_rate > 0")
+    log_flush_s: float = Field(10.0, gt=0, description="longest time a logged example waits before its file is "
+                                                       "written, seconds")
+    log_rows_per_file: int = Field(65_536, gt=0, description="rows per example-log file")
+    log_max_queued: int = Field(65_536, gt=0, description="examples waiting for the log writer at most; beyond it "
+                                                          "requests are served but not logged (counted as dropped)")
     shard_batching: BatchingConfig = BatchingConfig()
     tower_batching: BatchingConfig = BatchingConfig()
+
+    @model_validator(mode="after")
+    def _log_dir_when_logging(self) -> AppArgs:
+        if self.log_rate > 0 and not self.log_dir:
+            raise ValueError("log_dir: required when log_rate > 0")
+        return self
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -30,6 +30,7 @@ from serving.errors import DeadlineExceeded, Overloaded
 from serving.api import HEALTH_SERVICES, caller_timeout_s
 from serving.config import DEFAULT_MAX_BATCH_SIZE
 from serving.local_ranker import LocalRanker
+from serving.example_log import OFF, ExampleLog, ExampleLogConfig, NoLog, example_log_for
 from serving.routing import REQUEST_ID, FeatureFilter, identity_filter
 from serving.status import grpc_status
 from serving.server_thread import ServerThread, serve_until_signalled
@@ -37,8 +38,9 @@ from serving.server_thread import ServerThread, serve_until_signalled
 class MonolithServicer(ranker_pb2_grpc.RankerServicer):
     """Thin: decode, score in a worker thread, encode; errors leave through context.abort."""
 
-    def __init__(self, ranker: LocalRanker, *, max_in_flight: int = 64):
+    def __init__(self, ranker: LocalRanker, *, max_in_flight: int = 64, example_log: ExampleLog | NoLog = OFF):
         self.ranker = ranker
+        self.example_log = example_log
         self.max_in_flight = max_in_flight
         self._in_flight = 0
 
@@ -69,6 +71,7 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
             await context.abort(code, message)
         finally:
             REQUEST_ID.reset(token)
+        self.example_log.submit(request.request_id, batch, scores, self.ranker.feature_filter)  # never blocks
         m = self.ranker.package.manifest
         return encode_response(scores, model=m.name, version=m.version, request_id=request.request_id)
 
@@ -92,13 +95,19 @@ async def create_server(
     max_in_flight: int = 64,
     device: str = "cpu",
     feature_filter: FeatureFilter = identity_filter,
+    example_log: ExampleLogConfig | ExampleLog | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """Load the package, bind ``host:port`` (0 = any free port), start; returns (server, port)."""
+    """Load the package, bind ``host:port`` (0 = any free port), start; returns (server, port).
+
+    ``example_log``: log settings (or a ready log) for the served-example log; None = off."""
     ranker = await asyncio.to_thread(
         LocalRanker.load, package, max_batch_size=max_batch_size, device=device, feature_filter=feature_filter
     )
+    if isinstance(example_log, ExampleLogConfig):
+        example_log = example_log_for(example_log, ranker.package.manifest)
+    servicer = MonolithServicer(ranker, max_in_flight=max_in_flight, example_log=example_log or OFF)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20)])
-    ranker_pb2_grpc.add_RankerServicer_to_server(MonolithServicer(ranker, max_in_flight=max_in_flight), server)
+    ranker_pb2_grpc.add_RankerServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     bound = server.add_insecure_port(f"{host}:{port}")
