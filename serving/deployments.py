@@ -29,6 +29,7 @@ from serving.api import HEALTH_SERVICES, caller_timeout_s, load_feature_filter
 from serving.codec import ModelSpec, check_model, decode_request, encode_response, model_info
 from serving.config import AppArgs, BatchingConfig
 from serving.errors import DeadlineExceeded, Overloaded, ServingError, ShardUnavailable
+from serving.example_log import config_of, example_log_for
 from serving import routing as routing_module  # a module global: Serve pickles Router by value
 from serving.routing import FeatureFilter, Routing, ShardRequest
 from serving.shard import ShardCore
@@ -154,6 +155,7 @@ class Router:
         self.shards = [h.options(method_name="lookup", _by_reference=by_reference) for h in shards]
         self.tower = tower.options(method_name="score", _by_reference=by_reference)
         self.feature_filter: FeatureFilter = load_feature_filter(self.args.feature_filter, manifest)
+        self.example_log = example_log_for(config_of(self.args), manifest)  # off unless log_rate > 0
         self._status_cache: tuple[float, dict[str, int]] = (0.0, {})
         self._status_lookup: asyncio.Future | None = None  # the look under way, if any
         self._requests = Counter("recserve_requests", description="Predict requests by gRPC code",
@@ -178,6 +180,7 @@ class Router:
             batch = decode_request(request, self.spec)
             self._examples.observe(batch.batch_size)
             scores = await self.score(batch, deadline, budget_s=budget)
+            self.example_log.submit(request.request_id, batch, scores, self.feature_filter)  # never blocks
             self._requests.inc(tags={"code": "OK"})
             return encode_response(scores, model=self.manifest.name, version=self.manifest.version,
                                    request_id=request.request_id)
