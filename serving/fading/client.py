@@ -14,6 +14,7 @@ import os
 import grpc
 
 from recserve.v1 import fading_pb2, fading_pb2_grpc
+from serving.fading.proto import steps_to_proto, thresholds_to_proto
 from serving.fading.schedule import Schedule, Thresholds
 
 ENV_ADDR = "RECSERVE_FADE_ADDR"
@@ -46,15 +47,11 @@ class FadingClient:
         salt: str | None = None,
         reason: str = "",
     ) -> fading_pb2.FeatureFadeStatus:
-        t = thresholds or Thresholds()
         req = fading_pb2.StartScheduleRequest(
             model=model,
             feature=feature,
-            steps=[fading_pb2.FadeStep(coverage=s.coverage, soak_seconds=s.soak_s) for s in schedule.steps],
-            thresholds=fading_pb2.GuardrailThresholds(
-                max_mean_shift=t.max_mean_shift, max_psi=t.max_psi, max_latency_ratio=t.max_latency_ratio,
-                min_examples=t.min_examples, min_requests=t.min_requests,
-            ),
+            steps=steps_to_proto(schedule),
+            thresholds=thresholds_to_proto(thresholds or Thresholds()),
             reason=reason,
         )
         if control_fraction is not None:

@@ -217,7 +217,7 @@ def run_reclaim(args: argparse.Namespace) -> int:
     else:
         import grpc
 
-        from serving.fading.format import state_from_proto
+        from serving.fading.proto import state_from_proto
 
         try:
             with _client(args) as c:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 
-from serving.fading.schedule import FeatureState, Schedule, Status, Step, Thresholds, format_duration
+from serving.fading.schedule import format_duration
 
 
 def _f(x: float, spec: str = ".4f") -> str:
@@ -61,24 +61,3 @@ def format_audit(entries) -> str:
         )
     return "\n".join(lines)
 
-
-def state_from_proto(s) -> FeatureState:
-    """A FeatureFadeStatus message back to a FeatureState (for reclaim over the API)."""
-    t = s.thresholds
-    return FeatureState(
-        model=s.model,
-        feature=s.feature,
-        coverage=s.coverage,
-        status=Status(s.status),
-        salt=s.salt,
-        control_fraction=s.control_fraction,
-        schedule=Schedule(steps=tuple(Step(coverage=x.coverage, soak_s=x.soak_seconds) for x in s.steps)) if s.steps else None,
-        thresholds=Thresholds(
-            max_mean_shift=t.max_mean_shift, max_psi=t.max_psi, max_latency_ratio=t.max_latency_ratio,
-            min_examples=t.min_examples, min_requests=t.min_requests,
-        ),
-        step=s.step,
-        safe_coverage=s.safe_coverage,
-        updated_at=s.updated_at,
-        reason=s.reason,
-    )

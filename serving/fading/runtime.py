@@ -278,12 +278,12 @@ class RemoteStore:
         return ("remote", self._polls)
 
     def states(self, model: str | None = None) -> list[FeatureState]:
-        from serving.fading.format import state_from_proto
+        from serving.fading.proto import state_from_proto
 
         return [state_from_proto(s) for s in self.client.status(model or "").features]
 
     def transition(self, model, feature, change, *, action, actor, peer="", reason="", now=None) -> FeatureState:
-        from serving.fading.format import state_from_proto
+        from serving.fading.proto import state_from_proto
 
         if action == "breach":
             return state_from_proto(self.client.rollback(model, feature, reason=f"{actor}: {reason}"))

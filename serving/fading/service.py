@@ -31,7 +31,8 @@ import grpc
 
 from recserve.v1 import fading_pb2, fading_pb2_grpc
 from serving.fading import schedule as sched
-from serving.fading.schedule import FeatureState, Schedule, Status, Step, Thresholds, TransitionError
+from serving.fading.proto import schedule_from_proto, state_to_proto, thresholds_from_proto
+from serving.fading.schedule import FeatureState, Status, TransitionError
 from serving.fading.store import FadingStore, NotFound
 from serving.server_thread import ServerThread, serve_until_signalled
 
@@ -94,60 +95,6 @@ def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
 
 
-# ---- proto <-> state ----------------------------------------------------------------------
-
-
-def thresholds_from_proto(t: fading_pb2.GuardrailThresholds) -> Thresholds:
-    d = Thresholds()
-    return Thresholds(
-        max_mean_shift=t.max_mean_shift or d.max_mean_shift,
-        max_psi=t.max_psi or d.max_psi,
-        max_latency_ratio=t.max_latency_ratio or d.max_latency_ratio,
-        min_examples=t.min_examples or d.min_examples,
-        min_requests=t.min_requests or d.min_requests,
-    )
-
-
-def _nan(x) -> float:
-    return math.nan if x is None else float(x)
-
-
-def state_to_proto(s: FeatureState, figures: list[tuple[str, float, dict]], now: float) -> fading_pb2.FeatureFadeStatus:
-    t = s.thresholds
-    out = fading_pb2.FeatureFadeStatus(
-        model=s.model,
-        feature=s.feature,
-        coverage=s.coverage,
-        status=s.status.value,
-        step=s.step,
-        steps=[fading_pb2.FadeStep(coverage=x.coverage, soak_seconds=x.soak_s) for x in (s.schedule.steps if s.schedule else ())],
-        soak_left_seconds=s.soak_left(now),
-        safe_coverage=s.safe_coverage,
-        control_fraction=s.control_fraction,
-        salt=s.salt,
-        thresholds=fading_pb2.GuardrailThresholds(
-            max_mean_shift=t.max_mean_shift, max_psi=t.max_psi, max_latency_ratio=t.max_latency_ratio,
-            min_examples=t.min_examples, min_requests=t.min_requests,
-        ),
-        updated_at=s.updated_at,
-        reason=s.reason,
-        reclaimable=s.reclaimable,
-    )
-    for replica, at, fig in figures:
-        ex, mean = fig["examples"], fig["mean_score"]
-        out.guardrails.append(
-            fading_pb2.GuardrailFigures(
-                replica=replica, at=at, coverage=fig["coverage"],
-                control_examples=ex["control"], kept_examples=ex["kept"], faded_examples=ex["faded"],
-                mean_control=_nan(mean["control"]), mean_kept=_nan(mean["kept"]), mean_faded=_nan(mean["faded"]),
-                ratio=_nan(fig["ratio"]), ratio_kept=_nan(fig["ratio_kept"]), psi=_nan(fig["psi"]),
-                latency_ratio=_nan(fig["latency_ratio"]), lookups_skipped=fig["lookups_skipped"],
-                seconds=fig.get("seconds", 0.0),
-            )
-        )
-    return out
-
-
 def _require(model: str, feature: str) -> None:
     if not model:
         raise ValueError("model: required")
@@ -178,9 +125,9 @@ class FadingControlServicer(fading_pb2_grpc.FadingControlServicer):
 
     async def StartSchedule(self, request, context):
         def change(s: FeatureState, now: float) -> FeatureState:
-            if not request.steps:
+            schedule = schedule_from_proto(request.steps)
+            if schedule is None:
                 raise ValueError("steps: at least one step is required")
-            schedule = Schedule(steps=tuple(Step(coverage=x.coverage, soak_s=x.soak_seconds) for x in request.steps))
             return sched.start(
                 s, schedule, now,
                 thresholds=thresholds_from_proto(request.thresholds),
