@@ -87,7 +87,7 @@ def dot_interaction_reference(dense: torch.Tensor, sparse: torch.Tensor) -> torc
 
 @triton.jit(do_not_specialize=["B"])
 def _dot_interaction_kernel(
-    DENSE, SPARSE, OUT, B, F, D,
+    dense_ptr, sparse_ptr, out_ptr, B, F, D,
     s_dense_b, s_sparse_b, s_sparse_f, s_out_b,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SAMPLES: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -105,16 +105,16 @@ def _dot_interaction_kernel(
     for s in tl.static_range(SAMPLES):
         b = (pid * SAMPLES + s).to(tl.int64)
         live_d = (d * 0 + b) < B  # [BLOCK_D] (vector masks: the interpreter wants no 0-d ones)
-        x_dense = tl.load(DENSE + b * s_dense_b + d, mask=dmask & live_d, other=0.0)  # [BLOCK_D]
-        x_sparse = tl.load(SPARSE + b * s_sparse_b + (n[:, None] - 1) * s_sparse_f + d[None, :],
+        x_dense = tl.load(dense_ptr + b * s_dense_b + d, mask=dmask & live_d, other=0.0)  # [BLOCK_D]
+        x_sparse = tl.load(sparse_ptr + b * s_sparse_b + (n[:, None] - 1) * s_sparse_f + d[None, :],
                            mask=smask & live_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         x = tl.where(n[:, None] == 0, x_dense[None, :], x_sparse)  # [BLOCK_N, BLOCK_D]
         if UPCAST:
             x = x.to(tl.float32)
         gram = tl.dot(x, tl.trans(x), input_precision=PRECISION)  # [BLOCK_N, BLOCK_N] fp32
-        out = OUT + b * s_out_b
+        out = out_ptr + b * s_out_b
         tl.store(out + d, x_dense, mask=dmask & live_d)
-        tl.store(out + pair_pos, gram.to(OUT.dtype.element_ty), mask=pair_mask & ((j * 0 + b) < B))
+        tl.store(out + pair_pos, gram.to(out_ptr.dtype.element_ty), mask=pair_mask & ((j * 0 + b) < B))
 
 
 def launch_dot_interaction(dense, sparse, out, *, template: str = "dot_tile", config: dict | None = None) -> None:
@@ -178,12 +178,12 @@ def dcn_cross_reference(x0: torch.Tensor, V: Sequence[torch.Tensor], W: Sequence
 
 @triton.jit
 def _cross_gemm_kernel(
-    XV, W, BIAS, X0, XL, OUT, M, N, K,
+    xv_ptr, w_ptr, bias_ptr, x0_ptr, xl_ptr, out_ptr, M, N, K,
     s_xv_m, s_w_n, s_x_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """OUT = X0 * (XV @ W^T + BIAS) + XL;  XV [M, K], W [N, K], X0/XL/OUT [M, N] (row stride s_x_m)."""
+    """out = x0 * (xv @ w^T + bias) + xl;  xv [M, K], w [N, K], x0/xl/out [M, N] (row stride s_x_m)."""
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
@@ -195,8 +195,8 @@ def _cross_gemm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     rk = tl.arange(0, BLOCK_K)
-    a_ptr = XV + rm[:, None].to(tl.int64) * s_xv_m + rk[None, :]  # [BLOCK_M, BLOCK_K]
-    b_ptr = W + rn[None, :].to(tl.int64) * s_w_n + rk[:, None]  # [BLOCK_K, BLOCK_N]
+    a_ptr = xv_ptr + rm[:, None].to(tl.int64) * s_xv_m + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    b_ptr = w_ptr + rn[None, :].to(tl.int64) * s_w_n + rk[:, None]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         kmask = rk < K - k * BLOCK_K
@@ -210,11 +210,11 @@ def _cross_gemm_kernel(
         b_ptr += BLOCK_K
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     off = rm[:, None].to(tl.int64) * s_x_m + rn[None, :]
-    bias = tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)
-    x0 = tl.load(X0 + off, mask=mask, other=0.0).to(tl.float32)
-    xl = tl.load(XL + off, mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    x0 = tl.load(x0_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    xl = tl.load(xl_ptr + off, mask=mask, other=0.0).to(tl.float32)
     out = x0 * (acc + bias[None, :]) + xl
-    tl.store(OUT + off, out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def launch_cross_layer(x0, xl, xv, W_l, b_l, out, *, template: str = "cross_gemm", config: dict | None = None) -> None:
