@@ -19,7 +19,7 @@ import importlib
 import math
 from typing import TYPE_CHECKING
 
-from serving.errors import InvalidRequest
+from serving.errors import InvalidRequest, quoted
 
 if TYPE_CHECKING:
     import grpc
@@ -57,7 +57,7 @@ def caller_timeout_s(context: grpc.ServicerContext | None, default: float | None
             except ValueError:
                 ms = math.nan
             if not math.isfinite(ms):
-                raise InvalidRequest(TIMEOUT_METADATA, f"{value!r} is not a number of milliseconds")
+                raise InvalidRequest(TIMEOUT_METADATA, f"{quoted(value)} is not a number of milliseconds")
             left = ms / 1000.0 if left is None else min(left, ms / 1000.0)
     if left is None:
         return default

@@ -2,8 +2,13 @@
 :class:`recserve.batch.Batch`, and scores encoded into a PredictResponse.
 
 Everything a caller can get wrong is checked here, once, and reported as
-:class:`InvalidRequest` naming the field as the caller wrote it; everything behind this
-point trusts the batch. Ids outside ``[0, rows)`` are rejected, never wrapped.
+:class:`InvalidRequest` naming the field as the caller wrote it (caller-supplied names are
+quoted up to 64 characters); everything behind this point trusts the batch. Ids outside
+``[0, rows)`` are rejected, never wrapped. A served feature the request leaves out is
+looked up as empty bags (ranker.proto). Dense values and per-id weights must be finite and
+at most :data:`MAX_ABS_DENSE` in magnitude, so that no accepted request can overflow the
+model's float32 arithmetic into a NaN score; :func:`encode_response` refuses non-finite
+scores as the last guard.
 """
 
 from __future__ import annotations
@@ -14,7 +19,17 @@ import numpy as np
 
 from recserve.batch import Bags, Batch
 from recserve.package import Manifest
-from serving.errors import InvalidRequest, ModelNotFound
+from serving.errors import InvalidRequest, ModelNotFound, quoted
+
+MAX_ABS_DENSE = 1e6
+"""Largest |dense value| and |per-id weight| a request may carry (ModelInfo.max_abs_dense).
+
+Why 1e6: float32 overflows at 3.4e38, and the tower multiplies dense magnitudes (bottom MLP,
+then the dot interaction squares them; DCNv2's cross layers multiply by x0 once per layer).
+Measured on the bundled workloads at torchrec's initialisation, scores stay finite up to
+1e10 and turn NaN between 1e10 and 1e15 (dlrmv2, 3 cross layers), so 1e6 leaves four orders
+of magnitude for trained weights; real dense features (log counts, normalised values) are
+far below it. tests/serving/test_dense_bound.py checks every workload at the bound."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,10 +61,10 @@ class ModelSpec:
 def check_model(spec: ModelSpec, model: str, version: str = "") -> None:
     """NOT_FOUND unless (model, version) names the served model (empty = the served one)."""
     if model and model != spec.name:
-        raise ModelNotFound(f"model {model!r} is not served here (this server serves {spec.name!r})")
+        raise ModelNotFound(f"model {quoted(model)} is not served here (this server serves {spec.name!r})")
     if version and version != spec.version:
         raise ModelNotFound(
-            f"model {spec.name!r} version {version!r} is not served here (serving version {spec.version!r})"
+            f"model {spec.name!r} version {quoted(version)} is not served here (serving version {spec.version!r})"
         )
 
 
@@ -93,14 +108,16 @@ def validate(
     if not finite.all():
         b, j = np.argwhere(~finite)[0]
         raise InvalidRequest("dense", f"NaN or inf at example {b}, feature {j} ({dense[b, j]})")
+    large = np.abs(dense) > MAX_ABS_DENSE
+    if large.any():
+        b, j = np.argwhere(large)[0]
+        raise InvalidRequest(
+            "dense", f"{dense[b, j]:g} at example {b}, feature {j} is outside [-{MAX_ABS_DENSE:g}, {MAX_ABS_DENSE:g}] "
+                     "(larger magnitudes overflow the model's float32 arithmetic)")
     unknown = sorted(set(sparse) - set(spec.rows))
     if unknown:
-        raise InvalidRequest(f"sparse[{unknown[0]!r}]", f"unknown feature (the model has {list(spec.served)})")
-    missing = [f for f in spec.served if f not in sparse]
-    if missing:
-        raise InvalidRequest(
-            f"sparse[{missing[0]!r}]", "missing feature (send empty bags, lengths all 0, for no ids)"
-        )
+        raise InvalidRequest(f"sparse[{quoted(unknown[0])}]",
+                             f"unknown feature (the model has {list(spec.served)})")
     bags: dict[str, Bags] = {}
     for name, (values, lengths, weights) in sparse.items():
         checked = _check_bags(name, values, lengths, weights, B, spec.rows[name])
@@ -110,13 +127,15 @@ def validate(
         unit_ids = unit_ids.reshape(-1).astype(np.uint64, copy=False)
         if unit_ids.size != B:
             raise InvalidRequest("unit_ids", f"has {unit_ids.size} entries, expected batch_size {B} (or none)")
+    # a served feature the request leaves out stays absent: looked up as empty bags (zero
+    # pooled embedding, no shard call for it), as ranker.proto says
     return Batch(dense=dense, sparse={f: bags[f] for f in spec.served if f in bags}, unit_ids=unit_ids)
 
 
 def _check_bags(
     name: str, values: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None, B: int, rows: int
 ) -> Bags:
-    field = f"sparse[{name!r}]"
+    field = f"sparse[{name!r}]"  # a known feature: the model's own name
     values = values.reshape(-1).astype(np.int64, copy=False)
     lengths = lengths.reshape(-1).astype(np.int32, copy=False)
     if lengths.size != B:
@@ -139,6 +158,11 @@ def _check_bags(
         if not np.isfinite(weights).all():
             i = int(np.argmax(~np.isfinite(weights)))
             raise InvalidRequest(f"{field}.weights", f"NaN or inf at position {i}")
+        large = np.abs(weights) > MAX_ABS_DENSE
+        if large.any():
+            i = int(np.argmax(large))
+            raise InvalidRequest(f"{field}.weights",
+                                 f"{weights[i]:g} at position {i} is outside [-{MAX_ABS_DENSE:g}, {MAX_ABS_DENSE:g}]")
     return Bags(values, lengths, weights)
 
 
@@ -183,10 +207,18 @@ def _set_packed(field, array: np.ndarray) -> None:
 
 
 def encode_response(scores: np.ndarray, *, model: str, version: str, request_id: str = ""):
+    """The PredictResponse; non-finite scores are refused (never sent as NaN)."""
     from recserve.v1 import ranker_pb2
 
+    scores = np.asarray(scores, dtype=np.float32)
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        examples = np.flatnonzero(bad)
+        raise InvalidRequest(
+            "dense", f"the model's scores of {examples.size} example(s) (first: example {int(examples[0])}) are not "
+                     "finite: their dense values or weights overflow the model's float32 arithmetic")
     resp = ranker_pb2.PredictResponse(model=model, version=version, request_id=request_id)
-    resp.scores.extend(np.asarray(scores, dtype=np.float32).tolist())
+    resp.scores.extend(scores.tolist())
     return resp
 
 
@@ -205,6 +237,7 @@ def model_info(manifest: Manifest, *, max_batch_size: int):
         strategy=plan.strategy,
         max_batch_size=max_batch_size,
         dropped_features=list(manifest.dropped_features),
+        max_abs_dense=MAX_ABS_DENSE,
     )
     placed = set(plan.tables)
     for t in w.tables:

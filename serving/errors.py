@@ -6,6 +6,16 @@ from __future__ import annotations
 
 import enum
 
+QUOTE_LIMIT = 64  # characters of a caller-supplied string that an error message repeats
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``repr`` of a caller-supplied string, cut to ``limit`` characters (+ '...'): a 100 KB
+    feature name must not come back as a 100 KB status message (it would overflow the
+    client's header limit and arrive as a different error)."""
+    text = str(text)
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
 
 class Code(enum.Enum):
     """The outcome classes of a request, named after the gRPC codes they map to."""

@@ -17,7 +17,10 @@ or, from synchronous code (tests, benchmarks)::
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,8 +28,9 @@ from grpc_health.v1._async import HealthServicer
 
 from recserve.package import ModelPackage
 from recserve.v1 import ranker_pb2_grpc
-from serving.codec import decode_request, encode_response, model_info
-from serving.errors import DeadlineExceeded, Overloaded
+from serving.admission import Admission, AdmissionConfig
+from serving.codec import check_model, decode_request, encode_response, model_info
+from serving.errors import DeadlineExceeded
 from serving.api import HEALTH_SERVICES, caller_timeout_s
 from serving.config import DEFAULT_MAX_BATCH_SIZE
 from serving.local_ranker import LocalRanker
@@ -35,50 +39,72 @@ from serving.routing import REQUEST_ID, FeatureFilter, identity_filter
 from serving.status import grpc_status
 from serving.server_thread import ServerThread, serve_until_signalled
 
-class MonolithServicer(ranker_pb2_grpc.RankerServicer):
-    """Thin: decode, score in a worker thread, encode; errors leave through context.abort."""
 
-    def __init__(self, ranker: LocalRanker, *, max_in_flight: int = 64, example_log: ExampleLog | NoLog = OFF):
+class MonolithServicer(ranker_pb2_grpc.RankerServicer):
+    """Thin: check the model, admit (or shed), decode, score on the worker threads, encode;
+    errors leave through context.abort.
+
+    Scoring runs on ``workers`` threads; admitted requests queue for them. Admission
+    (serving/admission.py) sheds with RESOURCE_EXHAUSTED before decoding when a request
+    cannot be answered within its deadline (or ``max_latency_factor`` x the idle latency),
+    and a request whose deadline passes while it waits for a worker is never scored."""
+
+    def __init__(self, ranker: LocalRanker, *, admission: AdmissionConfig | None = None, workers: int = 2,
+                 example_log: ExampleLog | NoLog = OFF):
         self.ranker = ranker
         self.example_log = example_log
-        self.max_in_flight = max_in_flight
-        self._in_flight = 0
+        self.admission = Admission(admission or AdmissionConfig())
+        self.workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recserve-score")
+
+    def _score(self, batch, deadline: float | None):
+        if deadline is not None and time.monotonic() >= deadline:  # waited out its deadline in the queue
+            raise DeadlineExceeded("deadline expired while the request waited for a worker")
+        return self.ranker.score(batch)
+
+    def _left(self, ticket, work: asyncio.Future) -> None:
+        if not work.cancelled():
+            work.exception()  # retrieved: the caller has had its error already
+        self.admission.done(ticket, answered=False)
 
     async def Predict(self, request, context):
         started = time.monotonic()
-        token = REQUEST_ID.set(request.request_id)  # copied into the scoring thread by to_thread
+        token = REQUEST_ID.set(request.request_id)  # copied into the scoring thread by contextvars
+        ticket = work = None
+        answered = False
         try:
             left = caller_timeout_s(context)
+            check_model(self.ranker.spec, request.model, request.version)
+            examples = min(int(request.batch_size), self.ranker.spec.max_batch_size)
+            ticket = self.admission.admit(examples, left)  # sheds before any decoding work
             batch = decode_request(request, self.ranker.spec)
-            if self._in_flight >= self.max_in_flight:
-                raise Overloaded(f"server is at its limit of {self.max_in_flight} requests in flight; retry later")
-            self._in_flight += 1
-            try:
-                if left is None:
-                    scores = await asyncio.to_thread(self.ranker.score, batch)
-                else:
-                    budget = left - (time.monotonic() - started)
-                    if budget <= 0:
-                        raise DeadlineExceeded("deadline expired before scoring started")
-                    try:
-                        scores = await asyncio.wait_for(asyncio.to_thread(self.ranker.score, batch), timeout=budget)
-                    except TimeoutError:
-                        raise DeadlineExceeded(f"deadline of {left * 1000:.0f} ms exceeded while scoring") from None
-            finally:
-                self._in_flight -= 1
+            deadline = None if left is None else started + left
+            call = functools.partial(contextvars.copy_context().run, self._score, batch, deadline)
+            work = asyncio.get_running_loop().run_in_executor(self.workers, call)
+            if deadline is None:
+                scores = await asyncio.shield(work)
+            else:
+                try:
+                    scores = await asyncio.wait_for(asyncio.shield(work), timeout=max(deadline - time.monotonic(), 0.0))
+                except TimeoutError:
+                    raise DeadlineExceeded(f"deadline of {left * 1000:.0f} ms exceeded while scoring") from None
+            m = self.ranker.package.manifest
+            response = encode_response(scores, model=m.name, version=m.version, request_id=request.request_id)
+            answered = True
         except Exception as e:  # noqa: BLE001  the edge: every error leaves with its code
             code, message = grpc_status(e)
             await context.abort(code, message)
         finally:
             REQUEST_ID.reset(token)
+            if ticket is not None:
+                if work is not None and not work.done():  # a worker cannot be interrupted: the
+                    work.add_done_callback(functools.partial(self._left, ticket))  # request is in flight until it stops
+                else:
+                    self.admission.done(ticket, answered=answered)
         self.example_log.submit(request.request_id, batch, scores, self.ranker.feature_filter)  # never blocks
-        m = self.ranker.package.manifest
-        return encode_response(scores, model=m.name, version=m.version, request_id=request.request_id)
+        return response
 
     async def ModelInfo(self, request, context):
         try:
-            from serving.codec import check_model
-
             check_model(self.ranker.spec, request.model)
         except Exception as e:  # noqa: BLE001
             code, message = grpc_status(e)
@@ -93,19 +119,24 @@ async def create_server(
     host: str = "127.0.0.1",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_in_flight: int = 64,
+    max_latency_factor: float | None = AdmissionConfig.max_latency_factor,
+    workers: int = 2,
     device: str = "cpu",
     feature_filter: FeatureFilter = identity_filter,
     example_log: ExampleLogConfig | ExampleLog | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Load the package, bind ``host:port`` (0 = any free port), start; returns (server, port).
 
-    ``example_log``: log settings (or a ready log) for the served-example log; None = off."""
+    ``max_in_flight`` bounds the admitted requests, ``max_latency_factor`` the estimated
+    latency of an admitted request against the idle one (serving/admission.py); ``workers``
+    threads score. ``example_log``: log settings (or a ready log) for the served-example log; None = off."""
     ranker = await asyncio.to_thread(
         LocalRanker.load, package, max_batch_size=max_batch_size, device=device, feature_filter=feature_filter
     )
     if isinstance(example_log, ExampleLogConfig):
         example_log = example_log_for(example_log, ranker.package.manifest)
-    servicer = MonolithServicer(ranker, max_in_flight=max_in_flight, example_log=example_log or OFF)
+    admission = AdmissionConfig(max_in_flight=max_in_flight, max_latency_factor=max_latency_factor)
+    servicer = MonolithServicer(ranker, admission=admission, workers=workers, example_log=example_log or OFF)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20)])
     ranker_pb2_grpc.add_RankerServicer_to_server(servicer, server)
     health = HealthServicer()

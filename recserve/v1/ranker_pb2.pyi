@@ -76,7 +76,7 @@ class TableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., shards: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "version", "dense_features", "features", "tables", "interaction", "num_shards", "strategy", "max_batch_size", "dropped_features")
+    __slots__ = ("model", "version", "dense_features", "features", "tables", "interaction", "num_shards", "strategy", "max_batch_size", "dropped_features", "max_abs_dense")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DENSE_FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class ModelInfoResponse(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DENSE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     dense_features: int
@@ -97,4 +98,5 @@ class ModelInfoResponse(_message.Message):
     strategy: str
     max_batch_size: int
     dropped_features: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., dense_features: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., interaction: _Optional[str] = ..., num_shards: _Optional[int] = ..., strategy: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., dropped_features: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_abs_dense: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., dense_features: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., interaction: _Optional[str] = ..., num_shards: _Optional[int] = ..., strategy: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., dropped_features: _Optional[_Iterable[str]] = ..., max_abs_dense: _Optional[float] = ...) -> None: ...

@@ -78,8 +78,9 @@ def bad_requests(tiny: WorkloadConfig) -> list[tuple[str, object, str, str]]:
 
     r = req(); r.sparse["no_such_feature"].lengths.extend([0, 0, 0, 0])
     add("unknown feature", r, "INVALID_ARGUMENT", "sparse['no_such_feature']")
-    r = req(); del r.sparse["category"]
-    add("missing feature", r, "INVALID_ARGUMENT", "sparse['category']")
+    long_name = "f" * 100_000  # quoted in the message only up to 64 characters
+    r = req(); r.sparse[long_name].lengths.extend([0, 0, 0, 0])
+    add("unknown feature with a 100 KB name", r, "INVALID_ARGUMENT", "sparse['" + "f" * 64 + "'...")
     r = req(); r.sparse["user_id"].lengths[0] += 1
     add("lengths do not sum to the values", r, "INVALID_ARGUMENT", "sparse['user_id'].lengths")
     r = req(); l = r.sparse["recent_items"].lengths; l[0], l[1] = l[0] + 1, -1; r.sparse["recent_items"].lengths[:] = l
@@ -98,6 +99,12 @@ def bad_requests(tiny: WorkloadConfig) -> list[tuple[str, object, str, str]]:
     add("NaN in dense", r, "INVALID_ARGUMENT", "dense")
     r = req(); r.dense[0] = math.inf
     add("inf in dense", r, "INVALID_ARGUMENT", "dense")
+    r = req(); r.dense[3] = 1e30
+    add("finite dense far above the bound", r, "INVALID_ARGUMENT", "feature 3")
+    r = req(); r.dense[1] = -3e38
+    add("dense near the float32 maximum", r, "INVALID_ARGUMENT", "outside [-1e+06, 1e+06]")
+    r = req(); r.sparse["recent_items"].weights.extend([2e6] * len(r.sparse["recent_items"].values))
+    add("weights above the bound", r, "INVALID_ARGUMENT", "sparse['recent_items'].weights")
     r = encode_request(np.zeros((0, tiny.dense_features), np.float32), {f: ([], []) for f in tiny.features})
     add("empty batch", r, "INVALID_ARGUMENT", "batch_size")
     r = req(); r.unit_ids.append(7)
@@ -106,6 +113,7 @@ def bad_requests(tiny: WorkloadConfig) -> list[tuple[str, object, str, str]]:
     add("batch above the maximum", encode_request(big.dense, as_sparse(big)), "INVALID_ARGUMENT", "batch_size")
     add("unknown model", req(model="no-such-model"), "NOT_FOUND", "no-such-model")
     add("unknown version", req(version="v999"), "NOT_FOUND", "v999")
+    add("unknown model with a 100 KB name", req(model="m" * 100_000), "NOT_FOUND", "m" * 64 + "'...")
     return cases
 
 

@@ -34,3 +34,29 @@ def test_a_good_request_round_trips(spec, tiny):
     for f, b in batch.sparse.items():
         np.testing.assert_array_equal(got.sparse[f].values, b.values)
         np.testing.assert_array_equal(got.sparse[f].lengths, b.lengths)
+
+
+def test_a_missing_feature_is_looked_up_as_empty_bags(spec, tiny):
+    from recserve.synth import TrafficGenerator
+
+    batch = TrafficGenerator(tiny, seed=4).batch(3)
+    sparse = {f: (b.values, b.lengths) for f, b in batch.sparse.items() if f != "category"}
+    got = decode_request(encode_request(batch.dense, sparse), spec)
+    assert "category" not in got.sparse  # absent: no lookup, a zero pooled embedding (ranker.proto)
+    assert set(got.sparse) == set(tiny.features) - {"category"}
+
+
+def test_error_messages_quote_caller_strings_only_briefly(spec, tiny, helpers):
+    for case, request, _, _ in helpers.bad_requests(tiny):
+        with pytest.raises(ServingError) as err:
+            decode_request(request, spec)
+        assert len(err.value.message) < 400, (case, len(err.value.message))
+
+
+def test_non_finite_scores_are_never_encoded():
+    from serving.codec import encode_response
+    from serving.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="example 1"):
+        encode_response(np.array([0.5, np.nan, 0.2], np.float32), model="tiny", version="v")
+    assert list(encode_response(np.array([0.5], np.float32), model="tiny", version="v").scores) == [0.5]

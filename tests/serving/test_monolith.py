@@ -104,6 +104,45 @@ def test_overload_is_resource_exhausted(tiny_packages, tiny, helpers):
     assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, codes
 
 
+def test_a_burst_is_shed_at_once_and_every_admitted_request_is_scored_correctly(tiny_packages, tiny, reference,
+                                                                                helpers):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def slow(batch):  # 50 ms of work per request: a burst of 24 is far more than 1 s of work for 2 workers
+        time.sleep(0.05)
+        return batch
+
+    batch = TrafficGenerator(tiny, seed=6).batch(8)
+    expected = reference(batch)
+    with MonolithThread(tiny_packages("table-2"), feature_filter=slow, workers=2) as srv, \
+            RankingClient(f"127.0.0.1:{srv.port}") as client:
+        client.predict(batch.dense, helpers.as_sparse(batch), timeout=30)  # the estimate's first sample
+
+        def call(_):
+            try:
+                got = client.predict(batch.dense, helpers.as_sparse(batch), timeout=1.0)
+                np.testing.assert_allclose(got, expected, atol=TOL)
+                return "OK"
+            except grpc.RpcError as e:
+                return e.code().name
+
+        with ThreadPoolExecutor(24) as pool:
+            codes = list(pool.map(call, range(24)))
+    assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes  # shed at the door, never timed out in a queue
+
+
+def test_a_long_malformed_timeout_header_is_quoted_briefly(servers, tiny, helpers):
+    from serving.api import TIMEOUT_METADATA
+    from serving.codec import encode_request
+
+    batch = TrafficGenerator(tiny, seed=7).batch(2)
+    with pytest.raises(grpc.RpcError) as err:
+        servers("load-2").stub.Predict(encode_request(batch.dense, helpers.as_sparse(batch)), timeout=30,
+                                       metadata=[(TIMEOUT_METADATA, "x" * 10_000)])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert TIMEOUT_METADATA in err.value.details() and len(err.value.details()) < 300
+
+
 def test_health_and_model_info_answer(servers, tiny):
     client = servers("load-2")
     assert client.health_check() == "SERVING"

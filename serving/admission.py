@@ -1,0 +1,151 @@
+"""Admission control: shed a request at the door (RESOURCE_EXHAUSTED, answered at once) when
+it cannot finish within its deadline, instead of letting it wait in a queue until the
+deadline expires. Ray-free and grpc-free: the monolith and the Serve router both use it.
+
+The estimate is queueing arithmetic over the server's own recent history::
+
+    work ahead      = examples admitted and not answered yet (in flight), + this request's
+    seconds/example = EWMA over answered requests of latency / work ahead at their admission
+    estimated time  = work ahead x seconds/example
+
+``seconds/example`` is measured, not configured, so it covers whatever the server overlaps
+(worker threads, pipelined shards and tower, batching). A request is refused when
+
+    - ``max_in_flight`` requests are already admitted (the bounded queue), or
+    - something is in flight and the estimated time exceeds the request's remaining budget
+      (its deadline), or ``max_latency_factor`` x the time the same request takes on an
+      idle server (keeps admitted latency near the unloaded latency under overload).
+
+An idle server always admits (its answer refreshes the estimate, so a stale figure can
+never shed everything). Example::
+
+    admission = Admission(AdmissionConfig())
+    ticket = admission.admit(examples=256, budget_s=0.2)   # raises Overloaded, or admits
+    try:
+        scores = score(batch)
+        admission.done(ticket, answered=True)
+    except BaseException:
+        admission.done(ticket, answered=False)
+        raise
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from serving.errors import Overloaded
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdmissionConfig:
+    """How much a server admits. Validated on construction."""
+
+    max_in_flight: int = 64  # bounded queue: requests admitted and not yet answered
+    max_latency_factor: float | None = 2.0  # estimated time <= factor x the idle time; None = deadline only
+    ewma_alpha: float = 0.2  # weight of the newest sample in the seconds/example averages
+    min_latency_s: float = 0.005  # the latency bound is never tighter than this (timer noise)
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight: must be at least 1, got {self.max_in_flight}")
+        if self.max_latency_factor is not None and self.max_latency_factor < 1.0:
+            raise ValueError(f"max_latency_factor: must be at least 1 (or None), got {self.max_latency_factor}")
+        if not 0.0 < self.ewma_alpha <= 1.0:
+            raise ValueError(f"ewma_alpha: must be in (0, 1], got {self.ewma_alpha}")
+        if self.min_latency_s < 0:
+            raise ValueError(f"min_latency_s: must be >= 0, got {self.min_latency_s}")
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """One admitted request: what it waits behind (for the estimate) and when it came."""
+
+    examples: int
+    work_ahead: int  # examples in flight at admission, its own included
+    admitted_at: float  # clock()
+    idle: bool  # nothing else was in flight
+
+
+@dataclass
+class Ewma:
+    alpha: float
+    value: float | None = None
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value is None else self.value + self.alpha * (sample - self.value)
+
+
+@dataclass
+class AdmissionStats:
+    admitted: int = 0
+    shed_full: int = 0  # refused: max_in_flight reached
+    shed_slow: int = 0  # refused: estimated time over the budget or the latency bound
+
+
+@dataclass
+class Admission:
+    """Thread-safe admission state of one server (or one router replica)."""
+
+    config: AdmissionConfig = field(default_factory=AdmissionConfig)
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_flight = 0  # requests
+        self.in_flight_examples = 0
+        self.per_example = Ewma(self.config.ewma_alpha)  # seconds per example of work ahead, loaded or not
+        self.idle_per_example = Ewma(self.config.ewma_alpha)  # the same, over requests admitted to an idle server
+        self.stats = AdmissionStats()
+
+    def estimate_s(self, examples: int) -> float | None:
+        """Estimated seconds until a request of ``examples`` admitted now is answered (None: no data yet)."""
+        if self.per_example.value is None:
+            return None
+        return (self.in_flight_examples + examples) * self.per_example.value
+
+    def admit(self, examples: int, budget_s: float | None) -> Ticket:
+        """Admit a request of ``examples`` with ``budget_s`` seconds left, or raise Overloaded."""
+        examples = max(int(examples), 1)
+        with self._lock:
+            if self.in_flight >= self.config.max_in_flight:
+                self.stats.shed_full += 1
+                raise Overloaded(
+                    f"server is at its limit of {self.config.max_in_flight} requests in flight; retry later")
+            estimate = self.estimate_s(examples)
+            if self.in_flight > 0 and estimate is not None:
+                bound, why = self._bound(examples, budget_s)
+                if bound is not None and estimate > bound:
+                    self.stats.shed_slow += 1
+                    raise Overloaded(
+                        f"overloaded: estimated {estimate * 1000:.0f} ms to answer ({self.in_flight} requests, "
+                        f"{self.in_flight_examples} examples ahead) exceeds {why} of {bound * 1000:.0f} ms; retry later")
+            ticket = Ticket(examples=examples, work_ahead=self.in_flight_examples + examples,
+                            admitted_at=self.clock(), idle=self.in_flight == 0)
+            self.in_flight += 1
+            self.in_flight_examples += examples
+            self.stats.admitted += 1
+            return ticket
+
+    def _bound(self, examples: int, budget_s: float | None) -> tuple[float | None, str]:
+        bound, why = budget_s, "the remaining deadline"
+        factor, idle = self.config.max_latency_factor, self.idle_per_example.value
+        if factor is not None and idle is not None:
+            cap = max(factor * examples * idle, self.config.min_latency_s)
+            if bound is None or cap < bound:
+                bound, why = cap, f"{factor:g}x the idle latency"
+        return bound, why
+
+    def done(self, ticket: Ticket, *, answered: bool) -> None:
+        """The request has left. Only answered requests teach the estimate (a failed or
+        cancelled one ended early and would make the server look faster than it is)."""
+        with self._lock:
+            self.in_flight -= 1
+            self.in_flight_examples -= ticket.examples
+            if answered:
+                latency = max(self.clock() - ticket.admitted_at, 0.0)
+                self.per_example.add(latency / ticket.work_ahead)
+                if ticket.idle:
+                    self.idle_per_example.add(latency / ticket.work_ahead)
