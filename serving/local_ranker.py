@@ -48,8 +48,9 @@ class LocalRanker:
             package=package,
             spec=ModelSpec.of(m, max_batch_size=max_batch_size),
             routing=Routing(m),
-            shards={sh.index: ShardCore(package, sh.index, device=device, backend=backend) for sh in m.plan.shards},
-            tower=TowerCore.from_package(package, device=device, backend=backend),
+            shards={sh.index: ShardCore(package, sh.index, device=device, backend=backend,
+                                        max_batch_size=max_batch_size) for sh in m.plan.shards},
+            tower=TowerCore.from_package(package, device=device, backend=backend, max_batch_size=max_batch_size),
             feature_filter=feature_filter,
         )
 
