@@ -1,6 +1,6 @@
 """One embedding shard: its tables' row slices from its own shard file, one table-batched
 lookup over all of them. Ray-free; the Serve deployment in deployments.py and the monolith
-(serving/pipeline.py) wrap it.
+(serving/local_ranker.py) wrap it.
 
 The request path on a GPU (``device="cuda"``), one lock held throughout::
 

@@ -9,7 +9,7 @@ import torch
 
 from recserve.package import ModelPackage
 from recserve.synth import TrafficGenerator
-from serving.pipeline import LocalRanker
+from serving.local_ranker import LocalRanker
 from serving.tower import LOWP_SCORE_BOUND, TowerCore
 
 
