@@ -28,9 +28,6 @@ from recserve.v1 import ranker_pb2
 from serving.api import MODEL_INFO_METHOD
 
 
-PORT_BUSY_RETRIES = 6  # starts of `recserve serve` while Ray's dashboard port is taken
-
-
 class TargetError(RuntimeError):
     """A server under test failed to start; the message says which and points at its log."""
 
@@ -217,20 +214,13 @@ class ServeStack(_Target):
                 self.address = f"127.0.0.1:{grpc_port}"  # with HAProxy: its frontend on --port
         self.cpu = CpuMeter(lambda: ray_serve_processes(within=self.proc.pid) if self.proc else [])
         self.control_cpu = CpuMeter(lambda: ray_control_processes(within=self.proc.pid) if self.proc else [])
-        for attempt in range(1, PORT_BUSY_RETRIES + 1):
-            self._spawn(argv, env)
-            try:
-                self.info = self._wait_ready(self.ready_timeout_s)
-                return self
-            except TargetError as e:
-                self._stop(grace_s=10)
-                # `recserve serve` pins Ray's dashboard to 127.0.0.1:8265; another session's
-                # Ray may hold it for a while: wait and try again (bounded)
-                if "already occupied" not in str(e) or attempt == PORT_BUSY_RETRIES:
-                    raise
-                print(f"  {self.name}: a port is taken by another Ray instance; retrying in 20 s", flush=True)
-                time.sleep(20)
-        raise AssertionError("unreachable")
+        self._spawn(argv, env)
+        try:
+            self.info = self._wait_ready(self.ready_timeout_s)
+        except TargetError:
+            self._stop(grace_s=10)
+            raise
+        return self
 
     def processes(self) -> list[str]:
         return describe(ray_serve_processes(within=self.proc.pid)) if self.proc else []

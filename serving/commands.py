@@ -21,15 +21,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a model package over gRPC on a local Ray Serve instance",
-        description="Start local Ray (127.0.0.1, dashboard on 127.0.0.1:8265), deploy the sharded app "
+        description="Check the ports, start local Ray (127.0.0.1), deploy the sharded app "
         "(router, one deployment per shard, dense tower) and serve until Ctrl-C or SIGTERM. "
         "With no PACKAGE the default model (criteo-kaggle, tables capped at 100k rows) is trained "
         "and exported into artifacts/default on first run. Ray's gRPC proxy listens on all interfaces.",
     )
     p.add_argument("package", nargs="?", default="default", help="model package directory (default: the default model)")
-    p.add_argument("--port", type=int, default=9000, help="gRPC port (default 9000)")
-    p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port on 127.0.0.1 (default 8265)")
-    p.add_argument("--http-port", type=int, default=8000, help="Serve HTTP proxy port, bound to 127.0.0.1 (default 8000)")
+    p.add_argument("--port", type=int, default=9000,
+                   help="gRPC port (default 9000; 0 = any free one); must be free: a taken one is refused "
+                        "before anything starts")
+    p.add_argument("--dashboard-port", type=int, default=8265,
+                   help="Ray dashboard port on 127.0.0.1 (default 8265; a free one if it is taken)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="Serve HTTP proxy port on 127.0.0.1 (default 8000; a free one if it is taken)")
     p.add_argument("--transport", choices=("reference", "grpc"), default=None,
                    help="handle transport between deployments (default: the faster, see README)")
     p.add_argument("--device", default="cpu", help="torch device for shards and tower: cpu, cuda, auto")
@@ -62,9 +66,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from serving.api import SERVICE_NAME
     from serving.config import DEFAULT_MAX_BATCH_SIZE
     from serving.default_model import resolve_package
+    from serving.ports import PortTaken, ServePorts
 
     if args.max_batch_size is None:
         args.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+    try:  # before any training or deploying: a taken gRPC port fails now, not after a minute
+        ports = ServePorts.choose(grpc=args.port, dashboard=args.dashboard_port, http=args.http_port)
+    except PortTaken as e:
+        print(f"recserve serve: {e}", file=sys.stderr)
+        return 2
 
     try:
         path = resolve_package(args.package)
@@ -83,7 +93,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         log = config_of(AppArgs(log_rate=args.log_rate, log_dir=args.log_dir))
         try:
-            asyncio.run(serve_forever(path, args.port, max_batch_size=args.max_batch_size, device=args.device,
+            asyncio.run(serve_forever(path, ports.grpc, max_batch_size=args.max_batch_size, device=args.device,
                                       feature_filter=load_feature_filter(args.feature_filter, manifest),
                                       example_log=log))
         except KeyboardInterrupt:
@@ -97,6 +107,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from serving.config import DEFAULT_TRANSPORT, AppArgs
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
+    # silently share it. Off (inherited by the proxy actors through Ray's worker environment).
+    os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
     app_args = AppArgs(package=str(path), transport=args.transport or DEFAULT_TRANSPORT,
                        device=args.device, max_batch_size=args.max_batch_size, feature_filter=args.feature_filter,
                        log_rate=args.log_rate, log_dir=args.log_dir)
@@ -107,23 +120,27 @@ def run_serve(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: stop.set())
 
     stop_on_signals()
-    print(f"recserve: starting Ray (127.0.0.1, dashboard http://127.0.0.1:{args.dashboard_port}) ...", flush=True)
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port, configure_logging=False, log_to_driver=False)
+    for line in ports.describe():
+        print(f"recserve: {line}", flush=True)
+    print("recserve: starting Ray (127.0.0.1) ...", flush=True)
+    context = ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True,
+                       dashboard_host="127.0.0.1", dashboard_port=ports.ray_dashboard_port,
+                       configure_logging=False, log_to_driver=False)
+    print(f"recserve: {ports.describe_dashboard(context.dashboard_url)}", flush=True)
     stop_on_signals()  # again: Ray's driver installs a SIGTERM handler of its own that aborts the process
     try:
         serve.start(
-            http_options={"host": "127.0.0.1", "port": args.http_port},
-            grpc_options={"port": args.port, "grpc_servicer_functions": GRPC_SERVICERS},
+            http_options={"host": "127.0.0.1", "port": ports.http},
+            grpc_options={"port": ports.grpc, "grpc_servicer_functions": GRPC_SERVICERS},
         )
         print(f"recserve: deploying {manifest.name} {manifest.version} from {path} "
               f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "
               f"transport {app_args.transport}) ...", flush=True)
         serve.run(build_app(app_args), name=APP_NAME, blocking=False)
-        print(f"recserve: serving {SERVICE_NAME} on 0.0.0.0:{args.port} (gRPC; Ray's proxy binds all "
-              f"interfaces; connect to 127.0.0.1:{args.port}). Ctrl-C to stop.", flush=True)
+        print(f"recserve: serving {SERVICE_NAME} on 0.0.0.0:{ports.grpc} (gRPC; Ray's proxy binds all "
+              f"interfaces; connect to 127.0.0.1:{ports.grpc}). Ctrl-C to stop.", flush=True)
         print(f'recserve: try  python -c "from serving.client import RankingClient; '
-              f"print(RankingClient('127.0.0.1:{args.port}').model_info())\"", flush=True)
+              f"print(RankingClient('127.0.0.1:{ports.grpc}').model_info())\"", flush=True)
         while not stop.wait(0.5):
             pass
         print("recserve: shutting down ...", flush=True)

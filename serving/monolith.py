@@ -137,11 +137,15 @@ async def create_server(
         example_log = example_log_for(example_log, ranker.package.manifest)
     admission = AdmissionConfig(max_in_flight=max_in_flight, max_latency_factor=max_latency_factor)
     servicer = MonolithServicer(ranker, admission=admission, workers=workers, example_log=example_log or OFF)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20)])
+    # so_reuseport off: a second server on a taken port fails to bind instead of sharing it
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.so_reuseport", 0)])
     ranker_pb2_grpc.add_RankerServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as e:  # grpc's "Failed to bind": the port is taken
+        raise OSError(f"cannot bind {host}:{port}: the port is in use") from e
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()

@@ -222,7 +222,7 @@ async def create_server(
     clock=time.time,
 ) -> tuple[grpc.aio.Server, int]:
     """Bind ``host:port`` (0 = any free port), start; returns (server, port)."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a taken port fails to bind, never shared
     fading_pb2_grpc.add_FadingControlServicer_to_server(FadingControlServicer(store, tokens, clock=clock), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -1,0 +1,119 @@
+"""The ports ``recserve serve`` needs, checked before anything is trained or deployed.
+
+- The gRPC port is the one callers dial: it must be free. A taken one is refused with a
+  message naming it and the flag that changes it; it is never shared (Serve's proxy would
+  otherwise bind it with SO_REUSEPORT next to the other server and split the traffic).
+- The Ray dashboard and Serve's HTTP port are conveniences: the one asked for if free,
+  else any free one (printed with the addresses).
+
+Standard library only (the CLI imports this before torch or Ray).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+
+LOOPBACK = "127.0.0.1"
+RAY_DASHBOARD_PORT = 8265  # Ray's default: asked for it, Ray itself moves to the next free one
+
+
+class PortTaken(RuntimeError):
+    """A port the operator asked for is in use; the message names it and the flag."""
+
+
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on ``port`` on any address (IPv4 or IPv6).
+
+    Binds without SO_REUSEPORT, so a server that shares its port (as Serve's proxy and
+    grpc servers do by default) still counts as holding it; SO_REUSEADDR, so sockets left
+    in TIME_WAIT by a server that just stopped do not."""
+    families = [(socket.AF_INET, "0.0.0.0")]
+    if socket.has_ipv6:
+        families.append((socket.AF_INET6, "::"))
+    for family, host in families:
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue  # no IPv6 on this machine
+        with s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                    return False
+                if e.errno == errno.EADDRNOTAVAIL:
+                    continue
+                raise
+    return True
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port nothing listens on now (the kernel's choice)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def require_free(port: int, *, what: str, flag: str) -> int:
+    """``port`` if it is free (0: any free port), else PortTaken naming it and ``flag``."""
+    if port == 0:
+        return free_port()
+    if not 0 < port < 65536:
+        raise PortTaken(f"{what} port {port} is not a port number (1-65535, or 0 for any free one); choose one with {flag} PORT")
+    if not port_is_free(port):
+        raise PortTaken(f"{what} port {port} is already in use (another server listens on it); "
+                        f"choose another with {flag} PORT")
+    return port
+
+
+def free_or_fallback(port: int) -> int:
+    """``port`` if it is free, else a free one."""
+    return port if 0 < port < 65536 and port_is_free(port) else free_port()
+
+
+@dataclass(frozen=True)
+class ServePorts:
+    """The ports of one ``recserve serve``: gRPC (required), dashboard and HTTP (fallbacks)."""
+
+    grpc: int
+    dashboard: int
+    http: int
+    asked_dashboard: int
+    asked_http: int
+
+    @classmethod
+    def choose(cls, *, grpc: int, dashboard: int, http: int) -> ServePorts:
+        grpc = require_free(grpc, what="gRPC", flag="--port")
+        chosen_dashboard = free_or_fallback(dashboard)
+        chosen_http = free_or_fallback(http)
+        while chosen_http in (grpc, chosen_dashboard):
+            chosen_http = free_port()
+        return cls(grpc, chosen_dashboard, chosen_http, dashboard, http)
+
+    @property
+    def ray_dashboard_port(self) -> int | None:
+        """What to pass to ``ray.init(dashboard_port=)``: None for Ray's default port, so the
+        dashboard itself moves on to the next free port if another Ray takes 8265 between this
+        check and its start (two starts at once); any other port as chosen."""
+        return None if self.dashboard == RAY_DASHBOARD_PORT else self.dashboard
+
+    def describe(self, host: str = LOOPBACK) -> list[str]:
+        """One line per port, saying where a taken preferred port was replaced."""
+        return [
+            f"gRPC          {host}:{self.grpc}",
+            f"Serve HTTP    {host}:{self.http}{_moved(self.asked_http, self.http)}",
+        ]
+
+    def describe_dashboard(self, url: str) -> str:
+        """The dashboard's line, from the URL Ray reports (``ray.init(...).dashboard_url``)."""
+        port = int(url.rsplit(":", 1)[1]) if url and ":" in url else self.dashboard
+        return f"Ray dashboard http://{url.split('://')[-1]}{_moved(self.asked_dashboard, port)}"
+
+
+def _moved(asked: int, got: int) -> str:
+    return "" if asked == got else f" ({asked} was taken: using a free port)"
