@@ -49,14 +49,26 @@ def _csv_value(v):
 
 
 def plot_p99(rows: list[RunSummary], path: Path, *, title: str = "") -> Path:
-    """P99 latency vs offered load, one line per configuration (open-loop rows)."""
+    """P99 latency vs offered load, one line per configuration (open-loop rows), as a PNG."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = p99_figure(rows, title=title)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def p99_figure(rows: list[RunSummary], *, title: str = ""):
+    """The matplotlib Figure :func:`plot_p99` saves: one line per configuration, labelled
+    with its name, through its (offered req/s, P99 ms) points; configurations with no
+    finite P99 are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     configs = list(dict.fromkeys(r.config for r in rows if r.mode == "open"))
     for cfg in configs:
@@ -73,9 +85,7 @@ def plot_p99(rows: list[RunSummary], path: Path, *, title: str = "") -> Path:
     ax.set_title(title or "P99 latency vs offered load")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 _TABLE = (

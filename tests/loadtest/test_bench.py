@@ -35,7 +35,9 @@ def test_bench_against_the_monolith_writes_csv_plot_and_table(tiny_bench_root, t
         assert r.shard_calls_per_req == 0
     with open(out / "bench.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
-    assert (out / "p99.png").stat().st_size > 5_000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "p99.png").ndim == 3  # a decodable image
     assert "monolith" in (out / "table.md").read_text()
     assert "p99 ms" in capsys.readouterr().out
 

@@ -1,21 +1,37 @@
 import subprocess
 import sys
-import time
 
 import pytest
 
 from loadtest.cpu import CpuMeter, process_tree, processes_titled
 
 
+# The child says when it is started and when it has burned BURN_S seconds of its own CPU time,
+# so the test measures CPU time between two events, never wall time (any machine speed, any load).
+BURN_S = 0.6
+BUSY = f"""import sys, time
+print("ready", flush=True)
+sys.stdin.readline()
+t = time.process_time()
+while time.process_time() - t < {BURN_S}: pass
+print("burned", flush=True)
+sys.stdin.readline()
+"""
+
+
 def test_meter_counts_the_cpu_a_child_process_burns():
-    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(30)"
-    proc = subprocess.Popen([sys.executable, "-c", busy])
+    proc = subprocess.Popen([sys.executable, "-c", BUSY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        assert proc.stdout.readline() == "ready\n"  # the interpreter's start-up is behind us
         meter = CpuMeter(lambda: process_tree(proc.pid))
         start = meter.read()
-        time.sleep(1.5)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "burned\n"
         burned = meter.read() - start
-        assert 0.3 < burned < 1.5
+        # the child's own clock counted BURN_S; the meter reads the same counters (10 ms ticks),
+        # plus the few instructions of reading a line and printing one
+        assert BURN_S - 0.05 <= burned <= BURN_S + 0.2, burned
         assert meter.pids() == [proc.pid]
     finally:
         proc.kill()

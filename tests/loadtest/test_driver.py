@@ -15,16 +15,16 @@ def test_open_loop_sends_at_the_offered_rate_and_every_request_is_answered(monol
     assert len(run) == 60
     assert set(run.codes) == {"OK"}
     np.testing.assert_allclose(run.scheduled_s, np.arange(60) / 40.0, atol=1e-6)
-    assert (run.latency_s >= run.service_s).all() and (run.latency_s < 2.0).all()
+    assert (run.latency_s >= run.service_s).all() and (run.service_s > 0).all() and np.isfinite(run.latency_s).all()
     assert (run.response_bytes > 0).all()
     np.testing.assert_array_equal(run.trace_index, np.arange(60) % 30)
 
 
 def test_closed_loop_stops_at_the_request_cap(monolith, tiny):
     trace = make_trace(tiny, 10, seed=0)
-    run = asyncio.run(closed_loop(monolith, trace.payloads, concurrency=3, duration_s=30.0, max_requests=25))
+    # a duration no run here comes near: the run ends because of the cap, whatever the machine's speed
+    run = asyncio.run(closed_loop(monolith, trace.payloads, concurrency=3, duration_s=600.0, max_requests=25))
     assert len(run) == 25 and set(run.codes) == {"OK"}
-    assert run.wall_s < 30.0
 
 
 def test_missed_deadlines_are_counted_not_raised(monolith, tiny):

@@ -3,7 +3,7 @@ import math
 import numpy as np
 
 from loadtest.driver import RunRecord
-from loadtest.report import format_table, plot_p99, read_csv, write_csv
+from loadtest.report import format_table, p99_figure, plot_p99, read_csv, write_csv
 from loadtest.stats import summarize
 
 
@@ -32,9 +32,23 @@ def test_csv_round_trips_every_row(tmp_path):
 
 
 def test_plot_is_a_png_with_one_line_per_configuration(tmp_path):
-    path = plot_p99(_rows(), tmp_path / "p99.png")
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    rows = _rows()
+    fig = p99_figure(rows)
+    try:
+        lines = fig.axes[0].get_lines()
+        assert [line.get_label() for line in lines] == ["monolith", "table-2"]
+        for line in lines:
+            want = sorted((r.offered_rps, r.p99_ms) for r in rows if r.config == line.get_label())
+            np.testing.assert_allclose(np.column_stack(line.get_data()), want)
+        width, height = fig.get_size_inches() * fig.dpi
+    finally:
+        plt.close(fig)
+    path = plot_p99(rows, tmp_path / "p99.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert path.stat().st_size > 5_000
+    assert matplotlib.image.imread(path).shape[:2] == (round(height), round(width))  # a whole image, decodable
 
 
 def test_table_lists_every_configuration_and_rate():

@@ -80,24 +80,37 @@ def test_every_bad_input_gets_its_code_over_serve(main_app, tiny, reference, hel
     np.testing.assert_allclose(got, reference(batch), atol=TOL)
 
 
-def test_the_callers_deadline_holds_end_to_end(main_app, tiny, reference, helpers):
+def test_the_callers_deadline_holds_end_to_end(deploy, tiny_packages, tiny, reference, helpers):
+    from ray import serve
+
     from serving.api import TIMEOUT_METADATA
     from serving.codec import encode_request
 
-    batch = TrafficGenerator(tiny, seed=33).batch(helpers.max_batch)
-    request = encode_request(batch.dense, helpers.as_sparse(batch))
-    # a 5 ms budget cannot cover three shard hops and the tower: the router gives up, cancels
-    # the shard calls and answers DEADLINE_EXCEEDED itself (the gRPC deadline is far away)
-    metadata = [("application", "main"), (TIMEOUT_METADATA, "5")]
-    with pytest.raises(grpc.RpcError) as err:
-        main_app.stub.Predict(request, metadata=metadata, timeout=60)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert "deadline of 5 ms" in err.value.details(), err.value.details()
-    with pytest.raises(grpc.RpcError) as err:  # and a plain gRPC deadline ends the call too
-        main_app.predict(batch.dense, helpers.as_sparse(batch), timeout=0.005)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    got = main_app.predict(batch.dense, helpers.as_sparse(batch), timeout=60)
-    np.testing.assert_allclose(got, reference(batch), atol=TOL)
+    # shards that wait wait_s for their batch to fill (it never does: 8 examples of 512), so no
+    # answer can come sooner on any machine, and every budget below is certain to run out first
+    wait_s = 3.0
+    client = deploy(tiny_packages("table-2"), "slow", shard_batching={"max_batch_size": 512, "batch_wait_timeout_s": wait_s})
+    try:
+        batch = TrafficGenerator(tiny, seed=33).batch(8)
+        request = encode_request(batch.dense, helpers.as_sparse(batch))
+        # the header's budget: the router gives up, cancels the shard calls and answers
+        # DEADLINE_EXCEEDED itself (the gRPC deadline is far away)
+        metadata = [("application", "slow"), (TIMEOUT_METADATA, "200")]
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.Predict(request, metadata=metadata, timeout=60)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "deadline of 200 ms" in err.value.details(), err.value.details()
+        with pytest.raises(grpc.RpcError) as err:  # and a plain gRPC deadline ends the call too
+            client.predict(batch.dense, helpers.as_sparse(batch), timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        metadata = [("application", "slow"), (TIMEOUT_METADATA, "soon")]  # a malformed budget, named
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.Predict(request, metadata=metadata, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and TIMEOUT_METADATA in err.value.details()
+        got = client.predict(batch.dense, helpers.as_sparse(batch), timeout=60)  # served after the wait
+        np.testing.assert_allclose(got, reference(batch), atol=TOL)
+    finally:
+        serve.delete("slow", _blocking=False)
 
 
 def test_health_and_model_info_over_serve(main_app, tiny):
