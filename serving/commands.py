@@ -14,8 +14,59 @@ GRPC_SERVICERS = [
 APP_NAME = "recserve"
 
 
-# Fading is on by default: with no feature being faded it returns the batch untouched.
+# Fading is on by default in `recserve serve` (AppArgs' own default is no filter, for callers
+# of build_app): with no feature being faded it returns the batch untouched.
 FADING_FILTER = "serving.fading.runtime:router_filter"
+
+
+def _flag_fields():
+    """(name, field, type, choices, optional) of AppArgs' scalar fields (``package`` and nested
+    settings left out: the positional argument, and serve.yaml's user_config)."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    from serving.config import AppArgs
+
+    for name, field in AppArgs.model_fields.items():
+        kind, optional = field.annotation, False
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+            options = [a for a in typing.get_args(kind) if a is not type(None)]
+            optional, kind = len(options) < len(typing.get_args(kind)), options[0]
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        if choices:
+            kind = type(choices[0])
+        if name == "package" or not isinstance(kind, type) or issubclass(kind, BaseModel):
+            continue
+        yield name, field, kind, choices, optional
+
+
+def add_app_flags(parser: argparse.ArgumentParser, *, defaults: dict | None = None, none_word: str = "none") -> None:
+    """One ``--flag`` per scalar field of :class:`serving.config.AppArgs`, the one source of the
+    serving settings: name, type, choices, default and help come from the model. ``defaults``
+    overrides a field's default for this command; for an optional field, ``none_word`` on the
+    command line means None."""
+    defaults = defaults or {}
+    for name, field, kind, choices, optional in _flag_fields():
+        default = defaults.get(name, field.default)
+        shown = f"{default}" + (f"; '{none_word}' for none" if optional else "")
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=kind, default=default, choices=choices,
+            help=f"{field.description} (default {shown})".replace("%", "%%"),
+        )
+
+
+def app_args_from(args: argparse.Namespace, *, package: str, none_word: str = "none"):
+    """The AppArgs of flags added by :func:`add_app_flags` (``none_word`` or '' -> None)."""
+    from serving.config import AppArgs
+
+    values = {}
+    for name, _, _, _, optional in _flag_fields():
+        value = getattr(args, name)
+        values[name] = None if optional and value in ("", none_word) else value
+    return AppArgs(package=package, **values)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -34,42 +85,32 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Ray dashboard port on 127.0.0.1 (default 8265; a free one if it is taken)")
     p.add_argument("--http-port", type=int, default=8000,
                    help="Serve HTTP proxy port on 127.0.0.1 (default 8000; a free one if it is taken)")
-    p.add_argument("--transport", choices=("reference", "grpc"), default=None,
-                   help="handle transport between deployments (default: the faster, see README)")
-    p.add_argument("--device", default="cpu", help="torch device for shards and tower: cpu, cuda, auto")
-    p.add_argument("--max-batch-size", type=int, default=None,
-                   help="largest batch one request may carry (default: AppArgs' max_batch_size)")
-    p.add_argument("--feature-filter", default=FADING_FILTER, metavar="MODULE:FACTORY",
-                   help="feature filter applied by the router before the split: factory(manifest) -> "
-                        f"callable(Batch) -> Batch (default: feature fading, {FADING_FILTER}; 'none' for no filter)")
-    p.add_argument("--log-rate", type=float, default=0.0, metavar="R",
-                   help="fraction of requests whose served examples are logged as Parquet (0 = off)")
-    p.add_argument("--log-dir", default="", metavar="DIR",
-                   help="example log directory or pyarrow filesystem URL (s3://..., gs://...)")
+    add_app_flags(p, defaults={"feature_filter": FADING_FILTER}, none_word="none")
     p.add_argument("--monolith", action="store_true",
                    help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
     p.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    if not 0.0 <= args.log_rate <= 1.0 or (args.log_rate > 0 and not args.log_dir):
-        print("recserve serve: --log-rate must be in [0, 1] and needs --log-dir when above 0", file=__import__("sys").stderr)
-        return 2
-    if args.feature_filter in ("", "none"):
-        args.feature_filter = None
     import os
     import signal
     import sys
     import threading
 
+    from pydantic import ValidationError
+
     from recserve.package import ModelPackage, PackageError
     from serving.api import SERVICE_NAME
-    from serving.config import DEFAULT_MAX_BATCH_SIZE
     from serving.default_model import resolve_package
     from serving.ports import PortTaken, ServePorts
 
-    if args.max_batch_size is None:
-        args.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+    try:
+        app_args = app_args_from(args, package=args.package)
+    except ValidationError as e:
+        for err in e.errors():
+            where = f"--{str(err['loc'][0]).replace('_', '-')}: " if err["loc"] else ""
+            print(f"recserve serve: {where}{err['msg']}", file=sys.stderr)
+        return 2
     try:  # before any training or deploying: a taken gRPC port fails now, not after a minute
         ports = ServePorts.choose(grpc=args.port, dashboard=args.dashboard_port, http=args.http_port)
     except PortTaken as e:
@@ -82,20 +123,20 @@ def run_serve(args: argparse.Namespace) -> int:
     except PackageError as e:
         print(f"recserve serve: {e}", file=sys.stderr)
         return 2
+    app_args = app_args.model_copy(update={"package": str(path)})
     if args.monolith:
         import asyncio
 
         from serving.api import load_feature_filter
         from serving.monolith import serve_forever
 
-        from serving.config import AppArgs
         from serving.example_log import config_of
 
-        log = config_of(AppArgs(log_rate=args.log_rate, log_dir=args.log_dir))
         try:
-            asyncio.run(serve_forever(path, ports.grpc, max_batch_size=args.max_batch_size, device=args.device,
-                                      feature_filter=load_feature_filter(args.feature_filter, manifest),
-                                      example_log=log))
+            asyncio.run(serve_forever(path, ports.grpc, max_batch_size=app_args.max_batch_size,
+                                      device=app_args.device,
+                                      feature_filter=load_feature_filter(app_args.feature_filter, manifest),
+                                      example_log=config_of(app_args)))
         except KeyboardInterrupt:
             pass
         return 0
@@ -104,15 +145,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from serving.app import build_app
-    from serving.config import DEFAULT_TRANSPORT, AppArgs
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
     # silently share it. Off (inherited by the proxy actors through Ray's worker environment).
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
-    app_args = AppArgs(package=str(path), transport=args.transport or DEFAULT_TRANSPORT,
-                       device=args.device, max_batch_size=args.max_batch_size, feature_filter=args.feature_filter,
-                       log_rate=args.log_rate, log_dir=args.log_dir)
     stop = threading.Event()
 
     def stop_on_signals() -> None:

@@ -1,0 +1,54 @@
+"""`recserve serve`'s settings flags come from AppArgs: same names, types, choices and defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from recserve.cli import build_parser
+from serving.commands import FADING_FILTER, app_args_from
+from serving.config import AppArgs
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_every_scalar_appargs_field_is_a_flag_with_the_model_default():
+    args = parse()
+    built = app_args_from(args, package="pkg")
+    expected = AppArgs(package="pkg", feature_filter=FADING_FILTER)  # serve's one override: fading on
+    assert built == expected
+    for name, field in AppArgs.model_fields.items():
+        if name in ("package", "shard_batching", "tower_batching"):
+            continue
+        assert hasattr(args, name), f"AppArgs.{name} has no --{name.replace('_', '-')} flag"
+
+
+def test_flags_parse_to_typed_appargs_and_none_turns_the_filter_off():
+    built = app_args_from(parse("--transport", "reference", "--max-batch-size", "64", "--default-timeout-s", "2.5",
+                                "--feature-filter", "none"), package="p")
+    assert (built.transport, built.max_batch_size, built.default_timeout_s, built.feature_filter) == (
+        "reference", 64, 2.5, None)
+
+
+def test_a_value_outside_the_model_choices_is_refused_by_argparse(capsys):
+    with pytest.raises(SystemExit):
+        parse("--transport", "carrier-pigeon")
+    assert "--transport: invalid choice" in capsys.readouterr().err
+
+
+def test_a_value_the_model_rejects_is_reported_by_flag_before_anything_starts(tmp_path, monkeypatch, capsys):
+    from recserve.cli import main
+
+    monkeypatch.setenv("RECSERVE_ARTIFACTS", str(tmp_path))
+    assert main(["serve", "--max-batch-size", "0"]) == 2
+    assert "--max-batch-size: Input should be greater than 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rule_across_fields_is_reported_too(tmp_path, monkeypatch, capsys):
+    from recserve.cli import main
+
+    monkeypatch.setenv("RECSERVE_ARTIFACTS", str(tmp_path))
+    assert main(["serve", "--log-rate", "0.5"]) == 2  # no --log-dir
+    assert "log_dir: required when log_rate > 0" in capsys.readouterr().err
