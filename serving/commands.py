@@ -92,15 +92,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import os
-    import signal
+    """Check the settings and the ports, prepare the package, then serve it until a signal:
+    in this process (``--monolith``) or on a local Ray Serve instance."""
     import sys
-    import threading
 
     from pydantic import ValidationError
 
     from recserve.package import ModelPackage, PackageError
-    from serving.api import SERVICE_NAME
     from serving.default_model import resolve_package
     from serving.ports import PortTaken, ServePorts
 
@@ -116,7 +114,6 @@ def run_serve(args: argparse.Namespace) -> int:
     except PortTaken as e:
         print(f"recserve serve: {e}", file=sys.stderr)
         return 2
-
     try:
         path = resolve_package(args.package)
         manifest = ModelPackage.open(path).manifest
@@ -125,38 +122,45 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     app_args = app_args.model_copy(update={"package": str(path)})
     if args.monolith:
-        import asyncio
+        return _serve_monolith(app_args, manifest, ports)
+    return _serve_on_ray(app_args, manifest, ports)
 
-        from serving.api import load_feature_filter
-        from serving.monolith import serve_forever
 
-        from serving.example_log import config_of
+def _serve_monolith(app_args, manifest, ports) -> int:
+    """The whole model in this process behind grpc.aio on 127.0.0.1 (stops on SIGINT/SIGTERM)."""
+    import asyncio
 
-        try:
-            asyncio.run(serve_forever(path, ports.grpc, max_batch_size=app_args.max_batch_size,
-                                      device=app_args.device,
-                                      feature_filter=load_feature_filter(app_args.feature_filter, manifest),
-                                      example_log=config_of(app_args)))
-        except KeyboardInterrupt:
-            pass
-        return 0
+    from serving.api import load_feature_filter
+    from serving.example_log import config_of
+    from serving.monolith import serve_forever
+
+    try:
+        asyncio.run(serve_forever(app_args.package, ports.grpc, max_batch_size=app_args.max_batch_size,
+                                  device=app_args.device,
+                                  feature_filter=load_feature_filter(app_args.feature_filter, manifest),
+                                  example_log=config_of(app_args)))
+    except KeyboardInterrupt:  # while loading, before the stop handlers are installed
+        pass
+    return 0
+
+
+def _serve_on_ray(app_args, manifest, ports) -> int:
+    """Local Ray + Serve, the app deployed, served until SIGINT/SIGTERM; then Serve and Ray
+    shut down."""
+    import os
+    import signal
+    import threading
 
     import ray
     from ray import serve
 
+    from serving.api import SERVICE_NAME
     from serving.app import build_app
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
     # silently share it. Off (inherited by the proxy actors through Ray's worker environment).
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
-    stop = threading.Event()
-
-    def stop_on_signals() -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-
-    stop_on_signals()
     for line in ports.describe():
         print(f"recserve: {line}", flush=True)
     print("recserve: starting Ray (127.0.0.1) ...", flush=True)
@@ -164,13 +168,17 @@ def run_serve(args: argparse.Namespace) -> int:
                        dashboard_host="127.0.0.1", dashboard_port=ports.ray_dashboard_port,
                        configure_logging=False, log_to_driver=False)
     print(f"recserve: {ports.describe_dashboard(context.dashboard_url)}", flush=True)
-    stop_on_signals()  # again: Ray's driver installs a SIGTERM handler of its own that aborts the process
+    stop = threading.Event()
+    # Installed once, after ray.init: Ray's driver replaces SIGTERM with a handler of its own
+    # that exits the process. Until here, Ctrl-C interrupts the start-up (KeyboardInterrupt).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": ports.http},
             grpc_options={"port": ports.grpc, "grpc_servicer_functions": GRPC_SERVICERS},
         )
-        print(f"recserve: deploying {manifest.name} {manifest.version} from {path} "
+        print(f"recserve: deploying {manifest.name} {manifest.version} from {app_args.package} "
               f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "
               f"transport {app_args.transport}) ...", flush=True)
         serve.run(build_app(app_args), name=APP_NAME, blocking=False)
