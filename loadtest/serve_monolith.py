@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 
 async def _serve(package: str, port: int, max_in_flight: int) -> None:
     from serving.monolith import create_server
+    from serving.server_thread import serve_until_signalled
 
     server, bound = await create_server(package, port, host="127.0.0.1", max_in_flight=max_in_flight)
     print(f"PORT {bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(grace=1.0)
+    await serve_until_signalled(server, grace_s=1.0, name="serve_monolith")
 
 
 def main(argv: list[str] | None = None) -> int:
