@@ -69,7 +69,7 @@ def isolated_package(pkg: ModelPackage, feature: str, out: Path) -> Path:
     import torch
 
     from recserve.export import export_package
-    from recserve.model import embedding_key
+    from recserve.layout import embedding_key
     from sharding.types import Shard, ShardPlan, TableSlice, row_bytes
 
     m = pkg.manifest

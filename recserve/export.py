@@ -1,10 +1,16 @@
-"""Export a trained torchrec model into a model package (see :mod:`recserve.package`).
+"""Write a model package (see :mod:`recserve.package`) from a source of table rows: a trained
+torchrec state dict (:func:`export_package`) or seeded random weights
+(:func:`recserve.random_init.export_random_package`). Imports no torchrec.
 
-The state dict is opened memory-mapped and written out table by table, ``CHUNK_BYTES``
-of rows at a time; after each chunk its source pages are handed back to the kernel
-(``madvise(MADV_DONTNEED)``), so peak memory stays near one chunk plus the dense part
-however large the model is. The package is written to a temporary directory beside
-``out`` and renamed into place only when complete.
+Tables are written chunk by chunk of rows, never whole: each shard file gets its header
+first (every shape is known from the plan), then a pool of ``threads`` converts chunks
+(to the storage dtype, quantizing row-wise where asked; :mod:`kernels.quantize`) and
+writes each at its byte offset, while this thread feeds the written bytes to the file's
+sha256 in file order. At most ``2 * threads`` chunks are in flight, so peak memory stays
+near that many chunks plus the dense part however large the model is. The state dict is
+opened memory-mapped and each chunk's source pages are handed back to the kernel once
+written (``madvise(MADV_DONTNEED)``). The package is written to a temporary directory
+beside ``out`` and renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -16,16 +22,20 @@ import mmap
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
-from tqdm import tqdm
 
 from kernels.quantize import FLOAT_DTYPES, QUANTIZED, quantize_rowwise
-from recserve.model import EMBEDDING_PREFIX, build_model
+from recserve.layout import EMBEDDING_PREFIX, state_dict_shapes
 from recserve.package import (
     DENSE_FILE,
     MANIFEST,
@@ -40,9 +50,9 @@ from recserve.package import (
 )
 from recserve.safetensors_stream import StreamingSafetensorsWriter, TensorSlot
 from recserve.workloads import WorkloadConfig
-from sharding.types import ShardPlan
+from sharding.types import Shard, ShardPlan, TableSlice, row_bytes
 
-CHUNK_BYTES = 64 << 20  # rows converted at a time
+CHUNK_BYTES = 64 << 20  # fp32 bytes of rows converted at a time
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _MADV_DONTNEED = 4
@@ -63,18 +73,50 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+class RowSource(Protocol):
+    """Where the rows of the tables come from."""
+
+    def block_rows(self, table: str) -> int:
+        """Rows per chunk of ``table``: chunks start at multiples of it (or at a slice's start)."""
+        ...
+
+    def rows(self, table: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of ``table`` (within one block) as float [end - start, dim], on any device."""
+        ...
+
+    def release(self, rows: torch.Tensor) -> None:
+        """Called once the bytes made from ``rows`` are written and hashed."""
+        ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExportResult:
     path: Path
     bytes: int  # total bytes of the package files
     seconds: float
     peak_rss: int  # bytes: peak resident memory of this process
-    largest_table: int  # bytes of the largest table in the state dict (fp32)
+    largest_table: int  # bytes of the largest table (fp32)
+    threads: int = 1
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9
+
+    def summary(self) -> str:
+        return (
+            f"wrote {self.path}: {self.bytes:,} bytes in {self.seconds:.1f}s ({self.gb_per_s:.2f} GB/s, "
+            f"{self.threads} threads); peak RSS {self.peak_rss / 2**20:,.0f} MiB "
+            f"(largest table {self.largest_table / 2**20:,.0f} MiB fp32)"
+        )
 
 
 def _check_state_dict(workload: WorkloadConfig, sd: dict[str, torch.Tensor]) -> None:
     """The state dict has exactly the tensors of the workload's torchrec model."""
-    expected = {k: tuple(v.shape) for k, v in build_model(workload, device="meta").state_dict().items()}
+    expected = state_dict_shapes(workload)
     got = {k: tuple(v.shape) for k, v in sd.items()}
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
@@ -85,78 +127,186 @@ def _check_state_dict(workload: WorkloadConfig, sd: dict[str, torch.Tensor]) -> 
             raise PackageError(f"state dict tensor {k} has shape {list(got[k])}, workload {workload.name!r} needs {list(shape)}")
 
 
-def _write_shard(path: Path, shard, weights: dict[str, torch.Tensor], dtype: str, bar: tqdm) -> str:
+class _StateDictRows:
+    """Rows of a memory-mapped torchrec state dict."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        self.weights = weights  # table -> fp32 [rows, dim], memory-mapped
+
+    def block_rows(self, table: str) -> int:
+        return max(1, CHUNK_BYTES // (4 * self.weights[table].shape[1]))
+
+    def rows(self, table: str, start: int, end: int) -> torch.Tensor:
+        return self.weights[table][start:end]  # a view into the mapped file
+
+    def release(self, rows: torch.Tensor) -> None:
+        _release(rows)
+
+
+class _Progress:
+    """One line per table slice and per shard, and one every ``every_s`` seconds inside a
+    long slice; plain lines (no carriage returns), so a captured log reads as well."""
+
+    def __init__(self, total: int, enabled: bool, every_s: float = 10.0):
+        self.total, self.enabled, self.every_s = total, enabled, every_s  # total: package bytes
+        self.done = 0
+        self.t0 = self.t_line = time.perf_counter()
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        if now - self.t_line >= self.every_s:
+            self.say(f"    {self.done / 1e9:,.2f} / {self.total / 1e9:,.2f} GB ({self.rate():.2f} GB/s)")
+            self.t_line = now
+
+    def rate(self) -> float:
+        return self.done / max(time.perf_counter() - self.t0, 1e-9) / 1e9
+
+    def line(self, text: str) -> None:
+        self.t_line = time.perf_counter()
+        self.say(f"{text}; {self.done / 1e9:,.2f} / {self.total / 1e9:,.2f} GB done ({self.rate():.2f} GB/s)")
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    slice: TableSlice
+    start: int  # table rows [start, end)
+    end: int
+    offset: int  # file offset of its weight bytes
+    last: bool  # the slice's last chunk
+
+
+def _slots(shard: Shard, dtype: str) -> list[TensorSlot]:
     slots = []
     for s in shard.slices:
         p = slice_prefix(s.table, s.row_start, s.row_end)
         slots.append(TensorSlot(f"{p}.weight", weight_dtype(dtype), weight_shape(s.rows, s.dim, dtype)))
-        if dtype in QUANTIZED:
+        if dtype in QUANTIZED:  # scale and bias follow the weight: fp32 [rows] each
             slots.append(TensorSlot(f"{p}.scale", torch.float32, (s.rows,)))
             slots.append(TensorSlot(f"{p}.bias", torch.float32, (s.rows,)))
-    writer = StreamingSafetensorsWriter(path, slots)
+    return slots
+
+
+def _chunks(shard: Shard, source: RowSource, writer: StreamingSafetensorsWriter, dtype: str) -> Iterator[_Chunk]:
     for s in shard.slices:
-        src = weights[s.table]  # [rows_total, dim], memory-mapped
-        step = max(1, CHUNK_BYTES // (4 * s.dim))
-        scales, biases = [], []
-        for a in range(s.row_start, s.row_end, step):
-            b = min(a + step, s.row_end)
-            chunk = src[a:b]  # [rows, dim] view into the mapped file
+        step = source.block_rows(s.table)
+        row_bytes = weight_shape(1, s.dim, dtype)[1] * weight_dtype(dtype).itemsize
+        base = writer.offset(f"{slice_prefix(s.table, s.row_start, s.row_end)}.weight")
+        a = s.row_start
+        while a < s.row_end:
+            b = min((a // step + 1) * step, s.row_end)  # chunks end on block boundaries
+            yield _Chunk(s, a, b, base + (a - s.row_start) * row_bytes, b == s.row_end)
+            a = b
+
+
+def _write_shard(
+    path: Path, shard: Shard, dtype: str, source: RowSource, pool: ThreadPoolExecutor, window: int, progress: _Progress
+) -> str:
+    """Write one shard file; returns its sha256."""
+    writer = StreamingSafetensorsWriter(path, _slots(shard, dtype))
+    # quantized: each slice's fp32 scales and biases [rows], written after its weight
+    scale_bias: dict[TableSlice, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def convert(c: _Chunk) -> tuple[torch.Tensor, memoryview]:
+        src = source.rows(c.slice.table, c.start, c.end)  # float [rows, dim]
+        if dtype in QUANTIZED:
+            q, scale, bias = quantize_rowwise(src, dtype)
+            scales, biases = scale_bias[c.slice]
+            scales[c.start - c.slice.row_start : c.end - c.slice.row_start] = scale.cpu()
+            biases[c.start - c.slice.row_start : c.end - c.slice.row_start] = bias.cpu()
+            out = q.cpu()
+        else:
+            out = src.to(FLOAT_DTYPES[dtype]).cpu()
+        return src, writer.write_at(c.offset, out)
+
+    pending: deque[tuple[_Chunk, Future]] = deque()
+    t_slice = time.perf_counter()
+
+    def finish_oldest() -> None:
+        nonlocal t_slice
+        c, fut = pending.popleft()
+        src, data = fut.result()
+        writer.hash_next(c.offset, data)
+        source.release(src)
+        progress.add(len(data))
+        if c.last:
+            s = c.slice
+            prefix = slice_prefix(s.table, s.row_start, s.row_end)
             if dtype in QUANTIZED:
-                q, scale, bias = quantize_rowwise(chunk, dtype)
-                writer.write(q)
-                scales.append(scale)
-                biases.append(bias)
-            else:
-                writer.write(chunk.to(FLOAT_DTYPES[dtype]))
-            _release(chunk)
-            bar.update((b - a) * s.dim * 4)
-        if dtype in QUANTIZED:  # scale and bias follow the weight: fp32 [rows] each
-            for parts in (scales, biases):
-                for part in parts:
-                    writer.write(part)
+                for part, t in zip(("scale", "bias"), scale_bias.pop(s)):
+                    off = writer.offset(f"{prefix}.{part}")
+                    data = writer.write_at(off, t)
+                    writer.hash_next(off, data)
+                    progress.add(len(data))
+            now = time.perf_counter()
+            progress.line(f"  shard {shard.index}: {s.table}[{s.row_start}:{s.row_end}) {s.rows:,} x {s.dim} "
+                          f"in {now - t_slice:.1f}s")
+            t_slice = now
+
+    try:
+        for c in _chunks(shard, source, writer, dtype):
+            if dtype in QUANTIZED and c.start == c.slice.row_start:
+                scale_bias[c.slice] = (torch.empty(c.slice.rows), torch.empty(c.slice.rows))
+            pending.append((c, pool.submit(convert, c)))
+            while len(pending) >= window:
+                finish_oldest()
+        while pending:
+            finish_oldest()
+    finally:
+        for _, fut in pending:
+            fut.cancel()
     return writer.close()
 
 
-def export_package(
+def write_package(
     workload: WorkloadConfig,
-    state_dict_path: str | Path,
     out: str | Path,
     *,
     plan: ShardPlan,
+    dense: dict[str, torch.Tensor],
+    source: RowSource,
     name: str | None = None,
     version: str | None = None,
     dropped_features: tuple[str, ...] = (),
     overwrite: bool = False,
     progress: bool = True,
+    threads: int | None = None,
 ) -> ExportResult:
-    """Write the package for ``workload`` from a torchrec state dict, sharded by ``plan``."""
+    """Write the package of ``workload`` sharded by ``plan``: the ``dense`` tensors (fp32,
+    torchrec keys) and every table's rows from ``source``."""
     t0 = time.perf_counter()
     out = Path(out)
+    threads = threads or default_threads()
+    if threads < 1:
+        raise ValueError(f"threads: must be at least 1, got {threads}")
     if out.exists() and not overwrite:
         raise PackageError(f"{out}: already exists (pass overwrite=True / --force to replace it)")
-    sd = torch.load(state_dict_path, mmap=True, weights_only=True, map_location="cpu")
-    _check_state_dict(workload, sd)
     dtype = plan.dtype
-    weights = {k[len(EMBEDDING_PREFIX) : -len(".weight")]: v for k, v in sd.items() if k.startswith(EMBEDDING_PREFIX)}
-    dense = {k: v for k, v in sd.items() if not k.startswith(EMBEDDING_PREFIX)}
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "shards").mkdir()
         files: dict[str, FileEntry] = {}
-        dense_slots = [TensorSlot(k, torch.float32, tuple(v.shape)) for k, v in dense.items()]
-        writer = StreamingSafetensorsWriter(tmp / DENSE_FILE, dense_slots)
-        for k, v in dense.items():
+        writer = StreamingSafetensorsWriter(tmp / DENSE_FILE, [TensorSlot(k, torch.float32, tuple(v.shape)) for k, v in dense.items()])
+        for v in dense.values():
             writer.write(v.float())
         files[DENSE_FILE] = FileEntry(sha256=writer.close(), bytes=(tmp / DENSE_FILE).stat().st_size)
 
-        total = sum(s.rows * s.dim * 4 for sh in plan.shards for s in sh.slices)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="export tables", disable=not progress) as bar:
+        total = sum(s.rows * row_bytes(s.dim, dtype) for sh in plan.shards for s in sh.slices)  # bytes
+        report = _Progress(total, progress)
+        report.say(f"writing {total / 1e9:,.2f} GB of {dtype} tables in {plan.num_shards} shard(s), {threads} threads")
+        with ThreadPoolExecutor(threads, thread_name_prefix="export") as pool:
             for sh in plan.shards:
                 rel = shard_file(sh.index)
-                digest = _write_shard(tmp / rel, sh, weights, dtype, bar)
+                t_shard = time.perf_counter()
+                digest = _write_shard(tmp / rel, sh, dtype, source, pool, 2 * threads, report)
                 files[rel] = FileEntry(sha256=digest, bytes=(tmp / rel).stat().st_size)
+                dt = time.perf_counter() - t_shard
+                report.line(f"shard {sh.index}: {files[rel].bytes:,} bytes in {dt:.1f}s")
 
         if version is None:  # content-derived: the same model and plan give the same version
             h = hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode())
@@ -181,11 +331,35 @@ def export_package(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    largest = max((v.numel() * v.element_size() for v in weights.values()), default=0)
     return ExportResult(
         path=out,
         bytes=sum(f.bytes for f in files.values()),
         seconds=time.perf_counter() - t0,
         peak_rss=peak_rss_bytes(),
-        largest_table=largest,
+        largest_table=max((t.rows * t.dim * 4 for t in workload.tables), default=0),
+        threads=threads,
     )
+
+
+def export_package(
+    workload: WorkloadConfig,
+    state_dict_path: str | Path,
+    out: str | Path,
+    *,
+    plan: ShardPlan,
+    name: str | None = None,
+    version: str | None = None,
+    dropped_features: tuple[str, ...] = (),
+    overwrite: bool = False,
+    progress: bool = True,
+    threads: int | None = None,
+) -> ExportResult:
+    """Write the package for ``workload`` from a torchrec state dict, sharded by ``plan``."""
+    sd = torch.load(state_dict_path, mmap=True, weights_only=True, map_location="cpu")
+    _check_state_dict(workload, sd)
+    weights = {k[len(EMBEDDING_PREFIX) : -len(".weight")]: v for k, v in sd.items() if k.startswith(EMBEDDING_PREFIX)}
+    dense = {k: v for k, v in sd.items() if not k.startswith(EMBEDDING_PREFIX)}
+    return write_package(
+        workload, out, plan=plan, dense=dense, source=_StateDictRows(weights), name=name, version=version,
+        dropped_features=dropped_features, overwrite=overwrite, progress=progress, threads=threads,
+    )  # fmt: skip

@@ -17,13 +17,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recserve.batch import Batch
 from recserve.workloads import WorkloadConfig
 
-# State-dict key of a table's weights in a torchrec DLRM; everything else is dense.
-EMBEDDING_PREFIX = "sparse_arch.embedding_bag_collection.embedding_bags."
-
-
-def embedding_key(table: str) -> str:
-    return f"{EMBEDDING_PREFIX}{table}.weight"
-
 
 def table_configs(workload: WorkloadConfig, *, data_type: DataType = DataType.FP32) -> list[EmbeddingBagConfig]:
     """torchrec's config of every table of ``workload`` (sum pooling)."""

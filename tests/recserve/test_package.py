@@ -8,7 +8,7 @@ import torch
 
 from recserve.cli import main as cli
 from recserve.export import export_package
-from recserve.model import embedding_key
+from recserve.layout import embedding_key
 from recserve.package import MANIFEST, ModelPackage, PackageError, shard_file
 from kernels.quantize import dequantize, error_bound
 from sharding.types import Shard, ShardPlan, TableSlice, row_bytes
