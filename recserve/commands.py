@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 
@@ -21,15 +22,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=run_train)
 
-    p = sub.add_parser("export", help="write a sharded model package from a trained state dict")
+    p = sub.add_parser(
+        "export",
+        help="write a sharded model package from a trained state dict, or with seeded random weights",
+        description=(
+            "Writes a model package: from a trained torchrec state dict (--state-dict), or with "
+            "seeded random weights (--init random --seed S: torchrec's and torch's own "
+            "initialization; no training, no torchrec), streamed chunk by chunk of rows on "
+            "--threads threads. Prints a line per table and shard, then the time, GB/s and peak RSS."
+        ),
+    )
     _add_workload(p)
-    p.add_argument("--state-dict", required=True, type=Path)
+    p.add_argument("--state-dict", type=Path, help="the trained model (what `recserve train` saves)")
+    p.add_argument("--init", choices=("trained", "random"), default="trained",
+                   help="trained: from --state-dict (default); random: seeded random weights")
+    p.add_argument("--seed", type=int, default=0, help="--init random: the seed of every weight")
+    p.add_argument("--gen-device", default="cpu",
+                   help="--init random: where to draw and convert the rows (cpu, cuda, cuda:1)")
+    p.add_argument("--threads", type=int, default=None, help="conversion threads (default: every core)")
     p.add_argument("--out", required=True, type=Path, help="package directory to create")
     p.add_argument("--strategy", default="table", choices=("singular", "table", "capacity", "load"))
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--shard-memory", default=None, help="per-shard cap: bytes or 512MiB, 2GiB, 1GB")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16", "int8", "int4"))
-    p.add_argument("--name", default=None, help="model name (default: the workload's)")
+    p.add_argument("--name", default=None, help="model name (default: the workload's; W-random for --init random)")
     p.add_argument("--model-version", default=None, help="model version (default: a content hash)")
     p.add_argument("--drop-features", default="", help="comma-separated features whose tables are left out")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -52,9 +68,15 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    if args.init == "random" and args.state_dict:
+        return _export_usage("--state-dict: not used with --init random (drop one of them)")
+    if args.init == "trained" and not args.state_dict:
+        return _export_usage("--state-dict: required (or --init random for seeded random weights)")
     from recserve.export import export_package
     from recserve.package import PackageError
     from recserve.planning import parse_bytes, table_specs
+    from recserve.random_init import export_random_package
     from recserve.workloads import load_workload
     from sharding import PlannerError, plan
 
@@ -72,22 +94,23 @@ def run_export(args: argparse.Namespace) -> int:
             shard_memory=parse_bytes(args.shard_memory) if args.shard_memory else None,
         )
         print(plan_)
-        r = export_package(
-            workload,
-            args.state_dict,
-            args.out,
-            plan=plan_,
-            name=args.name,
-            version=args.model_version,
-            dropped_features=dropped,
-            overwrite=args.force,
-        )
+        common = dict(plan=plan_, name=args.name, version=args.model_version, dropped_features=dropped,
+                      overwrite=args.force, threads=args.threads)
+        if args.init == "random":
+            r = export_random_package(workload, args.out, seed=args.seed, gen_device=args.gen_device, **common)
+        else:
+            r = export_package(workload, args.state_dict, args.out, **common)
     except (PlannerError, PackageError, ValueError) as e:
         print(f"recserve export: {e}", file=sys.stderr)
         return 2
-    print(f"exported {r.path}: {r.bytes:,} bytes in {r.seconds:.1f}s")
-    print(f"peak memory {r.peak_rss / 2**20:,.0f} MiB (largest table {r.largest_table / 2**20:,.0f} MiB fp32)")
+    print(r.summary())
+    print(f"total {time.perf_counter() - t0:.1f}s (this command: imports, plan, dense and tables)")
     return 0
+
+
+def _export_usage(message: str) -> int:
+    print(f"recserve export: {message}", file=sys.stderr)
+    return 2
 
 
 def run_inspect(args: argparse.Namespace) -> int:
