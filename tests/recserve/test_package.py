@@ -158,7 +158,7 @@ def test_export_cli_plans_writes_and_inspects_for_every_strategy(tmp_path, tiny_
     args = ["export", "--workload", "tiny", "--state-dict", str(tiny_state_dict),
             "--out", str(out), "--strategy", strategy, "--shards", str(shards), "--dtype", "fp16", *extra]
     assert cli(args) == 0
-    assert "peak memory" in capsys.readouterr().out
+    assert "peak RSS" in capsys.readouterr().out
     pkg = ModelPackage.open(out)
     pkg.verify()
     assert pkg.manifest.plan.strategy == strategy and pkg.manifest.plan.num_shards == shards
