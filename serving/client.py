@@ -5,6 +5,10 @@
 
 Errors raise ``grpc.RpcError`` carrying the server's code and message (``e.code()``,
 ``e.details()``).
+
+Needs only grpcio, protobuf and numpy (no torch, Ray or pydantic: tests/serving/test_client.py
+ranks from an interpreter where those fail to import). The files a caller copies:
+serving/{client,api,codec,errors}.py, recserve/batch.py and the generated recserve/v1/.
 """
 
 from __future__ import annotations

@@ -14,12 +14,15 @@ scores as the last guard.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from recserve.batch import Bags, Batch
-from recserve.package import Manifest
 from serving.errors import InvalidRequest, ModelNotFound, quoted
+
+if TYPE_CHECKING:  # the client encodes requests with this module and needs no torch
+    from recserve.package import Manifest
 
 MAX_ABS_DENSE = 1e6
 """Largest |dense value| and |per-id weight| a request may carry (ModelInfo.max_abs_dense).
