@@ -49,7 +49,7 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
     cannot be answered within its deadline (or ``max_latency_factor`` x the idle latency),
     and a request whose deadline passes while it waits for a worker is never scored."""
 
-    def __init__(self, ranker: LocalRanker, *, admission: AdmissionConfig | None = None, workers: int = 2,
+    def __init__(self, ranker: LocalRanker, *, admission: AdmissionConfig | None = None, workers: int = 1,
                  example_log: ExampleLog | NoLog = OFF):
         self.ranker = ranker
         self.example_log = example_log
@@ -118,9 +118,9 @@ async def create_server(
     *,
     host: str = "127.0.0.1",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    max_in_flight: int = 64,
+    max_in_flight: int = 16,
     max_latency_factor: float | None = AdmissionConfig.max_latency_factor,
-    workers: int = 2,
+    workers: int = 1,
     device: str = "cpu",
     feature_filter: FeatureFilter = identity_filter,
     example_log: ExampleLogConfig | ExampleLog | None = None,
@@ -137,8 +137,11 @@ async def create_server(
         example_log = example_log_for(example_log, ranker.package.manifest)
     admission = AdmissionConfig(max_in_flight=max_in_flight, max_latency_factor=max_latency_factor)
     servicer = MonolithServicer(ranker, admission=admission, workers=workers, example_log=example_log or OFF)
-    # so_reuseport off: a second server on a taken port fails to bind instead of sharing it
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.so_reuseport", 0)])
+    # so_reuseport off: a second server on a taken port fails to bind instead of sharing it.
+    # Beyond max_in_flight calls, gRPC's core answers RESOURCE_EXHAUSTED itself, before this
+    # process parses the request: under overload the event loop never drowns in arrivals.
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.so_reuseport", 0)],
+                             maximum_concurrent_rpcs=max_in_flight)
     ranker_pb2_grpc.add_RankerServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

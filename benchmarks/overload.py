@@ -1,0 +1,204 @@
+"""Overload: offer 3x the measured maximum and check that the server sheds at the door.
+
+    .venv/bin/python benchmarks/overload.py --target monolith --out benchmarks/results/overload
+    .venv/bin/python benchmarks/overload.py --target serve --out benchmarks/results/overload
+
+Per target (the default model: criteo-kaggle, tables capped at 100k rows), in one run:
+
+1. unloaded: open loop at ``--unloaded-rps`` -> P50/P99 (the reference latency)
+2. maximum: closed loop, ``--concurrency`` workers -> OK/s (the maximum throughput)
+3. overload: open loop at ``--factor`` x the maximum for ``--duration`` s, ``--timeout`` s
+   deadlines; at the same time a probe at ``--unloaded-rps`` that runs on for
+   ``--recovery-window`` s after the overload ends
+4. figures against issue 11's targets: OK/s >= 90% of the maximum; admitted (OK) P99 <=
+   2x the unloaded P99; shed (RESOURCE_EXHAUSTED) answered within 10 ms (P99); recovery:
+   time from the end of the overload until the probe's latency stays under the unloaded
+   P99 (<= 2 s)
+
+Writes ``overload-<target>.md`` (the table) and ``overload-<target>.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loadtest.driver import RunRecord, closed_loop, open_loop, warm_up  # noqa: E402
+from loadtest.stats import percentiles_ms  # noqa: E402
+
+
+def _ms(x: float) -> str:
+    return f"{x:.1f}" if np.isfinite(x) else "-"
+
+
+def _codes(rec: RunRecord) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in rec.codes:
+        out[c] = out.get(c, 0) + 1
+    return out
+
+
+def _p(rec: RunRecord, code: str, q: float) -> float:
+    mask = np.array([c == code for c in rec.codes], bool)
+    if not mask.any():
+        return float("nan")
+    return float(np.percentile(rec.latency_s[mask], q) * 1000)
+
+
+def recovery_s(probe: RunRecord, overload_end_s: float, bound_ms: float) -> float:
+    """Seconds after ``overload_end_s`` (on the probe's clock) until every later probe request
+    is OK within ``bound_ms``; 0 if none after the end missed it, inf if the last one did."""
+    late = [(t, lat, c) for t, lat, c in zip(probe.scheduled_s, probe.latency_s, probe.codes) if t >= overload_end_s]
+    last_bad = None
+    for t, lat, c in late:
+        if c != "OK" or lat * 1000 > bound_ms:
+            last_bad = t
+    if last_bad is None:
+        return 0.0
+    if late and last_bad == late[-1][0]:
+        return float("inf")
+    return float(last_bad - overload_end_s)
+
+
+async def measure(address: str, payloads, args) -> dict:
+    await warm_up(address, payloads, 20)
+    unloaded = await open_loop(address, payloads, rate=args.unloaded_rps, duration_s=args.unloaded_duration,
+                               timeout_s=args.timeout, seed=1)
+    u50, u99 = percentiles_ms(unloaded.latency_s[np.array([c == "OK" for c in unloaded.codes])], (50, 99))
+    maximum = await closed_loop(address, payloads, concurrency=args.concurrency, duration_s=args.max_duration,
+                                timeout_s=args.timeout)
+    max_ok_s = sum(c == "OK" for c in maximum.codes) / maximum.wall_s
+    rate = args.factor * max_ok_s
+    print(f"unloaded p50 {u50:.1f} ms p99 {u99:.1f} ms; maximum {max_ok_s:.1f} OK/s; offering {rate:.1f}/s "
+          f"for {args.duration:.0f} s", flush=True)
+    overload_task = open_loop(address, payloads, rate=rate, duration_s=args.duration, timeout_s=args.timeout,
+                              seed=2, max_requests=int(rate * args.duration * 2) + 10)
+    probe_task = open_loop(address, payloads, rate=args.unloaded_rps, duration_s=args.duration + args.recovery_window,
+                           timeout_s=args.timeout, seed=3, arrivals="uniform", start_index=7)
+    overload, probe = await asyncio.gather(overload_task, probe_task)  # both clocks start within a few ms
+    ok = np.array([c == "OK" for c in overload.codes])
+    ok_in_window = ok & (overload.scheduled_s < args.duration)
+    ok_s = ok_in_window.sum() / args.duration
+    return {
+        "unloaded": {"p50_ms": u50, "p99_ms": u99, "codes": _codes(unloaded), "rps": args.unloaded_rps},
+        "maximum": {"ok_per_s": max_ok_s, "concurrency": args.concurrency, "codes": _codes(maximum)},
+        "overload": {
+            "offered_rps": rate,
+            "factor": args.factor,
+            "duration_s": args.duration,
+            "timeout_s": args.timeout,
+            "codes": _codes(overload),
+            "ok_per_s": ok_s,
+            "ok_fraction_of_max": ok_s / max_ok_s if max_ok_s else float("nan"),
+            "admitted_p50_ms": _p(overload, "OK", 50),
+            "admitted_p99_ms": _p(overload, "OK", 99),
+            "shed_p50_ms": _p(overload, "RESOURCE_EXHAUSTED", 50),
+            "shed_p99_ms": _p(overload, "RESOURCE_EXHAUSTED", 99),
+        },
+        "recovery_s": recovery_s(probe, args.duration, u99),
+        "probe_codes": _codes(probe),
+    }
+
+
+def Monolith(package: Path, *, log_dir: Path, max_in_flight: int):
+    """loadtest's MonolithServer with the admission bound given (the load test runs 256)."""
+    import os
+
+    from loadtest.cpu import CpuMeter, process_tree
+    from loadtest.targets import MonolithServer
+
+    class _Server(MonolithServer):
+        def __enter__(self):
+            argv = [sys.executable, "-m", "loadtest.serve_monolith", str(self.package), "--port", str(self.port),
+                    "--max-in-flight", str(max_in_flight)]
+            self._spawn(argv, dict(os.environ))
+            self.cpu = CpuMeter(lambda: process_tree(self.proc.pid) if self.proc else [])
+            self.info = self._wait_ready(self.ready_timeout_s)
+            return self
+
+    return _Server(package, log_dir=log_dir)
+
+
+def table(target: str, r: dict) -> str:
+    o = r["overload"]
+    u99 = r["unloaded"]["p99_ms"]
+    rows = [
+        ("OK/s at overload vs maximum", f"{o['ok_per_s']:.1f} / {r['maximum']['ok_per_s']:.1f} = "
+                                        f"{o['ok_fraction_of_max'] * 100:.0f}%", ">= 90%",
+         o["ok_fraction_of_max"] >= 0.9),
+        ("admitted P99 vs unloaded P99", f"{_ms(o['admitted_p99_ms'])} / {_ms(u99)} ms = "
+                                         f"{o['admitted_p99_ms'] / u99:.2f}x", "<= 2x",
+         o["admitted_p99_ms"] <= 2 * u99),
+        ("shed answered in (P50 / P99)", f"{_ms(o['shed_p50_ms'])} / {_ms(o['shed_p99_ms'])} ms", "<= 10 ms",
+         bool(o["shed_p99_ms"] <= 10)),
+        ("recovery to the unloaded P99", f"{r['recovery_s']:.2f} s", "<= 2 s", r["recovery_s"] <= 2),
+    ]
+    lines = [
+        f"### {target}: {o['factor']:g}x the maximum ({o['offered_rps']:.1f} req/s offered for "
+        f"{o['duration_s']:.0f} s, {o['timeout_s']:g} s deadlines)",
+        "",
+        f"unloaded ({r['unloaded']['rps']:g} req/s): P50 {_ms(r['unloaded']['p50_ms'])} ms, P99 {_ms(u99)} ms; "
+        f"maximum (closed loop, {r['maximum']['concurrency']} workers): {r['maximum']['ok_per_s']:.1f} OK/s; "
+        f"overload codes: {o['codes']}; admitted P50 {_ms(o['admitted_p50_ms'])} ms",
+        "",
+        "| figure | measured | target | met |",
+        "| --- | ---: | ---: | --- |",
+        *[f"| {name} | {value} | {goal} | {'yes' if met else '**no**'} |" for name, value, goal, met in rows],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", choices=("monolith", "serve"), default="monolith")
+    p.add_argument("--package", default="default", help="model package (default: the default model)")
+    p.add_argument("--address", default=None, help="an already running server (skips starting one)")
+    p.add_argument("--factor", type=float, default=3.0)
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of overload")
+    p.add_argument("--timeout", type=float, default=1.0, help="request deadline, seconds")
+    p.add_argument("--unloaded-rps", type=float, default=5.0)
+    p.add_argument("--unloaded-duration", type=float, default=12.0)
+    p.add_argument("--max-duration", type=float, default=12.0)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--recovery-window", type=float, default=6.0)
+    p.add_argument("--requests", type=int, default=200, help="distinct requests in the trace")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overload")
+    p.add_argument("--serve-arg", action="append", default=[], help="extra argument for recserve serve")
+    p.add_argument("--max-in-flight", type=int, default=16, help="the monolith's admission bound")
+    args = p.parse_args(argv)
+
+    from loadtest.targets import ServeStack
+    from loadtest.trace import make_trace
+    from recserve.package import ModelPackage
+    from serving.default_model import resolve_package
+
+    package = resolve_package(args.package)
+    workload = ModelPackage.open(package).manifest.workload
+    trace = make_trace(workload, args.requests, seed=0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.address:
+        result = asyncio.run(measure(args.address, trace.payloads, args))
+    else:
+        server = (Monolith(package, log_dir=args.out, max_in_flight=args.max_in_flight) if args.target == "monolith"
+                  else ServeStack(package, name="overload", log_dir=args.out, extra_args=tuple(args.serve_arg)))
+        with server:
+            result = asyncio.run(measure(server.address, trace.payloads, args))
+    result["target"] = args.target
+    result["package"] = str(package)
+    text = table(args.target, result)
+    print(text)
+    (args.out / f"overload-{args.target}.md").write_text(text)
+    (args.out / f"overload-{args.target}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
