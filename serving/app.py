@@ -12,7 +12,7 @@ from ray.serve import Application
 from recserve.package import ModelPackage
 from serving.config import AppArgs
 from serving.default_model import resolve_package
-from serving.deployments import DenseTower, Router, Shard, shard_name
+from serving.deployments import DenseTower, Router, Shard, shard_name, transport_env
 
 
 def build_app(args: AppArgs) -> Application:
@@ -26,11 +26,14 @@ def build_app(args: AppArgs) -> Application:
     path = resolve_package(args.package)
     manifest = ModelPackage.open(path).manifest
     device = args.resolved_device()
+    args = args.model_copy(update={"package": str(path)})  # replicas get the resolved path, never "default"
+    actor = {"num_cpus": 0, "runtime_env": {"env_vars": transport_env()}}
     shards = [
-        Shard.options(name=shard_name(sh.index), user_config=args.shard_batching.model_dump()).bind(
-            str(path), sh.index, device
-        )
+        Shard.options(name=shard_name(sh.index), user_config=args.shard_batching.model_dump(),
+                      ray_actor_options=actor).bind(str(path), sh.index, device, args.wire_dtype)
         for sh in manifest.plan.shards
     ]
-    tower = DenseTower.options(user_config=args.tower_batching.model_dump()).bind(str(path), device)
-    return Router.bind(str(path), shards, tower, args.model_dump())
+    tower = DenseTower.options(user_config=args.tower_batching.model_dump(), ray_actor_options=actor).bind(
+        str(path), device, shards if args.fanout == "tower" else [], args.transport)
+    return Router.options(num_replicas=args.router_replicas, ray_actor_options=actor).bind(
+        str(path), shards, tower, args)

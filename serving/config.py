@@ -18,6 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # The default is the faster on benchmarks/transports.py (figures in serving/README.md):
 # grpc, by 1.16-1.61x on p50 latency and 1.25-3.8x on throughput, on tiny and criteo-kaggle.
 Transport = Literal["reference", "grpc"]
+WireDtype = Literal["float32", "float16"]
+# Who calls the shards (where the pooled embeddings flow; never through the router's pickling path):
+# "tower": the router sends the split ids to the dense tower, which calls the shards (Lui et al.'s
+#          main shard); "router": the router calls the shards and hands their responses to the tower
+#          by reference (needs transport "reference").
+Fanout = Literal["tower", "router"]
 DEFAULT_TRANSPORT: Transport = "grpc"
 
 
@@ -56,6 +62,13 @@ class AppArgs(BaseModel):
     log_rows_per_file: int = Field(65_536, gt=0, description="rows per example-log file")
     log_max_queued: int = Field(65_536, gt=0, description="examples waiting for the log writer at most; beyond it "
                                                           "requests are served but not logged (counted as dropped)")
+    fanout: Fanout = Field("tower", description="who calls the shards: 'tower' (the router sends it the ids) "
+                                                "or 'router' (shard responses passed on by reference)")
+    wire_dtype: WireDtype = Field(
+        "float16", description="dtype of the pooled embeddings that shards hand the dense tower: float16 "
+                               "halves the bytes between processes (the tower accumulates in float32)")
+    router_replicas: int = Field(1, ge=1, description="replicas of the Router (the gRPC ingress); the proxy "
+                                                      "spreads requests over them")
     shard_batching: BatchingConfig = BatchingConfig()
     tower_batching: BatchingConfig = BatchingConfig()
 
@@ -63,6 +76,10 @@ class AppArgs(BaseModel):
     def _log_dir_when_logging(self) -> AppArgs:
         if self.log_rate > 0 and not self.log_dir:
             raise ValueError("log_dir: required when log_rate > 0")
+        if self.fanout == "router" and self.transport != "reference":
+            raise ValueError("fanout 'router' hands shard responses to the tower by reference: it needs "
+                             "transport 'reference' (with 'grpc' the pooled embeddings would pass through "
+                             "the router)")
         return self
 
     def resolved_device(self) -> str:

@@ -4,9 +4,14 @@
     shard-K     one deployment per shard (Shard class); replicas are copies of shard K
     DenseTower  bottom MLP -> interaction -> top MLP
 
-The router passes each shard's DeploymentResponse straight into the tower call, so with
-the "reference" transport the pooled embeddings go shard -> object store -> tower and
-never through the router.
+Where the pooled embeddings go (``AppArgs.fanout``) -- never through the router:
+    "router": the router calls the shards and hands their DeploymentResponses to the tower
+              (needs the "reference" transport: shard -> object store -> tower);
+    "tower":  the router sends the split ids to the tower, which calls the shards itself
+              (Lui et al.'s main shard): shard -> tower directly, over either transport.
+A request larger than a deployment's dynamic batch runs alone (never rejected), and the
+inter-deployment gRPC message limit is lifted (``transport_env``), so every request the API
+accepts passes every deployment.
 """
 
 from __future__ import annotations
@@ -58,31 +63,59 @@ def _expired(request: ShardRequest) -> bool:
     return request.deadline is not None and time.time() > request.deadline
 
 
-def _apply_batching(method, config: dict | None) -> None:
+def _apply_batching(method, config: dict | None) -> BatchingConfig:
     cfg = BatchingConfig(**(config or {}))
     method.set_max_batch_size(cfg.max_batch_size)
     method.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+    return cfg
+
+
+class _Batcher:
+    """Runs items through a @serve.batch method, or alone when one is larger than a batch
+    (Serve rejects such an item); either way one core call at a time."""
+
+    def __init__(self, batched, run_alone):
+        self.batched, self.run_alone = batched, run_alone
+        self.config = BatchingConfig()
+        self.lock = asyncio.Lock()  # the core (its buffers, its stream) serves one call at a time
+
+    def reconfigure(self, config: dict | None) -> None:
+        self.config = _apply_batching(self.batched, config)
+
+    async def __call__(self, item):
+        if _examples([item]) <= self.config.max_batch_size:
+            return await self.batched(item)
+        async with self.lock:
+            return await asyncio.to_thread(self.run_alone, item)
+
+
+def transport_env() -> dict[str, str]:
+    """Environment of every replica: Serve's inter-deployment gRPC keeps gRPC's 4 MiB receive
+    limit unless told otherwise, and a 4096-example request moves far more than that."""
+    return {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, health_check_period_s=2)
 class Shard:
     """Shard K of the package: loads only shards/shard-K.safetensors."""
 
-    def __init__(self, package: str, index: int, device: str = "cpu"):
+    def __init__(self, package: str, index: int, device: str = "cpu", wire_dtype: str = "float32"):
         self.name = shard_name(index)
-        self.core = ShardCore(ModelPackage.open(package), index, device=device)
+        self.core = ShardCore(ModelPackage.open(package), index, device=device,
+                              output_dtype=getattr(torch, wire_dtype))
+        self._batcher = _Batcher(self._batched, self.core.lookup)
         # Serve tags every metric with its deployment (shard-K), replica and application
         self._batch = Histogram("recserve_shard_batch_examples", description="examples per batched lookup",
                                 boundaries=_SIZES)
         self._latency = Histogram("recserve_shard_lookup_ms", description="batched lookup time, ms", boundaries=_MS)
 
     def reconfigure(self, config: dict) -> None:
-        _apply_batching(self._batched, config)
+        self._batcher.reconfigure(config)
 
     async def lookup(self, request: ShardRequest) -> np.ndarray:
-        """Pooled embeddings float32 [B, columns x D] of one request (DEADLINE_EXCEEDED if the
-        router's deadline passed before the lookup ran: the work is skipped)."""
-        out = None if _expired(request) else await self._batched(request)
+        """Pooled embeddings [B, columns x D] (the app's wire dtype) of one request
+        (DEADLINE_EXCEEDED if the router's deadline passed before the lookup ran: the work is skipped)."""
+        out = None if _expired(request) else await self._batcher(request)
         if out is None:
             raise DeadlineExceeded(f"{self.name}: the request's deadline passed before its lookup ran")
         return out
@@ -94,7 +127,8 @@ class Shard:
         outs = iter(())
         if live:
             start = time.perf_counter()
-            outs = iter(await asyncio.to_thread(self.core.lookup_many, live))
+            async with self._batcher.lock:
+                outs = iter(await asyncio.to_thread(self.core.lookup_many, live))
             self._latency.observe((time.perf_counter() - start) * 1000)
             self._batch.observe(_examples(live))
         return [None if e else next(outs) for e in expired]
@@ -103,7 +137,7 @@ class Shard:
 @dataclass(frozen=True)
 class _TowerItem:
     dense: np.ndarray  # float32 [B, F_dense]
-    parts: tuple  # per shard: float32 [B, columns x D] or None (not called)
+    parts: tuple  # per shard: [B, columns x D] (wire dtype) or None (not called)
 
     @property
     def batch_size(self) -> int:
@@ -114,29 +148,47 @@ class _TowerItem:
 class DenseTower:
     """Assembles shard outputs into [B, F, D] and runs the dense model."""
 
-    def __init__(self, package: str, device: str = "cpu"):
+    def __init__(self, package: str, device: str = "cpu", shards: list[DeploymentHandle] = (),
+                 transport: str = "reference"):
         pkg = ModelPackage.open(package)
         self.routing = Routing(pkg.manifest)
         self.core = TowerCore.from_package(pkg, device=device)
+        # fanout "tower": this deployment calls the shards itself (the router sends it the ids)
+        self.shards = [h.options(method_name="lookup", _by_reference=transport == "reference") for h in shards]
+        self._batcher = _Batcher(self._batched, lambda item: self._score_many([item])[0])
         self._batch = Histogram("recserve_tower_batch_examples", description="examples per batched tower call",
                                 boundaries=_SIZES)
 
     def reconfigure(self, config: dict) -> None:
-        _apply_batching(self._batched, config)
+        self._batcher.reconfigure(config)
 
     async def score(self, dense: np.ndarray, *parts: np.ndarray | None) -> np.ndarray:
         """Scores float32 [B]; ``parts[k]`` is shard k's output (Serve resolved the responses)."""
-        return await self._batched(_TowerItem(dense, parts))
+        return await self._batcher(_TowerItem(dense, parts))
+
+    async def predict(self, dense: np.ndarray, requests: dict[int, ShardRequest]) -> np.ndarray:
+        """Scores float32 [B] of a split batch: the shards' lookups, then the dense model.
+        A shard without ids in the batch is not called (its part stays zero)."""
+        calls = {k: self.shards[k].remote(r) for k, r in requests.items()}
+        try:
+            done = dict(zip(calls, await asyncio.gather(*calls.values())))
+        except BaseException:
+            for c in calls.values():
+                c.cancel()
+            raise
+        return await self._batcher(_TowerItem(dense, tuple(done.get(k) for k in range(self.routing.num_shards))))
 
     @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.002, batch_size_fn=_examples)
     async def _batched(self, items: list[_TowerItem]) -> list[np.ndarray]:
         self._batch.observe(_examples(items))
-        return await asyncio.to_thread(self._score_many, items)
+        async with self._batcher.lock:
+            return await asyncio.to_thread(self._score_many, items)
 
     def _score_many(self, items: list[_TowerItem]) -> list[np.ndarray]:
-        sparse = [self.routing.assemble(it.batch_size, dict(enumerate(it.parts))) for it in items]  # [B_i, F, D]
+        sparse = self.routing.assemble_many([(it.batch_size, it.parts) for it in items],
+                                            device=self.core.device)  # [sum B, F, D]
         dense = np.concatenate([it.dense for it in items]) if len(items) > 1 else items[0].dense
-        scores = self.core.score(dense, torch.cat(sparse) if len(sparse) > 1 else sparse[0])  # [sum B]
+        scores = self.core.score(dense, sparse)  # [sum B]
         return np.split(scores, np.cumsum([it.batch_size for it in items])[:-1])
 
 
@@ -145,8 +197,8 @@ class DenseTower:
 class Router:
     """gRPC ingress: decode + validate -> feature filter -> split -> shards -> tower -> encode."""
 
-    def __init__(self, package: str, shards: list[DeploymentHandle], tower: DeploymentHandle, args: dict):
-        self.args = AppArgs(**args)
+    def __init__(self, package: str, shards: list[DeploymentHandle], tower: DeploymentHandle, args: AppArgs):
+        self.args = args
         manifest = ModelPackage.open(package).manifest  # the manifest only: the router holds no tables
         self.manifest = manifest
         self.spec = ModelSpec.of(manifest, max_batch_size=self.args.max_batch_size)
@@ -156,6 +208,7 @@ class Router:
         self.tower = tower.options(method_name="score", _by_reference=by_reference)
         self.feature_filter: FeatureFilter = load_feature_filter(self.args.feature_filter, manifest)
         self.example_log = example_log_for(config_of(self.args), manifest)  # off unless log_rate > 0
+        self.tower_predict = tower.options(method_name="predict", _by_reference=by_reference)
         self._status_cache: tuple[float, dict[str, int]] = (0.0, {})
         self._status_lookup: asyncio.Future | None = None  # the look under way, if any
         self._requests = Counter("recserve_requests", description="Predict requests by gRPC code",
@@ -225,11 +278,14 @@ class Router:
         batch = self.feature_filter(batch)  # THE fading hook: on the decoded batch, before the split
         requests = self.routing.split(batch, deadline=time.time() + (deadline - time.monotonic()))
         self._fanout.observe(len(requests))
-        calls: dict[int, DeploymentResponse] = {k: self.shards[k].remote(r) for k, r in requests.items()}
-        parts = [calls.get(k) for k in range(self.routing.num_shards)]
-        tower_call = self.tower.remote(batch.dense, *parts)
+        calls: dict[int, DeploymentResponse] = {}
+        if self.args.fanout == "tower":  # the tower calls the shards: pooled embeddings never come here
+            tower_call = self.tower_predict.remote(batch.dense, requests)
+        else:  # shard responses handed on to the tower (by reference: through the object store)
+            calls = {k: self.shards[k].remote(r) for k, r in requests.items()}
+            tower_call = self.tower.remote(batch.dense, *[calls.get(k) for k in range(self.routing.num_shards)])
         try:
-            scores = await self._await(tower_call, calls, deadline, budget_s)
+            scores = await self._await(tower_call, sorted(requests), deadline, budget_s)
         except BaseException:
             tower_call.cancel()
             for c in calls.values():
@@ -238,7 +294,7 @@ class Router:
         routing_module.observe_scores(self.feature_filter, batch, scores, time.monotonic() - started)  # fading guardrails
         return scores
 
-    async def _await(self, tower_call: DeploymentResponse, calls: dict[int, DeploymentResponse], deadline: float,
+    async def _await(self, tower_call: DeploymentResponse, shards: list[int], deadline: float,
                      budget_s: float | None = None):
         """The tower's result, or DEADLINE_EXCEEDED, or UNAVAILABLE as soon as a shard it
         waits on is known to be down (checked once the call has taken shard_down_after_s)."""
@@ -251,7 +307,7 @@ class Router:
                 if now >= deadline:
                     raise DeadlineExceeded(
                         f"deadline of {budget * 1000:.0f} ms exceeded waiting for "
-                        f"{', '.join(shard_name(k) for k in sorted(calls)) or 'no shard'} and the dense tower")
+                        f"{', '.join(shard_name(k) for k in shards) or 'no shard'} and the dense tower")
                 done, _ = await asyncio.wait({result}, timeout=max(min(deadline, check_at) - now, 0.0))
                 if done:
                     try:
@@ -259,10 +315,10 @@ class Router:
                     except Exception as e:  # noqa: BLE001
                         error = _as_serving_error(e)
                         if isinstance(error, ShardUnavailable):  # name the shard that is down
-                            await self._check_shards_alive(sorted(calls), fresh=True)
+                            await self._check_shards_alive(shards, fresh=True)
                         raise error from e
                 if time.monotonic() >= check_at:
-                    await self._check_shards_alive(sorted(calls))
+                    await self._check_shards_alive(shards)
                     check_at = time.monotonic() + 0.5
         finally:
             if not result.done():
@@ -329,10 +385,10 @@ async def _resolve(response: DeploymentResponse):
 
 def _as_serving_error(error: BaseException) -> BaseException:
     """Ray and Serve failures as typed serving errors (a shard's own ServingError passes through)."""
+    while isinstance(error, RayTaskError) and error.cause is not None:  # a shard's error through the tower
+        error = error.cause
     if isinstance(error, ServingError):
         return error
-    if isinstance(error, RayTaskError) and isinstance(error.cause, ServingError):
-        return error.cause
     if isinstance(error, BackPressureError):
         return Overloaded(error.message)
     if isinstance(error, (TaskCancelledError, asyncio.CancelledError)):

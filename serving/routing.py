@@ -21,6 +21,7 @@ The shard subtracts each column's ``row_start`` (the rebase) before its lookup.
 
 from __future__ import annotations
 
+import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
@@ -30,6 +31,9 @@ import torch
 
 from recserve.batch import Batch
 from recserve.package import Manifest
+
+# pooled embeddings from the object store arrive as read-only arrays; they are only read here
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 FeatureFilter = Callable[[Batch], Batch]
 """A transformation of the decoded batch applied before the split (feature fading, issue 6).
@@ -76,7 +80,7 @@ class ShardRequest:
     """One shard's lookups for a batch (see the module docstring for the layout)."""
 
     lengths: np.ndarray  # int32 [C, B]
-    values: np.ndarray  # int64 [N] global ids
+    values: np.ndarray  # int32 or int64 [N] global ids
     weights: np.ndarray | None = None  # float32 [N]
     deadline: float | None = None  # time.time() after which the caller no longer wants the result
 
@@ -135,6 +139,8 @@ class Routing:
             targets.sort(key=lambda t: t[2])
         self._feature_index = {k: torch.tensor([c.feature_index for c in cols], dtype=torch.int64)
                                for k, cols in self.columns.items()}
+        self._index_cache: dict[str, dict[int, torch.Tensor]] = {}
+        self.id_dtype = np.int32 if max(t.rows for t in w.tables) < 2**31 else np.int64  # of ShardRequest.values
 
     def split(self, batch: Batch, *, deadline: float | None = None) -> dict[int, ShardRequest]:
         """Per-shard lookups for ``batch``; a shard with no ids in the batch is left out.
@@ -176,7 +182,7 @@ class Routing:
                     weights.append(wt if wt is not None else np.ones(v.size, np.float32))
             out[k] = ShardRequest(
                 lengths=lengths,
-                values=np.concatenate(values).astype(np.int64, copy=False),
+                values=np.concatenate(values).astype(self.id_dtype, copy=False),
                 weights=np.concatenate(weights).astype(np.float32, copy=False) if weighted else None,
                 deadline=deadline,
             )
@@ -188,12 +194,31 @@ class Routing:
         A feature no shard returned (no ids, faded, dropped) stays zero: the pooled
         embedding of an empty bag. Slices of a row-split table add up to the whole.
         """
-        sparse = torch.zeros(batch_size, len(self.features), self.dim)  # [B, F, D]
-        for k, out in outputs.items():
-            if out is None:
-                continue
-            if isinstance(out, np.ndarray):  # results from the object store are read-only
-                out = torch.from_numpy(out if out.flags.writeable else out.copy())
-            cols = self.columns[k]
-            sparse.index_add_(1, self._feature_index[k], out.reshape(batch_size, len(cols), self.dim))
+        parts = tuple(outputs.get(k) for k in range(self.num_shards))
+        return self.assemble_many([(batch_size, parts)])
+
+    def _feature_index_on(self, device) -> dict[int, torch.Tensor]:
+        key = str(device)
+        if key not in self._index_cache:
+            self._index_cache[key] = {k: t.to(device) for k, t in self._feature_index.items()}
+        return self._index_cache[key]
+
+    def assemble_many(self, items: list[tuple[int, tuple]], *, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Several requests' shard outputs (``parts[k]``: shard k's [B_i, C_k * D] in any float
+        dtype, or None) as one float32 [sum B_i, F, D] on ``device``, request after request.
+
+        Each part moves to the device in its own (wire) dtype and is widened there."""
+        total = sum(b for b, _ in items)
+        sparse = torch.zeros(total, len(self.features), self.dim, device=device)  # [sum B, F, D]
+        row = 0
+        for batch_size, parts in items:
+            for k, out in enumerate(parts):
+                if out is None:
+                    continue
+                if isinstance(out, np.ndarray):  # read-only from the object store: only read here
+                    out = torch.from_numpy(out)
+                cols = self.columns[k]
+                out = out.to(device, non_blocking=True).reshape(batch_size, len(cols), self.dim)  # [B, C, D]
+                sparse[row:row + batch_size].index_add_(1, self._feature_index_on(device)[k], out.float())
+            row += batch_size
         return sparse
