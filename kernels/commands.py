@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--winners", type=Path, help="winners file (default kernels/winners/<device>.json)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--rows-cap", type=int, default=2_000_000, help="cap table rows of the timing inputs")
+    s.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: start no bucket or candidate after this (the winners so far are kept)")
     s.set_defaults(handler=search_command)
 
     b = sub.add_parser("bench", help="issue-4 benchmark: lookups and interaction vs torch, one table")
@@ -39,41 +41,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def search_command(args: argparse.Namespace) -> int:
+    import time
+
     import torch
 
     from kernels.registry import WINNERS_DIR, Winners, device_slug
     from kernels.search.evolve import record_winner, run_search
     from kernels.search.problems import problems_for
+    from kernels.search.space import prior_seeds
     from kernels.timing import CudaTimer
 
     if not torch.cuda.is_available():
         print("recserve kernels search: needs a CUDA GPU (winners are per device)")
         return 2
+    deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
     device = torch.device("cuda")
     slug = device_slug(device)
     winners_path = args.winners or WINNERS_DIR / f"{slug}.json"
+    prior = Winners.for_device(device)  # its own winners, or those of its compute capability
     winners = Winners.load(winners_path)
-    winners.meta.update(device=torch.cuda.get_device_name(device), slug=slug)
+    winners.meta.update(device=torch.cuda.get_device_name(device), slug=slug,
+                        capability=list(torch.cuda.get_device_capability(device)))
     cuda_timer = CudaTimer(warmup=3, reps=15, device=device)
     problems = problems_for(args.op, args.workload, dtypes=args.dtypes.split(","),
                             batches=[int(b) for b in args.batch.split(",")], device=device)
-    print(f"searching {len(problems)} buckets of {args.op} for {args.workload} on {slug}", flush=True)
+    print(f"searching {len(problems)} buckets of {args.op} for {args.workload} on {slug}"
+          f" (seeded also from {prior.source.path or 'no earlier winners'})", flush=True)
     for problem in problems:
         if hasattr(problem, "rows_cap"):
             problem.rows_cap = args.rows_cap
     for i, problem in enumerate(problems):
+        if deadline is not None and time.monotonic() >= deadline:
+            print(f"time budget spent: {len(problems) - i} buckets not searched", flush=True)
+            break
         print(f"--- bucket {i + 1}/{len(problems)}", flush=True)
         graph_path = args.graph_dir / slug / f"{problem.op}_{problem.dtype}_{problem.bucket}.json"
         try:
             graph = run_search(problem, graph_path=graph_path, timer=lambda fn, label: cuda_timer(fn),
                                budget=args.budget, patience=args.patience, seed=args.seed,
-                               device_name=slug, log=lambda m: print(m, flush=True))
+                               device_name=slug, log=lambda m: print(m, flush=True),
+                               extra_seeds=prior_seeds(prior, problem.op, problem.dtype), deadline=deadline)
         except Exception as e:  # one bucket's failure (e.g. out of memory) must not lose the others
             print(f"bucket {problem.op}/{problem.dtype}/{problem.bucket} failed: {type(e).__name__}: {e}")
             torch.cuda.empty_cache()
             continue
-        record_winner(winners, graph)
-        winners.save(winners_path)  # after every bucket: an interrupted search keeps its winners
+        if graph.evaluated():
+            record_winner(winners, graph)
+            winners.save(winners_path)  # after every bucket: an interrupted search keeps its winners
         torch.cuda.empty_cache()
     print(f"winners: {winners_path}")
     return 0

@@ -95,8 +95,10 @@ class TableBatchedEmbeddingBag:
 
     Built once per replica: packs and uploads the weights, reads the device's winners,
     warms the kernels up. ``backend``:
-      - ``"auto"``: on CUDA the searched winner for the call's shape bucket, or the
-        reference where the search found nothing faster; on CPU the reference.
+      - ``"auto"``: on CUDA the searched winner for the call's shape bucket (or a
+        neighbouring one, see kernels/registry.py), else the reference: where the device
+        (or its compute capability) has no winners, or the search found nothing faster,
+        no Triton config runs; on CPU the reference.
       - ``"triton"``: always the Triton kernel (winner config, else a default config);
         on CPU this needs TRITON_INTERPRET=1 (tests).
       - ``"reference"``: always the torch reference (one F.embedding_bag per table).
@@ -292,20 +294,21 @@ class TableBatchedEmbeddingBag:
         return out
 
     def _warmup(self) -> None:
-        """Compile the configs this replica can pick, on a tiny input, before serving."""
+        """Compile the configs this replica can pick (its dtypes' winners), on a tiny input,
+        before serving."""
         T = self.num_tables
-        configs = {(e["template"], tuple(sorted(e["config"].items())))
-                   for k, e in self.winners.entries.items()
-                   if k.startswith(OP + "/") and e.get("backend") == "triton"}
-        if self.backend == "triton":
-            configs.add(("per_bag", tuple(sorted(DEFAULT_CONFIGS["per_bag"].items()))))
         B = 2
         out = torch.empty(B, self.total_dim, dtype=torch.float32, device=self.device)
-        for index_dtype in (torch.int64, torch.int32):
-            indices = torch.zeros(T * B, dtype=index_dtype, device=self.device)
-            offsets = torch.arange(T * B + 1, dtype=index_dtype, device=self.device)
-            for g in self.groups:
-                for template, cfg in configs:
+        for g in self.groups:
+            configs = {(e["template"], tuple(sorted(e["config"].items())))
+                       for k, e in self.winners.entries.items()
+                       if k.startswith(f"{OP}/{g.dtype}/") and e.get("backend") == "triton"}
+            if self.backend == "triton":
+                configs.add(("per_bag", tuple(sorted(DEFAULT_CONFIGS["per_bag"].items()))))
+            for index_dtype in (torch.int64, torch.int32):
+                indices = torch.zeros(T * B, dtype=index_dtype, device=self.device)
+                offsets = torch.arange(T * B + 1, dtype=index_dtype, device=self.device)
+                for template, cfg in sorted(configs):
                     launch(g, indices, offsets, None, out, B, pooling=self.pooling,
                            template=template, config=dict(cfg))
         torch.cuda.synchronize(self.device)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from kernels.registry import Winners, make_key
 from kernels.search.graph import FLAG_SPEEDUP, Node, SearchGraph
@@ -89,10 +89,14 @@ def run_search(
     seed: int = 0,
     device_name: str = "",
     log: Callable[[str], None] = print,
+    extra_seeds: Sequence[Candidate] = (),
+    deadline: float | None = None,
 ) -> SearchGraph:
     """Search one problem; returns its graph (also on disk at ``graph_path``). ``budget`` is
     the number of evaluated nodes the graph may hold in all (a resumed search counts the
-    nodes it already has)."""
+    nodes it already has). ``extra_seeds`` join the hand-picked roots (e.g. the winners of
+    another GPU of the same compute capability); past ``deadline`` (time.monotonic()) no
+    new candidate is started."""
     graph = SearchGraph.open(graph_path, op=problem.op, dtype=problem.dtype, bucket=problem.bucket,
                              device=device_name) if graph_path else SearchGraph(problem.op, problem.dtype, problem.bucket)
     rng = random.Random(f"{seed}/{problem.op}/{problem.dtype}/{problem.bucket}/{len(graph.nodes)}")
@@ -105,16 +109,19 @@ def run_search(
     log(f"[{tag}] reference {graph.reference_seconds * 1e6:.1f} us; {len(graph.evaluated())} nodes done")
 
     # roots first (also re-runs any node left pending by an interrupted search)
-    for cand in (problem.normalize(c) for c in seeds(problem.op)):
+    for cand in (problem.normalize(c) for c in [*seeds(problem.op), *extra_seeds]):
         if not graph.has(cand):
             graph.add(cand, parent=None, made_by="seed")
+    def time_left() -> bool:
+        return deadline is None or time.monotonic() < deadline
+
     for node in graph.nodes:
-        if node.status == "pending" and len(graph.evaluated()) < budget:
+        if node.status == "pending" and len(graph.evaluated()) < budget and time_left():
             _evaluate_logged(problem, node, graph, timer, timing_inputs, gate_cache, log, tag)
 
     best = graph.best()
     best_fitness = best.fitness if best else 0.0
-    while len(graph.evaluated()) < budget and graph.rounds_since_gain < patience:
+    while len(graph.evaluated()) < budget and graph.rounds_since_gain < patience and time_left():
         made = make_child(problem, graph, rng, p_switch)
         if made is None:
             log(f"[{tag}] space exhausted around the parents")

@@ -90,3 +90,23 @@ def switch_template(op: str, parent: Candidate, rng: random.Random) -> Candidate
     cfg = {k: parent.cfg.get(k, v) for k, v in base.items()}
     cfg = {k: (v if v in SPACES[op][template][k] else base[k]) for k, v in cfg.items()}
     return Candidate.make(template, cfg)
+
+
+def prior_seeds(winners, op: str, dtype: str) -> list[Candidate]:
+    """The distinct Triton configs that ``winners`` (a :class:`~kernels.registry.Winners`,
+    e.g. another GPU's of the same compute capability) holds for ``op`` and ``dtype``, each
+    completed from its template's seed to a point of the search space: extra roots."""
+    found: list[Candidate] = []
+    for key in sorted(winners.entries):
+        entry = winners.entries[key]
+        template = entry.get("template")
+        if not key.startswith(f"{op}/{dtype}/") or entry.get("backend") != "triton" or template not in SPACES[op]:
+            continue
+        base = next(c for t, c in SEEDS[op] if t == template)
+        space = SPACES[op][template]
+        cfg = {k: (int(entry["config"][k]) if int(entry["config"].get(k, -1)) in space[k] else v)
+               for k, v in base.items()}
+        cand = Candidate.make(template, cfg)
+        if cand not in found:
+            found.append(cand)
+    return found

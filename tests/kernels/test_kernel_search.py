@@ -16,7 +16,7 @@ from kernels.registry import Winners
 from kernels.search.evolve import GATE_SEEDS, record_winner, run_search
 from kernels.search.graph import SearchGraph
 from kernels.search.problems import EmbeddingBagProblem, problems_for
-from kernels.search.space import SPACES, seeds
+from kernels.search.space import SPACES, prior_seeds, seeds
 
 
 @dataclass
@@ -127,6 +127,38 @@ def test_an_interrupted_search_resumes_from_its_graph_on_disk(tmp_path):
     assert len(calls) <= 6  # only the new nodes were timed
     with pytest.raises(ValueError, match="holds"):
         SearchGraph.open(path, op="interaction", dtype="fp16", bucket="d128_p8_b512")
+
+
+def test_winners_of_another_gpu_join_the_roots_completed_to_the_search_space(tmp_path):
+    other = Winners({
+        "embedding_bag/fp16/d128_p8_b512": {"backend": "triton", "template": "multi_bag",
+                                            "config": {"BAGS": 32, "BLOCK_N": 2, "BLOCK_D": 128, "num_warps": 2}},
+        "embedding_bag/fp16/d128_p8_b4096": {"backend": "reference"},
+        "embedding_bag/int8/d128_p8_b512": {"backend": "triton", "template": "per_bag",
+                                            "config": {"BLOCK_N": 2, "BLOCK_D": 64, "num_warps": 1}},
+    })
+    extra = prior_seeds(other, "embedding_bag", "fp16")
+    assert [c.template for c in extra] == ["multi_bag"]  # fp16 only, triton entries only
+    cfg = extra[0].cfg
+    assert set(cfg) == set(SPACES["embedding_bag"]["multi_bag"])  # EVICT, num_stages from the seed
+    assert (cfg["BAGS"], cfg["BLOCK_N"], cfg["num_warps"]) == (32, 2, 2)
+    graph = run_search(ToyProblem(), graph_path=tmp_path / "g.json", timer=fake_timer(), budget=10, patience=10,
+                       log=lambda m: None, extra_seeds=extra)
+    roots = [n.candidate for n in graph.nodes if n.made_by == "seed"]
+    assert roots == [*seeds("embedding_bag"), *extra]
+    assert graph.best().candidate == extra[0]  # 64 rows per step: the fittest of the roots here
+
+
+def test_a_search_past_its_deadline_starts_no_candidate_and_resumes_later(tmp_path):
+    import time
+
+    path = tmp_path / "g.json"
+    graph = run_search(ToyProblem(), graph_path=path, timer=fake_timer(), budget=10, patience=10,
+                       log=lambda m: None, deadline=time.monotonic())
+    assert graph.evaluated() == [] and all(n.status == "pending" for n in graph.nodes)
+    resumed = run_search(ToyProblem(), graph_path=path, timer=fake_timer(), budget=10, patience=10,
+                         log=lambda m: None)
+    assert len(resumed.evaluated()) == 10
 
 
 def test_search_stops_after_patience_rounds_without_gain(tmp_path):
