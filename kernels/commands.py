@@ -45,7 +45,7 @@ def search_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from kernels.registry import WINNERS_DIR, Winners, device_slug
+    from kernels.registry import WINNERS_DIR, Winners, capability_files, device_slug
     from kernels.search.evolve import record_winner, run_search
     from kernels.search.problems import problems_for
     from kernels.search.space import prior_seeds
@@ -58,15 +58,16 @@ def search_command(args: argparse.Namespace) -> int:
     device = torch.device("cuda")
     slug = device_slug(device)
     winners_path = args.winners or WINNERS_DIR / f"{slug}.json"
-    prior = Winners.for_device(device)  # its own winners, or those of its compute capability
+    capability = torch.cuda.get_device_capability(device)
     winners = Winners.load(winners_path)
-    winners.meta.update(device=torch.cuda.get_device_name(device), slug=slug,
-                        capability=list(torch.cuda.get_device_capability(device)))
+    winners.meta.update(device=torch.cuda.get_device_name(device), slug=slug, capability=list(capability))
+    # extra roots: the Triton winners of every GPU of this compute capability (this one's too)
+    priors = [Winners.load(p) for p in capability_files(capability) if p != winners_path]
     cuda_timer = CudaTimer(warmup=3, reps=15, device=device)
     problems = problems_for(args.op, args.workload, dtypes=args.dtypes.split(","),
                             batches=[int(b) for b in args.batch.split(",")], device=device)
     print(f"searching {len(problems)} buckets of {args.op} for {args.workload} on {slug}"
-          f" (seeded also from {prior.source.path or 'no earlier winners'})", flush=True)
+          f" (seeded also from the winners in {[str(w.source.path) for w in priors] or 'no file'})", flush=True)
     for problem in problems:
         if hasattr(problem, "rows_cap"):
             problem.rows_cap = args.rows_cap
@@ -80,7 +81,8 @@ def search_command(args: argparse.Namespace) -> int:
             graph = run_search(problem, graph_path=graph_path, timer=lambda fn, label: cuda_timer(fn),
                                budget=args.budget, patience=args.patience, seed=args.seed,
                                device_name=slug, log=lambda m: print(m, flush=True),
-                               extra_seeds=prior_seeds(prior, problem.op, problem.dtype), deadline=deadline)
+                               extra_seeds=[c for w in [winners, *priors] for c in prior_seeds(w, problem.op, problem.dtype)],
+                               deadline=deadline)
         except Exception as e:  # one bucket's failure (e.g. out of memory) must not lose the others
             print(f"bucket {problem.op}/{problem.dtype}/{problem.bucket} failed: {type(e).__name__}: {e}")
             torch.cuda.empty_cache()

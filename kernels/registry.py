@@ -80,12 +80,16 @@ def select_winners_file(device_name: str, capability: tuple[int, int],
     sm = f"sm_{capability[0]}{capability[1]}"
     if own.exists():
         return WinnersSource(own, f"its own winners ({sm})")
-    for path in sorted(Path(directory).glob("*.json")):
-        meta = Winners.load(path).meta
-        if tuple(meta.get("capability") or ()) == tuple(capability):
-            return WinnersSource(path, f"no file of its own; {meta.get('device', path.stem)} has the same "
-                                       f"compute capability {sm}")
+    for path in capability_files(capability, directory):
+        device = Winners.load(path).meta.get("device", path.stem)
+        return WinnersSource(path, f"no file of its own; {device} has the same compute capability {sm}")
     return WinnersSource(None, f"no winners for it or for {sm}: 'auto' runs the torch reference")
+
+
+def capability_files(capability: tuple[int, int], directory: Path = WINNERS_DIR) -> list[Path]:
+    """The winners files (by name) of every GPU with this compute capability."""
+    return [path for path in sorted(Path(directory).glob("*.json"))
+            if tuple(Winners.load(path).meta.get("capability") or ()) == tuple(capability)]
 
 
 _ANNOUNCED: set[tuple[str, str]] = set()

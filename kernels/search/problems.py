@@ -147,10 +147,10 @@ class DotProblem:
         return cand
 
     def gate_inputs(self, seed: int) -> dict[str, Any]:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)  # made on the device: B may be 65536
         B = min(self.batch, 257) if seed % 2 else self.batch  # odd seeds: a ragged last block
-        dense = torch.randn(B, self.dim, generator=gen).to(self.device, _FLOAT[self.dtype])
-        sparse = torch.randn(B, self.num_sparse, self.dim, generator=gen).to(self.device, _FLOAT[self.dtype])
+        dense = torch.randn(B, self.dim, generator=gen, device=self.device).to(_FLOAT[self.dtype])
+        sparse = torch.randn(B, self.num_sparse, self.dim, generator=gen, device=self.device).to(_FLOAT[self.dtype])
         return {"dense": dense, "sparse": sparse}
 
     def timing_inputs(self) -> dict[str, Any]:
@@ -194,10 +194,10 @@ class CrossProblem:
         return cand
 
     def gate_inputs(self, seed: int) -> dict[str, Any]:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)  # made on the device: B may be 65536
         N, r, dt = self.width, self.rank, _FLOAT[self.dtype]
         B = self.batch if seed % 2 == 0 else max(1, self.batch - 37)  # a ragged last tile
-        mk = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(self.device, dt)  # noqa: E731
+        mk = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, device=self.device) * scale).to(dt)  # noqa: E731
         return {"x0": mk(B, N), "V": [mk(r, N, scale=N**-0.5) for _ in range(self.layers)],
                 "W": [mk(N, r, scale=r**-0.5) for _ in range(self.layers)],
                 "b": [mk(N, scale=0.1) for _ in range(self.layers)]}
@@ -239,15 +239,12 @@ def problems_for(op: str, workload: str, *, dtypes: Sequence[str], batches: Sequ
             raise ValueError(f"workload {workload}: interaction needs one embedding dim, got {sorted(dims)}")
         dim = dims.pop()
         float_dtypes = [d for d in dtypes if d in _FLOAT]
-        for dtype in float_dtypes:
-            for B in batches:
-                out.append(DotProblem(dtype, B, len(tables), dim, device=device))
-        if spec.get("interaction") == "dcnv2":
+        dot = [DotProblem(dtype, B, len(tables), dim, device=device) for dtype in float_dtypes for B in batches]
+        if spec.get("interaction") == "dcnv2":  # the workload's own interaction first
             width = (len(tables) + 1) * dim
-            for dtype in float_dtypes:
-                for B in batches:
-                    out.append(CrossProblem(dtype, B, width, int(spec.get("dcn_low_rank", 512)),
-                                            int(spec.get("dcn_layers", 3)), device=device))
+            out += [CrossProblem(dtype, B, width, int(spec.get("dcn_low_rank", 512)), int(spec.get("dcn_layers", 3)),
+                                 device=device) for dtype in float_dtypes for B in batches]
+        out += dot
     else:
         raise ValueError(f"op: must be 'embedding_bag' or 'interaction', got {op!r}")
     return out
