@@ -4,17 +4,19 @@ Pure Python over table specs; imports no torch, Ray, gRPC or CUDA. Entry point::
 
     plan(tables, strategy="load", num_shards=4, shard_memory=80 * 10**9) -> ShardPlan
 
-Types and the JSON format are in :mod:`sharding.types`; the strategies in
-:mod:`sharding.partitioners`; row-wise splitting in :mod:`sharding.splitters`.
+Types, the JSON format and the ``Partitioner`` interface are in :mod:`sharding.types`; the
+strategies in :mod:`sharding.partitioners`, the placement and rebalancing they share in
+:mod:`sharding.placement`; row-wise splitting in :mod:`sharding.splitters`.
 """
 
 from sharding.checks import check_plan
-from sharding.partitioners import PARTITIONERS, Partitioner
+from sharding.partitioners import PARTITIONERS
 from sharding.planners import plan
 from sharding.stats import plan_report
 from sharding.types import (
     DTYPES,
     STRATEGIES,
+    Partitioner,
     PlannerError,
     PlannerErrorType,
     Shard,

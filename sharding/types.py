@@ -15,9 +15,11 @@ slices of a table are summed (sum pooling), which gives the unsplit result.
 
 from __future__ import annotations
 
+import abc
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 Dtype = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 Strategy = Literal["singular", "table", "capacity", "load"]
@@ -222,3 +224,19 @@ class PlannerError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class Partitioner(abc.ABC):
+    """The partitioning stage: places tables on ``num_shards`` shards of ``shard_memory`` bytes
+    each (None = no cap). The strategies are in :mod:`sharding.partitioners`."""
+
+    name: ClassVar[str]
+
+    def validate(self, *, num_shards: int, shard_memory: int | None) -> None:
+        """Reject settings this strategy cannot honour (the planner checks the rest)."""
+
+    @abc.abstractmethod
+    def partition(
+        self, tables: Sequence[TableSpec], *, num_shards: int, shard_memory: int | None
+    ) -> list[list[TableSlice]]:
+        """Slices per shard, shard 0 first."""

@@ -100,7 +100,7 @@ def test_recserve_cli_has_the_plan_subcommand():
 
 def test_sharding_imports_no_torch_ray_grpc_or_cuda():
     code = (
-        "import sys, sharding, sharding.planners, sharding.partitioners, sharding.splitters, "
+        "import sys, sharding, sharding.planners, sharding.partitioners, sharding.placement, sharding.splitters, "
         "sharding.stats, sharding.checks\n"
         "bad = [m for m in ('torch', 'ray', 'grpc', 'triton', 'numpy') if m in sys.modules]\n"
         "assert not bad, bad\n"
