@@ -23,12 +23,12 @@ from typing import Callable, Sequence
 from kernels.registry import Winners, make_key
 from kernels.search.graph import FLAG_SPEEDUP, Node, SearchGraph
 from kernels.search.space import Candidate, mutate, seeds, switch_template
+from kernels.search.types import LabelledTimer, SearchProblem
 
 GATE_SEEDS = 5
-LabelledTimer = Callable[[Callable[[], object], str], float]
 
 
-def gate(problem, cand: Candidate, inputs_cache: dict[int, dict]) -> str | None:
+def gate(problem: SearchProblem, cand: Candidate, inputs_cache: dict[int, dict]) -> str | None:
     """None if the candidate matches the reference on every gate input, else why not."""
     for seed in range(GATE_SEEDS):
         if seed not in inputs_cache:
@@ -41,7 +41,7 @@ def gate(problem, cand: Candidate, inputs_cache: dict[int, dict]) -> str | None:
     return None
 
 
-def evaluate(problem, node: Node, graph: SearchGraph, timer: LabelledTimer, timing_inputs: dict,
+def evaluate(problem: SearchProblem, node: Node, graph: SearchGraph, timer: LabelledTimer, timing_inputs: dict,
              gate_cache: dict) -> None:
     cand = node.candidate
     try:
@@ -66,7 +66,7 @@ def select_parent(graph: SearchGraph, rng: random.Random, k: int = 3) -> Node:
     return max(picks, key=lambda n: n.fitness)
 
 
-def make_child(problem, graph: SearchGraph, rng: random.Random, p_switch: float, tries: int = 50):
+def make_child(problem: SearchProblem, graph: SearchGraph, rng: random.Random, p_switch: float, tries: int = 50):
     """A new (never tried) candidate from a selected parent, or None if none is found."""
     for _ in range(tries):
         parent = select_parent(graph, rng)
@@ -79,7 +79,7 @@ def make_child(problem, graph: SearchGraph, rng: random.Random, p_switch: float,
 
 
 def run_search(
-    problem,
+    problem: SearchProblem,
     *,
     graph_path: Path | None,
     timer: LabelledTimer,
@@ -145,7 +145,7 @@ def run_search(
     return graph
 
 
-def _evaluate_logged(problem, node, graph, timer, timing_inputs, gate_cache, log, tag) -> None:
+def _evaluate_logged(problem: SearchProblem, node, graph, timer, timing_inputs, gate_cache, log, tag) -> None:
     t0 = time.perf_counter()
     evaluate(problem, node, graph, timer, timing_inputs, gate_cache)
     graph.save()

@@ -1,11 +1,7 @@
 """What the search tunes: one operator at one (dtype, shape bucket), with its reference.
-
-A problem gives the search four things:
-  - ``gate_inputs(seed)``: small seeded inputs of the bucket's shape (ragged and empty bags
-    for lookups) on which a candidate must match the reference within ``tolerance``;
-  - ``run(candidate, inputs)``: the candidate's output (compiles on first use);
-  - ``reference(inputs)``: the torch reference's output;
-  - ``timing_inputs()``: full-size inputs on which candidate and reference are timed.
+Each class here is a :class:`~kernels.search.types.SearchProblem`: gate inputs (small, seeded,
+ragged and empty bags for lookups) on which a candidate must match the reference within
+``tolerance``, the candidate's and the reference's outputs, and full-size timing inputs.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ from kernels import interaction as ia
 from kernels.quantize import FLOAT_DTYPES as _FLOAT
 from kernels.quantize import weight_cols
 from kernels.search.space import Candidate
+from kernels.search.types import SearchProblem
 from kernels.search.workloads import load_spec, load_tables
 
 
@@ -223,11 +220,11 @@ class CrossProblem:
 
 
 def problems_for(op: str, workload: str, *, dtypes: Sequence[str], batches: Sequence[int],
-                 device: torch.device) -> list:
+                 device: torch.device) -> list[SearchProblem]:
     """The problems of one op for a workload spec (bundled name or path)."""
     spec = load_spec(workload)
     tables = load_tables(workload)
-    out: list = []
+    out: list[SearchProblem] = []
     if op == "embedding_bag":
         for dtype in dtypes:
             for B in batches:

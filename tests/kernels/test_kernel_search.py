@@ -17,6 +17,7 @@ from kernels.search.evolve import GATE_SEEDS, record_winner, run_search
 from kernels.search.graph import SearchGraph
 from kernels.search.problems import EmbeddingBagProblem, problems_for
 from kernels.search.space import SPACES, prior_seeds, seeds
+from kernels.search.types import SearchProblem
 
 
 @dataclass
@@ -207,3 +208,12 @@ def test_workload_problems_cover_every_dtype_and_batch_and_the_dcn_layers():
     inter = problems_for("interaction", "dlrmv2", dtypes=["fp16", "int8"], batches=[4096], device=torch.device("cpu"))
     # dlrmv2's own interaction (DCNv2) first: a time-bounded search reaches it before the dot
     assert [(p.op, p.bucket) for p in inter] == [("dcn_cross", "n4096_r512_b4096"), ("interaction", "n27_d128_b4096")]
+
+
+def test_every_problem_of_every_op_and_the_toy_one_satisfy_the_search_problem_interface():
+    cpu = torch.device("cpu")
+    problems = [*problems_for("embedding_bag", "dlrmv2", dtypes=["fp16"], batches=[4], device=cpu),
+                *problems_for("interaction", "dlrmv2", dtypes=["fp32"], batches=[4], device=cpu), ToyProblem()]
+    assert {p.op for p in problems} == {"embedding_bag", "interaction", "dcn_cross"}
+    assert all(isinstance(p, SearchProblem) for p in problems)
+    assert not isinstance(object(), SearchProblem)
