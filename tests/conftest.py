@@ -1,4 +1,5 @@
-"""Shared fixtures: a trained tiny model (trained once per test session)."""
+"""Shared fixtures: the tiny workload, a tiny model trained once per test session, and its
+packages under every sharding layout the tests use (each exported once, on first use)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,39 @@ def tiny_state_dict(tmp_path_factory: pytest.TempPathFactory, tiny: WorkloadConf
     path = tmp_path_factory.mktemp("tiny-model") / "model.pt"
     train(tiny, path, steps=60, progress=False)
     return path
+
+
+# layout name -> (strategy, shards, shard_memory). The capacity/load caps force row-wise splits
+# of t_item and t_hist (160,000 bytes each; the four tables total 353,600 bytes in fp32).
+TINY_LAYOUTS = {
+    "singular-1": ("singular", 1, None),  # the whole model on one shard (the monolith's)
+    "table-2": ("table", 2, None),
+    "table-3": ("table", 3, None),
+    "table-4": ("table", 4, None),  # one table per shard (fading: a faded table frees its shard)
+    "capacity-1": ("capacity", 1, 400_000),
+    "capacity-2": ("capacity", 2, 180_000),
+    "capacity-3": ("capacity", 3, 130_000),
+    "load-1": ("load", 1, None),
+    "load-2": ("load", 2, 180_000),
+    "load-3": ("load", 3, 130_000),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_packages(tmp_path_factory: pytest.TempPathFactory, tiny: WorkloadConfig, tiny_state_dict: Path):
+    """tiny_packages(layout) -> the trained tiny model exported (fp32) under that layout of
+    TINY_LAYOUTS; each layout is exported once per session, on first use."""
+    from recserve.export import export_package
+    from recserve.planning import plan_workload
+
+    root = tmp_path_factory.mktemp("tiny-packages")
+    made: dict[str, Path] = {}
+
+    def get(layout: str) -> Path:
+        if layout not in made:
+            strategy, n, mem = TINY_LAYOUTS[layout]
+            plan = plan_workload(tiny, strategy=strategy, num_shards=n, shard_memory=mem)
+            made[layout] = export_package(tiny, tiny_state_dict, root / layout, plan=plan, progress=False).path
+        return made[layout]
+
+    return get

@@ -30,9 +30,12 @@ def _tiny_options(root: Path, **kw) -> BenchOptions:
 
 
 @pytest.fixture(scope="session")
-def tiny_package(tiny_bench_root: Path) -> Path:
-    """The tiny model exported with every table on one shard (what the monolith loads)."""
-    return ensure_package(_tiny_options(tiny_bench_root), "singular", 1)
+def bench_package(tiny_bench_root: Path, tiny_packages) -> Path:
+    """The session's tiny package with every table on one shard (what the monolith loads),
+    placed where the bench looks for it, so the bench finds it instead of exporting again."""
+    opts = _tiny_options(tiny_bench_root)
+    shutil.copytree(tiny_packages("singular-1"), opts.model_dir / "packages" / "singular-1")
+    return ensure_package(opts, "singular", 1)
 
 
 @pytest.fixture
@@ -42,9 +45,9 @@ def tiny_options(tiny_bench_root: Path):
 
 
 @pytest.fixture(scope="session")
-def monolith(tiny_package: Path):
+def monolith(bench_package: Path):
     """A monolithic server for the tiny package, in this process (background thread)."""
     from serving.monolith import MonolithThread
 
-    with MonolithThread(str(tiny_package), port=0, max_in_flight=256) as running:
+    with MonolithThread(str(bench_package), port=0, max_in_flight=256) as running:
         yield f"127.0.0.1:{running.port}"

@@ -1,38 +1,22 @@
-"""Serving fixtures: packages of the tiny model under every strategy, the torchrec reference,
-a monolith server per package, and ONE Ray instance + Serve for the whole session (start-ups
-are the slow part on CI's 2 cores)."""
+"""Serving fixtures: the torchrec reference of the tiny model (its packages come from the root
+conftest's tiny_packages), test requests, and ONE Ray instance + Serve for the whole session
+(start-ups are the slow part on CI's 2 cores)."""
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from recserve.batch import Batch
+from recserve.batch import Bags, Batch
 from recserve.workloads import WorkloadConfig
-import socket
-from types import SimpleNamespace
-
-from recserve.batch import Bags
 
 ROOT = Path(__file__).resolve().parents[2]
-
-# (strategy, shards, shard_memory): capacity/load caps force row-wise splits of t_item and
-# t_hist (160,000 bytes each; the four tables total 353,600 bytes in fp32).
-LAYOUTS = {
-    "singular-1": ("singular", 1, None),
-    "table-2": ("table", 2, None),
-    "table-3": ("table", 3, None),
-    "capacity-1": ("capacity", 1, 400_000),
-    "capacity-2": ("capacity", 2, 180_000),
-    "capacity-3": ("capacity", 3, 130_000),
-    "load-1": ("load", 1, None),
-    "load-2": ("load", 2, 180_000),
-    "load-3": ("load", 3, 130_000),
-}
 
 
 def as_sparse(batch: Batch) -> dict:
@@ -120,27 +104,8 @@ def bad_requests(tiny: WorkloadConfig) -> list[tuple[str, object, str, str]]:
 @pytest.fixture(scope="session")
 def helpers():
     """Test data and helpers for the serving tests (importlib import mode: tests cannot import conftest)."""
-    return SimpleNamespace(layouts=LAYOUTS, max_batch=MAX_BATCH, as_sparse=as_sparse, with_weights=with_weights,
+    return SimpleNamespace(max_batch=MAX_BATCH, as_sparse=as_sparse, with_weights=with_weights,
                            bad_requests=bad_requests)
-
-
-@pytest.fixture(scope="session")
-def tiny_packages(tmp_path_factory, tiny: WorkloadConfig, tiny_state_dict: Path):
-    """layout name -> exported package dir (exported on first use)."""
-    from recserve.export import export_package
-    from recserve.planning import plan_workload
-
-    root = tmp_path_factory.mktemp("tiny-packages")
-    made: dict[str, Path] = {}
-
-    def get(layout: str) -> Path:
-        if layout not in made:
-            strategy, n, mem = LAYOUTS[layout]
-            plan = plan_workload(tiny, strategy=strategy, num_shards=n, shard_memory=mem)
-            made[layout] = export_package(tiny, tiny_state_dict, root / layout, plan=plan, progress=False).path
-        return made[layout]
-
-    return get
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from recserve.workloads import WorkloadConfig
-
 
 # The store the served app's router reads (router_filter -> default_store_path). Set at
 # collection time, before the session's Ray instance starts, so Serve replicas inherit it
@@ -37,20 +35,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture(scope="session")
-def tiny_package(tmp_path_factory: pytest.TempPathFactory, tiny: WorkloadConfig, tiny_state_dict: Path) -> Path:
-    """The trained tiny model exported with one table per shard."""
-    from recserve.export import export_package
-    from recserve.planning import plan_workload
-
-    out = tmp_path_factory.mktemp("fading-pkg") / "tiny"
-    plan = plan_workload(tiny, strategy="table", num_shards=len(tiny.tables))
-    export_package(tiny, tiny_state_dict, out, plan=plan, progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_ranker(tiny_package: Path):
-    """Every shard and the tower of the tiny package in this process (serving's LocalRanker)."""
+def tiny_ranker(tiny_packages):
+    """Every shard and the tower of the tiny model, one table per shard ("table-4"), in this
+    process (serving's LocalRanker)."""
     from serving.local_ranker import LocalRanker
 
-    return LocalRanker.load(tiny_package)
+    return LocalRanker.load(tiny_packages("table-4"))

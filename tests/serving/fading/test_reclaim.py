@@ -23,26 +23,27 @@ def finish(store: FadingStore, model: str, feature: str) -> None:
     assert store.get(model, feature).reclaimable
 
 
-def test_reclaim_reports_the_bytes_freed_per_shard_and_the_export_line(tmp_path, tiny_package, capsys) -> None:
+def test_reclaim_reports_the_bytes_freed_per_shard_and_the_export_line(tmp_path, tiny, tiny_packages, capsys) -> None:
     store = FadingStore(tmp_path / "s.sqlite")
     finish(store, "tiny", "recent_items")
     store.transition("tiny", "category", lambda s: sched.set_coverage(s, 0.5, 1.0), action="set_coverage", actor="t")
-    rc = recserve_main(["fade", "reclaim", "--package", str(tiny_package), "--store", str(tmp_path / "s.sqlite")])
+    rc = recserve_main(["fade", "reclaim", "--package", str(tiny_packages("table-4")), "--store", str(tmp_path / "s.sqlite")])
     out = capsys.readouterr().out
     assert rc == 0
     assert "reclaimable features: recent_items" in out and "tables dropped: t_hist" in out
     assert "category (manual, coverage 0.5)" in out
-    assert f"{5000 * 8 * 4:,}" in out  # t_hist: 5000 rows x 8 fp32
+    t_hist = next(t for t in tiny.tables if t.name == "t_hist")
+    assert f"{t_hist.rows * t_hist.dim * 4:,}" in out  # t_hist's fp32 bytes
     assert "--drop-features recent_items" in out
 
 
-def test_dropping_a_done_feature_changes_no_score(tmp_path, tiny, tiny_state_dict, tiny_package) -> None:
+def test_dropping_a_done_feature_changes_no_score(tmp_path, tiny, tiny_state_dict, tiny_packages) -> None:
     from serving.local_ranker import LocalRanker
 
     store = FadingStore(tmp_path / "s.sqlite")
     finish(store, "tiny", "recent_items")
     fading = FadingFilter("tiny", store, background=False)
-    faded_ranker = LocalRanker.load(tiny_package, feature_filter=fading)
+    faded_ranker = LocalRanker.load(tiny_packages("table-4"), feature_filter=fading)
     out = tmp_path / "tiny-without-hist"
     rc = recserve_main([
         "export", "--workload", "tiny", "--state-dict", str(tiny_state_dict), "--out", str(out),

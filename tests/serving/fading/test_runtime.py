@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recserve.package import ModelPackage
 from recserve.synth import TrafficGenerator
 from serving.fading import schedule as sched
 from serving.fading.policy import FADED, KEPT
@@ -109,7 +108,7 @@ def test_a_feature_whose_removal_shifts_scores_is_rolled_back_automatically(tmp_
 
 
 def test_a_feature_whose_removal_barely_matters_fades_to_done_and_its_shard_is_not_called(
-    tmp_path, tiny, tiny_ranker, tiny_package, clock
+    tmp_path, tiny, tiny_ranker, clock
 ) -> None:
     store = FadingStore(tmp_path / "s.sqlite")
     fading = FadingFilter(MODEL, store, clock=clock, background=False)
@@ -122,9 +121,10 @@ def test_a_feature_whose_removal_barely_matters_fades_to_done_and_its_shard_is_n
     item_shard = next(k for k, cols in tiny_ranker.routing.columns.items() if any(c.feature == "item_id" for c in cols))
     assert item_shard not in tiny_ranker.routing.split(faded)
     assert decision.lookups_skipped["item_id"] == 512
-    report = reclaim_report(ModelPackage.open(tiny_package).manifest, store.states(MODEL))
+    report = reclaim_report(tiny_ranker.package.manifest, store.states(MODEL))
     assert report.reclaimable == ("item_id",) and report.tables == ("t_item",)
-    assert report.shard_bytes[item_shard] == (5000 * 8 * 4, 5000 * 8 * 4)  # the whole shard is freed
+    t_item = next(t for t in tiny.tables if t.name == "t_item")
+    assert report.shard_bytes[item_shard] == (t_item.rows * t_item.dim * 4,) * 2  # fp32: the whole shard is freed
 
 
 def test_guardrail_figures_reach_the_store_and_the_metrics(tmp_path, tiny, tiny_ranker, clock) -> None:
@@ -180,15 +180,15 @@ def test_features_the_model_does_not_have_are_ignored(tmp_path, tiny, clock, fea
     assert fading(batch).sparse is batch.sparse
 
 
-def test_the_fading_step_plugs_into_the_serving_pipeline_as_its_feature_filter(tmp_path, tiny, tiny_package, clock) -> None:
+def test_the_fading_step_plugs_into_the_serving_pipeline_as_its_feature_filter(tmp_path, tiny, tiny_ranker, clock) -> None:
     from serving.local_ranker import LocalRanker
 
     store = FadingStore(tmp_path / "s.sqlite")
     operator(store, "recent_items", lambda s, t: sched.set_coverage(s, 0.0, t), clock())
     fading = FadingFilter(MODEL, store, clock=clock, background=False)
-    ranker = LocalRanker.load(tiny_package, feature_filter=fading)
+    ranker = LocalRanker.load(tiny_ranker.package, feature_filter=fading)
     batch = TrafficGenerator(tiny, seed=9).batch(300)
-    assert not np.array_equal(ranker.score(batch), LocalRanker.load(tiny_package).score(batch))
+    assert not np.array_equal(ranker.score(batch), tiny_ranker.score(batch))
     # the pipeline hands the scores back: the guardrails counted every example
     assert sum(fading.figures()["recent_items"]["examples"].values()) == 300
 

@@ -121,13 +121,13 @@ def test_tokens_come_from_a_file_of_principal_token_lines(tmp_path: Path, monkey
         load_tokens(f)
 
 
-def test_reclaim_reads_the_state_through_the_control_plane(control, tiny_package, capsys, monkeypatch) -> None:
+def test_reclaim_reads_the_state_through_the_control_plane(control, tiny_packages, capsys, monkeypatch) -> None:
     monkeypatch.setenv("RECSERVE_FADE_TOKEN", "tok-alice")
     a = addr(control)
     assert recserve_main(["fade", "start", "tiny", "category", "--steps", "0", "--soak", "0", "--addr", a]) == 0
     from serving.fading.service import advance_due
 
     advance_due(control.store, 1e12)  # the control plane's scheduler would do this within a second
-    assert recserve_main(["fade", "reclaim", "--package", str(tiny_package), "--addr", a]) == 0
+    assert recserve_main(["fade", "reclaim", "--package", str(tiny_packages("table-4")), "--addr", a]) == 0
     out = capsys.readouterr().out
     assert "reclaimable features: category" in out and "tables dropped: t_cat" in out
