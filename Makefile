@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.recserve-setup
 
-.PHONY: setup serve test proto lint clean
+.PHONY: setup serve test lint proto clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,11 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# pyflakes over every Python file but the generated gRPC code: unused imports and
+# variables, undefined names, redefinitions.
+lint: setup
+	$(PY) -m pyflakes $$(find recserve serving sharding kernels loadtest benchmarks protos tests -name '*.py' -not -path 'recserve/v1/*')
 
 proto: setup
 	$(PY) protos/generate.py

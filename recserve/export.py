@@ -22,7 +22,6 @@ import mmap
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections import deque

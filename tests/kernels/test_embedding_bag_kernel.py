@@ -107,7 +107,6 @@ def test_tables_of_mixed_storage_dtypes_in_one_shard(device):
 def test_out_of_range_id_is_rejected_naming_table_and_id(device, backend, validate, bad_id):
     gen = torch.Generator().manual_seed(4)
     tables = [make_table("fp32", r, d, gen) for r, d in zip(ROWS, DIMS)]
-    B = 2
     # table 0: bags [0], [1]; table 1: bags [2], [bad]; table 2: bags [], [3]
     indices = torch.tensor([0, 1, 2, bad_id, 3], device=device)
     offsets = torch.tensor([0, 1, 2, 3, 4, 4, 5], device=device)
