@@ -26,7 +26,8 @@ from pathlib import Path
 
 from loadtest.cpu import self_cpu_s
 from loadtest.driver import closed_loop, open_loop, warm_up
-from loadtest.report import format_table, plot_p99, write_csv
+from loadtest.gpu import GpuSampler
+from loadtest.report import MLPERF_H200_EXAMPLES_PER_S, format_table, plot_p99, write_csv
 from loadtest.stats import RunSummary, fill_cpu_overhead, summarize
 from loadtest.trace import Trace, cap_rows_to_served, fanout, make_trace
 from recserve.workloads import load_workload
@@ -79,6 +80,9 @@ class BenchOptions:
     out_dir: Path = Path("benchmarks/results")
     serve_env: tuple[tuple[str, str], ...] = ()  # extra env for the Ray Serve stack
     serve_args: tuple[str, ...] = ()  # extra args for `recserve serve`
+    device: str = "cpu"  # torch device of the servers (and of --init random's weight drawing)
+    init: str = "trained"  # "trained" (recserve train, torchrec) or "random" (export --init random)
+    discard_packages: bool = False  # delete each package after its configuration ran (full size, small disk)
 
     def __post_init__(self) -> None:
         for c in self.configs:
@@ -97,6 +101,8 @@ class BenchOptions:
             raise BenchError(f"--trace-size: must be positive, got {self.trace_size}")
         if self.closed_concurrency < 0:
             raise BenchError(f"--closed-concurrency: must be >= 0, got {self.closed_concurrency}")
+        if self.init not in ("trained", "random"):
+            raise BenchError(f"--init: must be trained or random, got {self.init!r}")
         if self.arrivals not in ("poisson", "uniform"):
             raise BenchError(f"--arrivals: must be poisson or uniform, got {self.arrivals!r}")
 
@@ -104,7 +110,8 @@ class BenchOptions:
     def model_dir(self) -> Path:
         rows = f"rows{self.max_rows}" if self.max_rows else "full"
         name = Path(self.workload).stem
-        return self.artifacts / f"{name}-{rows}-{self.dtype}"
+        init = "-random" if self.init == "random" else ""
+        return self.artifacts / f"{name}-{rows}-{self.dtype}{init}"
 
 
 def _recserve(*args: str) -> None:
@@ -151,12 +158,15 @@ def plan_for(opts: BenchOptions, strategy: str, shards: int) -> ShardPlan:
 def ensure_package(opts: BenchOptions, strategy: str, shards: int) -> Path:
     out = opts.model_dir / "packages" / f"{strategy}-{shards}"
     if not (out / "manifest.json").exists():
-        state = ensure_state_dict(opts)
+        if opts.init == "random":  # seeded random weights: no training, no torchrec
+            source = ["--init", "random", "--seed", str(opts.seed), "--gen-device", opts.device]
+        else:
+            source = ["--state-dict", str(ensure_state_dict(opts))]
         rows = ["--max-rows", str(opts.max_rows)] if opts.max_rows else []
         cap = shard_memory_for(opts, strategy, shards)
         mem = ["--shard-memory", cap] if cap else []
         _recserve(
-            "export", "--workload", opts.workload, *rows, "--state-dict", str(state), "--out", str(out),
+            "export", "--workload", opts.workload, *rows, *source, "--out", str(out),
             "--strategy", strategy, "--shards", str(shards), "--dtype", opts.dtype, *mem, "--force",
         )  # fmt: skip
     return out
@@ -195,7 +205,10 @@ def measure(
     start = 0
     for mode, x in runs:
         time.sleep(0.5)  # let the previous run's stragglers drain
-        cpu0, me0 = target.cpu.read(), self_cpu_s()
+        cpu0, me0, roles0 = target.cpu.read(), self_cpu_s(), target.cpu.read_by_role()
+        gpu = GpuSampler() if opts.device != "cpu" else None
+        if gpu:
+            gpu.__enter__()
         if mode == "open":
             run = asyncio.run(
                 open_loop(
@@ -211,13 +224,19 @@ def measure(
                     max_requests=opts.max_requests, timeout_s=opts.timeout_s, start_index=start,
                 )
             )  # fmt: skip
+        if gpu:
+            gpu.__exit__(None, None, None)
         cpu_s, client_s = target.cpu.read() - cpu0, self_cpu_s() - me0
-        row = summarize(config, run, fanout=fan, cpu_s=cpu_s, client_cpu_s=client_s)
+        row = summarize(config, run, fanout=fan, cpu_s=cpu_s, client_cpu_s=client_s, examples=trace.batch_sizes)
         row.loadavg_1m = os.getloadavg()[0]
+        row.gpu_util = gpu.mean if gpu else float("nan")
+        ok = max(row.ok, 1)
+        roles = target.cpu.read_by_role()
+        row.cpu_by_process = "; ".join(f"{r} {(roles[r] - roles0.get(r, 0.0)) / ok * 1e3:.2f}" for r in sorted(roles))
         rows.append(row)
         print(
             f"  {config:>12} {mode:>6} {'c=' + str(x) if mode == 'closed' else f'{x:g}/s':>8}: "
-            f"{row.throughput_rps:7.1f} ok/s  p50 {row.p50_ms:7.1f}  p99 {row.p99_ms:7.1f} ms  "
+            f"{row.throughput_rps:7.1f} ok/s  {row.examples_per_s:9,.0f} ex/s  p50 {row.p50_ms:7.1f}  p99 {row.p99_ms:7.1f} ms  "
             f"errors {row.errors or '-'}  cpu {row.cpu_ms_per_req:.2f} ms/req  load {row.loadavg_1m:.1f}",
             flush=True,
         )
@@ -248,13 +267,14 @@ def run_bench(opts: BenchOptions) -> list[RunSummary]:
             package = ensure_package(opts, "singular", 1)
             print(f"[{config}] package {package}", flush=True)
             try:
-                with MonolithServer(package, log_dir=logs) as target:
+                with MonolithServer(package, log_dir=logs, device=opts.device) as target:
                     _check_rows(trace, target.info)
                     rows += measure(config, target, trace, opts, plan=None)
             except TargetError as e:
                 failed[config] = str(e).splitlines()[0]
                 print(f"[{config}] FAILED: {e}", flush=True)
             _write_outputs(rows, out, workload.name, failed, quiet=True)
+            _discard(opts, package)
             continue
         strategy, shards = parsed
         key = _plan_key(plan_for(opts, strategy, shards))
@@ -267,7 +287,8 @@ def run_bench(opts: BenchOptions) -> list[RunSummary]:
         print(f"[{config}] package {package} ({plan.num_shards} shard(s))", flush=True)
         try:
             with ServeStack(
-                package, name=config, log_dir=logs, env=dict(opts.serve_env), extra_args=opts.serve_args
+                package, name=config, log_dir=logs, env=dict(opts.serve_env), extra_args=opts.serve_args,
+                device=opts.device,
             ) as target:
                 _check_rows(trace, target.info)
                 print("  serving processes: " + "; ".join(target.processes()), flush=True)
@@ -276,8 +297,17 @@ def run_bench(opts: BenchOptions) -> list[RunSummary]:
             failed[config] = str(e).splitlines()[0]
             print(f"[{config}] FAILED: {e}", flush=True)
         _write_outputs(rows, out, workload.name, failed, quiet=True)
+        _discard(opts, package)
     _write_outputs(rows, out, workload.name, failed)
     return rows
+
+
+def _discard(opts: BenchOptions, package: Path) -> None:
+    if opts.discard_packages:
+        import shutil
+
+        shutil.rmtree(package, ignore_errors=True)
+        print(f"  removed {package} (--discard-packages)", flush=True)
 
 
 def _write_outputs(rows: list[RunSummary], out: Path, name: str, failed: dict[str, str], *, quiet: bool = False) -> None:
@@ -287,13 +317,28 @@ def _write_outputs(rows: list[RunSummary], out: Path, name: str, failed: dict[st
     fill_cpu_overhead(rows)
     write_csv(rows, out / "bench.csv")
     plot_p99(rows, out / "p99.png", title=f"{name}: P99 latency vs offered load")
-    notes = "".join(f"\n- {c}: not measured ({why})" for c, why in failed.items())
+    notes = "".join(f"\n- {c}: not measured ({why})" for c, why in failed.items()) + _scale_notes(out)
     (out / "table.md").write_text(format_table(rows, markdown=True) + "\n" + notes + ("\n" if notes else ""))
     table = format_table(rows)
     (out / "table.txt").write_text(table + "\n" + notes + ("\n" if notes else ""))
     if not quiet:
         print(table + notes)
         print(f"wrote {out / 'bench.csv'}, {out / 'p99.png'}, {out / 'table.md'}")
+
+
+def _scale_notes(out: Path) -> str:
+    """For scale, under every table: MLPerf's per-GPU figure, and the in-process (engine-only)
+    figures of this GPU when an engine run wrote engine.json to the same directory."""
+    lines = [f"\n- for scale: MLPerf Inference v5.0, H200, DLRMv2 server (TensorRT, int8, P99 <= 60 ms): "
+             f"~{MLPERF_H200_EXAMPLES_PER_S / 1e6:.1f}M examples/s per GPU"]
+    engine = out / "engine.json"
+    if engine.exists():
+        raw = json.loads(engine.read_text())
+        for r in raw["rows"]:
+            plain = f", plain torch {r['plain_eps'] / 1e6:.2f}M" if r.get("plain_eps") else ""
+            lines.append(f"\n- in process on {raw['device']} (recserve bench --engine), batch {r['batch']:,}: "
+                         f"engine {r['engine_eps'] / 1e6:.2f}M examples/s{plain}")
+    return "".join(lines)
 
 
 def _source_version() -> str:

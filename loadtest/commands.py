@@ -14,6 +14,13 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -64,11 +71,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="KEY=VALUE for the Ray Serve stack, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (repeatable)",
     )  # fmt: skip
     p.add_argument("--serve-arg", action="append", default=[], help="extra argument for `recserve serve`")
+    p.add_argument("--device", default="cpu", help="torch device of the servers (cpu, cuda): the monolith, "
+                   "shards and tower; with --init random also where the weights are drawn")
+    p.add_argument("--init", choices=("trained", "random"), default="trained",
+                   help="packages from a trained model (recserve train; needs torchrec) or seeded random "
+                   "weights (recserve export --init random; no torchrec: GPU hosts)")
+    p.add_argument("--discard-packages", action="store_true",
+                   help="delete each package after its configuration ran (full-size packages on a small disk; "
+                   "--init random packages are rebuilt in a minute)")
+    g = p.add_argument_group("engine-only mode (--engine)")
+    g.add_argument("--engine", action="store_true",
+                   help="no servers: the shard and tower cores in this process, no RPC, large batches; "
+                   "writes engine.md/engine.json to --out")
+    g.add_argument("--package", type=Path, default=None,
+                   help="--engine: this package (default: a one-shard package of --workload/--dtype, "
+                   "exported with --init)")
+    g.add_argument("--batch-sizes", type=_ints, default=(1024, 4096, 16384, 65536), help="--engine: examples per batch")
+    g.add_argument("--output-dtype", default="float16", choices=("float32", "float16", "bfloat16"),
+                   help="--engine: the shards' pooled-embedding dtype")
+    g.add_argument("--tower-dtype", default="float16", choices=("float32", "float16", "bfloat16"),
+                   help="--engine: the tower's compute dtype")
+    g.add_argument("--engine-seconds", type=float, default=2.0, help="--engine: seconds timed per figure and size")
     p.set_defaults(handler=run_bench_command)
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from loadtest.bench import BenchError, BenchOptions, default_configs, run_bench
+    from loadtest.bench import BenchError, BenchOptions, default_configs, ensure_package, run_bench
+    from loadtest.engine import EngineError
     from loadtest.targets import TargetError
 
     try:
@@ -92,9 +121,20 @@ def run_bench_command(args: argparse.Namespace) -> int:
             out_dir=args.out,
             serve_env=tuple(args.serve_env),
             serve_args=tuple(args.serve_arg),
+            device=args.device,
+            init=args.init,
+            discard_packages=args.discard_packages,
         )
-        run_bench(opts)
-    except (BenchError, TargetError) as e:
+        if args.engine:
+            from loadtest.engine import EngineOptions, run_engine
+
+            package = args.package or ensure_package(opts, "singular", 1)
+            run_engine(EngineOptions(package=package, device=args.device, batch_sizes=args.batch_sizes,
+                                     output_dtype=args.output_dtype, tower_dtype=args.tower_dtype,
+                                     seconds=args.engine_seconds, seed=args.seed, out_dir=args.out))
+        else:
+            run_bench(opts)
+    except (BenchError, TargetError, EngineError) as e:
         print(f"recserve bench: {e}", file=sys.stderr)
         return 2
     return 0

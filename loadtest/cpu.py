@@ -70,6 +70,19 @@ def ray_control_processes(within: int | None = None) -> list[psutil.Process]:
     return processes_titled(CONTROL_TITLES, within)
 
 
+def role_of(p: psutil.Process) -> str:
+    """What a serving process does, for the per-process CPU column: the Serve deployment
+    of a replica ("Router", "shard-0", "DenseTower"), "proxy", "haproxy", else "server"."""
+    title = _cmdline(p)
+    if "ServeReplica" in title and "#" in title:
+        return title.split("#")[1]  # ray::SERVE_REPLICA::<app>#<deployment>#<id>:...
+    if "ProxyActor" in title:
+        return "proxy"
+    if "haproxy" in title.lower():
+        return "haproxy"
+    return "server"
+
+
 def describe(procs: list[psutil.Process]) -> list[str]:
     """``pid title`` of each process (for logs and for py-spy)."""
     return [f"{p.pid} {_cmdline(p)[:80]}" for p in procs]
@@ -85,15 +98,27 @@ class CpuMeter:
 
     select: Selector
     _last: dict[int, float] = field(default_factory=dict)
+    _role: dict[int, str] = field(default_factory=dict)
 
     def read(self) -> float:
         for p in self.select():
             try:
                 t = p.cpu_times()
                 self._last[p.pid] = t.user + t.system
+                if p.pid not in self._role:
+                    self._role[p.pid] = role_of(p)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         return sum(self._last.values())
+
+    def read_by_role(self) -> dict[str, float]:
+        """CPU seconds per :func:`role_of` (replicas of one deployment summed)."""
+        self.read()
+        out: dict[str, float] = {}
+        for pid, s in self._last.items():
+            role = self._role.get(pid, "server")
+            out[role] = out.get(role, 0.0) + s
+        return out
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.select()]

@@ -37,6 +37,7 @@ class RunSummary:
     ok: int  # answered OK
     errors: str  # "DEADLINE_EXCEEDED:3;UNAVAILABLE:1" ("" when none)
     throughput_rps: float  # OK answers per second of wall time
+    examples_per_s: float  # examples (user-item pairs) of the OK answers per second of wall time
     p50_ms: float  # latency of OK answers from their scheduled send time
     p95_ms: float
     p99_ms: float
@@ -51,6 +52,8 @@ class RunSummary:
     cpu_overhead: float  # cpu_ms_per_req / the monolith's at the same rate (NaN if unknown)
     client_cpu_s: float  # CPU seconds of the load generator during the run
     loadavg_1m: float = float("nan")  # machine load average at the end of the run (noise check)
+    gpu_util: float = float("nan")  # mean GPU utilisation during the run, % (NaN: no GPU sampled)
+    cpu_by_process: str = ""  # CPU ms per OK answer of each serving process, "Router 2.10; shard-0 0.80"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +66,9 @@ def summarize(
     fanout: Fanout | None = None,
     cpu_s: float = float("nan"),
     client_cpu_s: float = float("nan"),
+    examples: np.ndarray | None = None,
 ) -> RunSummary:
+    """``examples``: int [trace size] examples of each trace request (for examples/s)."""
     ok_mask = np.array([c == "OK" for c in run.codes], bool)
     ok = int(ok_mask.sum())
     p50, p95, p99 = percentiles_ms(run.latency_s[ok_mask])
@@ -84,6 +89,8 @@ def summarize(
         ok=ok,
         errors=";".join(f"{c}:{k}" for c, k in error_counts(run.codes).items()),
         throughput_rps=ok / run.wall_s if run.wall_s > 0 else float("nan"),
+        examples_per_s=(float(np.asarray(examples)[run.trace_index[ok_mask]].sum()) / run.wall_s
+                        if examples is not None and run.wall_s > 0 else float("nan")),
         p50_ms=p50,
         p95_ms=p95,
         p99_ms=p99,

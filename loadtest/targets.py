@@ -143,8 +143,10 @@ def _direct_ingress(env: dict[str, str]) -> bool:
 class MonolithServer(_Target):
     """The single-server baseline for ``package``."""
 
-    def __init__(self, package: Path, *, log_dir: Path, port: int | None = None, ready_timeout_s: float = 120.0):
+    def __init__(self, package: Path, *, log_dir: Path, port: int | None = None, ready_timeout_s: float = 300.0,
+                 device: str = "cpu"):
         self.name = "monolith"
+        self.device = device
         self.package = Path(package)
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -152,7 +154,8 @@ class MonolithServer(_Target):
         self.ready_timeout_s = ready_timeout_s
 
     def __enter__(self) -> MonolithServer:
-        argv = [sys.executable, "-m", "loadtest.serve_monolith", str(self.package), "--port", str(self.port)]
+        argv = [sys.executable, "-m", "loadtest.serve_monolith", str(self.package), "--port", str(self.port),
+                "--device", self.device]
         self._spawn(argv, dict(os.environ))
         self.cpu = CpuMeter(lambda: process_tree(self.proc.pid) if self.proc else [])
         self.info = self._wait_ready(self.ready_timeout_s)
@@ -175,8 +178,10 @@ class ServeStack(_Target):
         env: dict[str, str] | None = None,
         extra_args: tuple[str, ...] = (),
         ready_timeout_s: float = 300.0,
+        device: str = "cpu",
     ):
         self.name = name
+        self.device = device
         self.package = Path(package)
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -191,6 +196,8 @@ class ServeStack(_Target):
             argv += ["--http-port", str(free_port())]  # never collide with another Serve on 8000
         if "--feature-filter" not in self.extra_args and _serve_has_option("--feature-filter"):
             argv += ["--feature-filter", "none"]  # the monolith runs no fading filter either
+        if "--device" not in self.extra_args:
+            argv += ["--device", self.device]
         argv += list(self.extra_args)
         env = dict(os.environ)
         env.update(self.env)

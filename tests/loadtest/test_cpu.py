@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from loadtest.cpu import CpuMeter, process_tree, processes_titled
+from loadtest.cpu import CpuMeter, process_tree, processes_titled, role_of
 
 
 # The child says when it is started and when it has burned BURN_S seconds of its own CPU time,
@@ -53,3 +53,13 @@ def test_ray_titles_are_matched_only_inside_the_given_tree():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_cpu_is_also_read_per_serving_role():
+    import psutil
+
+    me = psutil.Process()
+    assert role_of(me) == "server"  # not a Serve replica, proxy or HAProxy
+    meter = CpuMeter(lambda: [me])
+    by_role = meter.read_by_role()
+    assert set(by_role) == {"server"} and by_role["server"] == pytest.approx(meter.read(), abs=0.05)

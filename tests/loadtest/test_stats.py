@@ -57,6 +57,10 @@ def test_summary_counts_errors_by_code_and_uses_only_ok_latencies():
     assert s.p99_ms == pytest.approx(10.0)
     assert s.throughput_rps == pytest.approx(4.0)
     assert s.cpu_ms_per_req == pytest.approx(10.0)
+    assert math.isnan(s.examples_per_s)  # no examples per trace request given
+    # examples of the OK answers only: trace requests 0,1,2,0,1,2,0,1 of 100/200/300 examples
+    with_examples = summarize("table-2", _run(lat, codes, wall=2.0), examples=np.array([100, 200, 300]))
+    assert with_examples.examples_per_s == pytest.approx((3 * 100 + 3 * 200 + 2 * 300) / 2.0)
     idx = np.arange(10) % 3
     assert s.shard_calls_per_req == pytest.approx(np.array([1, 2, 3])[idx].mean())
     assert error_counts(("OK", "OK")) == {}
