@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = (
     "recserve.commands:register",  # train, export, inspect
     "recserve.planning:register",  # plan
+    "recserve.distill_commands:register",  # teacher score, synth labels
     "serving.commands:register",  # serve
     "kernels.commands:register",  # kernels search / bench
     "loadtest.commands:register",  # bench

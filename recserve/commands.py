@@ -20,6 +20,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("students trained on logged examples (issue 10)")
+    g.add_argument("--labels", default=None, metavar="LABELS",
+                   help="labelled logged examples (recserve synth labels): train on them instead of fresh traffic")
+    g.add_argument("--distill", default=None, metavar="SCORES", help="teacher scores (recserve teacher score)")
+    g.add_argument("--aux-weight", type=float, default=1.0, metavar="A",
+                   help="weight of the teacher's loss (0 = the student without the teacher)")
+    g.add_argument("--adapter", choices=("mlp", "affine", "none"), default="mlp",
+                   help="student adapter of the teacher's logit and age (none = plain distillation)")
+    g.add_argument("--distill-head", choices=("aux", "main"), default="aux",
+                   help="the head that takes the teacher's supervision (main = the plain-distillation baseline)")
+    g.add_argument("--epochs", type=int, default=1, help="passes over --labels")
     p.set_defaults(handler=run_train)
 
     p = sub.add_parser(
@@ -61,6 +72,25 @@ def run_train(args: argparse.Namespace) -> int:
     from recserve.workloads import load_workload
 
     workload = load_workload(args.workload).with_max_rows(args.max_rows)
+    if args.distill and not args.labels:
+        print("recserve train: --distill needs --labels (the labelled examples the scores are joined to)",
+              file=sys.stderr)
+        return 2
+    if args.labels:
+        from recserve.distill import DistillConfig, load_training_set, train_student
+
+        try:
+            config = DistillConfig(aux_weight=args.aux_weight if args.distill else 0.0, adapter=args.adapter,
+                                   distill_head=args.distill_head)
+            data = load_training_set(args.labels, args.distill, workload.features)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"recserve train: {e}", file=sys.stderr)
+            return 2
+        r = train_student(workload, data, args.out, config, epochs=args.epochs, batch_size=args.batch_size,
+                          seed=args.seed)
+        print(f"trained {workload.name} on {r.examples:,} logged examples ({r.with_teacher:,} with a teacher score): "
+              f"{r.steps} steps in {r.seconds:.1f}s; last loss {r.last_loss}; saved {r.path} (main head only)")
+        return 0
     r = train(workload, args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     print(f"trained {workload.name}: {r.steps} steps in {r.seconds:.1f}s")
     print(f"held-out AUC {r.auc:.4f} (ground truth's own AUC {r.oracle_auc:.4f}); saved {r.path}")

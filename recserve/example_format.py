@@ -24,14 +24,19 @@ and weights, in sorted feature order): the teacher job scores each key once.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from recserve.batch import Bags, Batch
 
 IDS_PREFIX = "ids."
 WEIGHTS_PREFIX = "weights."
 KEY = "example_key"  # string, 32 hex digits (two 64-bit lanes)
+TMP_PREFIX = ".tmp-"  # files being written; hidden, so readers (pyarrow, Ray Data) skip them
 LABEL = "label"  # float32 click (0 or 1), added by `recserve synth labels`
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -188,3 +193,34 @@ def example_keys(batch: Batch) -> list[str]:
                 h = _mix(h ^ _segment_hash(wbits, bags.lengths.astype(np.int64), fl + np.uint64(1)))
         lanes.append(h)
     return [f"{a:016x}{b:016x}" for a, b in zip(lanes[0].tolist(), lanes[1].tolist())]
+
+
+def open_dir(log_dir: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of a local directory or a pyarrow filesystem URL."""
+    if "://" in log_dir:
+        return pafs.FileSystem.from_uri(log_dir)
+    return pafs.LocalFileSystem(), os.path.abspath(log_dir)
+
+
+def write_atomic(fs: pafs.FileSystem, directory: str, name: str, table: pa.Table) -> int:
+    """Write ``table`` as ``directory/name`` through a hidden temporary file and a rename;
+    returns the bytes written."""
+    tmp = f"{directory}/{TMP_PREFIX}{name}"
+    with fs.open_output_stream(tmp) as out:
+        pq.write_table(table, out, compression="zstd")
+        size = out.tell()
+    fs.move(tmp, f"{directory}/{name}")
+    return size
+
+
+def parquet_files(location: str) -> tuple[pafs.FileSystem, list[str]]:
+    """(filesystem, visible .parquet files) of a directory or URL, sorted; none if it does not exist."""
+    fs, root = open_dir(location)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        return fs, [root]
+    if info.type == pafs.FileType.NotFound:
+        return fs, []
+    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return fs, sorted(f.path for f in found if f.is_file and f.path.endswith(".parquet")
+                      and not any(part.startswith((".", "_")) for part in f.path[len(root):].split("/")))

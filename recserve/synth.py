@@ -50,14 +50,17 @@ class TrafficGenerator:
     workload: WorkloadConfig
     seed: int = 0
     empty_bag_fraction: float = 0.0  # share of bags sent empty (missing feature)
+    id_shift: int = 0  # every id moves by this much (mod rows): another set of hot ids (a drifting world)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
 
     def ids(self, table: TableConfig, n: int) -> np.ndarray:
         if self.workload.ids == "zipf":
-            return zipf_ids(self.rng, table.rows, n, self.workload.zipf_alpha)
-        return self.rng.integers(0, table.rows, n, dtype=np.int64)
+            ids = zipf_ids(self.rng, table.rows, n, self.workload.zipf_alpha)
+        else:
+            ids = self.rng.integers(0, table.rows, n, dtype=np.int64)
+        return (ids + self.id_shift) % table.rows if self.id_shift else ids
 
     def batch_size(self) -> int:
         lo, hi = self.workload.samples_per_request
@@ -92,10 +95,17 @@ def _hash_unit(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class ClickModel:
-    """Hidden ground truth: P(click) = sigmoid(dense part + id affinities + one cross term)."""
+    """Hidden ground truth: P(click) = sigmoid(dense part + id affinities + one cross term).
+
+    ``drift`` (radians per day) makes it a drifting world: at ``day`` every id's affinity and
+    the dense weights are ``cos(drift * day) * initial + sin(drift * day) * other`` (two
+    independent draws), so tastes change smoothly and a model trained on old days goes stale.
+    """
 
     workload: WorkloadConfig
     seed: int = 0
+    drift: float = 0.0  # radians per day
+    day: float = 0.0
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.seed + 1_000_003)
@@ -104,11 +114,22 @@ class ClickModel:
         n = len(self.workload.features)
         self.feature_w = rng.uniform(0.5, 1.0, n) * rng.choice([-1.0, 1.0], n)  # [n_features]
         self.bias = -1.0
+        theta = self.drift * self.day
+        self._mix = (np.cos(theta), np.sin(theta))
+        if theta:
+            other = np.random.default_rng(self.seed + 2_000_003).standard_normal(f) / np.sqrt(f)
+            self.dense_w = self._mix[0] * self.dense_w + self._mix[1] * other
+
+    def at(self, day: float) -> ClickModel:
+        """The same world on another day."""
+        return ClickModel(self.workload, self.seed, self.drift, day)
 
     def _affinity(self, i: int, bags: Bags) -> np.ndarray:
         """Mean hidden affinity of each example's ids for feature i: float64 [B]."""
         key = bags.values.astype(np.uint64) * np.uint64(1_000_003) + np.uint64(i * 7919 + self.seed)
         a = _hash_unit(key)
+        if self._mix[1]:
+            a = self._mix[0] * a + self._mix[1] * _hash_unit(key ^ np.uint64(0xD1F7D1F7D1F7))
         sums = np.zeros(bags.batch_size)
         np.add.at(sums, np.repeat(np.arange(bags.batch_size), bags.lengths), a)
         return sums / np.maximum(bags.lengths, 1)

@@ -44,6 +44,27 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
 
 
+def normalized_entropy(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Log loss of ``probs`` divided by the entropy of the base rate (lower is better; 1 = no skill)."""
+    y = labels.astype(np.float64)
+    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    rate = y.mean()
+    if rate <= 0 or rate >= 1:
+        return float("nan")
+    ll = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
+    return float(ll / -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate)))
+
+
+def optimizers(model: torch.nn.Module, sparse_module: torch.nn.Module) -> tuple[torch.optim.Optimizer, ...]:
+    """(row-wise Adagrad for the embedding tables, with sparse gradients; Adam for every other parameter)."""
+    for bag in sparse_module.embedding_bag_collection.embedding_bags.values():
+        bag.sparse = True  # sparse gradients: cost per step ~ rows touched
+    emb = list(sparse_module.parameters())
+    ids = {id(p) for p in emb}
+    return (torch.optim.Adagrad(emb, lr=0.05),
+            torch.optim.Adam([p for p in model.parameters() if id(p) not in ids], lr=3e-3))
+
+
 def train(
     workload: WorkloadConfig,
     out: Path,
@@ -56,13 +77,7 @@ def train(
 ) -> TrainResult:
     torch.manual_seed(seed)
     model = build_model(workload)
-    for bag in model.sparse_arch.embedding_bag_collection.embedding_bags.values():
-        bag.sparse = True  # sparse gradients: cost per step ~ rows touched
-    emb_params = list(model.sparse_arch.parameters())
-    emb_ids = {id(p) for p in emb_params}
-    dense_params = [p for p in model.parameters() if id(p) not in emb_ids]
-    opt_sparse = torch.optim.Adagrad(emb_params, lr=0.05)
-    opt_dense = torch.optim.Adam(dense_params, lr=3e-3)
+    opt_sparse, opt_dense = optimizers(model, model.sparse_arch)
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     truth = ClickModel(workload, seed=seed)

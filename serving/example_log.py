@@ -38,13 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from recserve.batch import Batch
-from recserve.example_format import batch_table, log_schema
-
-TMP_PREFIX = ".tmp-"
-
+from recserve.example_format import batch_table, log_schema, open_dir, write_atomic
 
 @dataclass(frozen=True, kw_only=True)
 class ExampleLogConfig:
@@ -77,24 +73,6 @@ def sampled(request_id: str, rate: float, seed: int = 0) -> bool:
 def content_id(batch: Batch) -> str:
     """The sampling key of a request sent without a request id: a digest of its dense features."""
     return "content:" + hashlib.blake2b(batch.dense.tobytes(), digest_size=8).hexdigest()
-
-
-def open_dir(log_dir: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) of a local directory or a pyarrow filesystem URL."""
-    if "://" in log_dir:
-        return pafs.FileSystem.from_uri(log_dir)
-    return pafs.LocalFileSystem(), os.path.abspath(log_dir)
-
-
-def write_atomic(fs: pafs.FileSystem, directory: str, name: str, table: pa.Table) -> int:
-    """Write ``table`` as ``directory/name`` through a hidden temporary file and a rename;
-    returns the bytes written."""
-    tmp = f"{directory}/{TMP_PREFIX}{name}"
-    with fs.open_output_stream(tmp) as out:
-        pq.write_table(table, out, compression="zstd")
-        size = out.tell()
-    fs.move(tmp, f"{directory}/{name}")
-    return size
 
 
 def _faded_features(fades: dict | None, model: str, batch: Batch, request_id: str) -> list[list[str]] | None:

@@ -18,10 +18,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from recserve.example_format import table_batch
+from recserve.example_format import TMP_PREFIX, table_batch
 from recserve.synth import TrafficGenerator
 from serving.client import RankingClient
-from serving.example_log import TMP_PREFIX, ExampleLog, ExampleLogConfig, sampled
+from serving.example_log import ExampleLog, ExampleLogConfig, sampled
 from serving.monolith import MonolithThread
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,126 @@
+"""The teacher scoring job on Ray Data (one local Ray for the module): every unique logged
+example is scored once, with the package's own scores; a rerun resumes and scores nothing twice."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recserve.example_format import KEY, TMP_PREFIX, example_keys
+from recserve.synth import TrafficGenerator
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tiny, tiny_state_dict) -> Path:
+    from recserve.export import export_package
+    from recserve.planning import plan_workload
+
+    out = tmp_path_factory.mktemp("teacher") / "pkg"
+    return export_package(tiny, tiny_state_dict, out, plan=plan_workload(tiny, strategy="table", num_shards=2),
+                          progress=False, version="teacher-v1").path
+
+
+def write_log(directory: Path, tiny, batches: list, rows_per_file: int = 100) -> None:
+    from serving.example_log import ExampleLog, ExampleLogConfig
+
+    log = ExampleLog(ExampleLogConfig(rate=1.0, log_dir=str(directory), rows_per_file=rows_per_file),
+                     model="student", version="s1", features=tiny.features)
+    for i, b in enumerate(batches):
+        assert log.submit(f"r{i}", b, np.zeros(b.batch_size, np.float32))
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, tmp_path_factory, tiny, teacher):
+    """Log A: 6 requests of 40 examples, the first two sent again (duplicates across files);
+    scored once into ``out``, with a half-written score file of a crashed run lying there."""
+    from recserve.teacher import score_logs
+
+    root = tmp_path_factory.mktemp("teacher-job")
+    gen = TrafficGenerator(tiny, seed=3)
+    batches = [gen.batch(40) for _ in range(6)]
+    write_log(root / "log-a", tiny, batches + batches[:2])
+    (root / "out").mkdir()
+    (root / "out" / f"{TMP_PREFIX}scores-crashed.parquet").write_bytes(b"PAR1 half a file")
+    report = score_logs([str(root / "log-a")], str(teacher), str(root / "out"), batch_size=64)
+    return root, batches, report
+
+
+def test_each_unique_example_is_scored_once_with_the_teacher_packages_scores(first_run, tiny, teacher) -> None:
+    from serving.local_ranker import LocalRanker
+
+    root, batches, report = first_run
+    assert (report.examples, report.scored, report.duplicates, report.already_scored) == (320, 240, 80, 0)
+    scores = pq.read_table(root / "out")
+    assert scores.num_rows == 240 and len(set(scores[KEY].to_pylist())) == 240
+    assert set(scores["teacher_version"].to_pylist()) == {"teacher-v1"}
+    by_key = dict(zip(scores[KEY].to_pylist(), scores["teacher_prob"].to_pylist()))
+    logit = dict(zip(scores[KEY].to_pylist(), scores["teacher_logit"].to_pylist()))
+    ranker = LocalRanker.load(teacher)
+    for b in batches:
+        want = ranker.score(b)
+        keys = example_keys(b)
+        np.testing.assert_allclose([by_key[k] for k in keys], want, atol=1e-6)
+        np.testing.assert_allclose(torch.sigmoid(torch.tensor([logit[k] for k in keys])).numpy(), want, atol=1e-6)
+
+
+def test_a_rerun_over_more_logs_scores_only_what_no_earlier_run_scored(first_run, tiny, teacher) -> None:
+    from recserve.teacher import score_logs
+
+    root, batches, _ = first_run
+    gen = TrafficGenerator(tiny, seed=4)
+    more = [gen.batch(40) for _ in range(2)]
+    write_log(root / "log-b", tiny, more + batches[3:4])  # 80 new examples, 40 already scored
+    report = score_logs([str(root / "log-a"), str(root / "log-b")], str(teacher), str(root / "out"), batch_size=64)
+    assert (report.scored, report.already_scored, report.duplicates) == (80, 360, 0)
+    keys = pq.read_table(root / "out")[KEY].to_pylist()
+    assert len(keys) == len(set(keys)) == 320
+
+
+def test_a_teacher_whose_features_the_log_lacks_is_refused_by_name(ray_local, tmp_path, tiny, teacher) -> None:
+    import dataclasses
+
+    import ray
+
+    from recserve.teacher import score_logs
+    from serving.example_log import ExampleLog, ExampleLogConfig
+
+    log = ExampleLog(ExampleLogConfig(rate=1.0, log_dir=str(tmp_path / "log")), model="s", version="1",
+                     features=tiny.features[:2])  # a student that serves two of the teacher's features
+    b = TrafficGenerator(tiny, seed=5).batch(8)
+    log.submit("r", dataclasses.replace(b, sparse={f: b.sparse[f] for f in tiny.features[:2]}), np.zeros(8))
+    log.close()
+    with pytest.raises((ValueError, ray.exceptions.RayError), match="recent_items"):
+        score_logs([str(tmp_path / "log")], str(teacher), str(tmp_path / "out"))
+
+
+def test_the_command_line_pipeline_labels_then_trains_a_student_that_exports(first_run, tmp_path, tiny) -> None:
+    from recserve.cli import main
+
+    root, _, _ = first_run
+    labels = tmp_path / "labels"
+    assert main(["synth", "labels", "--logs", str(root / "log-a"), "--out", str(labels), "--workload", "tiny"]) == 0
+    rows = pq.read_table(labels)
+    assert rows.num_rows == 320 and set(rows["label"].to_pylist()) <= {0.0, 1.0}
+    student = tmp_path / "student.pt"
+    assert main(["train", "--workload", "tiny", "--labels", str(labels), "--distill", str(root / "out"),
+                 "--adapter", "affine", "--aux-weight", "0.5", "--out", str(student)]) == 0
+    assert main(["export", "--workload", "tiny", "--state-dict", str(student), "--out", str(tmp_path / "pkg")]) == 0
+    assert main(["train", "--workload", "tiny", "--distill", str(root / "out"), "--out", str(student)]) == 2
