@@ -67,22 +67,15 @@ def _load_rows(weight_ptr, scale_bias_ptr, row_off, row_idx, d, rmask, mask, QUA
                EVICT: tl.constexpr):
     """Rows as fp32 [n, BLOCK_D]: row_off = element/byte offset of each row, row_idx = its
     global row (for scale/bias), d = the columns, rmask = [n] live rows, mask = [n, BLOCK_D].
-    scale_bias_ptr holds each row's fp32 scale and bias as one int64 (one 8-byte load per row)."""
-    # EVICT: rows are read once; "evict_first" keeps them from pushing ids/offsets out of L2
+    scale_bias_ptr holds each row's fp32 scale and bias as one int64 (one 8-byte load per row).
+    EVICT: the eviction policy of the row loads ("evict_first": rows are read once, so they do
+    not push ids/offsets out of L2; "": the default)."""
     if QUANT == 0:
-        if EVICT:
-            v = tl.load(weight_ptr + row_off[:, None] + d[None, :], mask=mask, other=0.0,
-                        eviction_policy="evict_first")
-        else:
-            v = tl.load(weight_ptr + row_off[:, None] + d[None, :], mask=mask, other=0.0)
-        v = v.to(tl.float32)
+        v = tl.load(weight_ptr + row_off[:, None] + d[None, :], mask=mask, other=0.0,
+                    eviction_policy=EVICT).to(tl.float32)
     else:
         if QUANT == 8:
-            if EVICT:
-                q = tl.load(weight_ptr + row_off[:, None] + d[None, :], mask=mask, other=0,
-                            eviction_policy="evict_first")
-            else:
-                q = tl.load(weight_ptr + row_off[:, None] + d[None, :], mask=mask, other=0)
+            q = tl.load(weight_ptr + row_off[:, None] + d[None, :], mask=mask, other=0, eviction_policy=EVICT)
         else:
             byte = tl.load(weight_ptr + row_off[:, None] + (d // 2)[None, :], mask=mask, other=0)
             q = (byte >> ((d % 2) * 4).to(tl.uint8)[None, :]) & 0xF
@@ -295,7 +288,8 @@ def launch(
     ids = group.table_ids
     contig = ids == tuple(range(ids[0], ids[0] + len(ids)))
     common = dict(QUANT=group.quant, MEAN=pooling == "mean", HAS_W=per_sample_weights is not None,
-                  ALIGN=group.align, CONTIG=contig, BLOCK_D=block_d, EVICT=cfg.get("EVICT", 0),
+                  ALIGN=group.align, CONTIG=contig, BLOCK_D=block_d,
+                  EVICT="evict_first" if cfg.get("EVICT", 0) else "",
                   num_warps=num_warps, num_stages=num_stages)
     grid_d = triton.cdiv(group.max_dim, block_d)
     n_prog = {"per_bag": n_bags, "split_bag": n_bags * cfg.get("SPLITS", 1)}.get(
