@@ -109,6 +109,18 @@ def test_an_h200_finds_hopper_winners_among_the_committed_files():
     assert got.path is not None and Winners.load(got.path).meta["capability"] == [9, 0]
 
 
+def test_a_replica_logs_which_winners_file_it_uses_once_per_device(tmp_path, capsys):
+    from kernels.registry import _announce
+
+    _write(tmp_path, "NVIDIA H100 80GB HBM3", (9, 0))
+    source = select_winners_file("NVIDIA H200", (9, 0), tmp_path)
+    for _ in range(3):
+        _announce(torch.device("cuda", 7), "NVIDIA H200", source)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"kernels: cuda:7 (NVIDIA H200) uses winners {tmp_path / 'nvidia-h100-80gb-hbm3.json'}: "
+                     "no file of its own; NVIDIA H100 80GB HBM3 has the same compute capability sm_90"]
+
+
 def test_cpu_devices_have_no_winners_and_a_cpu_slug():
     assert Winners.for_device(torch.device("cpu")).entries == {}
     assert device_slug("cpu") == "cpu"
