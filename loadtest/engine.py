@@ -256,9 +256,7 @@ class _PlainTorch:
 
         graphs = GraphSet(device)
         graphs.capture("plain", step)
-        t = _timed(lambda: graphs.replay("plain"), seconds, device)
-        del graphs
-        return t
+        return _timed(lambda: graphs.replay("plain"), seconds, device)
 
 
 def _write(opts: EngineOptions, rows: list[EngineRow], pkg, lowp_diff: float | None, device: torch.device) -> None:
