@@ -172,6 +172,18 @@ def ensure_package(opts: BenchOptions, strategy: str, shards: int) -> Path:
     return out
 
 
+def monolith_package(opts: BenchOptions) -> Path:
+    """The package the monolith serves: the first sharded configuration's (the same weights;
+    the monolith loads every shard of any plan), so a full-size model is written once, not
+    twice (52 GB of fp16 dlrmv2 leaves no room for a second copy on a 64 GiB disk); with no
+    sharded configuration, a one-shard package."""
+    for config in opts.configs:
+        parsed = parse_config(config)
+        if parsed is not None:
+            return ensure_package(opts, *parsed)
+    return ensure_package(opts, "singular", 1)
+
+
 def read_plan(package: Path) -> ShardPlan:
     """The sharding plan of a package, read from its manifest (no torch needed)."""
     raw = json.loads((package / "manifest.json").read_text())
@@ -264,7 +276,7 @@ def run_bench(opts: BenchOptions) -> list[RunSummary]:
     for config in opts.configs:
         parsed = parse_config(config)
         if parsed is None:
-            package = ensure_package(opts, "singular", 1)
+            package = monolith_package(opts)
             print(f"[{config}] package {package}", flush=True)
             try:
                 with MonolithServer(package, log_dir=logs, device=opts.device) as target:

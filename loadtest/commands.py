@@ -96,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from loadtest.bench import BenchError, BenchOptions, default_configs, ensure_package, run_bench
+    from loadtest.bench import BenchError, BenchOptions, default_configs, monolith_package, run_bench
     from loadtest.engine import EngineError
     from loadtest.targets import TargetError
 
@@ -128,7 +128,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         if args.engine:
             from loadtest.engine import EngineOptions, run_engine
 
-            package = args.package or ensure_package(opts, "singular", 1)
+            package = args.package or monolith_package(opts)
             run_engine(EngineOptions(package=package, device=args.device, batch_sizes=args.batch_sizes,
                                      output_dtype=args.output_dtype, tower_dtype=args.tower_dtype,
                                      seconds=args.engine_seconds, seed=args.seed, out_dir=args.out))
