@@ -69,6 +69,8 @@ class EngineRow:
     plain_eps: float | None  # examples/s, plain torch in one graph
     lookup_ms: float  # the shards' device steps alone, per batch
     lookup_tbps: float  # rows read / lookup time, TB/s
+    tower_ms: float  # the tower's device step alone, per batch
+    tower_tflops: float  # its matrix products' FLOPs / tower time, TFLOP/s
     gpu_util: float | None  # mean utilisation during the engine runs, %
     paths: dict = field(default_factory=dict)  # shard -> lookup path of this bucket
 
@@ -198,22 +200,36 @@ def run_engine(opts: EngineOptions) -> list[EngineRow]:
         with _Utilisation(device) as util:
             t_engine = _timed(engine, opts.seconds, device)
         t_lookup = _timed(lookups, opts.seconds / 2, device)
+        tower_bucket = tower.stage(batch.dense, sparse_d)
+        t_tower = _timed(lambda: tower.run_staged(tower_bucket), opts.seconds / 2, device)
         t_io = _timed(host_io, opts.seconds, device)
         t_plain = plain.time(batch, requests, opts.seconds) if plain.why is None else None
         elem = pkg.manifest.dtype
         row_bytes = D * {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1 + 8 / D, "int4": 0.5 + 8 / D}[elem]
         row = EngineRow(batch=B, ids=N, engine_eps=B / t_engine, engine_io_eps=B / t_io,
                         plain_eps=B / t_plain if t_plain else None, lookup_ms=t_lookup * 1e3,
-                        lookup_tbps=N * row_bytes / t_lookup / 1e12, gpu_util=util.mean,
+                        lookup_tbps=N * row_bytes / t_lookup / 1e12, tower_ms=t_tower * 1e3,
+                        tower_tflops=B * _tower_flops(tower) / t_tower / 1e12, gpu_util=util.mean,
                         paths={k: shards[k]._path_for(b) for k, b in staged.items() if b is not None})
         rows.append(row)
         print(f"  B={B:>6} ids={N:>9,}: engine {row.engine_eps / 1e6:6.2f}M ex/s  engine+io "
               f"{row.engine_io_eps / 1e6:6.2f}M  plain torch "
               f"{(row.plain_eps or 0) / 1e6:6.2f}M  lookup {row.lookup_ms:.2f} ms ({row.lookup_tbps:.2f} TB/s)  "
+              f"tower {row.tower_ms:.2f} ms ({row.tower_tflops:.0f} TFLOP/s)  "
               f"util {row.gpu_util if row.gpu_util is not None else '-'}  scores finite {np.isfinite(scores).all()}",
               flush=True)
     _write(opts, rows, pkg, lowp_diff, lookup_diff, device)
     return rows
+
+
+def _tower_flops(tower) -> float:
+    """FLOPs per example of the tower's matrix products (2 x weight elements; the dot
+    interaction's Gram matrix; elementwise work left out)."""
+    flops = sum(2 * p.numel() for p in tower.parameters() if p.dim() == 2)
+    if tower.interaction == "dot":
+        F_, D, _ = tower.shape
+        flops += 2 * (F_ + 1) ** 2 * D
+    return float(flops)
 
 
 def _lookup_error(shard, request) -> float:
@@ -287,14 +303,15 @@ def _write(opts: EngineOptions, rows: list[EngineRow], pkg, lowp_diff: float | N
             f"{m.plan.num_shards} shard(s), output {opts.output_dtype}, tower {opts.tower_dtype}, {name}")
     lines = [head, "",
              "| batch | ids | engine (device) ex/s | engine + host I/O ex/s | plain torch ex/s | engine / plain "
-             "| lookup ms | lookup TB/s | GPU util % |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| lookup ms | lookup TB/s | tower ms | tower TFLOP/s | GPU util % |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = f"{r.engine_eps / r.plain_eps:.2f}x" if r.plain_eps else "-"
         util = f"{r.gpu_util:.0f}" if r.gpu_util is not None else "-"
         plain = f"{r.plain_eps / 1e6:.2f}M" if r.plain_eps else "n/a"
         lines.append(f"| {r.batch:,} | {r.ids:,} | {r.engine_eps / 1e6:.2f}M | {r.engine_io_eps / 1e6:.2f}M | {plain} "
-                     f"| {ratio} | {r.lookup_ms:.2f} | {r.lookup_tbps:.2f} | {util} |")
+                     f"| {ratio} | {r.lookup_ms:.2f} | {r.lookup_tbps:.2f} | {r.tower_ms:.2f} | {r.tower_tflops:.1f} "
+                     f"| {util} |")
     lines += ["", f"MLPerf Inference v5.0, H200, DLRMv2 server (TensorRT, int8, P99 <= 60 ms): "
                   f"~{MLPERF_H200_EXAMPLES_PER_S / 1e6:.1f}M examples/s per GPU.",
               f"Tower {opts.tower_dtype} vs float32 on the same pooled inputs (B={rows[0].batch}): "

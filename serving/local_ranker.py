@@ -8,9 +8,10 @@ tower in their own deployments.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from recserve.batch import Batch
 from recserve.package import ModelPackage
@@ -31,6 +32,7 @@ class LocalRanker:
     shards: dict[int, ShardCore]
     tower: TowerCore
     feature_filter: FeatureFilter = identity_filter
+    _device_index: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # shard -> [C] on the GPU
 
     @staticmethod
     def load(
@@ -55,12 +57,35 @@ class LocalRanker:
         )
 
     def score(self, batch: Batch) -> np.ndarray:
-        """Scores float32 [B] of a validated batch."""
+        """Scores float32 [B] of a validated batch.
+
+        On a GPU the pooled embeddings never leave it: each shard's lookup stays on the device
+        (no sync), they are assembled there, and the tower's scores are the one copy back; the
+        shards' id flags are read after it."""
         started = time.perf_counter()
         batch = self.feature_filter(batch)  # the fading hook: before the split
         requests = self.routing.split(batch)
-        outputs = {k: self.shards[k].lookup(r) for k, r in requests.items()}
-        sparse = self.routing.assemble(batch.batch_size, outputs)  # [B, F, D]
-        scores = self.tower.score(batch.dense, sparse)
+        if self.tower.device.type == "cuda":
+            pooled = {k: self.shards[k].lookup_device(r) for k, r in requests.items()}  # (pooled, flag)
+            sparse = self._assemble_on_device(batch.batch_size, {k: p for k, (p, _) in pooled.items()})
+            scores = self.tower.score(batch.dense, sparse)  # [B]; the one sync
+            for k, (_, flag) in pooled.items():
+                self.shards[k].check_ids(requests[k], flag)
+        else:
+            outputs = {k: self.shards[k].lookup(r) for k, r in requests.items()}
+            sparse = self.routing.assemble(batch.batch_size, outputs)  # [B, F, D]
+            scores = self.tower.score(batch.dense, sparse)
         observe_scores(self.feature_filter, batch, scores, time.perf_counter() - started)  # fading guardrails
         return scores
+
+    def _assemble_on_device(self, B: int, parts: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Routing.assemble on the tower's device: float32 [B, F, D] from shard outputs there."""
+        device = self.tower.device
+        sparse = torch.zeros(B, len(self.routing.features), self.routing.dim, device=device)  # [B, F, D]
+        for k, out in parts.items():
+            index = self._device_index.get(k)
+            if index is None:  # made once: a host-to-device copy per request would wait for the GPU
+                index = self._device_index[k] = torch.tensor(
+                    [c.feature_index for c in self.routing.columns[k]], device=device)
+            sparse.index_add_(1, index, out.view(B, -1, self.routing.dim).float())
+        return sparse

@@ -87,6 +87,7 @@ class ShardCore:
         self._row_start = np.array([c.row_start for c in self.columns], np.int64)  # [C]
         self._rows = np.array([c.row_end - c.row_start for c in self.columns], np.int64)  # [C]
         self._lock = threading.Lock()
+        self._h2d_done: torch.cuda.Event | None = None  # the last staging copies (pinned buffers reusable after)
         self.graphs: GraphSet | None = None
         self.buckets: tuple[Bucket, ...] = ()
         self.lookup_kernel = None
@@ -147,6 +148,7 @@ class ShardCore:
             self._ids_d, self._lengths_d, self._weights_d = dev(self._ids_h), dev(self._lengths_h), dev(self._weights_h)
             self._out_h = host(max_batch * self.output_dim, self.output_dtype)  # [B_max * C * D]
             self._flag_h = torch.zeros((), dtype=torch.bool, pin_memory=True)
+            self._h2d_done = torch.cuda.Event()
         else:  # CPU: the staging buffers are the inputs
             self._ids_d, self._lengths_d, self._weights_d = self._ids_h, self._lengths_h, self._weights_h
         self._ids_h.zero_()
@@ -237,6 +239,8 @@ class ShardCore:
         bucket = pick(self.buckets, B, N) if self.pad else None
         if bucket is None:
             return None
+        if self._h2d_done is not None:
+            self._h2d_done.synchronize()  # the previous request's copies out of the pinned buffers ran
         lengths = self._lengths_h[:C * bucket.batch].view(C, bucket.batch).numpy()  # [C, B_b]
         lengths[:, :B] = request.lengths
         lengths[:, B:] = 0  # padded bags are empty
@@ -248,6 +252,7 @@ class ShardCore:
             self._lengths_d[:C * bucket.batch].copy_(self._lengths_h[:C * bucket.batch], non_blocking=True)
             if request.weights is not None:
                 self._weights_d[:N].copy_(self._weights_h[:N], non_blocking=True)
+            self._h2d_done.record()
         return bucket
 
     def run_staged(self, bucket: Bucket, *, weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,31 +264,56 @@ class ShardCore:
 
     # ------------------------------------------------------------------ request path
 
-    def lookup(self, request: ShardRequest) -> np.ndarray:
-        """Pooled embeddings [B, C * D] in the output dtype (columns in shard order)."""
-        B, C = request.batch_size, len(self.columns)
-        lengths = request.lengths
+    def _check_lengths(self, request: ShardRequest) -> None:
+        C, lengths = len(self.columns), request.lengths
         if lengths.shape[0] != C or int(lengths.sum()) != request.num_ids or (lengths < 0).any():
             raise KernelInputError(f"shard {self.index}: lengths must be [C={C}, B] non-negative and sum to "
                                    f"len(values)={request.num_ids}, got {tuple(lengths.shape)} summing to "
                                    f"{int(lengths.sum())}")
+
+    def _run(self, request: ShardRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled [>= B, C * D], flag) on the device; call with the lock held."""
+        bucket = self.stage(request)
+        if bucket is not None:
+            return self.run_staged(bucket, weighted=request.weights is not None)
+        on = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        lengths = on(request.lengths.reshape(-1).astype(np.int32, copy=False))
+        weights = None if request.weights is None else on(request.weights)
+        path = self._path_for(Bucket(request.batch_size, request.num_ids))
+        return self._compute(on(request.values.astype(np.int64, copy=False)), lengths, weights,
+                             request.batch_size, path)
+
+    def lookup(self, request: ShardRequest) -> np.ndarray:
+        """Pooled embeddings [B, C * D] in the output dtype (columns in shard order)."""
+        B = request.batch_size
+        self._check_lengths(request)
         if self.lookup_kernel is None or request.num_ids == 0:
             return to_numpy(torch.zeros(B, self.output_dim, dtype=self.output_dtype))
         with self._lock:
-            bucket = self.stage(request)
-            if bucket is not None:
-                pooled, flag = self.run_staged(bucket, weighted=request.weights is not None)
-            else:
-                on = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-                lengths = on(request.lengths.reshape(-1).astype(np.int32, copy=False))
-                weights = None if request.weights is None else on(request.weights)
-                path = self._path_for(Bucket(B, request.num_ids))
-                pooled, flag = self._compute(on(request.values.astype(np.int64, copy=False)), lengths, weights,
-                                             B, path)
+            pooled, flag = self._run(request)
             out, bad = self._fetch(pooled, flag, B)
         if bad:
             self._raise_bad_id(request)
         return out
+
+    def lookup_device(self, request: ShardRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled embeddings [B, C * D] in the output dtype, left on the device, and the
+        bad-id flag (a device bool), without any sync: for a caller that keeps the pooled
+        embeddings on the GPU (the monolith) and syncs once at its end, then calls
+        :meth:`check_ids`."""
+        B = request.batch_size
+        self._check_lengths(request)
+        if self.lookup_kernel is None or request.num_ids == 0:
+            return (torch.zeros(B, self.output_dim, dtype=self.output_dtype, device=self.device),
+                    torch.zeros((), dtype=torch.bool, device=self.device))
+        with self._lock:
+            pooled, flag = self._run(request)
+            return pooled[:B].clone(), flag.clone()  # the graph's buffers are reused by the next call
+
+    def check_ids(self, request: ShardRequest, flag: torch.Tensor) -> None:
+        """Raise :class:`IndexOutOfRangeError` if :meth:`lookup_device` flagged a bad id."""
+        if bool(flag):
+            self._raise_bad_id(request)
 
     def _fetch(self, pooled: torch.Tensor, flag: torch.Tensor, B: int) -> tuple[np.ndarray, bool]:
         """pooled[:B] and the flag to the host (one stream sync on a GPU)."""

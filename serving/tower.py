@@ -101,6 +101,7 @@ class TowerCore(torch.nn.Module):
         self.eval()
         self.shape = (len(w.features), w.embedding_dim, w.dense_features)  # num_sparse, D, dense width
         self._lock = threading.Lock()
+        self._h2d_done: torch.cuda.Event | None = None  # the last staging copies (pinned buffers reusable after)
         use_graphs = self.device.type == "cuda" if graphs is None else graphs
         if use_graphs and self.device.type != "cuda":
             raise ValueError("graphs=True needs a CUDA device")
@@ -126,6 +127,7 @@ class TowerCore(torch.nn.Module):
         self._sparse_d = torch.zeros(max_batch, num_sparse, D, dtype=self.dtype, device=self.device)  # [B_max, F, D]
         if pin:
             self._scores_h = torch.zeros(max_batch, pin_memory=True)  # [B_max] fp32
+            self._h2d_done = torch.cuda.Event()
 
     def warmup(self) -> None:
         """Kernels chosen and compiled, and (CUDA) every bucket's graph captured, now."""
@@ -168,6 +170,8 @@ class TowerCore(torch.nn.Module):
         if bucket is None:
             return None
         sparse = to_torch(sparse)
+        if self._h2d_done is not None:
+            self._h2d_done.synchronize()  # the previous batch's copies out of the pinned buffers ran
         self._dense_h[:B] = torch.as_tensor(dense)
         if sparse.device.type == "cpu" and self.device.type == "cuda":
             pinned = self._sparse_h.get(sparse.dtype)
@@ -179,6 +183,7 @@ class TowerCore(torch.nn.Module):
         self._sparse_d[:B].copy_(sparse, non_blocking=True)  # converts to the compute dtype
         if self._dense_d is not self._dense_h:
             self._dense_d[:B].copy_(self._dense_h[:B], non_blocking=True)
+            self._h2d_done.record()
         return bucket
 
     def run_staged(self, bucket: Bucket) -> torch.Tensor:

@@ -78,3 +78,19 @@ def test_lengths_that_do_not_match_the_ids_are_rejected(tiny, package):
     good = _requests(tiny, package, (3,))[0]
     with pytest.raises(ValueError, match="lengths"):
         core.lookup(ShardRequest(lengths=good.lengths, values=good.values[:-1]))
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_a_lookup_left_on_the_device_equals_the_host_lookup_and_flags_bad_ids(tiny, package, pad):
+    core = ShardCore(package, 0, pad=pad, max_batch_size=8)
+    for r in _requests(tiny, package, (3, 8, 13)):
+        pooled, flag = core.lookup_device(r)
+        np.testing.assert_array_equal(pooled.numpy(), core.lookup(r))
+        core.check_ids(r, flag)  # no bad id: no error
+    good = _requests(tiny, package, (2,))[0]
+    values = good.values.copy()
+    values[-1] = -5
+    bad = ShardRequest(lengths=good.lengths, values=values)
+    _, flag = core.lookup_device(bad)
+    with pytest.raises(IndexOutOfRangeError):
+        core.check_ids(bad, flag)
