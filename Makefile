@@ -17,7 +17,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -c "import torch, torchrec, ray, grpc, triton; print('recserve env ok: torch', torch.__version__, 'torchrec', torchrec.__version__, 'ray', ray.__version__)"
 	@touch $(STAMP)
 
+# Serving never trains: the default package is built first (trained and exported, ~30 s, once).
 serve: setup
+	$(VENV)/bin/recserve default-package
 	$(VENV)/bin/recserve serve
 
 test: setup

@@ -92,13 +92,13 @@ def main() -> int:
     from serving.client import RankingClient
     from serving.commands import GRPC_SERVICERS
     from serving.config import AppArgs
-    from serving.default_model import ensure_default_package
+    from recserve.default_package import build_default_package
     from serving.monolith import MonolithThread
 
     tmp = Path(tempfile.mkdtemp(prefix="recserve-bench-"))
     packages = {}
     for name in args.workloads.split(","):
-        packages[name] = tiny_package(tmp) if name == "tiny" else ensure_default_package()
+        packages[name] = tiny_package(tmp) if name == "tiny" else build_default_package()
 
     rows = []
     traces = {}

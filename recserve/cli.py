@@ -13,7 +13,7 @@ import sys
 
 # module:function pairs; each adds one or more subcommands
 COMMAND_MODULES = (
-    "recserve.commands:register",  # train, export, inspect
+    "recserve.commands:register",  # train, export, default-package, inspect
     "recserve.planning:register",  # plan
     "recserve.distill_commands:register",  # teacher score, synth labels
     "serving.commands:register",  # serve

@@ -14,6 +14,6 @@ Servers and tools:
   deployments.py    Ray Serve: Router (gRPC ingress), Shard (one deployment per shard), DenseTower
   app.py, config.py build_app(AppArgs) -> Application, named by deploy/serve.yaml
   client.py         RankingClient
-  commands.py       `recserve serve`; default_model.py: the default model, trained on first use
+  commands.py       `recserve serve`; default_model.py: which package 'default' names (never trains)
 See serving/README.md.
 """

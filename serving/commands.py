@@ -74,8 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve a model package over gRPC on a local Ray Serve instance",
         description="Check the ports, start local Ray (127.0.0.1), deploy the sharded app "
         "(router, one deployment per shard, dense tower) and serve until Ctrl-C or SIGTERM. "
-        "With no PACKAGE the default model (criteo-kaggle, tables capped at 100k rows) is trained "
-        "and exported into artifacts/default on first run. Ray's gRPC proxy listens on all interfaces.",
+        "With no PACKAGE it serves the default model (criteo-kaggle, tables capped at 100k rows) from "
+        "artifacts/default, which `recserve default-package` builds (serving never trains). "
+        "Ray's gRPC proxy listens on all interfaces.",
     )
     p.add_argument("package", nargs="?", default="default", help="model package directory (default: the default model)")
     p.add_argument("--port", type=int, default=9000,

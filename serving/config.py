@@ -42,7 +42,7 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     package: str = Field("default", description="model package directory, or 'default' for artifacts/default "
-                                                "(trained and exported on first use)")
+                                                "(built by `recserve default-package`)")
     transport: Transport = Field(DEFAULT_TRANSPORT, description="handle transport between deployments")
     max_batch_size: int = Field(4096, gt=0, description="largest batch (examples) one request may carry")
     default_timeout_s: float = Field(10.0, gt=0, description="deadline for requests that carry none, seconds")

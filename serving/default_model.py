@@ -1,56 +1,22 @@
-"""The default model: criteo-kaggle with every table capped at 100,000 rows, trained on
-synthetic clicks (~15 s, held-out AUC ~0.86) and exported on first use into
-``artifacts/default`` (gitignored); reused after."""
+"""Which package ``default`` names when serving: ``artifacts/default``, built by
+``recserve default-package`` (see :mod:`recserve.default_package`). Serving never trains:
+a missing default package is a PackageError that names the command that makes it."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-MAX_ROWS = 100_000
-STRATEGY, NUM_SHARDS = "load", 2  # deploy/serve.yaml names shard-0 and shard-1
+from recserve.default_package import artifacts_dir, default_package_dir, is_built, missing_message
+from recserve.package import PackageError
 
-
-def artifacts_dir() -> Path:
-    return Path(os.environ.get("RECSERVE_ARTIFACTS", ROOT / "artifacts"))
-
-
-def default_package_dir() -> Path:
-    return artifacts_dir() / "default"
-
-
-def ensure_default_package(*, progress: bool = True) -> Path:
-    """The default package's directory, training and exporting it first if it is missing."""
-    out = default_package_dir()
-    if (out / "manifest.json").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / ".default.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer even if several processes start at once
-        if (out / "manifest.json").is_file():
-            return out
-        from recserve.export import export_package
-        from recserve.planning import plan_workload
-        from recserve.train import train
-        from recserve.workloads import load_workload
-
-        workload = load_workload("criteo-kaggle").with_max_rows(MAX_ROWS)
-        state = out.parent / "default-state.pt"
-        print(f"recserve: training the default model ({workload.name}, tables capped at {MAX_ROWS:,} rows) "
-              f"into {out} (first run only)", flush=True)
-        result = train(workload, state, progress=progress)
-        print(f"recserve: trained in {result.seconds:.1f}s, held-out AUC {result.auc:.3f} "
-              f"(ground truth {result.oracle_auc:.3f})", flush=True)
-        plan = plan_workload(workload, strategy=STRATEGY, num_shards=NUM_SHARDS)
-        export_package(workload, state, out, plan=plan, progress=progress)
-        state.unlink(missing_ok=True)
-    return out
+__all__ = ["artifacts_dir", "default_package_dir", "resolve_package"]
 
 
 def resolve_package(package: str | os.PathLike) -> Path:
-    """'default' -> the default package (prepared if needed); a path -> that path, absolute."""
+    """'default' -> the default package (which must be built); a path -> that path, absolute."""
     if str(package) == "default":
-        return ensure_default_package().resolve()
+        if not is_built():
+            raise PackageError(missing_message())
+        return default_package_dir().resolve()
     return Path(package).expanduser().resolve()
