@@ -25,15 +25,16 @@ def build_app(args: AppArgs) -> Application:
         args = AppArgs(**args)
     path = resolve_package(args.package)
     manifest = ModelPackage.open(path).manifest
-    device = args.resolved_device()
-    args = args.model_copy(update={"package": str(path)})  # replicas get the resolved path, never "default"
+    # replicas get the resolved path and device, never "default" or "auto"
+    args = args.model_copy(update={"package": str(path), "device": args.resolved_device()})
     actor = {"num_cpus": 0, "runtime_env": {"env_vars": transport_env()}}
     shards = [
-        Shard.options(name=shard_name(sh.index), user_config=args.shard_batching.model_dump(),
-                      ray_actor_options=actor).bind(str(path), sh.index, device, args.wire_dtype)
+        Shard.options(name=shard_name(sh.index), num_replicas=args.shard_replicas,
+                      user_config=args.shard_batching.model_dump(), ray_actor_options=actor).bind(
+            str(path), sh.index, args)
         for sh in manifest.plan.shards
     ]
-    tower = DenseTower.options(user_config=args.tower_batching.model_dump(), ray_actor_options=actor).bind(
-        str(path), device, shards if args.fanout == "tower" else [], args.transport)
+    tower = DenseTower.options(num_replicas=args.tower_replicas, user_config=args.tower_batching.model_dump(),
+                               ray_actor_options=actor).bind(str(path), shards if args.fanout == "tower" else [], args)
     return Router.options(num_replicas=args.router_replicas, ray_actor_options=actor).bind(
         str(path), shards, tower, args)

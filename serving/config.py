@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # grpc, by 1.16-1.61x on p50 latency and 1.25-3.8x on throughput, on tiny and criteo-kaggle.
 Transport = Literal["reference", "grpc"]
 WireDtype = Literal["float32", "float16"]
+TowerDtype = Literal["float32", "float16", "bfloat16"]
 # Who calls the shards (where the pooled embeddings flow; never through the router's pickling path):
 # "tower": the router sends the split ids to the dense tower, which calls the shards (Lui et al.'s
 #          main shard); "router": the router calls the shards and hands their responses to the tower
@@ -69,6 +70,12 @@ class AppArgs(BaseModel):
                                "halves the bytes between processes (the tower accumulates in float32)")
     router_replicas: int = Field(1, ge=1, description="replicas of the Router (the gRPC ingress); the proxy "
                                                       "spreads requests over them")
+    shard_replicas: int = Field(1, ge=1, description="replicas of every shard deployment at start "
+                                                     "(recserve scale changes one shard's later)")
+    tower_replicas: int = Field(1, ge=1, description="replicas of the DenseTower at start")
+    tower_dtype: TowerDtype = Field(
+        "float32", description="compute dtype of the dense tower: float16/bfloat16 stay within "
+                               "serving.tower.LOWP_SCORE_BOUND of float32 scores (tested)")
     shard_batching: BatchingConfig = BatchingConfig()
     tower_batching: BatchingConfig = BatchingConfig()
 

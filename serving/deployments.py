@@ -99,10 +99,10 @@ def transport_env() -> dict[str, str]:
 class Shard:
     """Shard K of the package: loads only shards/shard-K.safetensors."""
 
-    def __init__(self, package: str, index: int, device: str = "cpu", wire_dtype: str = "float32"):
+    def __init__(self, package: str, index: int, args: AppArgs):
         self.name = shard_name(index)
-        self.core = ShardCore(ModelPackage.open(package), index, device=device,
-                              output_dtype=getattr(torch, wire_dtype))
+        self.core = ShardCore(ModelPackage.open(package), index, device=args.resolved_device(),
+                              output_dtype=args.wire_dtype, max_batch_size=args.max_batch_size)
         self._batcher = _Batcher(self._batched, self.core.lookup)
         # Serve tags every metric with its deployment (shard-K), replica and application
         self._batch = Histogram("recserve_shard_batch_examples", description="examples per batched lookup",
@@ -148,13 +148,14 @@ class _TowerItem:
 class DenseTower:
     """Assembles shard outputs into [B, F, D] and runs the dense model."""
 
-    def __init__(self, package: str, device: str = "cpu", shards: list[DeploymentHandle] = (),
-                 transport: str = "reference"):
+    def __init__(self, package: str, shards: list[DeploymentHandle], args: AppArgs):
         pkg = ModelPackage.open(package)
         self.routing = Routing(pkg.manifest)
-        self.core = TowerCore.from_package(pkg, device=device)
+        self.core = TowerCore.from_package(pkg, device=args.resolved_device(), dtype=args.tower_dtype,
+                                           input_dtype=args.wire_dtype, max_batch_size=args.max_batch_size)
         # fanout "tower": this deployment calls the shards itself (the router sends it the ids)
-        self.shards = [h.options(method_name="lookup", _by_reference=transport == "reference") for h in shards]
+        by_reference = args.transport == "reference"
+        self.shards = [h.options(method_name="lookup", _by_reference=by_reference) for h in shards]
         self._batcher = _Batcher(self._batched, lambda item: self._score_many([item])[0])
         self._batch = Histogram("recserve_tower_batch_examples", description="examples per batched tower call",
                                 boundaries=_SIZES)
