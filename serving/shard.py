@@ -214,8 +214,11 @@ class ShardCore:
         if path == "fused":
             table, row_base = self._fused
             psw = None if weights is None else weights.to(table.dtype)
-            bags = F.embedding_bag(local + row_base[col], table, offsets, mode="sum", per_sample_weights=psw,
-                                   include_last_offset=True)  # [C*B, D] column-major bags
+            # CUDA's embedding_bag ends the last bag at len(input), not at the last offset: one
+            # extra bag [offsets[-1], N) takes the stale ids past the last offset; it is dropped
+            ends = torch.cat((offsets, offsets.new_full((1,), N)))  # [C*B + 2]
+            bags = F.embedding_bag(local + row_base[col], table, ends, mode="sum", per_sample_weights=psw,
+                                   include_last_offset=True)[:C * B]  # [C*B, D] column-major bags
             D = table.shape[1]
             pooled = torch.empty(B, C, D, dtype=self.output_dtype, device=ids.device)  # [B, C, D]
             pooled.copy_(bags.view(C, B, D).transpose(0, 1))

@@ -94,3 +94,18 @@ def test_a_lookup_left_on_the_device_equals_the_host_lookup_and_flags_bad_ids(ti
     _, flag = core.lookup_device(bad)
     with pytest.raises(IndexOutOfRangeError):
         core.check_ids(bad, flag)
+
+
+def test_stale_ids_past_the_last_offset_never_reach_the_last_bag(tiny, package):
+    """CUDA's embedding_bag ends the last bag at len(input): the fused path must not let the
+    padding ids of a bucket land there (the last column's last bag is empty here)."""
+    core = ShardCore(package, 0, pad=True, max_batch_size=8, lookup_path="fused")
+    r = _requests(tiny, package, (8,))[0]
+    lengths = r.lengths.copy()
+    keep = int(lengths.sum()) - int(lengths[-1].sum())
+    lengths[-1] = 0  # the last column has no ids at all
+    req = ShardRequest(lengths=lengths, values=r.values[:keep])
+    core.lookup(r)  # fill the staging buffer with more ids than the next request has
+    out = core.lookup(req)
+    assert not out[:, -core.columns[-1].dim:].any()
+    np.testing.assert_allclose(out, ShardCore(package, 0, lookup_path="kernel").lookup(req), rtol=1e-6, atol=1e-6)
