@@ -341,24 +341,13 @@ def write_package(
 
 
 def export_package(
-    workload: WorkloadConfig,
-    state_dict_path: str | Path,
-    out: str | Path,
-    *,
-    plan: ShardPlan,
-    name: str | None = None,
-    version: str | None = None,
-    dropped_features: tuple[str, ...] = (),
-    overwrite: bool = False,
-    progress: bool = True,
-    threads: int | None = None,
+    workload: WorkloadConfig, state_dict_path: str | Path, out: str | Path, *, plan: ShardPlan, **options
 ) -> ExportResult:
-    """Write the package for ``workload`` from a torchrec state dict, sharded by ``plan``."""
+    """Write the package for ``workload`` from a torchrec state dict, sharded by ``plan``;
+    ``options`` are :func:`write_package`'s (name, version, dropped_features, overwrite,
+    progress, threads)."""
     sd = torch.load(state_dict_path, mmap=True, weights_only=True, map_location="cpu")
     _check_state_dict(workload, sd)
     weights = {k[len(EMBEDDING_PREFIX) : -len(".weight")]: v for k, v in sd.items() if k.startswith(EMBEDDING_PREFIX)}
     dense = {k: v for k, v in sd.items() if not k.startswith(EMBEDDING_PREFIX)}
-    return write_package(
-        workload, out, plan=plan, dense=dense, source=_StateDictRows(weights), name=name, version=version,
-        dropped_features=dropped_features, overwrite=overwrite, progress=progress, threads=threads,
-    )  # fmt: skip
+    return write_package(workload, out, plan=plan, dense=dense, source=_StateDictRows(weights), **options)

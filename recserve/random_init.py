@@ -110,23 +110,11 @@ def random_dense(workload: WorkloadConfig, seed: int) -> dict[str, torch.Tensor]
 
 
 def export_random_package(
-    workload: WorkloadConfig,
-    out: str | Path,
-    *,
-    plan: ShardPlan,
-    seed: int = 0,
-    gen_device: str = "cpu",
-    name: str | None = None,
-    version: str | None = None,
-    dropped_features: tuple[str, ...] = (),
-    overwrite: bool = False,
-    progress: bool = True,
-    threads: int | None = None,
+    workload: WorkloadConfig, out: str | Path, *, plan: ShardPlan, seed: int = 0, gen_device: str = "cpu", **options
 ) -> ExportResult:
-    """Write a package of ``workload`` with seeded random weights, sharded by ``plan``.
-    The model is named ``<workload>-random`` unless ``name`` says otherwise."""
-    return write_package(
-        workload, out, plan=plan, dense=random_dense(workload, seed), source=RandomRows(workload, seed, gen_device),
-        name=name or f"{workload.name}-random", version=version, dropped_features=dropped_features,
-        overwrite=overwrite, progress=progress, threads=threads,
-    )  # fmt: skip
+    """Write a package of ``workload`` with seeded random weights, sharded by ``plan``;
+    ``options`` are :func:`recserve.export.write_package`'s. The model is named
+    ``<workload>-random`` unless ``options`` name it."""
+    options["name"] = options.get("name") or f"{workload.name}-random"
+    return write_package(workload, out, plan=plan, dense=random_dense(workload, seed),
+                         source=RandomRows(workload, seed, gen_device), **options)
