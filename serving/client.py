@@ -25,13 +25,14 @@ from serving.codec import encode_request
 
 
 class RankingClient:
-    def __init__(self, address: str, *, application: str | None = None):
-        """``address`` is host:port; ``application`` picks a Serve app when several are deployed."""
+    def __init__(self, address: str, *, application: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        """``address`` is host:port; ``application`` picks a Serve app when several are deployed;
+        ``credentials`` (``grpc.ssl_channel_credentials(...)``) for a TLS front (serving/tls_front.py)."""
         self.address = address
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)],
-        )
+        options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+        self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials is not None
+                        else grpc.insecure_channel(address, options=options))
         self.stub = ranker_pb2_grpc.RankerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self._metadata = (("application", application),) if application else ()
