@@ -10,7 +10,7 @@ from __future__ import annotations
 from ray.serve import Application
 
 from recserve.package import ModelPackage
-from serving.config import AppArgs
+from serving.config import AppArgs, replica_num_cpus
 from serving.default_model import resolve_package
 from serving.deployments import DenseTower, Router, Shard, shard_name, transport_env
 
@@ -27,7 +27,7 @@ def build_app(args: AppArgs) -> Application:
     manifest = ModelPackage.open(path).manifest
     # replicas get the resolved path and device, never "default" or "auto"
     args = args.model_copy(update={"package": str(path), "device": args.resolved_device()})
-    actor = {"num_cpus": 0, "runtime_env": {"env_vars": transport_env()}}
+    actor = {"num_cpus": replica_num_cpus(), "runtime_env": {"env_vars": transport_env()}}  # fits this machine
     shards = [
         Shard.options(name=shard_name(sh.index), num_replicas=args.shard_replicas,
                       user_config=args.shard_batching.model_dump(), ray_actor_options=actor).bind(

@@ -91,6 +91,35 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
     p.set_defaults(handler=run_serve)
 
+    sc = sub.add_parser(
+        "scale",
+        help="set the replica count of one deployment of a running `recserve serve`",
+        description="Set the replica count of one deployment (shard-K, DenseTower or Router) of the "
+        "stack a running `recserve serve` started, through the Ray dashboard's Serve API; only that "
+        "deployment changes (the others keep their replica processes). Waits until the new count runs.",
+    )
+    sc.add_argument("deployment", help="deployment name: shard-K, DenseTower or Router")
+    sc.add_argument("replicas", type=int, help="replica count (>= 1)")
+    sc.add_argument("--dashboard", default=None, metavar="URL",
+                    help="the Ray dashboard of the stack (default: the one the running `recserve serve` printed)")
+    sc.add_argument("--app", default=APP_NAME, help=f"Serve application (default {APP_NAME})")
+    sc.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the replicas (default 300)")
+    sc.set_defaults(handler=run_scale)
+
+    tf = sub.add_parser(
+        "tls-front",
+        help="a TLS front for the gRPC port, for when it must face a network",
+        description="Forward gRPC calls arriving over TLS on --listen to the plain port on loopback "
+        "(serving/tls_front.py); with --client-ca, callers must present a certificate it signed.",
+    )
+    tf.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve TLS on, e.g. 0.0.0.0:9443")
+    tf.add_argument("--upstream", default="127.0.0.1:9000", metavar="HOST:PORT",
+                    help="the plain gRPC port (default 127.0.0.1:9000)")
+    tf.add_argument("--cert", required=True, help="server certificate chain (PEM)")
+    tf.add_argument("--key", required=True, help="server private key (PEM)")
+    tf.add_argument("--client-ca", default=None, help="CA (PEM) that signs client certificates: mutual TLS")
+    tf.set_defaults(handler=lambda args: __import__("serving.tls_front", fromlist=["run"]).run(args))
+
 
 def run_serve(args: argparse.Namespace) -> int:
     """Check the settings and the ports, prepare the package, then serve it until a signal:
@@ -146,12 +175,16 @@ def _serve_monolith(app_args, manifest, ports) -> int:
 
 
 def _serve_on_ray(app_args, manifest, ports) -> int:
-    """Local Ray + Serve, the app deployed, served until SIGINT/SIGTERM; then Serve and Ray
-    shut down."""
+    """Local Ray + Serve, the app deployed (progress while replicas start), served until
+    SIGINT/SIGTERM; then Serve and Ray shut down."""
     import os
     import signal
     import threading
 
+    from serving.loopback import HOOK, ray_on_loopback
+    from serving.ports import free_port
+
+    ray_on_loopback()  # before Ray starts: its node address and servers on 127.0.0.1
     import ray
     from ray import serve
 
@@ -165,15 +198,38 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
     for line in ports.describe():
         print(f"recserve: {line}", flush=True)
     print("recserve: starting Ray (127.0.0.1) ...", flush=True)
-    context = ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True,
-                       dashboard_host="127.0.0.1", dashboard_port=ports.ray_dashboard_port,
-                       configure_logging=False, log_to_driver=False)
-    print(f"recserve: {ports.describe_dashboard(context.dashboard_url)}", flush=True)
+    # the hook binds Serve's gRPC proxy and the replicas' gRPC servers to 127.0.0.1 (Ray 2.60
+    # binds them on every interface; serving/loopback.py)
+    for attempt in (1, 2):
+        try:
+            # a retry takes a fresh dashboard port: the first try's dashboard may still hold its own
+            dashboard_port = ports.ray_dashboard_port if attempt == 1 else free_port()
+            context = ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True,
+                               dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+                               configure_logging=False, log_to_driver=False,
+                               runtime_env={"worker_process_setup_hook": HOOK})
+            break
+        except Exception as e:  # Ray waits a fixed 30 s for its raylet: a busy machine can miss it
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
+            print("recserve: Ray's node did not register within Ray's fixed 30 s (busy machine?); "
+                  "starting it once more ...", flush=True)
+    dashboard = f"http://{context.dashboard_url}"
+    print(f"recserve: {ports.describe_dashboard(context.dashboard_url)}; token: ~/.ray/auth_token "
+          f"(README: Dashboard)", flush=True)
     stop = threading.Event()
+    serving = threading.Event()
+
+    def on_signal(*_) -> None:
+        stop.set()
+        if not serving.is_set():  # starting: interrupt whatever waits (serve.start, the deploy)
+            raise KeyboardInterrupt
+
     # Installed once, after ray.init: Ray's driver replaces SIGTERM with a handler of its own
     # that exits the process. Until here, Ctrl-C interrupts the start-up (KeyboardInterrupt).
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": ports.http},
@@ -182,18 +238,149 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
         print(f"recserve: deploying {manifest.name} {manifest.version} from {app_args.package} "
               f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "
               f"transport {app_args.transport}) ...", flush=True)
-        serve.run(build_app(app_args), name=APP_NAME, blocking=False)
-        print(f"recserve: serving {SERVICE_NAME} on 0.0.0.0:{ports.grpc} (gRPC; Ray's proxy binds all "
-              f"interfaces; connect to 127.0.0.1:{ports.grpc}). Ctrl-C to stop.", flush=True)
-        print(f'recserve: try  python -c "from serving.client import RankingClient; '
-              f"print(RankingClient('127.0.0.1:{ports.grpc}').model_info())\"", flush=True)
+        if not _deploy_with_progress(build_app(app_args), stop):
+            return 1
+        node = next(n for n in ray.nodes() if n["Alive"])
+        write_state(dashboard=dashboard, grpc_port=ports.grpc, ray_address=context.address_info["gcs_address"],
+                    metrics=f"127.0.0.1:{node['MetricsExportPort']}", session_dir=context.address_info["session_dir"])
+        print(f"recserve: serving {SERVICE_NAME} on 127.0.0.1:{ports.grpc} (gRPC; README: Network exposure). "
+              f"Ctrl-C to stop.", flush=True)
+        print(f"recserve: try  {client_command(ports.grpc)}", flush=True)
+        print(f"recserve: scale a deployment:  {_recserve()} scale shard-0 2", flush=True)
+        serving.set()
         while not stop.wait(0.5):
             pass
         print("recserve: shutting down ...", flush=True)
+    except KeyboardInterrupt:
+        print("recserve: interrupted while starting; shutting down ...", flush=True)
     finally:
+        clear_state()
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
     print("recserve: stopped", flush=True)
+    return 0
+
+
+def _deploy_with_progress(app, stop, *, every_s: float = 2.0) -> bool:
+    """``serve.run`` in a thread; meanwhile, each change of the replicas' states is printed
+    (which deployments are up). False if the deploy failed or a stop signal came first."""
+    import threading
+
+    from ray import serve
+    from ray.serve.schema import LoggingConfig
+
+    failed: list[BaseException] = []
+
+    def deploy() -> None:
+        try:
+            # external_scaler_enabled: `recserve scale` sets one deployment's replica count
+            # through the dashboard's REST API; the others are left as they are.
+            # No access log: one line per request is noise on a terminal (errors still log).
+            serve.run(app, name=APP_NAME, blocking=False, external_scaler_enabled=True,
+                      logging_config=LoggingConfig(enable_access_log=False))
+        except BaseException as e:  # noqa: BLE001  reported below
+            failed.append(e)
+
+    worker = threading.Thread(target=deploy, name="recserve-deploy", daemon=True)
+    worker.start()
+    last = None
+    while worker.is_alive() and not stop.is_set():
+        worker.join(every_s)
+        line = describe_replicas()
+        if line and line != last:
+            print(f"recserve: replicas  {line}", flush=True)
+            last = line
+    if failed:
+        print(f"recserve: deploy failed: {failed[0]}", flush=True)
+        return False
+    return not stop.is_set()
+
+
+def describe_replicas(app: str = APP_NAME) -> str:
+    """'shard-0 1/1 up, shard-1 0/1 up (STARTING 1), ...' from serve.status()."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return ""
+    parts = []
+    for name, d in status.deployments.items():
+        states = {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()}
+        running = states.pop("RUNNING", 0)
+        others = ", ".join(f"{k} {v}" for k, v in sorted(states.items()) if v)
+        parts.append(f"{name} {running}/{running + sum(states.values())} up" + (f" ({others})" if others else ""))
+    return "; ".join(parts)
+
+
+def _python() -> str:
+    """This interpreter as a user would type it: relative to the working directory if inside it."""
+    import os
+    import sys
+
+    rel = os.path.relpath(sys.executable)
+    return rel if not rel.startswith("..") else sys.executable
+
+
+def _recserve() -> str:
+    return f"{_python()} -m recserve.cli"
+
+
+def client_command(port: int) -> str:
+    """A shell command that asks the server on ``port`` which model it serves (works as printed:
+    this interpreter has grpcio; the repository root is the working directory)."""
+    return (f'{_python()} -c "from serving.client import RankingClient; '
+            f"print(RankingClient('127.0.0.1:{port}').model_info())\"")
+
+
+def state_path():
+    """Where a running ``recserve serve`` leaves its addresses for ``recserve scale``."""
+    from serving.default_model import artifacts_dir
+
+    return artifacts_dir() / "serving.json"
+
+
+def write_state(**state) -> None:
+    import json
+    import os
+
+    path = state_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**state, "pid": os.getpid()}, indent=1) + "\n")
+
+
+def clear_state() -> None:
+    import json
+    import os
+
+    path = state_path()
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def run_scale(args: argparse.Namespace) -> int:
+    """POST the new replica count to the dashboard's Serve API, then wait until it runs."""
+    import json
+    import sys
+
+    from serving.scaling import ScaleError, scale_deployment
+
+    dashboard = args.dashboard
+    if dashboard is None:
+        try:
+            dashboard = json.loads(state_path().read_text())["dashboard"]
+        except (OSError, ValueError, KeyError):
+            print(f"recserve scale: no running `recserve serve` found ({state_path()} is missing); "
+                  f"name its dashboard with --dashboard http://127.0.0.1:PORT", file=sys.stderr)
+            return 2
+    try:
+        scale_deployment(dashboard, args.deployment, args.replicas, app=args.app, timeout_s=args.timeout,
+                         progress=lambda line: print(f"recserve scale: {line}", flush=True))
+    except ScaleError as e:
+        print(f"recserve scale: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -99,3 +99,19 @@ class AppArgs(BaseModel):
 
 # The default for servers built without AppArgs (LocalRanker, the monolith): AppArgs' own.
 DEFAULT_MAX_BATCH_SIZE: int = AppArgs.model_fields["max_batch_size"].default
+
+
+SMALL_MACHINE_CORES = 8  # below this, replicas reserve no CPU
+
+
+def replica_num_cpus(cores: int | None = None) -> float:
+    """CPU reserved per replica (``ray_actor_options.num_cpus``), from the machine's cores.
+
+    A reservation only decides where Ray may place a replica; it never limits what the
+    replica uses. On a small machine (fewer than 8 cores) it is 0: every replica, the scaled
+    and autoscaled ones included, must fit, and 4 deployments x 0.5 CPU already filled 2 cores
+    (a second shard-0 replica stayed STARTING). On a larger one, 1 core per replica."""
+    import os
+
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    return 0.0 if cores < SMALL_MACHINE_CORES else 1.0
