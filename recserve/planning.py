@@ -8,19 +8,34 @@ CLI starts fast.
 Usage::
 
     recserve plan --workload dlrmv2 --strategy load --shards 8 --shard-memory 80GB --out plan.json
+    recserve plan --workload dlrmv2-2x --strategy load --gpus 2 --gpu-memory 141GB   # shards from the GPUs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from recserve.workloads import WorkloadConfig, WorkloadError, load_workload
-from sharding import DTYPES, STRATEGIES, PlannerError, ShardPlan, TableSpec, plan, plan_report
+from recserve.layout import dense_shapes, interaction_width
+from sharding import (
+    DTYPES,
+    STRATEGIES,
+    TOWER_GPUS,
+    GpuReserve,
+    GpuTopology,
+    PlannerError,
+    ShardPlan,
+    TableSpec,
+    plan,
+    plan_for_gpus,
+    plan_report,
+)
 
 EXIT_CANNOT_PLAN = 2  # bad input or a placement that is impossible
 
@@ -100,6 +115,31 @@ def plan_workload(
     return plan(table_specs(workload, dtype), strategy=strategy, num_shards=num_shards, shard_memory=shard_memory)
 
 
+# Examples in one batched tower call that its activation memory is sized for.
+TOWER_BATCH = 65_536
+
+
+def tower_bytes(workload: WorkloadConfig, *, batch: int = TOWER_BATCH) -> int:
+    """Bytes one dense tower replica takes on its GPU: fp32 weights, plus activations of a
+    ``batch``-example call (its [B, interaction width] input and its two widest layers, fp32)."""
+    weights = sum(math.prod(shape) for shape in dense_shapes(workload).values())
+    widths = [interaction_width(workload), *workload.bottom_mlp, *workload.top_mlp]
+    widest = sorted(widths)[-2:]
+    return 4 * (weights + batch * (interaction_width(workload) + sum(widest)))
+
+
+def plan_workload_for_gpus(
+    workload: WorkloadConfig,
+    *,
+    strategy: str,
+    topology: GpuTopology,
+    num_shards: int | None = None,
+    dtype: str = "fp32",
+) -> ShardPlan:
+    """Plan ``workload``'s tables over the GPUs of ``topology`` (shard count chosen if None)."""
+    return plan_for_gpus(table_specs(workload, dtype), strategy=strategy, topology=topology, num_shards=num_shards)
+
+
 def _size_arg(text: str) -> int:
     try:
         return parse_bytes(text)
@@ -120,7 +160,8 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     )
     p.add_argument("--workload", required=True, help="bundled name (tiny, criteo-kaggle, dlrmv2) or a JSON file")
     p.add_argument("--strategy", required=True, choices=STRATEGIES)
-    p.add_argument("--shards", required=True, type=int, help="number of shards (singular: 1)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="number of shards (singular: 1); required without --gpus, chosen by the planner with it")
     p.add_argument(
         "--shard-memory",
         type=_size_arg,
@@ -131,6 +172,20 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="storage dtype of every table (default fp32)")
     p.add_argument("--max-rows", type=int, default=None, metavar="N", help="cap every table at N rows")
     p.add_argument("--out", type=Path, default=None, help="write the plan as JSON here")
+    g = p.add_argument_group(
+        "GPUs (--gpus): each shard's memory from the GPU's",
+        "per-shard cap = (GPU memory - reserve fraction x GPU memory - reserve fixed - dense tower(s)) / shard "
+        "replicas per GPU, with ceil(shards x replicas / shard GPUs) replicas per GPU; serve with --gpus N")
+    g.add_argument("--gpus", type=int, default=None, metavar="N", help="GPUs of the host that serve the package")
+    g.add_argument("--gpu-memory", "--device-memory", type=_size_arg, default=None, metavar="BYTES",
+                   help="memory of one GPU, e.g. 141GB (H200), 80GB (H100)")
+    g.add_argument("--shard-replicas", type=int, default=1, help="replicas per shard deployment (default 1)")
+    g.add_argument("--tower-gpu", choices=TOWER_GPUS, default="shared",
+                   help="the dense tower beside the shards (shared, default) or on a GPU of its own")
+    g.add_argument("--gpu-reserve-fraction", type=float, default=GpuReserve.fraction,
+                   help=f"fraction of each GPU kept free (CUDA context, allocator; default {GpuReserve.fraction})")
+    g.add_argument("--gpu-reserve", type=_size_arg, default=GpuReserve.fixed, metavar="BYTES",
+                   help="bytes kept free on each GPU besides the fraction (CUDA graphs, buffers; default 4GiB)")
     p.set_defaults(handler=run_plan)
     return p
 
@@ -142,24 +197,49 @@ def run_plan(args: argparse.Namespace) -> int:
     """Handler of ``recserve plan``; returns the exit code."""
     try:
         workload = load_workload(args.workload).with_max_rows(args.max_rows)
-        result = plan_workload(
-            workload,
-            strategy=args.strategy,
-            num_shards=args.shards,
-            shard_memory=args.shard_memory,
-            dtype=args.dtype,
-        )
-    except (WorkloadError, PlannerError) as e:
+        topology = _topology(args, workload)
+        if topology is not None:
+            result = plan_workload_for_gpus(
+                workload, strategy=args.strategy, topology=topology, num_shards=args.shards, dtype=args.dtype
+            )
+        else:
+            result = plan_workload(
+                workload,
+                strategy=args.strategy,
+                num_shards=args.shards,
+                shard_memory=args.shard_memory,
+                dtype=args.dtype,
+            )
+    except (WorkloadError, PlannerError, ValueError) as e:
         kind = getattr(getattr(e, "error_type", None), "name", "INVALID_INPUT")
         print(f"recserve plan: cannot plan {args.workload!r} ({kind}): {e}", file=sys.stderr)
         return EXIT_CANNOT_PLAN
     print(f"workload: {workload.name}  tables: {len(workload.tables)}")
+    if topology is not None:
+        print(f"gpus: {topology.describe(result.num_shards)}")
     print(plan_report(result))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result.to_json(), indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
+
+
+def _topology(args: argparse.Namespace, workload: WorkloadConfig) -> GpuTopology | None:
+    """The GPUs of --gpus (None without it); ValueError naming the flag that is wrong."""
+    if args.gpus is None:
+        if args.shards is None:
+            raise ValueError("--shards: required (or give --gpus and --gpu-memory to have it chosen)")
+        return None
+    if args.gpu_memory is None:
+        raise ValueError("--gpu-memory: required with --gpus (e.g. 141GB for an H200)")
+    if args.shard_memory is not None:
+        raise ValueError("--shard-memory: not with --gpus (the per-shard cap comes from --gpu-memory)")
+    return GpuTopology(
+        gpus=args.gpus, gpu_memory=args.gpu_memory, shard_replicas=args.shard_replicas, tower=args.tower_gpu,
+        tower_bytes=tower_bytes(workload),
+        reserve=GpuReserve(fraction=args.gpu_reserve_fraction, fixed=args.gpu_reserve),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,10 +6,12 @@ Pure Python over table specs; imports no torch, Ray, gRPC or CUDA. Entry point::
 
 Types, the JSON format and the ``Partitioner`` interface are in :mod:`sharding.types`; the
 strategies in :mod:`sharding.partitioners`, the placement and rebalancing they share in
-:mod:`sharding.placement`; row-wise splitting in :mod:`sharding.splitters`.
+:mod:`sharding.placement`; row-wise splitting in :mod:`sharding.splitters`; per-GPU memory
+budgets (``plan_for_gpus``) in :mod:`sharding.gpus`.
 """
 
 from sharding.checks import check_plan
+from sharding.gpus import TOWER_GPUS, GpuReserve, GpuTopology, plan_for_gpus
 from sharding.partitioners import PARTITIONERS
 from sharding.planners import plan
 from sharding.stats import plan_report
@@ -29,8 +31,11 @@ from sharding.types import (
 
 __all__ = [
     "DTYPES",
+    "GpuReserve",
+    "GpuTopology",
     "PARTITIONERS",
     "STRATEGIES",
+    "TOWER_GPUS",
     "Partitioner",
     "PlannerError",
     "PlannerErrorType",
@@ -41,6 +46,7 @@ __all__ = [
     "check_plan",
     "element_bytes",
     "plan",
+    "plan_for_gpus",
     "plan_report",
     "row_bytes",
 ]
