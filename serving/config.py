@@ -76,6 +76,13 @@ class AppArgs(BaseModel):
     tower_dtype: TowerDtype = Field(
         "float32", description="compute dtype of the dense tower: float16/bfloat16 stay within "
                                "serving.tower.LOWP_SCORE_BOUND of float32 scores (tested)")
+    gpus: int = Field(0, ge=0, description="GPUs of the host to spread the replicas over through Ray's GPU "
+                                           "resources (serving/placement.py): each shard replica takes a share of "
+                                           "one GPU, at most ceil(shards x shard_replicas / gpus) per GPU; "
+                                           "0 = no GPU reservation, every replica on 'device' as it finds it "
+                                           "(with device 'cpu' the shares are reserved but unused: a placement check)")
+    tower_gpu: Literal["shared", "own"] = Field(
+        "shared", description="with gpus > 0: the dense tower beside the shards (a 1% share) or on a GPU of its own")
     shard_batching: BatchingConfig = BatchingConfig()
     tower_batching: BatchingConfig = BatchingConfig()
 
