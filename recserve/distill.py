@@ -115,7 +115,7 @@ def distill_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The student's loss (see the module docstring) and its parts."""
     label = F.binary_cross_entropy_with_logits(main, y)
-    parts = {"label": float(label)}
+    parts = {"label": float(label.detach())}
     total = label
     mask = has_teacher.float()
     n = mask.sum().clamp(min=1.0)
@@ -130,9 +130,9 @@ def distill_loss(
             if adapter.kind != "none":
                 fit = (F.binary_cross_entropy_with_logits(adapted, y, reduction="none") * mask).sum() / n
                 total = total + fit
-                parts["adapter"] = float(fit)
+                parts["adapter"] = float(fit.detach())
         total = total + config.aux_weight * d
-        parts["distill"] = float(d)
+        parts["distill"] = float(d.detach())
     return total, parts
 
 

@@ -50,7 +50,8 @@ class TrafficGenerator:
     workload: WorkloadConfig
     seed: int = 0
     empty_bag_fraction: float = 0.0  # share of bags sent empty (missing feature)
-    id_shift: int = 0  # every id moves by this much (mod rows): another set of hot ids (a drifting world)
+    id_shift: int = 0  # ids move by this much (mod rows): other ids become hot (a drifting world) ...
+    shifted_fraction: float = 1.0  # ... for this fraction of the draws (the rest keep the usual ids)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -60,7 +61,10 @@ class TrafficGenerator:
             ids = zipf_ids(self.rng, table.rows, n, self.workload.zipf_alpha)
         else:
             ids = self.rng.integers(0, table.rows, n, dtype=np.int64)
-        return (ids + self.id_shift) % table.rows if self.id_shift else ids
+        if not self.id_shift:
+            return ids
+        moved = self.rng.random(n) < self.shifted_fraction  # [n]
+        return np.where(moved, (ids + self.id_shift) % table.rows, ids)
 
     def batch_size(self) -> int:
         lo, hi = self.workload.samples_per_request
