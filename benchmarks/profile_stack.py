@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/profile"))
     p.add_argument("--serve-env", action="append", default=[], help="KEY=VALUE for the stack")
     p.add_argument("--transport", choices=("reference", "grpc"), default=None, help="`recserve serve --transport`")
+    p.add_argument("--serve-arg", action="append", default=[], help="extra argument for `recserve serve` (repeatable)")
+    p.add_argument("--device", default="cpu", help="torch device of shards and tower (cpu, cuda)")
     args = p.parse_args(argv)
     if args.duration > 120:
         p.error("--duration: at most 120 s")
@@ -86,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     workload = load_workload(args.workload).with_max_rows(args.max_rows or None)
     trace = make_trace(workload, 500, seed=0)
     env = dict(kv.split("=", 1) for kv in args.serve_env)
-    extra = ("--transport", args.transport) if args.transport else ()
-    with ServeStack(args.package, name="profile", log_dir=args.out, env=env, extra_args=extra) as stack:
+    extra = (("--transport", args.transport) if args.transport else ()) + tuple(args.serve_arg)
+    with ServeStack(args.package, name="profile", log_dir=args.out, env=env, extra_args=extra,
+                    device=args.device) as stack:
         asyncio.run(warm_up(stack.address, trace.payloads, 30))
         procs = ray_serve_processes(within=stack.proc.pid)
         # idle burn: what the serving processes use with no traffic at all
