@@ -6,8 +6,9 @@ Tables are written chunk by chunk of rows, never whole: each shard file gets its
 first (every shape is known from the plan), then a pool of ``threads`` converts chunks
 (to the storage dtype, quantizing row-wise where asked; :mod:`kernels.quantize`) and
 writes each at its byte offset, while this thread feeds the written bytes to the file's
-sha256 in file order. At most ``2 * threads`` chunks are in flight, so peak memory stays
-near that many chunks plus the dense part however large the model is. The state dict is
+sha256 in file order; the shard files are written concurrently, each hashed by its own
+thread. At most about ``2 * threads`` chunks are in flight, so peak memory stays near that
+many chunks plus the dense part however large the model is. The state dict is
 opened memory-mapped and each chunk's source pages are handed back to the kernel once
 written (``madvise(MADV_DONTNEED)``). The package is written to a temporary directory
 beside ``out`` and renamed into place only when complete.
@@ -23,6 +24,7 @@ import os
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -150,24 +152,27 @@ class _Progress:
         self.total, self.enabled, self.every_s = total, enabled, every_s  # total: package bytes
         self.done = 0
         self.t0 = self.t_line = time.perf_counter()
+        self.lock = threading.Lock()  # shards are written concurrently
 
     def say(self, text: str) -> None:
         if self.enabled:
             print(text, flush=True)
 
     def add(self, nbytes: int) -> None:
-        self.done += nbytes
-        now = time.perf_counter()
-        if now - self.t_line >= self.every_s:
-            self.say(f"    {self.done / 1e9:,.2f} / {self.total / 1e9:,.2f} GB ({self.rate():.2f} GB/s)")
-            self.t_line = now
+        with self.lock:
+            self.done += nbytes
+            now = time.perf_counter()
+            if now - self.t_line >= self.every_s:
+                self.say(f"    {self.done / 1e9:,.2f} / {self.total / 1e9:,.2f} GB ({self.rate():.2f} GB/s)")
+                self.t_line = now
 
     def rate(self) -> float:
         return self.done / max(time.perf_counter() - self.t0, 1e-9) / 1e9
 
     def line(self, text: str) -> None:
-        self.t_line = time.perf_counter()
-        self.say(f"{text}; {self.done / 1e9:,.2f} / {self.total / 1e9:,.2f} GB done ({self.rate():.2f} GB/s)")
+        with self.lock:
+            self.t_line = time.perf_counter()
+            self.say(f"{text}; {self.done / 1e9:,.2f} / {self.total / 1e9:,.2f} GB done ({self.rate():.2f} GB/s)")
 
 
 @dataclass(frozen=True)
@@ -297,15 +302,25 @@ def write_package(
 
         total = sum(s.rows * row_bytes(s.dim, dtype) for sh in plan.shards for s in sh.slices)  # bytes
         report = _Progress(total, progress)
-        report.say(f"writing {total / 1e9:,.2f} GB of {dtype} tables in {plan.num_shards} shard(s), {threads} threads")
-        with ThreadPoolExecutor(threads, thread_name_prefix="export") as pool:
-            for sh in plan.shards:
-                rel = shard_file(sh.index)
-                t_shard = time.perf_counter()
-                digest = _write_shard(tmp / rel, sh, dtype, source, pool, 2 * threads, report)
-                files[rel] = FileEntry(sha256=digest, bytes=(tmp / rel).stat().st_size)
-                dt = time.perf_counter() - t_shard
-                report.line(f"shard {sh.index}: {files[rel].bytes:,} bytes in {dt:.1f}s")
+        # Shard files are written concurrently, each hashed by its own thread (one file's
+        # sha256 is sequential); they share the conversion threads and 2 x threads chunks.
+        concurrent = min(plan.num_shards, threads)
+        report.say(f"writing {total / 1e9:,.2f} GB of {dtype} tables in {plan.num_shards} shard(s) "
+                   f"({concurrent} at a time), {threads} threads")
+
+        def write_shard(sh: Shard) -> tuple[str, FileEntry]:
+            rel = shard_file(sh.index)
+            t_shard = time.perf_counter()
+            digest = _write_shard(tmp / rel, sh, dtype, source, pool, max(2, 2 * threads // concurrent), report)
+            entry = FileEntry(sha256=digest, bytes=(tmp / rel).stat().st_size)
+            report.line(f"shard {sh.index}: {entry.bytes:,} bytes in {time.perf_counter() - t_shard:.1f}s")
+            return rel, entry
+
+        with (
+            ThreadPoolExecutor(threads, thread_name_prefix="export") as pool,
+            ThreadPoolExecutor(concurrent, thread_name_prefix="export-shard") as shard_writers,
+        ):
+            files |= dict(shard_writers.map(write_shard, plan.shards))  # in shard order
 
         if version is None:  # content-derived: the same model and plan give the same version
             h = hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode())
