@@ -22,8 +22,10 @@ serve: setup
 	$(VENV)/bin/recserve default-package
 	$(VENV)/bin/recserve serve
 
+# Every test, two at a time (pytest-xdist; the Ray tests stay together on one worker, see
+# tests/conftest.py). Fails when any test fails or none is collected (pytest's exit code 5).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # pyflakes over every Python file but the generated gRPC code: unused imports and
 # variables, undefined names, redefinitions.

@@ -1,5 +1,12 @@
 """Shared fixtures: the tiny workload, a tiny model trained once per test session, and its
-packages under every sharding layout the tests use (each exported once, on first use)."""
+packages under every sharding layout the tests use (each exported once, on first use).
+
+Parallel runs (``make test``: pytest-xdist ``-n 2 --dist loadgroup``): every test file is one
+group, so module and session fixtures are set up once per file's worker, and every test that
+needs Ray (the session's Serve instance, or a ``ray``-marked test that starts its own) is in
+ONE group, "ray", scheduled first: one Ray start-up per run, on one worker, while the other
+worker runs everything else.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,24 @@ from pathlib import Path
 import pytest
 
 from recserve.workloads import WorkloadConfig, load_workload
+
+
+RAY_FIXTURE = "serve_instance"  # tests/serving/conftest.py: the session's Ray + Serve
+
+
+def _needs_ray(item: pytest.Item) -> bool:
+    return RAY_FIXTURE in getattr(item, "fixturenames", ()) or item.get_closest_marker("ray") is not None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    ray = [item for item in items if _needs_ray(item)]
+    rest = [item for item in items if not _needs_ray(item)]
+    items[:] = ray + rest  # the longest group first; order within each file kept
+    for item in ray:
+        item.add_marker(pytest.mark.xdist_group("ray"))
+    for item in rest:
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,7 @@ def test_bench_against_the_monolith_writes_csv_plot_and_table(tiny_bench_root, b
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_bench_runs_one_sharded_configuration_on_ray_serve(tiny_bench_root, bench_package, tiny_options):
     """One Ray Serve start (about a minute on 2 cores): table-2 next to the monolith."""
     out = tiny_bench_root / "out-sharded"

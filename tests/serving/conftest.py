@@ -127,9 +127,30 @@ def reference(tiny: WorkloadConfig, tiny_state_dict: Path):
     return score
 
 
+def _stop_serve() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """Stop the session's Ray once its last test is done (the root conftest runs every test
+    that uses it in one block), so it does not idle beside the tests that follow; after the
+    test's own fixtures are torn down (they delete their Serve applications)."""
+    result = yield
+    if "serve_instance" in item.fixturenames and (nextitem is None or "serve_instance" not in nextitem.fixturenames):
+        _stop_serve()
+    return result
+
+
 @pytest.fixture(scope="session")
 def serve_instance():
-    """One local Ray + Serve with the gRPC proxy on a free port; yields that port."""
+    """One local Ray + Serve with the gRPC proxy on a free port; yields that port. Stopped
+    after the last test that uses it (pytest_runtest_teardown), else at the session's end."""
     import ray
     from ray import serve
 
@@ -145,8 +166,7 @@ def serve_instance():
         grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICERS},
     )
     yield port
-    serve.shutdown()
-    ray.shutdown()
+    _stop_serve()
 
 
 @pytest.fixture(scope="session")
