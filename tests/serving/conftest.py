@@ -159,8 +159,15 @@ def serve_instance():
     # replicas import serving/, kernels/, recserve/ from this checkout
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     port = free_port()
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             log_to_driver=False, configure_logging=False)
+    for attempt in range(3):
+        try:
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
+                     log_to_driver=False, configure_logging=False)
+            break
+        except Exception as e:  # Ray gives its raylet a fixed 30 s to register: too short on a swamped machine
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
     serve.start(
         http_options={"host": "127.0.0.1", "port": free_port()},
         grpc_options={"port": port, "grpc_servicer_functions": GRPC_SERVICERS},
