@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULT_CONFIGS = ("router-grpc-float32", "tower-grpc-float32", "tower-grpc-float16",
                    "tower-reference-float16", "router-reference-float32", "router-reference-float16")
-ROLES = (("proxy", "ProxyActor"), ("router", "#Router#"), ("shards", "#shard-"), ("tower", "#DenseTower#"))
+ROLES = (("proxy", "ProxyActor"), ("router", ":Router"), ("shards", ":shard-"), ("tower", ":DenseTower"))  # Ray 2.60 titles
 
 
 def free_port() -> int:

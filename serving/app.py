@@ -39,6 +39,6 @@ def build_app(args: AppArgs) -> Application:
     ]
     tower = DenseTower.options(num_replicas=args.tower_replicas, user_config=args.tower_batching.model_dump(),
                                ray_actor_options=actor | gpus.tower_options()).bind(
-        str(path), shards if args.fanout == "tower" else [], args)
+        str(path), shards if args.resolved_fanout() == "tower" else [], args)
     return Router.options(num_replicas=args.router_replicas, ray_actor_options=actor).bind(
         str(path), shards, tower, args)

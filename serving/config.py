@@ -15,17 +15,23 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # the tower as DeploymentResponses, so the router never copies them);
 # "grpc" = Serve's inter-deployment gRPC (handle.options(_by_reference=False)); Serve resolves
 # the shard responses in the router and sends them on by value.
-# The default is the faster on benchmarks/transports.py (figures in serving/README.md):
-# grpc, by 1.16-1.61x on p50 latency and 1.25-3.8x on throughput, on tiny and criteo-kaggle.
+# The default is the faster data path on the H200 (benchmarks/dataplane.py, dlrmv2, README "Data
+# plane"): reference, with the router fan-out. (On 2 CPU cores, when pooled embeddings still passed
+# through the router, grpc had been the faster: benchmarks/transports.py.)
 Transport = Literal["reference", "grpc"]
 WireDtype = Literal["float32", "float16"]
 TowerDtype = Literal["float32", "float16", "bfloat16"]
 # Who calls the shards (where the pooled embeddings flow; never through the router's pickling path):
-# "tower": the router sends the split ids to the dense tower, which calls the shards (Lui et al.'s
-#          main shard); "router": the router calls the shards and hands their responses to the tower
-#          by reference (needs transport "reference").
-Fanout = Literal["tower", "router"]
-DEFAULT_TRANSPORT: Transport = "grpc"
+# "router": the router calls the shards and hands their responses to the tower by reference (shard
+#           -> node's shared-memory object store -> tower; needs transport "reference");
+# "tower":  the router sends the split ids to the dense tower, which calls the shards (Lui et al.'s
+#           main shard); works over either transport;
+# "auto":   "router" with the "reference" transport, "tower" with "grpc".
+# On the H200 (dlrmv2, 2 shards, benchmarks/dataplane.py) router + reference served 62k examples/s
+# at p99 43 ms against 40-43k for the tower fan-out, whose single process became the hub of every
+# shard response (82% of a core in Serve's handle and serialization code).
+Fanout = Literal["auto", "router", "tower"]
+DEFAULT_TRANSPORT: Transport = "reference"
 
 
 class BatchingConfig(BaseModel):
@@ -63,8 +69,9 @@ class AppArgs(BaseModel):
     log_rows_per_file: int = Field(65_536, gt=0, description="rows per example-log file")
     log_max_queued: int = Field(65_536, gt=0, description="examples waiting for the log writer at most; beyond it "
                                                           "requests are served but not logged (counted as dropped)")
-    fanout: Fanout = Field("tower", description="who calls the shards: 'tower' (the router sends it the ids) "
-                                                "or 'router' (shard responses passed on by reference)")
+    fanout: Fanout = Field("auto", description="who calls the shards: 'router' (shard responses passed to the "
+                                               "tower by reference), 'tower' (the router sends it the ids), or "
+                                               "'auto' (router with transport reference, tower with grpc)")
     wire_dtype: WireDtype = Field(
         "float16", description="dtype of the pooled embeddings that shards hand the dense tower: float16 "
                                "halves the bytes between processes (the tower accumulates in float32)")
@@ -95,6 +102,12 @@ class AppArgs(BaseModel):
                              "transport 'reference' (with 'grpc' the pooled embeddings would pass through "
                              "the router)")
         return self
+
+    def resolved_fanout(self) -> str:
+        """``fanout`` with "auto" decided by the transport."""
+        if self.fanout != "auto":
+            return self.fanout
+        return "router" if self.transport == "reference" else "tower"
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -280,7 +280,7 @@ class Router:
         requests = self.routing.split(batch, deadline=time.time() + (deadline - time.monotonic()))
         self._fanout.observe(len(requests))
         calls: dict[int, DeploymentResponse] = {}
-        if self.args.fanout == "tower":  # the tower calls the shards: pooled embeddings never come here
+        if self.args.resolved_fanout() == "tower":  # the tower calls the shards: pooled embeddings never come here
             tower_call = self.tower_predict.remote(batch.dense, requests)
         else:  # shard responses handed on to the tower (by reference: through the object store)
             calls = {k: self.shards[k].remote(r) for k, r in requests.items()}

@@ -322,7 +322,7 @@ class ShardCore:
         """pooled[:B] and the flag to the host (one stream sync on a GPU)."""
         if self.device.type != "cuda":
             return to_numpy(pooled[:B]).copy(), bool(flag)
-        if not self.pad:  # no staging buffers: a plain copy
+        if not self.pad or B * self.output_dim > self._out_h.numel():  # no staging buffer, or above it (eager)
             out = pooled[:B].cpu()
             return to_numpy(out), bool(flag)
         host = self._out_h[:B * self.output_dim].view(B, self.output_dim)  # pinned
