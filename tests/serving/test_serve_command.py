@@ -123,7 +123,8 @@ def test_scaling_one_shard_keeps_the_other_replica_processes_and_fails_no_reques
                     scores = client.predict(batch.dense, sparse, timeout=20)
                     outcomes.append("OK" if np.isfinite(scores).all() and len(scores) == 4 else "BAD")
                 except Exception as e:  # noqa: BLE001  counted, reported below
-                    outcomes.append(f"{type(e).__name__}: {getattr(e, 'details', lambda: e)()}")
+                    details = e.details() if hasattr(e, "details") else str(e)
+                    outcomes.append(f"{type(e).__name__}: {details}")
                 time.sleep(0.05)
 
     sender = threading.Thread(target=load)
