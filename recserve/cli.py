@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "recserve.planning:register",  # plan
     "recserve.distill_commands:register",  # teacher score, synth labels
     "serving.commands:register",  # serve
+    "serving.version_commands:register",  # deploy (a new model version into a running stack)
     "kernels.commands:register",  # kernels search / bench
     "loadtest.commands:register",  # bench
     "serving.fading.commands:register",  # fade

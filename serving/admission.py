@@ -13,8 +13,10 @@ The estimate is queueing arithmetic over the server's own recent history::
 
     - ``max_in_flight`` requests are already admitted (the bounded queue), or
     - something is in flight and the estimated time exceeds the request's remaining budget
-      (its deadline), or ``max_latency_factor`` x the time the same request takes on an
-      idle server (keeps admitted latency near the unloaded latency under overload).
+      (its deadline), or -- once ``min_in_flight`` requests are in flight -- ``max_latency_factor``
+      x the time the same request takes on an idle server (keeps admitted latency near the
+      unloaded latency under overload; below ``min_in_flight`` the server is still learning
+      how much it overlaps, and a light load is never shed).
 
 An idle server always admits (its answer refreshes the estimate, so a stale figure can
 never shed everything). Example::
@@ -45,12 +47,15 @@ class AdmissionConfig:
 
     max_in_flight: int = 64  # bounded queue: requests admitted and not yet answered
     max_latency_factor: float | None = 2.0  # estimated time <= factor x the idle time; None = deadline only
+    min_in_flight: int = 2  # the latency factor applies from this many requests in flight on
     ewma_alpha: float = 0.2  # weight of the newest sample in the seconds/example averages
     min_latency_s: float = 0.005  # the latency bound is never tighter than this (timer noise)
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight: must be at least 1, got {self.max_in_flight}")
+        if self.min_in_flight < 1:
+            raise ValueError(f"min_in_flight: must be at least 1, got {self.min_in_flight}")
         if self.max_latency_factor is not None and self.max_latency_factor < 1.0:
             raise ValueError(f"max_latency_factor: must be at least 1 (or None), got {self.max_latency_factor}")
         if not 0.0 < self.ewma_alpha <= 1.0:
@@ -132,7 +137,7 @@ class Admission:
     def _bound(self, examples: int, budget_s: float | None) -> tuple[float | None, str]:
         bound, why = budget_s, "the remaining deadline"
         factor, idle = self.config.max_latency_factor, self.idle_per_example.value
-        if factor is not None and idle is not None:
+        if factor is not None and idle is not None and self.in_flight >= self.config.min_in_flight:
             cap = max(factor * examples * idle, self.config.min_latency_s)
             if bound is None or cap < bound:
                 bound, why = cap, f"{factor:g}x the idle latency"

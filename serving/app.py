@@ -3,17 +3,55 @@
 ``deploy/serve.yaml`` names ``serving.app:build_app``; ``recserve serve`` calls it too::
 
     Router.bind(package, [shard-0, ..., shard-N], DenseTower, args)
+
+A versioned stack (serving/versions.py: ``start_stack``, ``recserve deploy``) runs the same
+deployments as one application per model version (``build_version_app``) plus a router
+application (``build_router_app``).
 """
 
 from __future__ import annotations
 
 from ray.serve import Application
 
-from recserve.package import ModelPackage
+from recserve.package import Manifest, ModelPackage
 from serving.config import AppArgs, replica_num_cpus
 from serving.default_model import resolve_package
-from serving.deployments import DenseTower, Router, Shard, shard_name, transport_env
+from serving.deployments import DenseTower, Router, Shard, VersionFront, shard_name, transport_env
 from serving.placement import gpu_placement
+
+
+def _resolved(args: AppArgs | dict) -> tuple[AppArgs, Manifest]:
+    if isinstance(args, dict):
+        args = AppArgs(**args)
+    path = resolve_package(args.package)
+    manifest = ModelPackage.open(path).manifest
+    # replicas get the resolved path and device, never "default" or "auto"
+    return args.model_copy(update={"package": str(path), "device": args.resolved_device()}), manifest
+
+
+def _actor() -> dict:
+    return {"num_cpus": replica_num_cpus(), "runtime_env": {"env_vars": transport_env()}}  # fits this machine
+
+
+def _version_deployments(args: AppArgs, manifest: Manifest) -> tuple[list[Application], Application]:
+    """One package's shard deployments and dense tower, bound (``args.package`` resolved)."""
+    gpus = gpu_placement(shards=manifest.plan.num_shards, gpus=args.gpus, shard_replicas=args.shard_replicas,
+                         tower=args.tower_gpu, tower_replicas=args.tower_replicas)  # gpus=0: no GPU shares
+    shards = [
+        Shard.options(name=shard_name(sh.index), num_replicas=args.shard_replicas,
+                      user_config=args.shard_batching.model_dump(),
+                      ray_actor_options=_actor() | gpus.shard_options()).bind(args.package, sh.index, args)
+        for sh in manifest.plan.shards
+    ]
+    tower = DenseTower.options(num_replicas=args.tower_replicas, user_config=args.tower_batching.model_dump(),
+                               ray_actor_options=_actor() | gpus.tower_options()).bind(
+        args.package, shards if args.resolved_fanout() == "tower" else [], args)
+    return shards, tower
+
+
+def _router(args: AppArgs, shards: list, tower) -> Application:
+    return Router.options(num_replicas=args.router_replicas, ray_actor_options=_actor()).bind(
+        args.package, shards, tower, args)
 
 
 def build_app(args: AppArgs) -> Application:
@@ -22,23 +60,21 @@ def build_app(args: AppArgs) -> Application:
     The package is opened (manifest checked) here, so a bad package fails the deploy with
     the PackageError naming the file instead of starting replicas.
     """
-    if isinstance(args, dict):
-        args = AppArgs(**args)
-    path = resolve_package(args.package)
-    manifest = ModelPackage.open(path).manifest
-    # replicas get the resolved path and device, never "default" or "auto"
-    args = args.model_copy(update={"package": str(path), "device": args.resolved_device()})
-    actor = {"num_cpus": replica_num_cpus(), "runtime_env": {"env_vars": transport_env()}}  # fits this machine
-    gpus = gpu_placement(shards=manifest.plan.num_shards, gpus=args.gpus, shard_replicas=args.shard_replicas,
-                         tower=args.tower_gpu, tower_replicas=args.tower_replicas)  # gpus=0: no GPU shares
-    shards = [
-        Shard.options(name=shard_name(sh.index), num_replicas=args.shard_replicas,
-                      user_config=args.shard_batching.model_dump(),
-                      ray_actor_options=actor | gpus.shard_options()).bind(str(path), sh.index, args)
-        for sh in manifest.plan.shards
-    ]
-    tower = DenseTower.options(num_replicas=args.tower_replicas, user_config=args.tower_batching.model_dump(),
-                               ray_actor_options=actor | gpus.tower_options()).bind(
-        str(path), shards if args.resolved_fanout() == "tower" else [], args)
-    return Router.options(num_replicas=args.router_replicas, ray_actor_options=actor).bind(
-        str(path), shards, tower, args)
+    args, manifest = _resolved(args)
+    shards, tower = _version_deployments(args, manifest)
+    return _router(args, shards, tower)
+
+
+def build_version_app(args: AppArgs) -> Application:
+    """One model version's application (serving/versions.py): its shards and tower behind an
+    idle VersionFront ingress; the router of the stack calls them by name."""
+    args, manifest = _resolved(args)
+    shards, tower = _version_deployments(args, manifest)
+    return VersionFront.bind(manifest.version, shards, tower)
+
+
+def build_router_app(args: AppArgs) -> Application:
+    """The router application of a versioned stack: the Router alone; it finds the versions'
+    shards and towers through the version table (serving/versions.py)."""
+    args, _ = _resolved(args)
+    return _router(args, [], None)

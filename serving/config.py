@@ -75,6 +75,12 @@ class AppArgs(BaseModel):
     wire_dtype: WireDtype = Field(
         "float16", description="dtype of the pooled embeddings that shards hand the dense tower: float16 "
                                "halves the bytes between processes (the tower accumulates in float32)")
+    max_in_flight: int = Field(256, gt=0, description="requests a router replica admits at once; beyond it, and "
+                               "whenever a request cannot be answered within its deadline, it answers "
+                               "RESOURCE_EXHAUSTED at once (serving/admission.py)")
+    max_latency_factor: float | None = Field(
+        2.0, ge=1.0, description="a router replica also sheds a request whose estimated latency exceeds this "
+                                 "multiple of its latency on an idle stack (None: the deadline only)")
     router_replicas: int = Field(1, ge=1, description="replicas of the Router (the gRPC ingress); the proxy "
                                                       "spreads requests over them")
     shard_replicas: int = Field(1, ge=1, description="replicas of every shard deployment at start "

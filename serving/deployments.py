@@ -17,6 +17,7 @@ accepts passes every deployment.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.metrics import Counter, Histogram
 
 from recserve.package import ModelPackage
+from serving.admission import Admission, AdmissionConfig
 from serving.api import HEALTH_SERVICES, caller_timeout_s, load_feature_filter
 from serving.codec import ModelSpec, check_model, decode_request, encode_response, model_info
 from serving.config import AppArgs, BatchingConfig
@@ -39,6 +41,7 @@ from serving.routing import FeatureFilter, Routing, ShardRequest
 from serving.shard import ShardCore
 from serving.status import grpc_status
 from serving.tower import TowerCore
+from serving.versions import RouterVersions, ServedVersion, VersionTable, load_table
 
 logger = logging.getLogger("ray.serve")
 
@@ -192,25 +195,66 @@ class DenseTower:
         return np.split(scores, np.cumsum([it.batch_size for it in items])[:-1])
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
+class VersionFront:
+    """Ingress of a version application (serving/versions.py): the version's shards and tower
+    are bound to it so that they belong to its app; requests reach them from the router."""
+
+    def __init__(self, version: str, shards: list[DeploymentHandle], tower: DeploymentHandle):
+        self.version = version
+
+    def check(self) -> str:
+        return self.version
+
+
+@dataclass(frozen=True)
+class _VersionParts:
+    """A router's handles and edge state for one version (its shards and tower live in ``app``)."""
+
+    manifest: object  # Manifest
+    spec: ModelSpec
+    routing: Routing
+    shards: list  # DeploymentHandle per shard, method lookup
+    tower: DeploymentHandle  # method score (fanout "router")
+    tower_predict: DeploymentHandle  # method predict (fanout "tower")
+    feature_filter: FeatureFilter
+    example_log: object
+
+
+class _ReplicaDied(Exception):
+    """A call failed because a replica died while the deployment still has others: retry."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 # max_queued_requests: beyond it Serve's proxy answers RESOURCE_EXHAUSTED (BackPressureError)
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, max_queued_requests=4096)
 class Router:
-    """gRPC ingress: decode + validate -> feature filter -> split -> shards -> tower -> encode."""
+    """gRPC ingress: admit (or shed) -> pick the version -> decode + validate -> feature
+    filter -> split -> shards -> tower -> encode.
+
+    Versions (serving/versions.py): the router serves every version in the table kept in
+    Ray's GCS for its app (``set_versions`` swaps it in one assignment); without a table it
+    serves the package it was built with, from its own app. Admission (serving/admission.py)
+    sheds with RESOURCE_EXHAUSTED before decoding when a request cannot be answered in time.
+    A call that fails because a replica died is retried (on another replica) within the
+    deadline: scoring is idempotent."""
 
     def __init__(self, package: str, shards: list[DeploymentHandle], tower: DeploymentHandle, args: AppArgs):
         self.args = args
+        self.app = serve.get_replica_context().app_name
+        self._bound = (shards, tower)  # this app's own shards and tower (no table: a single-app stack)
         manifest = ModelPackage.open(package).manifest  # the manifest only: the router holds no tables
-        self.manifest = manifest
-        self.spec = ModelSpec.of(manifest, max_batch_size=self.args.max_batch_size)
-        self.routing = Routing(manifest)
-        by_reference = self.args.transport == "reference"
-        self.shards = [h.options(method_name="lookup", _by_reference=by_reference) for h in shards]
-        self.tower = tower.options(method_name="score", _by_reference=by_reference)
-        self.feature_filter: FeatureFilter = load_feature_filter(self.args.feature_filter, manifest)
-        self.example_log = example_log_for(config_of(self.args), manifest)  # off unless log_rate > 0
-        self.tower_predict = tower.options(method_name="predict", _by_reference=by_reference)
-        self._status_cache: tuple[float, dict[str, int]] = (0.0, {})
-        self._status_lookup: asyncio.Future | None = None  # the look under way, if any
+        table = load_table(self.app) or VersionTable(
+            live=manifest.version, packages={manifest.version: package}, apps={manifest.version: self.app})
+        self.versions = RouterVersions(self._version_parts, table)
+        # the latency bound from 4 requests in flight on: shards and tower overlap that many
+        self.admission = Admission(AdmissionConfig(max_in_flight=args.max_in_flight, min_in_flight=4,
+                                                   max_latency_factor=args.max_latency_factor))
+        self._status_cache: dict[str, tuple[float, dict[str, int]]] = {}
+        self._status_lookup: dict[str, asyncio.Future] = {}  # per app: the look under way, if any
         self._requests = Counter("recserve_requests", description="Predict requests by gRPC code",
                                  tag_keys=("code",))
         self._latency = Histogram("recserve_request_ms", description="Predict time in the router, ms",
@@ -219,6 +263,43 @@ class Router:
                                  boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32])
         self._examples = Histogram("recserve_request_examples", description="examples per request",
                                    boundaries=_SIZES)
+        self._retries = Counter("recserve_replica_retries", description="calls retried after a replica died")
+
+    def _version_parts(self, version: str, package: str, app: str) -> ServedVersion:
+        manifest = ModelPackage.open(package).manifest
+        if manifest.version != version:
+            raise ValueError(f"{package}: holds version {manifest.version!r}, the version table says {version!r}")
+        if app == self.app:
+            shards, tower = self._bound
+        else:
+            shards = [serve.get_deployment_handle(shard_name(sh.index), app_name=app) for sh in manifest.plan.shards]
+            tower = serve.get_deployment_handle("DenseTower", app_name=app)
+        by_reference = self.args.transport == "reference"
+        parts = _VersionParts(
+            manifest=manifest,
+            spec=ModelSpec.of(manifest, max_batch_size=self.args.max_batch_size),
+            routing=Routing(manifest),
+            shards=[h.options(method_name="lookup", _by_reference=by_reference) for h in shards],
+            tower=tower.options(method_name="score", _by_reference=by_reference),
+            tower_predict=tower.options(method_name="predict", _by_reference=by_reference),
+            feature_filter=load_feature_filter(self.args.feature_filter, manifest),
+            example_log=example_log_for(config_of(self.args), manifest),  # off unless log_rate > 0
+        )
+        return ServedVersion(version=version, app=app, manifest=manifest, parts=parts)
+
+    # ------------------------------------------------------------------ control (serving/versions.py)
+
+    def set_versions(self, table_json: str) -> str:
+        """Serve the versions of this table from now on; returns the live version."""
+        return self.versions.apply(VersionTable.from_json(table_json))
+
+    def version_table(self) -> str:
+        """The table this replica serves (JSON)."""
+        return self.versions.table.to_json()
+
+    def in_flight(self, version: str) -> int:
+        """Requests on ``version`` in this replica now (the old version drains to 0)."""
+        return self.versions.in_flight.get(version, 0)
 
     # ------------------------------------------------------------------ gRPC methods
 
@@ -227,30 +308,43 @@ class Router:
 
         start = time.monotonic()
         token = routing_module.REQUEST_ID.set(request.request_id)
+        ticket = served = None
+        answered = False
         try:
             budget = caller_timeout_s(grpc_context, self.args.default_timeout_s)
             deadline = start + budget
-            batch = decode_request(request, self.spec)
+            served = self.versions.pick(request.version)  # one version from here to the scores
+            p = served.parts
+            check_model(p.spec, request.model, request.version)
+            ticket = self.admission.admit(min(int(request.batch_size), p.spec.max_batch_size), budget)
+            self.versions.enter(served.version)
+            batch = decode_request(request, p.spec)
             self._examples.observe(batch.batch_size)
-            scores = await self.score(batch, deadline, budget_s=budget)
-            self.example_log.submit(request.request_id, batch, scores, self.feature_filter)  # never blocks
+            scores = await self.score(batch, deadline, p, app=served.app, budget_s=budget)
+            p.example_log.submit(request.request_id, batch, scores, p.feature_filter)  # never blocks
+            response = encode_response(scores, model=p.manifest.name, version=p.manifest.version,
+                                       request_id=request.request_id)
+            answered = True
             self._requests.inc(tags={"code": "OK"})
-            return encode_response(scores, model=self.manifest.name, version=self.manifest.version,
-                                   request_id=request.request_id)
+            return response
         except Exception as e:  # noqa: BLE001  the edge: every error leaves with its code
             code = self._fail(grpc_context, e)
             self._requests.inc(tags={"code": code.name})
             return ranker_pb2.PredictResponse()
         finally:
             routing_module.REQUEST_ID.reset(token)
+            if ticket is not None:
+                self.versions.leave(served.version)
+                self.admission.done(ticket, answered=answered)
             self._latency.observe((time.monotonic() - start) * 1000)
 
     async def ModelInfo(self, request, grpc_context=None):
         from recserve.v1 import ranker_pb2
 
         try:
-            check_model(self.spec, request.model)
-            return model_info(self.manifest, max_batch_size=self.spec.max_batch_size)
+            p = self.versions.live.parts
+            check_model(p.spec, request.model)
+            return model_info(p.manifest, max_batch_size=p.spec.max_batch_size)
         except Exception as e:  # noqa: BLE001
             self._fail(grpc_context, e)
             return ranker_pb2.ModelInfoResponse()
@@ -270,34 +364,50 @@ class Router:
 
     # ------------------------------------------------------------------ the request path
 
-    async def score(self, batch, deadline: float, *, budget_s: float | None = None) -> np.ndarray:
-        """Scores float32 [B] of a validated batch, within ``deadline`` (time.monotonic()).
+    async def score(self, batch, deadline: float, p: _VersionParts, *, app: str,
+                    budget_s: float | None = None) -> np.ndarray:
+        """Scores float32 [B] of a validated batch by one version, within ``deadline``
+        (time.monotonic()); a call that lost its replica is sent again while time is left.
 
         ``budget_s`` is the caller's whole budget (for the error message)."""
         started = time.monotonic()
-        batch = self.feature_filter(batch)  # THE fading hook: on the decoded batch, before the split
-        requests = self.routing.split(batch, deadline=time.time() + (deadline - time.monotonic()))
+        batch = p.feature_filter(batch)  # THE fading hook: on the decoded batch, before the split
+        requests = p.routing.split(batch, deadline=time.time() + (deadline - time.monotonic()))
         self._fanout.observe(len(requests))
+        for attempt in itertools.count():
+            try:
+                scores = await self._call(batch, requests, deadline, p, app, budget_s)
+                break
+            except _ReplicaDied as died:
+                pause = min(0.005 * 2**attempt, 0.1)  # the handle drops the dead replica; go again
+                if deadline - time.monotonic() < 2 * pause:
+                    raise died.error from None
+                self._retries.inc()
+                await asyncio.sleep(pause)
+        routing_module.observe_scores(p.feature_filter, batch, scores, time.monotonic() - started)  # fading guardrails
+        return scores
+
+    async def _call(self, batch, requests: dict[int, ShardRequest], deadline: float, p: _VersionParts, app: str,
+                    budget_s: float | None) -> np.ndarray:
         calls: dict[int, DeploymentResponse] = {}
         if self.args.resolved_fanout() == "tower":  # the tower calls the shards: pooled embeddings never come here
-            tower_call = self.tower_predict.remote(batch.dense, requests)
+            tower_call = p.tower_predict.remote(batch.dense, requests)
         else:  # shard responses handed on to the tower (by reference: through the object store)
-            calls = {k: self.shards[k].remote(r) for k, r in requests.items()}
-            tower_call = self.tower.remote(batch.dense, *[calls.get(k) for k in range(self.routing.num_shards)])
+            calls = {k: p.shards[k].remote(r) for k, r in requests.items()}
+            tower_call = p.tower.remote(batch.dense, *[calls.get(k) for k in range(p.routing.num_shards)])
         try:
-            scores = await self._await(tower_call, sorted(requests), deadline, budget_s)
+            return await self._await(tower_call, sorted(requests), deadline, app, budget_s)
         except BaseException:
             tower_call.cancel()
             for c in calls.values():
                 c.cancel()
             raise
-        routing_module.observe_scores(self.feature_filter, batch, scores, time.monotonic() - started)  # fading guardrails
-        return scores
 
-    async def _await(self, tower_call: DeploymentResponse, shards: list[int], deadline: float,
+    async def _await(self, tower_call: DeploymentResponse, shards: list[int], deadline: float, app: str,
                      budget_s: float | None = None):
         """The tower's result, or DEADLINE_EXCEEDED, or UNAVAILABLE as soon as a shard it
-        waits on is known to be down (checked once the call has taken shard_down_after_s)."""
+        waits on is known to be down (checked once the call has taken shard_down_after_s);
+        _ReplicaDied when a replica died under the call but its deployment has others."""
         result = asyncio.ensure_future(_resolve(tower_call))
         budget = budget_s if budget_s is not None else deadline - time.monotonic()
         check_at = time.monotonic() + self.args.shard_down_after_s
@@ -314,46 +424,52 @@ class Router:
                         return result.result()
                     except Exception as e:  # noqa: BLE001
                         error = _as_serving_error(e)
-                        if isinstance(error, ShardUnavailable):  # name the shard that is down
-                            await self._check_shards_alive(shards, fresh=True)
+                        if isinstance(error, ShardUnavailable):  # down for good (named), or retry elsewhere
+                            await self._check_shards_alive(shards, app, fresh=True)
+                            raise _ReplicaDied(error) from e
                         raise error from e
                 if time.monotonic() >= check_at:
-                    await self._check_shards_alive(shards)
+                    await self._check_shards_alive(shards, app)
                     check_at = time.monotonic() + 0.5
         finally:
             if not result.done():
                 result.cancel()
 
-    async def _check_shards_alive(self, shards: list[int], *, fresh: bool = False) -> None:
+    async def _check_shards_alive(self, shards: list[int], app: str, *, fresh: bool = False) -> None:
         """UNAVAILABLE if a shard this request waits on has no running replica."""
-        running = await self._running_replicas(fresh=fresh)
+        running = await self._running_replicas(app, fresh=fresh)
+        if running is None:  # the app is still deploying: its replicas are starting, not down
+            return
         for k in shards:
             if running.get(shard_name(k), 0) == 0:
                 raise ShardUnavailable(shard_name(k), "no running replica")
         if running.get("DenseTower", 0) == 0:
             raise ShardUnavailable("DenseTower", "no running replica")
 
-    async def _running_replicas(self, *, fresh: bool = False) -> dict[str, int]:
-        """Replicas per deployment of this app that the controller reports RUNNING and whose
+    async def _running_replicas(self, app: str, *, fresh: bool = False) -> dict[str, int] | None:
+        """Replicas per deployment of ``app`` that the controller reports RUNNING and whose
         actor is still alive (the controller notices a dead replica only at its next health
-        check; the actor's name leaves Ray's registry as soon as it dies)."""
-        at, cached = self._status_cache
+        check; the actor's name leaves Ray's registry as soon as it dies); None while the app
+        is still deploying (right after start-up: nothing is down yet)."""
+        at, cached = self._status_cache.get(app, (0.0, {}))
         if not fresh and time.monotonic() - at < 0.5:
             return cached
         # single flight: concurrent slow requests share one look (it pickles Serve's status),
         # shielded so that a request that gives up does not cancel it for the others
-        if self._status_lookup is None or self._status_lookup.done():
-            self._status_lookup = asyncio.ensure_future(self._look_up_replicas())
-        return await asyncio.shield(self._status_lookup)
+        lookup = self._status_lookup.get(app)
+        if lookup is None or lookup.done():
+            lookup = self._status_lookup[app] = asyncio.ensure_future(self._look_up_replicas(app))
+        return await asyncio.shield(lookup)
 
-    async def _look_up_replicas(self) -> dict[str, int]:
-        app = serve.get_replica_context().app_name
-
-        def look() -> dict[str, int]:
+    async def _look_up_replicas(self, app: str) -> dict[str, int] | None:
+        def look() -> dict[str, int] | None:
             import ray
+            from ray.serve.schema import ApplicationStatus
 
-            status = serve.status()
-            deployments = status.applications[app].deployments if app in status.applications else {}
+            status = serve.status().applications.get(app)
+            if status is not None and status.status == ApplicationStatus.DEPLOYING:
+                return None
+            deployments = status.deployments if status is not None else {}
             alive = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
             running = {}
             for name, d in deployments.items():
@@ -362,7 +478,7 @@ class Router:
             return running
 
         running = await asyncio.to_thread(look)
-        self._status_cache = (time.monotonic(), running)
+        self._status_cache[app] = (time.monotonic(), running)
         return running
 
     # ------------------------------------------------------------------ helpers

@@ -88,3 +88,13 @@ def test_bad_settings_are_refused():
     for kwargs in ({"max_in_flight": 0}, {"max_latency_factor": 0.5}, {"ewma_alpha": 0.0}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             AdmissionConfig(**kwargs)
+
+
+def test_a_light_load_is_never_shed_by_the_latency_bound():
+    clock = Clock()
+    admission = Admission(AdmissionConfig(max_latency_factor=1.0, min_in_flight=3), clock=clock)
+    served(admission, clock, 10, 0.1)
+    for _ in range(3):  # 0, 1, 2 in flight < 3: the latency bound does not apply yet
+        admission.admit(10, None)
+    with pytest.raises(Overloaded, match="idle latency"):
+        admission.admit(10, None)  # 3 in flight: 40 ms estimated > 1 x 10 ms
