@@ -34,7 +34,8 @@ def test_the_served_app_fades_reports_guardrails_and_rolls_back(deploy, tiny_pac
 
     store = FadingStore(Path(os.environ["RECSERVE_FADE_STORE"]))
     package = tiny_packages("table-3")
-    client = deploy(package, "fading", feature_filter="serving.fading.runtime:router_filter")
+    # float32 between deployments: the served scores are compared with the local ones to 1e-5
+    client = deploy(package, "fading", feature_filter="serving.fading.runtime:router_filter", wire_dtype="float32")
     try:
         # 1. coverage 0.5 set through the store reaches the router: scores equal the faded local ones
         store.transition("tiny", "category", lambda s: sched.set_coverage(s, 0.5, time.time()),
