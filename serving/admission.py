@@ -46,7 +46,7 @@ class AdmissionConfig:
     """How much a server admits. Validated on construction."""
 
     max_in_flight: int = 64  # bounded queue: requests admitted and not yet answered
-    max_latency_factor: float | None = 2.0  # estimated time <= factor x the idle time; None = deadline only
+    max_latency_factor: float | None = None  # estimated time <= factor x the idle time; None = deadline only
     min_in_flight: int = 2  # the latency factor applies from this many requests in flight on
     ewma_alpha: float = 0.2  # weight of the newest sample in the seconds/example averages
     min_latency_s: float = 0.005  # the latency bound is never tighter than this (timer noise)

@@ -79,7 +79,7 @@ class AppArgs(BaseModel):
                                "whenever a request cannot be answered within its deadline, it answers "
                                "RESOURCE_EXHAUSTED at once (serving/admission.py)")
     max_latency_factor: float | None = Field(
-        2.0, ge=1.0, description="a router replica also sheds a request whose estimated latency exceeds this "
+        None, ge=1.0, description="a router replica also sheds a request whose estimated latency exceeds this "
                                  "multiple of its latency on an idle stack (None: the deadline only)")
     router_replicas: int = Field(1, ge=1, description="replicas of the Router (the gRPC ingress); the proxy "
                                                       "spreads requests over them")
