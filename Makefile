@@ -24,8 +24,14 @@ serve: setup
 
 # Every test, two at a time (pytest-xdist; the Ray tests stay together on one worker, see
 # tests/conftest.py). Fails when any test fails or none is collected (pytest's exit code 5).
+# A worker that dies fails the test it was running and ends the run: xdist 3.8's loadgroup
+# can wait forever for a replacement worker (tests/test_ci.py). Prints the 30 slowest tests
+# and the load average at the end.
+XDIST := -n 2 --dist loadgroup --max-worker-restart=0
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	@status=0; $(PY) -m pytest -q $(XDIST) --durations=30 || status=$$?; \
+	echo "make test: exit $$status; load average (1, 5, 15 min) $$(cut -d' ' -f1-3 /proc/loadavg) on $$(nproc) cores"; \
+	exit $$status
 
 # pyflakes over every Python file but the generated gRPC code: unused imports and
 # variables, undefined names, redefinitions.

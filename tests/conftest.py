@@ -6,6 +6,15 @@ group, so module and session fixtures are set up once per file's worker, and eve
 needs Ray (the session's Serve instance, or a ``ray``-marked test that starts its own) is in
 ONE group, "ray", scheduled first: one Ray start-up per run, on one worker, while the other
 worker runs everything else.
+
+A hang or a crash fails the run fast and names the test (pyproject's [tool.pytest.ini_options],
+the Makefile's ``--max-worker-restart=0``): every test has pytest-timeout's bound (``timeout``,
+SIGALRM: xdist runs tests on its workers' main thread, so the signal method works and fails
+only that test), every Ray test the larger RAY_TIMEOUT_S (it may start Ray and Serve, or deploy
+an app, on a loaded machine) unless it sets its own ``@pytest.mark.timeout``; a hang that no
+signal can interrupt (native code holding the GIL) is stopped by faulthandler's watchdog
+(``faulthandler_timeout``, above every bound), which dumps every thread's stack and exits the
+worker; a dead worker is reported as a failure of the test it was running, and ends the run.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from recserve.workloads import WorkloadConfig, load_workload
 
 
 RAY_FIXTURE = "serve_instance"  # tests/serving/conftest.py: the session's Ray + Serve
+RAY_TIMEOUT_S = 600  # pytest-timeout's bound for a Ray test (others: pyproject's ``timeout``)
 
 
 def _needs_ray(item: pytest.Item) -> bool:
@@ -31,6 +41,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = ray + rest  # the longest group first; order within each file kept
     for item in ray:
         item.add_marker(pytest.mark.xdist_group("ray"))
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(RAY_TIMEOUT_S))
     for item in rest:
         item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
