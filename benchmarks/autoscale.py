@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from recserve.synth import TrafficGenerator
     from recserve.workloads import load_workload
-    from serving.client import RankingClient
+    from serving.api.client import RankingClient
     from serving.loopback import HOOK
     from serving.ports import free_port
 

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     grpc_lat: dict[str, list[float]] = {}
     if args.grpc:
-        from serving.client import RankingClient
+        from serving.api.client import RankingClient
         from serving.monolith import MonolithThread
 
         servers = {name: MonolithThread(pkg, feature_filter=filters[name], device=args.device).start() for name in names}

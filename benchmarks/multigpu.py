@@ -117,7 +117,7 @@ def run_check(args: argparse.Namespace) -> dict:
     from recserve.package import ModelPackage
     from recserve.v1 import ranker_pb2
     from serving.app import build_app
-    from serving.client import RankingClient
+    from serving.api.client import RankingClient
     from serving.commands import GRPC_SERVICERS
     from serving.config import AppArgs
     from serving.local_ranker import LocalRanker

@@ -52,7 +52,7 @@ def tiny_package(tmp: Path) -> Path:
 
 
 def measure(client, batches, *, concurrency: int) -> dict[str, float]:
-    from serving.codec import encode_request
+    from serving.api.codec import encode_request
 
     requests = [encode_request(b.dense, {f: (x.values, x.lengths) for f, x in b.sparse.items()}) for b in batches]
     for r in requests[:20]:  # warm-up
@@ -89,7 +89,7 @@ def main() -> int:
     from recserve.package import ModelPackage
     from recserve.synth import TrafficGenerator
     from serving.app import build_app
-    from serving.client import RankingClient
+    from serving.api.client import RankingClient
     from serving.commands import GRPC_SERVICERS
     from serving.config import AppArgs
     from recserve.default_package import build_default_package

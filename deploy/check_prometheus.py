@@ -65,7 +65,7 @@ def send_traffic(grpc_port: int, stop: threading.Event) -> list[str]:
     """~10 requests/s of the served model's shape until ``stop``; returns the outcomes."""
     import numpy as np
 
-    from serving.client import RankingClient
+    from serving.api.client import RankingClient
 
     outcomes: list[str] = []
     with RankingClient(f"127.0.0.1:{grpc_port}") as client:

@@ -25,7 +25,7 @@ import psutil
 
 from loadtest.cpu import CpuMeter, describe, process_tree, ray_control_processes, ray_serve_processes
 from recserve.v1 import ranker_pb2
-from serving.api import MODEL_INFO_METHOD
+from serving.api.wire import MODEL_INFO_METHOD
 
 
 class TargetError(RuntimeError):

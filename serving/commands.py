@@ -160,7 +160,7 @@ def _serve_monolith(app_args, manifest, ports) -> int:
     """The whole model in this process behind grpc.aio on 127.0.0.1 (stops on SIGINT/SIGTERM)."""
     import asyncio
 
-    from serving.api import load_feature_filter
+    from serving.api.wire import load_feature_filter
     from serving.example_log import config_of
     from serving.monolith import serve_forever
 
@@ -188,7 +188,7 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
     import ray
     from ray import serve
 
-    from serving.api import SERVICE_NAME
+    from serving.api.wire import SERVICE_NAME
     from serving.app import build_app
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
@@ -330,7 +330,7 @@ def _recserve() -> str:
 def client_command(port: int) -> str:
     """A shell command that asks the server on ``port`` which model it serves (works as printed:
     this interpreter has grpcio; the repository root is the working directory)."""
-    return (f'{_python()} -c "from serving.client import RankingClient; '
+    return (f'{_python()} -c "from serving.api.client import RankingClient; '
             f"print(RankingClient('127.0.0.1:{port}').model_info())\"")
 
 

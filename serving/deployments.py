@@ -31,15 +31,15 @@ from ray.serve.metrics import Counter, Histogram
 
 from recserve.package import ModelPackage
 from serving.admission import Admission, AdmissionConfig
-from serving.api import HEALTH_SERVICES, caller_timeout_s, load_feature_filter
-from serving.codec import ModelSpec, check_model, decode_request, encode_response, model_info
+from serving.api.wire import HEALTH_SERVICES, caller_timeout_s, load_feature_filter
+from serving.api.codec import ModelSpec, check_model, decode_request, encode_response, model_info
 from serving.config import AppArgs, BatchingConfig
-from serving.errors import DeadlineExceeded, Overloaded, ServingError, ShardUnavailable
+from serving.api.errors import DeadlineExceeded, Overloaded, ServingError, ShardUnavailable
 from serving.example_log import config_of, example_log_for
 from serving import routing as routing_module  # a module global: Serve pickles Router by value
 from serving.routing import FeatureFilter, Routing, ShardRequest
 from serving.shard import ShardCore
-from serving.status import grpc_status
+from serving.api.status import grpc_status
 from serving.tower import TowerCore
 from serving.versions import RouterVersions, ServedVersion, VersionTable, load_table
 

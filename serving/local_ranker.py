@@ -15,7 +15,7 @@ import torch
 
 from recserve.batch import Batch
 from recserve.package import ModelPackage
-from serving.codec import ModelSpec
+from serving.api.codec import ModelSpec
 from serving.config import DEFAULT_MAX_BATCH_SIZE
 from serving.routing import FeatureFilter, Routing, identity_filter, observe_scores
 from serving.shard import ShardCore

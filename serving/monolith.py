@@ -29,14 +29,14 @@ from grpc_health.v1._async import HealthServicer
 from recserve.package import ModelPackage
 from recserve.v1 import ranker_pb2_grpc
 from serving.admission import Admission, AdmissionConfig
-from serving.codec import check_model, decode_request, encode_response, model_info
-from serving.errors import DeadlineExceeded
-from serving.api import HEALTH_SERVICES, caller_timeout_s
+from serving.api.codec import check_model, decode_request, encode_response, model_info
+from serving.api.errors import DeadlineExceeded
+from serving.api.wire import HEALTH_SERVICES, caller_timeout_s
 from serving.config import DEFAULT_MAX_BATCH_SIZE
 from serving.local_ranker import LocalRanker
 from serving.example_log import OFF, ExampleLog, ExampleLogConfig, NoLog, example_log_for
 from serving.routing import REQUEST_ID, FeatureFilter, identity_filter
-from serving.status import grpc_status
+from serving.api.status import grpc_status
 from serving.server_thread import ServerThread, serve_until_signalled
 
 

@@ -62,7 +62,7 @@ class ShardCore:
     the Serve deployment calls :meth:`lookup_many` from ``asyncio.to_thread``.
 
     The id check: the router and the monolith already validate every id against its table
-    at decode (serving/codec.py), so the shard must not pay a host sync per request for a
+    at decode (serving/api/codec.py), so the shard must not pay a host sync per request for a
     second check, yet a direct caller with a bad id must still get the typed
     :class:`IndexOutOfRangeError`, and no bad id may ever be dereferenced on the device.
     So the device step computes a flag (any live id outside its slice) and masks bad ids to

@@ -319,7 +319,7 @@ class RouterVersions:
 
     def pick(self, version: str) -> ServedVersion:
         """The version a request asked for ('' = the live one); ModelNotFound if it is not up."""
-        from serving.errors import ModelNotFound, quoted
+        from serving.api.errors import ModelNotFound, quoted
 
         if not version:
             return self.served[self.table.live]
@@ -358,7 +358,7 @@ def router_hooks(router_app: str, *, warm_up_requests: int, timeout_s: float = 3
 
     def warm_up(version: str) -> None:
         from recserve.synth import TrafficGenerator
-        from serving.codec import encode_request
+        from serving.api.codec import encode_request
 
         table = load_table(router_app)
         from recserve.package import ModelPackage

@@ -45,7 +45,7 @@ def bad_requests(tiny: WorkloadConfig) -> list[tuple[str, object, str, str]]:
     import math
 
     from recserve.synth import TrafficGenerator
-    from serving.codec import encode_request
+    from serving.api.codec import encode_request
 
     good = TrafficGenerator(tiny, seed=11).batch(4)
 
@@ -183,7 +183,7 @@ def deploy(serve_instance):
 
     from recserve.package import ModelPackage
     from serving.app import build_app
-    from serving.client import RankingClient
+    from serving.api.client import RankingClient
     from serving.config import AppArgs
 
     clients = []

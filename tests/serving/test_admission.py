@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from serving.admission import Admission, AdmissionConfig
-from serving.errors import Code, Overloaded
+from serving.api.errors import Code, Overloaded
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""serving/api.py, the wire: its names match the generated gRPC code, the deadline header
+"""serving/api/wire.py, the wire: its names match the generated gRPC code, the deadline header
 is read (and a malformed one rejected by name) by a real server, and the feature-filter
 loader builds what an import path names."""
 
@@ -11,9 +11,9 @@ import pytest
 from recserve.package import ModelPackage
 from recserve.synth import TrafficGenerator
 from recserve.v1 import ranker_pb2
-from serving import api
-from serving.client import RankingClient
-from serving.codec import encode_request
+from serving.api import wire as api
+from serving.api.client import RankingClient
+from serving.api.codec import encode_request
 from serving.monolith import MonolithThread
 from serving.routing import identity_filter
 

@@ -9,7 +9,7 @@ import torch
 
 from recserve.batch import Bags, Batch
 from recserve.workloads import BUNDLED, load_workload
-from serving.codec import MAX_ABS_DENSE
+from serving.api.codec import MAX_ABS_DENSE
 from serving.local_ranker import LocalRanker
 
 B = 6

@@ -11,7 +11,7 @@ import pytest
 
 from recserve.batch import Bags, Batch
 from recserve.synth import TrafficGenerator
-from serving.client import RankingClient
+from serving.api.client import RankingClient
 from serving.monolith import MonolithThread
 
 TOL = 1e-5
@@ -132,8 +132,8 @@ def test_a_burst_is_shed_at_once_and_every_admitted_request_is_scored_correctly(
 
 
 def test_a_long_malformed_timeout_header_is_quoted_briefly(servers, tiny, helpers):
-    from serving.api import TIMEOUT_METADATA
-    from serving.codec import encode_request
+    from serving.api.wire import TIMEOUT_METADATA
+    from serving.api.codec import encode_request
 
     batch = TrafficGenerator(tiny, seed=7).batch(2)
     with pytest.raises(grpc.RpcError) as err:

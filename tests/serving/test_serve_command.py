@@ -102,7 +102,7 @@ def test_the_printed_client_command_works_as_printed(stack):
 
 
 def test_scaling_one_shard_keeps_the_other_replica_processes_and_fails_no_request(stack, tiny):
-    from serving.client import RankingClient
+    from serving.api.client import RankingClient
 
     def snapshot() -> dict[str, set[tuple[str, int]]]:
         details = serve_details(stack.dashboard)

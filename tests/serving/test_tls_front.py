@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from recserve.synth import TrafficGenerator
-from serving.client import RankingClient
+from serving.api.client import RankingClient
 from serving.monolith import MonolithThread
 from serving.server_thread import ServerThread
 from serving.tls_front import create_tls_front

@@ -71,7 +71,7 @@ class Load:
         self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(2)]
 
     def run(self, worker: int) -> None:
-        from serving.codec import encode_request
+        from serving.api.codec import encode_request
 
         i = worker
         while not self.stop.is_set():
@@ -103,7 +103,7 @@ def stack(serve_instance, two_versions):
     """A router app ("swap") serving v1 from its own version app."""
     from ray import serve
 
-    from serving.client import RankingClient
+    from serving.api.client import RankingClient
     from serving.config import AppArgs
     from serving.versions import start_stack
 

@@ -16,7 +16,7 @@ import pytest
 from tests.serving.package_models import torchrec_scores
 
 from recserve.synth import TrafficGenerator
-from serving.client import RankingClient
+from serving.api.client import RankingClient
 
 ROOT = Path(__file__).resolve().parents[2]
 GUARD = ROOT / "tests" / "no_torchrec"

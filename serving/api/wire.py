@@ -19,7 +19,7 @@ import importlib
 import math
 from typing import TYPE_CHECKING
 
-from serving.errors import InvalidRequest, quoted
+from serving.api.errors import InvalidRequest, quoted
 
 if TYPE_CHECKING:
     import grpc
