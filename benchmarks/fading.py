@@ -39,7 +39,7 @@ from serving.fading import schedule as sched
 from serving.fading.runtime import FadingFilter
 from serving.fading.schedule import Schedule, Status
 from serving.fading.store import FadingStore
-from serving.local_ranker import LocalRanker
+from serving.engine.local_ranker import LocalRanker
 
 SETTINGS = (  # name, coverage, control fraction, done
     ("reference (no fading)", 1.0, 0.0, False),

@@ -120,7 +120,7 @@ def run_check(args: argparse.Namespace) -> dict:
     from serving.api.client import RankingClient
     from serving.commands import GRPC_SERVICERS
     from serving.config import AppArgs
-    from serving.local_ranker import LocalRanker
+    from serving.engine.local_ranker import LocalRanker
     from serving.placement import gpu_placement, replica_gpus
     from serving.ports import free_port
 

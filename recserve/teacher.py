@@ -116,7 +116,7 @@ class _Teacher:
     def __init__(self, package: str, out: str, snapshot_at: float, device: str, with_embeddings: bool):
         from recserve.package import ModelPackage
         from serving.api.codec import ModelSpec
-        from serving.local_ranker import LocalRanker
+        from serving.engine.local_ranker import LocalRanker
 
         pkg = ModelPackage.open(package)
         self.ranker = LocalRanker.load(pkg, device=device)

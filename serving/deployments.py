@@ -30,17 +30,17 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.metrics import Counter, Histogram
 
 from recserve.package import ModelPackage
-from serving.admission import Admission, AdmissionConfig
+from serving.engine.admission import Admission, AdmissionConfig
 from serving.api.wire import HEALTH_SERVICES, caller_timeout_s, load_feature_filter
 from serving.api.codec import ModelSpec, check_model, decode_request, encode_response, model_info
 from serving.config import AppArgs, BatchingConfig
 from serving.api.errors import DeadlineExceeded, Overloaded, ServingError, ShardUnavailable
 from serving.example_log import config_of, example_log_for
-from serving import routing as routing_module  # a module global: Serve pickles Router by value
-from serving.routing import FeatureFilter, Routing, ShardRequest
-from serving.shard import ShardCore
+from serving.engine import routing as routing_module  # a module global: Serve pickles Router by value
+from serving.engine.routing import FeatureFilter, Routing, ShardRequest
+from serving.engine.shard import ShardCore
 from serving.api.status import grpc_status
-from serving.tower import TowerCore
+from serving.engine.tower import TowerCore
 from serving.versions import RouterVersions, ServedVersion, VersionTable, load_table
 
 logger = logging.getLogger("ray.serve")
@@ -237,7 +237,7 @@ class Router:
 
     Versions (serving/versions.py): the router serves every version in the table kept in
     Ray's GCS for its app (``set_versions`` swaps it in one assignment); without a table it
-    serves the package it was built with, from its own app. Admission (serving/admission.py)
+    serves the package it was built with, from its own app. Admission (serving/engine/admission.py)
     sheds with RESOURCE_EXHAUSTED before decoding when a request cannot be answered in time.
     A call that fails because a replica died is retried (on another replica) within the
     deadline: scoring is idempotent."""

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import grpc
 
     from recserve.package import Manifest
-    from serving.routing import FeatureFilter
+    from serving.engine.routing import FeatureFilter
 
 SERVICE_NAME = "recserve.v1.Ranker"
 HEALTH_SERVICES = ("", SERVICE_NAME)  # the grpc.health.v1 names answered SERVING
@@ -67,7 +67,7 @@ def caller_timeout_s(context: grpc.ServicerContext | None, default: float | None
 def load_feature_filter(path: str | None, manifest: Manifest) -> FeatureFilter:
     """The feature filter that ``path`` ('module:factory', see ``AppArgs.feature_filter``)
     makes for ``manifest``: ``factory(manifest)``; the identity for None, "" or "none"."""
-    from serving.routing import identity_filter
+    from serving.engine.routing import identity_filter
 
     if path in (None, "", "none"):
         return identity_filter

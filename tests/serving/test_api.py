@@ -15,7 +15,7 @@ from serving.api import wire as api
 from serving.api.client import RankingClient
 from serving.api.codec import encode_request
 from serving.monolith import MonolithThread
-from serving.routing import identity_filter
+from serving.engine.routing import identity_filter
 
 
 def test_service_name_and_method_paths_are_those_of_the_generated_code():

@@ -157,7 +157,7 @@ def test_health_and_model_info_answer(servers, tiny):
 
 
 def test_the_feature_filter_runs_before_the_split_and_sees_the_request_id(tiny_packages, tiny, reference, helpers):
-    from serving.routing import REQUEST_ID
+    from serving.engine.routing import REQUEST_ID
 
     seen = []
 

@@ -8,8 +8,8 @@ import torch
 from recserve.batch import Bags, Batch
 from recserve.package import ModelPackage
 from recserve.synth import TrafficGenerator
-from serving.routing import Routing, concat_requests
-from serving.shard import ShardCore
+from serving.engine.routing import Routing, concat_requests
+from serving.engine.shard import ShardCore
 
 
 def _only(tiny, feature: str, values: list[int], lengths: list[int]) -> Batch:

@@ -17,9 +17,9 @@ from recserve.batch import Batch
 from recserve.package import ModelPackage
 from serving.api.codec import ModelSpec
 from serving.config import DEFAULT_MAX_BATCH_SIZE
-from serving.routing import FeatureFilter, Routing, identity_filter, observe_scores
-from serving.shard import ShardCore
-from serving.tower import TowerCore
+from serving.engine.routing import FeatureFilter, Routing, identity_filter, observe_scores
+from serving.engine.shard import ShardCore
+from serving.engine.tower import TowerCore
 
 
 @dataclass
