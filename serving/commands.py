@@ -160,7 +160,7 @@ def _serve_monolith(app_args, manifest, ports) -> int:
     """The whole model in this process behind grpc.aio on 127.0.0.1 (stops on SIGINT/SIGTERM)."""
     import asyncio
 
-    from serving.api.wire import load_feature_filter
+    from serving.engine.routing import load_feature_filter
     from serving.example_log import config_of
     from serving.monolith import serve_forever
 

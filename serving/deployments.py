@@ -31,13 +31,13 @@ from ray.serve.metrics import Counter, Histogram
 
 from recserve.package import ModelPackage
 from serving.engine.admission import Admission, AdmissionConfig
-from serving.api.wire import HEALTH_SERVICES, caller_timeout_s, load_feature_filter
+from serving.api.wire import HEALTH_SERVICES, caller_timeout_s
 from serving.api.codec import ModelSpec, check_model, decode_request, encode_response, model_info
 from serving.config import AppArgs, BatchingConfig
 from serving.api.errors import DeadlineExceeded, Overloaded, ServingError, ShardUnavailable
 from serving.example_log import config_of, example_log_for
 from serving.engine import routing as routing_module  # a module global: Serve pickles Router by value
-from serving.engine.routing import FeatureFilter, Routing, ShardRequest
+from serving.engine.routing import FeatureFilter, Routing, ShardRequest, load_feature_filter
 from serving.engine.shard import ShardCore
 from serving.api.status import grpc_status
 from serving.engine.tower import TowerCore
