@@ -135,7 +135,7 @@ def main() -> int:
     from serving.api.codec import encode_request
     from serving.commands import GRPC_SERVICERS
     from serving.config import AppArgs
-    from serving.monolith import MonolithThread
+    from serving.standalone.monolith import MonolithThread
 
     tmp = Path(tempfile.mkdtemp(prefix="recserve-dataplane-"))
     package = build_package(args, tmp)

@@ -42,7 +42,7 @@ def main() -> None:
     from recserve.train import train
     from serving.api.client import RankingClient
     from serving.example_log import ExampleLog, ExampleLogConfig
-    from serving.monolith import MonolithThread
+    from serving.standalone.monolith import MonolithThread
 
     tiny = load_workload("tiny")
     work = Path(tempfile.mkdtemp(prefix="recserve-logbench-"))

@@ -12,7 +12,7 @@ lookup time of the shard holding the feature, the fading step's own cost and the
 request latency (p50, p99), each with the no-fading reference beside it.
 
 With ``--grpc`` the same trace also goes end to end through the monolith gRPC server
-(serving/monolith.py) with the fading step as its feature filter.
+(serving/standalone/monolith.py) with the fading step as its feature filter.
 
 Run (default model: criteo-kaggle capped at 100k rows, trained on first use)::
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     grpc_lat: dict[str, list[float]] = {}
     if args.grpc:
         from serving.api.client import RankingClient
-        from serving.monolith import MonolithThread
+        from serving.standalone.monolith import MonolithThread
 
         servers = {name: MonolithThread(pkg, feature_filter=filters[name], device=args.device).start() for name in names}
         clients = {name: RankingClient(f"127.0.0.1:{srv.port}") for name, srv in servers.items()}

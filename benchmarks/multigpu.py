@@ -122,7 +122,7 @@ def run_check(args: argparse.Namespace) -> dict:
     from serving.config import AppArgs
     from serving.engine.local_ranker import LocalRanker
     from serving.placement import gpu_placement, replica_gpus
-    from serving.ports import free_port
+    from serving.ops.ports import free_port
 
     manifest = ModelPackage.open(args.package).manifest
     trace = make_trace(manifest.workload, args.requests, seed=args.seed)  # the package's own (row-capped) tables

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/transports.py [--requests 200] [--concurrency 8]
 
-The monolith (whole model in one process, no Ray; serving/monolith.py) runs the same trace
+The monolith (whole model in one process, no Ray; serving/standalone/monolith.py) runs the same trace
 first, as the baseline. For each workload (tiny; criteo-kaggle with tables capped at 100k rows = the default model)
 and each transport ("reference": Ray actor calls through the object store, shard results
 passed to the tower as DeploymentResponses; "grpc": handle.options(_by_reference=False)),
@@ -93,7 +93,7 @@ def main() -> int:
     from serving.commands import GRPC_SERVICERS
     from serving.config import AppArgs
     from recserve.default_package import build_default_package
-    from serving.monolith import MonolithThread
+    from serving.standalone.monolith import MonolithThread
 
     tmp = Path(tempfile.mkdtemp(prefix="recserve-bench-"))
     packages = {}

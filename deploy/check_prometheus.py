@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from serving.commands import state_path
-    from serving.ports import free_port
+    from serving.ops.ports import free_port
 
     state_file = args.state or state_path()
     try:

@@ -1,7 +1,7 @@
 """The servers under test, each started in its own process group and stopped afterwards.
 
 - :class:`MonolithServer`: the whole model in one process behind a plain grpc.aio server
-  (``serving.monolith.create_server``), started through ``python -m loadtest.serve_monolith``.
+  (``serving.standalone.monolith.create_server``), started through ``python -m loadtest.serve_monolith``.
 - :class:`ServeStack`: the sharded Ray Serve stack, started with ``recserve serve PACKAGE
   --port P`` (a local Ray instance, the gRPC proxy on P); stopped with SIGINT so it shuts
   Serve and Ray down, then anything of its process tree still alive is ended by pid.

@@ -29,7 +29,7 @@ class RankingClient:
     def __init__(self, address: str, *, application: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None):
         """``address`` is host:port; ``application`` picks a Serve app when several are deployed;
-        ``credentials`` (``grpc.ssl_channel_credentials(...)``) for a TLS front (serving/tls_front.py)."""
+        ``credentials`` (``grpc.ssl_channel_credentials(...)``) for a TLS front (serving/standalone/tls_front.py)."""
         self.address = address
         options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
         self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials is not None

@@ -1,6 +1,6 @@
 """The whole model in one process: decode -> feature filter -> split -> shards -> tower.
 
-This is the single-server path (serving/monolith.py) and the reference composition of the
+This is the single-server path (serving/standalone/monolith.py) and the reference composition of the
 cores; the Ray Serve app (deployments.py) runs the same steps with each shard and the
 tower in their own deployments.
 """

@@ -12,7 +12,7 @@ from recserve.v1 import ranker_pb2
 from serving.api import wire as api
 from serving.api.client import RankingClient
 from serving.api.codec import encode_request
-from serving.monolith import MonolithThread
+from serving.standalone.monolith import MonolithThread
 
 
 def test_service_name_and_method_paths_are_those_of_the_generated_code():

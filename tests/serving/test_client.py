@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from recserve.synth import TrafficGenerator
-from serving.monolith import MonolithThread
+from serving.standalone.monolith import MonolithThread
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,7 +22,7 @@ from recserve.example_format import TMP_PREFIX, table_batch
 from recserve.synth import TrafficGenerator
 from serving.api.client import RankingClient
 from serving.example_log import ExampleLog, ExampleLogConfig, sampled
-from serving.monolith import MonolithThread
+from serving.standalone.monolith import MonolithThread
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import pytest
 from recserve.batch import Bags, Batch
 from recserve.synth import TrafficGenerator
 from serving.api.client import RankingClient
-from serving.monolith import MonolithThread
+from serving.standalone.monolith import MonolithThread
 
 TOL = 1e-5
 LAYOUTS = ["singular-1", "table-2", "table-3", "capacity-1", "capacity-2", "capacity-3", "load-1", "load-2", "load-3"]

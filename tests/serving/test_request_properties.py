@@ -17,7 +17,7 @@ from recserve.package import ModelPackage
 from recserve.v1 import ranker_pb2
 from serving.api.client import RankingClient
 from serving.api.codec import MAX_ABS_DENSE
-from serving.monolith import MonolithThread
+from serving.standalone.monolith import MonolithThread
 
 LAYOUT = "load-2"  # row-split tables: ids go to two shards
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}

@@ -37,7 +37,7 @@ from serving.engine.local_ranker import LocalRanker
 from serving.example_log import OFF, ExampleLog, ExampleLogConfig, NoLog, example_log_for
 from serving.engine.routing import REQUEST_ID, FeatureFilter, identity_filter
 from serving.api.status import grpc_status
-from serving.server_thread import ServerThread, serve_until_signalled
+from serving.ops.server_thread import ServerThread, serve_until_signalled
 
 
 class MonolithServicer(ranker_pb2_grpc.RankerServicer):
