@@ -130,7 +130,7 @@ def main() -> int:
 
     from recserve.package import ModelPackage
     from recserve.synth import TrafficGenerator
-    from serving.app import build_app
+    from serving.app.builder import build_app
     from serving.api.client import RankingClient
     from serving.api.codec import encode_request
     from serving.commands import GRPC_SERVICERS

@@ -88,7 +88,7 @@ def main() -> int:
 
     from recserve.package import ModelPackage
     from recserve.synth import TrafficGenerator
-    from serving.app import build_app
+    from serving.app.builder import build_app
     from serving.api.client import RankingClient
     from serving.commands import GRPC_SERVICERS
     from serving.config import AppArgs

@@ -8,7 +8,7 @@ its gRPC port and Ray's metrics-export address), starts Debian's `prometheus` (i
 apt-get if it is missing and this runs as root) on 127.0.0.1 with a temporary copy of
 deploy/prometheus.yml pointed at that address, sends light traffic through RankingClient so
 every request-path metric has samples, then lists each `recserve` metric Prometheus stored
-with its series count and a sample value. Exit 1 if a metric of serving/deployments.py is
+with its series count and a sample value. Exit 1 if a metric of serving/app/deployments.py is
 missing.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# the request-path metrics of serving/deployments.py, as Ray exports them (prefix ray_)
+# the request-path metrics of serving/app/deployments.py, as Ray exports them (prefix ray_)
 EXPECTED = (
     "ray_recserve_requests_total",
     "ray_recserve_request_ms_bucket",

@@ -189,7 +189,7 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
     from ray import serve
 
     from serving.api.wire import SERVICE_NAME
-    from serving.app import build_app
+    from serving.app.builder import build_app
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would

@@ -44,7 +44,7 @@ class BatchingConfig(BaseModel):
 
 
 class AppArgs(BaseModel):
-    """Arguments of :func:`serving.app.build_app` (the ``args:`` of deploy/serve.yaml)."""
+    """Arguments of :func:`serving.app.builder.build_app` (the ``args:`` of deploy/serve.yaml)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -90,7 +90,7 @@ class AppArgs(BaseModel):
         "float32", description="compute dtype of the dense tower: float16/bfloat16 stay within "
                                "serving.engine.tower.LOWP_SCORE_BOUND of float32 scores (tested)")
     gpus: int = Field(0, ge=0, description="GPUs of the host to spread the replicas over through Ray's GPU "
-                                           "resources (serving/placement.py): each shard replica takes a share of "
+                                           "resources (serving/app/placement.py): each shard replica takes a share of "
                                            "one GPU, at most ceil(shards x shard_replicas / gpus) per GPU; "
                                            "0 = no GPU reservation, every replica on 'device' as it finds it "
                                            "(with device 'cpu' the shares are reserved but unused: a placement check)")

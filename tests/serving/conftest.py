@@ -182,7 +182,7 @@ def deploy(serve_instance):
     from ray import serve
 
     from recserve.package import ModelPackage
-    from serving.app import build_app
+    from serving.app.builder import build_app
     from serving.api.client import RankingClient
     from serving.config import AppArgs
 

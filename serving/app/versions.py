@@ -393,7 +393,7 @@ def deploy(
     """:func:`deploy_version` against the running stack ``router_app`` (from a driver
     connected to its Ray), the new version started with the stack's settings.
     ``wrap_warm_up(version, warm_up)`` may add checks around the warm-up (tests)."""
-    from serving.app import build_version_app
+    from serving.app.builder import build_version_app
     from serving.config import AppArgs
 
     if load_table(router_app) is None:  # a stack started as one app (deploy/serve.yaml): its router's own table
@@ -423,7 +423,7 @@ def start_stack(args, *, router_app: str = ROUTER_APP, route_prefix: str = "/") 
     where the router replicas and a later ``recserve deploy`` find them."""
     from ray import serve
 
-    from serving.app import build_router_app, build_version_app
+    from serving.app.builder import build_router_app, build_version_app
     from serving.default_model import resolve_package
 
     path = str(resolve_package(args.package))

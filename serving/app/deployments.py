@@ -41,7 +41,7 @@ from serving.engine.routing import FeatureFilter, Routing, ShardRequest, load_fe
 from serving.engine.shard import ShardCore
 from serving.api.status import grpc_status
 from serving.engine.tower import TowerCore
-from serving.versions import RouterVersions, ServedVersion, VersionTable, load_table
+from serving.app.versions import RouterVersions, ServedVersion, VersionTable, load_table
 
 logger = logging.getLogger("ray.serve")
 
@@ -197,7 +197,7 @@ class DenseTower:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
 class VersionFront:
-    """Ingress of a version application (serving/versions.py): the version's shards and tower
+    """Ingress of a version application (serving/app/versions.py): the version's shards and tower
     are bound to it so that they belong to its app; requests reach them from the router."""
 
     def __init__(self, version: str, shards: list[DeploymentHandle], tower: DeploymentHandle):
@@ -235,7 +235,7 @@ class Router:
     """gRPC ingress: admit (or shed) -> pick the version -> decode + validate -> feature
     filter -> split -> shards -> tower -> encode.
 
-    Versions (serving/versions.py): the router serves every version in the table kept in
+    Versions (serving/app/versions.py): the router serves every version in the table kept in
     Ray's GCS for its app (``set_versions`` swaps it in one assignment); without a table it
     serves the package it was built with, from its own app. Admission (serving/engine/admission.py)
     sheds with RESOURCE_EXHAUSTED before decoding when a request cannot be answered in time.
@@ -287,7 +287,7 @@ class Router:
         )
         return ServedVersion(version=version, app=app, manifest=manifest, parts=parts)
 
-    # ------------------------------------------------------------------ control (serving/versions.py)
+    # ------------------------------------------------------------------ control (serving/app/versions.py)
 
     def set_versions(self, table_json: str) -> str:
         """Serve the versions of this table from now on; returns the live version."""
