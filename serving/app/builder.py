@@ -4,7 +4,7 @@
 
     Router.bind(package, [shard-0, ..., shard-N], DenseTower, args)
 
-A versioned stack (serving/app/versions.py: ``start_stack``, ``recserve deploy``) runs the same
+A versioned stack (serving/app/rollout.py: ``start_stack``, ``recserve deploy``) runs the same
 deployments as one application per model version (``build_version_app``) plus a router
 application (``build_router_app``).
 """
@@ -66,7 +66,7 @@ def build_app(args: AppArgs) -> Application:
 
 
 def build_version_app(args: AppArgs) -> Application:
-    """One model version's application (serving/app/versions.py): its shards and tower behind an
+    """One model version's application (serving/app/rollout.py): its shards and tower behind an
     idle VersionFront ingress; the router of the stack calls them by name."""
     args, manifest = _resolved(args)
     shards, tower = _version_deployments(args, manifest)

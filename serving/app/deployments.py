@@ -41,7 +41,8 @@ from serving.engine.routing import FeatureFilter, Routing, ShardRequest, load_fe
 from serving.engine.shard import ShardCore
 from serving.api.status import grpc_status
 from serving.engine.tower import TowerCore
-from serving.app.versions import RouterVersions, ServedVersion, VersionTable, load_table
+from serving.app.version_store import load_table
+from serving.app.versions import RouterVersions, ServedVersion, VersionTable
 
 logger = logging.getLogger("ray.serve")
 
