@@ -118,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
 
-    from serving.default_model import resolve_package
+    from recserve.default_package import resolve_package
 
     path = resolve_package(args.package)
     pkg = ModelPackage.open(path)
     if args.isolate:
-        from serving.default_model import artifacts_dir
+        from recserve.default_package import artifacts_dir
 
         pkg = ModelPackage.open(isolated_package(pkg, args.feature, artifacts_dir() / f"bench-fading-{args.feature}-alone"))
     m = pkg.manifest

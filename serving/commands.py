@@ -129,7 +129,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from recserve.package import ModelPackage, PackageError
-    from serving.default_model import resolve_package
+    from recserve.default_package import resolve_package
     from serving.ops.ports import PortTaken, ServePorts
 
     try:
@@ -336,7 +336,7 @@ def client_command(port: int) -> str:
 
 def state_path():
     """Where a running ``recserve serve`` leaves its addresses for ``recserve scale``."""
-    from serving.default_model import artifacts_dir
+    from recserve.default_package import artifacts_dir
 
     return artifacts_dir() / "serving.json"
 

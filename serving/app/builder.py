@@ -15,7 +15,7 @@ from ray.serve import Application
 
 from recserve.package import Manifest, ModelPackage
 from serving.config import AppArgs, replica_num_cpus
-from serving.default_model import resolve_package
+from recserve.default_package import resolve_package
 from serving.app.deployments import DenseTower, Router, Shard, VersionFront, shard_name, transport_env
 from serving.app.placement import gpu_placement
 

@@ -258,7 +258,7 @@ def start_stack(args, *, router_app: str = ROUTER_APP, route_prefix: str = "/") 
     from ray import serve
 
     from serving.app.builder import build_router_app, build_version_app
-    from serving.default_model import resolve_package
+    from recserve.default_package import resolve_package
 
     path = str(resolve_package(args.package))
     args = args.model_copy(update={"package": path})
