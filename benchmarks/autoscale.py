@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     phases = [(float(r), float(s)) for r, s in (ph.split(":") for ph in args.phases.split(","))]
 
-    from serving.loopback import ray_on_loopback
+    from serving.ops.loopback import ray_on_loopback
 
     ray_on_loopback()
     import ray
@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from recserve.synth import TrafficGenerator
     from recserve.workloads import load_workload
-    from serving.client import RankingClient
-    from serving.loopback import HOOK
-    from serving.ports import free_port
+    from serving.api.client import RankingClient
+    from serving.ops.loopback import HOOK
+    from serving.ops.ports import free_port
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="recserve-autoscale-"))

@@ -130,12 +130,12 @@ def main() -> int:
 
     from recserve.package import ModelPackage
     from recserve.synth import TrafficGenerator
-    from serving.app import build_app
-    from serving.client import RankingClient
-    from serving.codec import encode_request
+    from serving.app.builder import build_app
+    from serving.api.client import RankingClient
+    from serving.api.codec import encode_request
     from serving.commands import GRPC_SERVICERS
     from serving.config import AppArgs
-    from serving.monolith import MonolithThread
+    from serving.standalone.monolith import MonolithThread
 
     tmp = Path(tempfile.mkdtemp(prefix="recserve-dataplane-"))
     package = build_package(args, tmp)

@@ -40,9 +40,9 @@ def main() -> None:
     from recserve.export import export_package
     from recserve.planning import plan_workload
     from recserve.train import train
-    from serving.client import RankingClient
+    from serving.api.client import RankingClient
     from serving.example_log import ExampleLog, ExampleLogConfig
-    from serving.monolith import MonolithThread
+    from serving.standalone.monolith import MonolithThread
 
     tiny = load_workload("tiny")
     work = Path(tempfile.mkdtemp(prefix="recserve-logbench-"))

@@ -12,7 +12,7 @@ lookup time of the shard holding the feature, the fading step's own cost and the
 request latency (p50, p99), each with the no-fading reference beside it.
 
 With ``--grpc`` the same trace also goes end to end through the monolith gRPC server
-(serving/monolith.py) with the fading step as its feature filter.
+(serving/standalone/monolith.py) with the fading step as its feature filter.
 
 Run (default model: criteo-kaggle capped at 100k rows, trained on first use)::
 
@@ -39,7 +39,7 @@ from serving.fading import schedule as sched
 from serving.fading.runtime import FadingFilter
 from serving.fading.schedule import Schedule, Status
 from serving.fading.store import FadingStore
-from serving.local_ranker import LocalRanker
+from serving.engine.local_ranker import LocalRanker
 
 SETTINGS = (  # name, coverage, control fraction, done
     ("reference (no fading)", 1.0, 0.0, False),
@@ -118,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
 
-    from serving.default_model import resolve_package
+    from recserve.default_package import resolve_package
 
     path = resolve_package(args.package)
     pkg = ModelPackage.open(path)
     if args.isolate:
-        from serving.default_model import artifacts_dir
+        from recserve.default_package import artifacts_dir
 
         pkg = ModelPackage.open(isolated_package(pkg, args.feature, artifacts_dir() / f"bench-fading-{args.feature}-alone"))
     m = pkg.manifest
@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
     grpc_lat: dict[str, list[float]] = {}
     if args.grpc:
-        from serving.client import RankingClient
-        from serving.monolith import MonolithThread
+        from serving.api.client import RankingClient
+        from serving.standalone.monolith import MonolithThread
 
         servers = {name: MonolithThread(pkg, feature_filter=filters[name], device=args.device).start() for name in names}
         clients = {name: RankingClient(f"127.0.0.1:{srv.port}") for name, srv in servers.items()}

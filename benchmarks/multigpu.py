@@ -40,7 +40,7 @@ APP = "multigpu"
 
 
 def spread_problems(placement: dict[str, list[dict]], *, gpus: int, shards_per_gpu: int) -> list[str]:
-    """What is wrong with ``placement`` (serving.placement.replica_gpus) for ``gpus`` shard GPUs: a shard
+    """What is wrong with ``placement`` (serving.app.placement.replica_gpus) for ``gpus`` shard GPUs: a shard
     replica without exactly one GPU, a GPU holding more than ``shards_per_gpu`` shard replicas,
     or (with at least as many shard replicas as GPUs) a GPU holding none. [] when it is as designed."""
     problems, per_gpu = [], Counter()
@@ -116,13 +116,13 @@ def run_check(args: argparse.Namespace) -> dict:
     from loadtest.trace import make_trace
     from recserve.package import ModelPackage
     from recserve.v1 import ranker_pb2
-    from serving.app import build_app
-    from serving.client import RankingClient
+    from serving.app.builder import build_app
+    from serving.api.client import RankingClient
     from serving.commands import GRPC_SERVICERS
     from serving.config import AppArgs
-    from serving.local_ranker import LocalRanker
-    from serving.placement import gpu_placement, replica_gpus
-    from serving.ports import free_port
+    from serving.engine.local_ranker import LocalRanker
+    from serving.app.placement import gpu_placement, replica_gpus
+    from serving.ops.ports import free_port
 
     manifest = ModelPackage.open(args.package).manifest
     trace = make_trace(manifest.workload, args.requests, seed=args.seed)  # the package's own (row-capped) tables

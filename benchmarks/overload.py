@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     from loadtest.targets import ServeStack
     from loadtest.trace import make_trace
     from recserve.package import ModelPackage
-    from serving.default_model import resolve_package
+    from recserve.default_package import resolve_package
 
     package = resolve_package(args.package)
     workload = ModelPackage.open(package).manifest.workload

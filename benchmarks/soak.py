@@ -52,7 +52,7 @@ def rss_by_process(root_pid: int) -> dict[str, float]:
 def bad_requests(workload) -> list[tuple[str, bytes]]:
     """(case, serialized PredictRequest): the malformed inputs of the issue, for the served workload."""
     from recserve.synth import TrafficGenerator
-    from serving.codec import encode_request
+    from serving.api.codec import encode_request
 
     good = TrafficGenerator(workload, seed=11).batch(8)
     sparse = {f: (b.values, b.lengths) for f, b in good.sparse.items()}
@@ -79,7 +79,7 @@ def bad_requests(workload) -> list[tuple[str, bytes]]:
 
 
 async def bad_round(address: str, cases, repeat: int) -> dict[str, int]:
-    from serving.api import PREDICT_METHOD, timeout_metadata
+    from serving.api.wire import PREDICT_METHOD, timeout_metadata
 
     codes: dict[str, int] = {}
     async with grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from loadtest.targets import MonolithServer, ServeStack
     from loadtest.trace import make_trace
     from recserve.package import ModelPackage
-    from serving.default_model import resolve_package
+    from recserve.default_package import resolve_package
 
     package = resolve_package(args.package)
     workload = ModelPackage.open(package).manifest.workload

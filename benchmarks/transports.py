@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/transports.py [--requests 200] [--concurrency 8]
 
-The monolith (whole model in one process, no Ray; serving/monolith.py) runs the same trace
+The monolith (whole model in one process, no Ray; serving/standalone/monolith.py) runs the same trace
 first, as the baseline. For each workload (tiny; criteo-kaggle with tables capped at 100k rows = the default model)
 and each transport ("reference": Ray actor calls through the object store, shard results
 passed to the tower as DeploymentResponses; "grpc": handle.options(_by_reference=False)),
@@ -52,7 +52,7 @@ def tiny_package(tmp: Path) -> Path:
 
 
 def measure(client, batches, *, concurrency: int) -> dict[str, float]:
-    from serving.codec import encode_request
+    from serving.api.codec import encode_request
 
     requests = [encode_request(b.dense, {f: (x.values, x.lengths) for f, x in b.sparse.items()}) for b in batches]
     for r in requests[:20]:  # warm-up
@@ -88,12 +88,12 @@ def main() -> int:
 
     from recserve.package import ModelPackage
     from recserve.synth import TrafficGenerator
-    from serving.app import build_app
-    from serving.client import RankingClient
+    from serving.app.builder import build_app
+    from serving.api.client import RankingClient
     from serving.commands import GRPC_SERVICERS
     from serving.config import AppArgs
     from recserve.default_package import build_default_package
-    from serving.monolith import MonolithThread
+    from serving.standalone.monolith import MonolithThread
 
     tmp = Path(tempfile.mkdtemp(prefix="recserve-bench-"))
     packages = {}

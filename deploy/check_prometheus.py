@@ -8,7 +8,7 @@ its gRPC port and Ray's metrics-export address), starts Debian's `prometheus` (i
 apt-get if it is missing and this runs as root) on 127.0.0.1 with a temporary copy of
 deploy/prometheus.yml pointed at that address, sends light traffic through RankingClient so
 every request-path metric has samples, then lists each `recserve` metric Prometheus stored
-with its series count and a sample value. Exit 1 if a metric of serving/deployments.py is
+with its series count and a sample value. Exit 1 if a metric of serving/app/deployments.py is
 missing.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# the request-path metrics of serving/deployments.py, as Ray exports them (prefix ray_)
+# the request-path metrics of serving/app/deployments.py, as Ray exports them (prefix ray_)
 EXPECTED = (
     "ray_recserve_requests_total",
     "ray_recserve_request_ms_bucket",
@@ -65,7 +65,7 @@ def send_traffic(grpc_port: int, stop: threading.Event) -> list[str]:
     """~10 requests/s of the served model's shape until ``stop``; returns the outcomes."""
     import numpy as np
 
-    from serving.client import RankingClient
+    from serving.api.client import RankingClient
 
     outcomes: list[str] = []
     with RankingClient(f"127.0.0.1:{grpc_port}") as client:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from serving.commands import state_path
-    from serving.ports import free_port
+    from serving.ops.ports import free_port
 
     state_file = args.state or state_path()
     try:

@@ -23,7 +23,7 @@ from typing import Literal, Sequence
 import grpc
 import numpy as np
 
-from serving.api import PREDICT_METHOD, timeout_metadata
+from serving.api.wire import PREDICT_METHOD, timeout_metadata
 
 Arrivals = Literal["poisson", "uniform"]
 

@@ -135,10 +135,10 @@ def _timed(step, seconds: float, device: torch.device) -> float:
 def run_engine(opts: EngineOptions) -> list[EngineRow]:
     from recserve.package import ModelPackage
     from recserve.synth import TrafficGenerator
-    from serving.pooled import embedding_dtype, to_torch
-    from serving.routing import Routing
-    from serving.shard import ShardCore
-    from serving.tower import TowerCore
+    from serving.engine.pooled import embedding_dtype, to_torch
+    from serving.engine.routing import Routing
+    from serving.engine.shard import ShardCore
+    from serving.engine.tower import TowerCore
 
     device = torch.device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -236,7 +236,7 @@ def _lookup_error(shard, request) -> float:
     """max |pooled - reference| / max |reference| of one request: the shard's request path
     (bucketed, graphs on a GPU, output dtype) against one F.embedding_bag per table in fp32."""
     from kernels import embedding_bag_reference
-    from serving.pooled import to_torch
+    from serving.engine.pooled import to_torch
 
     got = to_torch(shard.lookup(request)).float()
     col = np.repeat(np.arange(len(shard.columns)), request.lengths.sum(axis=1))
@@ -257,7 +257,7 @@ class _PlainTorch:
 
     @staticmethod
     def of(pkg, shards, device: torch.device, tower_dtype: str) -> _PlainTorch:
-        from serving.tower import TowerCore
+        from serving.engine.tower import TowerCore
 
         if len(shards) != 1:
             return _PlainTorch("n/a: needs a one-shard package")
@@ -286,7 +286,7 @@ class _PlainTorch:
 
         if device.type != "cuda":
             return _timed(step, seconds, device)
-        from serving.graphs import GraphSet
+        from serving.engine.graphs import GraphSet
 
         graphs = GraphSet(device)
         graphs.capture("plain", step)

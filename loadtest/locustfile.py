@@ -38,7 +38,7 @@ from locust import User, constant_throughput, events, task  # noqa: E402
 from loadtest.trace import Trace, cap_rows_to_served, make_trace  # noqa: E402
 from recserve.v1 import ranker_pb2  # noqa: E402
 from recserve.workloads import load_workload  # noqa: E402
-from serving.api import MODEL_INFO_METHOD, PREDICT_METHOD, timeout_metadata  # noqa: E402
+from serving.api.wire import MODEL_INFO_METHOD, PREDICT_METHOD, timeout_metadata  # noqa: E402
 
 DEFAULT_HOST = "127.0.0.1:9000"
 

@@ -12,8 +12,8 @@ import asyncio
 
 
 async def _serve(package: str, port: int, max_in_flight: int, device: str) -> None:
-    from serving.monolith import create_server
-    from serving.server_thread import serve_until_signalled
+    from serving.standalone.monolith import create_server
+    from serving.ops.server_thread import serve_until_signalled
 
     server, bound = await create_server(package, port, host="127.0.0.1", max_in_flight=max_in_flight, device=device)
     print(f"PORT {bound}", flush=True)

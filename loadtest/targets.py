@@ -1,7 +1,7 @@
 """The servers under test, each started in its own process group and stopped afterwards.
 
 - :class:`MonolithServer`: the whole model in one process behind a plain grpc.aio server
-  (``serving.monolith.create_server``), started through ``python -m loadtest.serve_monolith``.
+  (``serving.standalone.monolith.create_server``), started through ``python -m loadtest.serve_monolith``.
 - :class:`ServeStack`: the sharded Ray Serve stack, started with ``recserve serve PACKAGE
   --port P`` (a local Ray instance, the gRPC proxy on P); stopped with SIGINT so it shuts
   Serve and Ray down, then anything of its process tree still alive is ended by pid.
@@ -25,7 +25,7 @@ import psutil
 
 from loadtest.cpu import CpuMeter, describe, process_tree, ray_control_processes, ray_serve_processes
 from recserve.v1 import ranker_pb2
-from serving.api import MODEL_INFO_METHOD
+from serving.api.wire import MODEL_INFO_METHOD
 
 
 class TargetError(RuntimeError):

@@ -36,6 +36,18 @@ def missing_message() -> str:
             f"`{BUILD_COMMAND}` (trains ~15 s, then exports; `make serve` runs it first)")
 
 
+def resolve_package(package: str | os.PathLike) -> Path:
+    """'default' -> the default package (which must be built; serving never trains: a missing
+    one is a PackageError naming the command that makes it); a path -> that path, absolute."""
+    if str(package) == "default":
+        if not is_built():
+            from recserve.package import PackageError
+
+            raise PackageError(missing_message())
+        return default_package_dir().resolve()
+    return Path(package).expanduser().resolve()
+
+
 def build_default_package(*, progress: bool = True) -> Path:
     """The default package's directory, training and exporting it first if it is missing."""
     out = default_package_dir()

@@ -115,8 +115,8 @@ class _Teacher:
 
     def __init__(self, package: str, out: str, snapshot_at: float, device: str, with_embeddings: bool):
         from recserve.package import ModelPackage
-        from serving.codec import ModelSpec
-        from serving.local_ranker import LocalRanker
+        from serving.api.codec import ModelSpec
+        from serving.engine.local_ranker import LocalRanker
 
         pkg = ModelPackage.open(package)
         self.ranker = LocalRanker.load(pkg, device=device)
@@ -135,7 +135,7 @@ class _Teacher:
         """Teacher logits float32 [B] and pooled embeddings float32 [B, F, D] of log rows."""
         import torch
 
-        from serving.codec import validate
+        from serving.api.codec import validate
 
         missing = [f for f in self.features if "ids." + f not in table.schema.names]
         if missing:

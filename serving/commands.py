@@ -110,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "tls-front",
         help="a TLS front for the gRPC port, for when it must face a network",
         description="Forward gRPC calls arriving over TLS on --listen to the plain port on loopback "
-        "(serving/tls_front.py); with --client-ca, callers must present a certificate it signed.",
+        "(serving/standalone/tls_front.py); with --client-ca, callers must present a certificate it signed.",
     )
     tf.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve TLS on, e.g. 0.0.0.0:9443")
     tf.add_argument("--upstream", default="127.0.0.1:9000", metavar="HOST:PORT",
@@ -118,7 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tf.add_argument("--cert", required=True, help="server certificate chain (PEM)")
     tf.add_argument("--key", required=True, help="server private key (PEM)")
     tf.add_argument("--client-ca", default=None, help="CA (PEM) that signs client certificates: mutual TLS")
-    tf.set_defaults(handler=lambda args: __import__("serving.tls_front", fromlist=["run"]).run(args))
+    tf.set_defaults(handler=lambda args: __import__("serving.standalone.tls_front", fromlist=["run"]).run(args))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -129,8 +129,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from recserve.package import ModelPackage, PackageError
-    from serving.default_model import resolve_package
-    from serving.ports import PortTaken, ServePorts
+    from recserve.default_package import resolve_package
+    from serving.ops.ports import PortTaken, ServePorts
 
     try:
         app_args = app_args_from(args, package=args.package)
@@ -160,9 +160,9 @@ def _serve_monolith(app_args, manifest, ports) -> int:
     """The whole model in this process behind grpc.aio on 127.0.0.1 (stops on SIGINT/SIGTERM)."""
     import asyncio
 
-    from serving.api import load_feature_filter
+    from serving.engine.routing import load_feature_filter
     from serving.example_log import config_of
-    from serving.monolith import serve_forever
+    from serving.standalone.monolith import serve_forever
 
     try:
         asyncio.run(serve_forever(app_args.package, ports.grpc, max_batch_size=app_args.max_batch_size,
@@ -181,15 +181,15 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
     import signal
     import threading
 
-    from serving.loopback import HOOK, ray_on_loopback
-    from serving.ports import free_port
+    from serving.ops.loopback import HOOK, ray_on_loopback
+    from serving.ops.ports import free_port
 
     ray_on_loopback()  # before Ray starts: its node address and servers on 127.0.0.1
     import ray
     from ray import serve
 
-    from serving.api import SERVICE_NAME
-    from serving.app import build_app
+    from serving.api.wire import SERVICE_NAME
+    from serving.app.builder import build_app
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
@@ -199,7 +199,7 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
         print(f"recserve: {line}", flush=True)
     print("recserve: starting Ray (127.0.0.1) ...", flush=True)
     # the hook binds Serve's gRPC proxy and the replicas' gRPC servers to 127.0.0.1 (Ray 2.60
-    # binds them on every interface; serving/loopback.py)
+    # binds them on every interface; serving/ops/loopback.py)
     for attempt in (1, 2):
         try:
             # a retry takes a fresh dashboard port: the first try's dashboard may still hold its own
@@ -330,13 +330,13 @@ def _recserve() -> str:
 def client_command(port: int) -> str:
     """A shell command that asks the server on ``port`` which model it serves (works as printed:
     this interpreter has grpcio; the repository root is the working directory)."""
-    return (f'{_python()} -c "from serving.client import RankingClient; '
+    return (f'{_python()} -c "from serving.api.client import RankingClient; '
             f"print(RankingClient('127.0.0.1:{port}').model_info())\"")
 
 
 def state_path():
     """Where a running ``recserve serve`` leaves its addresses for ``recserve scale``."""
-    from serving.default_model import artifacts_dir
+    from recserve.default_package import artifacts_dir
 
     return artifacts_dir() / "serving.json"
 
@@ -367,7 +367,7 @@ def run_scale(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from serving.scaling import ScaleError, scale_deployment
+    from serving.ops.scaling import ScaleError, scale_deployment
 
     dashboard = args.dashboard
     if dashboard is None:

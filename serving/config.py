@@ -44,7 +44,7 @@ class BatchingConfig(BaseModel):
 
 
 class AppArgs(BaseModel):
-    """Arguments of :func:`serving.app.build_app` (the ``args:`` of deploy/serve.yaml)."""
+    """Arguments of :func:`serving.app.builder.build_app` (the ``args:`` of deploy/serve.yaml)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -77,7 +77,7 @@ class AppArgs(BaseModel):
                                "halves the bytes between processes (the tower accumulates in float32)")
     max_in_flight: int = Field(256, gt=0, description="requests a router replica admits at once; beyond it, and "
                                "whenever a request cannot be answered within its deadline, it answers "
-                               "RESOURCE_EXHAUSTED at once (serving/admission.py)")
+                               "RESOURCE_EXHAUSTED at once (serving/engine/admission.py)")
     max_latency_factor: float | None = Field(
         None, ge=1.0, description="a router replica also sheds a request whose estimated latency exceeds this "
                                  "multiple of its latency on an idle stack (None: the deadline only)")
@@ -88,9 +88,9 @@ class AppArgs(BaseModel):
     tower_replicas: int = Field(1, ge=1, description="replicas of the DenseTower at start")
     tower_dtype: TowerDtype = Field(
         "float32", description="compute dtype of the dense tower: float16/bfloat16 stay within "
-                               "serving.tower.LOWP_SCORE_BOUND of float32 scores (tested)")
+                               "serving.engine.tower.LOWP_SCORE_BOUND of float32 scores (tested)")
     gpus: int = Field(0, ge=0, description="GPUs of the host to spread the replicas over through Ray's GPU "
-                                           "resources (serving/placement.py): each shard replica takes a share of "
+                                           "resources (serving/app/placement.py): each shard replica takes a share of "
                                            "one GPU, at most ceil(shards x shard_replicas / gpus) per GPU; "
                                            "0 = no GPU reservation, every replica on 'device' as it finds it "
                                            "(with device 'cpu' the shares are reserved but unused: a placement check)")

@@ -1,5 +1,5 @@
 """``recserve deploy PACKAGE``: switch a running stack to a new model version with no failed
-request (serving/versions.py). Light module: argparse only at import time."""
+request (serving/app/rollout.py). Light module: argparse only at import time."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_deploy(args: argparse.Namespace) -> int:
     import sys
 
-    from serving.versions import DeployTimings, VersionRefused, check_package
+    from serving.app.rollout import DeployTimings, VersionRefused, check_package
 
     try:  # the package's own checks first: no Ray connection for a package that cannot go live
         manifest = check_package(args.package)
@@ -37,7 +37,7 @@ def run_deploy(args: argparse.Namespace) -> int:
         return 2
     import ray
 
-    from serving.versions import deploy
+    from serving.app.rollout import deploy
 
     address = args.address or _running_address() or "auto"
     ray.init(address=address, log_to_driver=False, configure_logging=False)

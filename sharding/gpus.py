@@ -1,7 +1,7 @@
 """Planning for the GPUs of one host: each shard's memory budget from the GPU's memory.
 
 Pure Python (no Ray, torch or CUDA). Serving places the deployments with Ray's GPU
-resources (serving/placement.py) using the same slot arithmetic as here, so the planner's
+resources (serving/app/placement.py) using the same slot arithmetic as here, so the planner's
 memory budget and Ray's placement agree on how many shard replicas one GPU can hold.
 
 The model of a GPU (all sizes in bytes)::
@@ -15,7 +15,7 @@ The model of a GPU (all sizes in bytes)::
 ``shards_per_gpu = ceil(num_shards x shard_replicas / shard_gpus)`` where ``shard_gpus`` is
 every GPU ("shared": the towers take a small share of one of them) or every GPU but the
 towers' own ("own": each tower replica has a GPU to itself). It is the most shard replicas
-Ray will put on one GPU (serving/placement.py gives each a 1/shards_per_gpu share), so the
+Ray will put on one GPU (serving/app/placement.py gives each a 1/shards_per_gpu share), so the
 budget holds wherever Ray puts them. Example: dlrmv2 with doubled 40M-row tables (207 GB
 fp32) on 2 x 141 GB: usable 141 x 0.9 - 4 GiB = 122.6 GB per GPU, 2 shards, one per GPU.
 """

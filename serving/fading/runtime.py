@@ -55,8 +55,8 @@ def content_request_id(batch: Batch) -> str:
 
 
 def _current_request_id() -> str:
-    """The request id the server set for this request (serving.routing.REQUEST_ID), if any."""
-    import serving.routing as routing
+    """The request id the server set for this request (serving.engine.routing.REQUEST_ID), if any."""
+    import serving.engine.routing as routing
 
     var = getattr(routing, "REQUEST_ID", None)
     return var.get() if var is not None else ""

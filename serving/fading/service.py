@@ -34,7 +34,7 @@ from serving.fading import schedule as sched
 from serving.fading.proto import schedule_from_proto, state_to_proto, thresholds_from_proto
 from serving.fading.schedule import FeatureState, Status, TransitionError
 from serving.fading.store import FadingStore, NotFound
-from serving.server_thread import ServerThread, serve_until_signalled
+from serving.ops.server_thread import ServerThread, serve_until_signalled
 
 ENV_TOKEN = "RECSERVE_FADE_TOKEN"
 ENV_PRINCIPAL = "RECSERVE_FADE_PRINCIPAL"

@@ -106,7 +106,7 @@ def default_store_path() -> Path:
     (``$RECSERVE_ARTIFACTS`` or the checkout's ``artifacts/``), the same for every process."""
     if os.environ.get(ENV_STORE):
         return Path(os.environ[ENV_STORE]).resolve()
-    from serving.default_model import artifacts_dir
+    from recserve.default_package import artifacts_dir
 
     return (Path(artifacts_dir()) / "fading.sqlite").resolve()
 

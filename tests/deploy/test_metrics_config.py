@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def defined_metrics() -> set[str]:
     """Names passed to Counter/Histogram/Gauge in serving/ (deployments and fading)."""
     names = set()
-    for path in (ROOT / "serving" / "deployments.py", ROOT / "serving" / "fading" / "metrics.py"):
+    for path in (ROOT / "serving" / "app" / "deployments.py", ROOT / "serving" / "fading" / "metrics.py"):
         names |= set(re.findall(r'(?:Counter|Histogram|Gauge)\(\s*"(recserve_[a-z_]+)"', path.read_text()))
     return names
 

@@ -47,7 +47,7 @@ def tiny_options(tiny_bench_root: Path):
 @pytest.fixture(scope="session")
 def monolith(bench_package: Path):
     """A monolithic server for the tiny package, in this process (background thread)."""
-    from serving.monolith import MonolithThread
+    from serving.standalone.monolith import MonolithThread
 
     # these tests are of the senders and the locust user, not of admission control: the monolith
     # sheds only what cannot meet its deadline, never because this machine is slow at the moment

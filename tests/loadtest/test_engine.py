@@ -8,7 +8,7 @@ import json
 import pytest
 
 from loadtest.engine import EngineError, EngineOptions, run_engine
-from serving.tower import LOWP_SCORE_BOUND
+from serving.engine.tower import LOWP_SCORE_BOUND
 
 
 def test_the_engine_bench_writes_every_figure(tiny_packages, tmp_path):

@@ -109,7 +109,7 @@ def test_every_dtype_stores_the_same_random_model_within_its_error_bound(tmp_pat
 
 
 def test_scores_of_a_random_model_are_spread_not_saturated(tmp_path, tiny):
-    from serving.local_ranker import LocalRanker
+    from serving.engine.local_ranker import LocalRanker
 
     ranker = LocalRanker.load(_export(tiny, tmp_path / "p").path)
     scores = ranker.score(TrafficGenerator(tiny, seed=3).batch(256))

@@ -67,7 +67,7 @@ def first_run(ray_local, tmp_path_factory, tiny, teacher):
 
 
 def test_each_unique_example_is_scored_once_with_the_teacher_packages_scores(first_run, tiny, teacher) -> None:
-    from serving.local_ranker import LocalRanker
+    from serving.engine.local_ranker import LocalRanker
 
     root, batches, report = first_run
     assert (report.examples, report.scored, report.duplicates, report.already_scored) == (320, 240, 80, 0)

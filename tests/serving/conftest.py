@@ -45,7 +45,7 @@ def bad_requests(tiny: WorkloadConfig) -> list[tuple[str, object, str, str]]:
     import math
 
     from recserve.synth import TrafficGenerator
-    from serving.codec import encode_request
+    from serving.api.codec import encode_request
 
     good = TrafficGenerator(tiny, seed=11).batch(4)
 
@@ -182,8 +182,8 @@ def deploy(serve_instance):
     from ray import serve
 
     from recserve.package import ModelPackage
-    from serving.app import build_app
-    from serving.client import RankingClient
+    from serving.app.builder import build_app
+    from serving.api.client import RankingClient
     from serving.config import AppArgs
 
     clients = []

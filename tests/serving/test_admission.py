@@ -1,4 +1,4 @@
-"""Admission control (serving/admission.py): a request is shed at the door when the work
+"""Admission control (serving/engine/admission.py): a request is shed at the door when the work
 ahead of it cannot be answered within its budget or the latency bound; an idle server
 always admits. Driven by an explicit clock, so the arithmetic is exact."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from serving.admission import Admission, AdmissionConfig
-from serving.errors import Code, Overloaded
+from serving.engine.admission import Admission, AdmissionConfig
+from serving.api.errors import Code, Overloaded
 
 
 class Clock:

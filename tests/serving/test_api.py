@@ -1,6 +1,5 @@
-"""serving/api.py, the wire: its names match the generated gRPC code, the deadline header
-is read (and a malformed one rejected by name) by a real server, and the feature-filter
-loader builds what an import path names."""
+"""serving/api/wire.py, the wire: its names match the generated gRPC code, the deadline header
+is read (and a malformed one rejected by name) by a real server."""
 
 from __future__ import annotations
 
@@ -8,14 +7,12 @@ import grpc
 import numpy as np
 import pytest
 
-from recserve.package import ModelPackage
 from recserve.synth import TrafficGenerator
 from recserve.v1 import ranker_pb2
-from serving import api
-from serving.client import RankingClient
-from serving.codec import encode_request
-from serving.monolith import MonolithThread
-from serving.routing import identity_filter
+from serving.api import wire as api
+from serving.api.client import RankingClient
+from serving.api.codec import encode_request
+from serving.standalone.monolith import MonolithThread
 
 
 def test_service_name_and_method_paths_are_those_of_the_generated_code():
@@ -40,16 +37,3 @@ def test_the_deadline_header_is_read_and_a_malformed_one_is_invalid_argument_nam
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         scores = client.stub.Predict(request, metadata=[api.timeout_metadata(30)], timeout=30).scores
         assert len(scores) == 4 and np.isfinite(scores).all()
-
-
-def test_the_feature_filter_loader_builds_what_the_import_path_names(tiny_packages, tmp_path, monkeypatch):
-    from serving.fading.runtime import FadingFilter
-    from serving.fading.store import ENV_STORE
-
-    monkeypatch.setenv(ENV_STORE, str(tmp_path / "fading.sqlite"))  # the fading filter's store, not the checkout's
-    manifest = ModelPackage.open(tiny_packages("table-2")).manifest
-    for off in (None, "", "none"):
-        assert api.load_feature_filter(off, manifest) is identity_filter
-    assert isinstance(api.load_feature_filter("serving.fading.runtime:router_filter", manifest), FadingFilter)
-    with pytest.raises(ValueError, match="module:factory"):
-        api.load_feature_filter("serving.fading.runtime.router_filter", manifest)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.buckets import Bucket, batch_buckets, id_buckets, pick, shard_buckets
+from serving.engine.buckets import Bucket, batch_buckets, id_buckets, pick, shard_buckets
 
 
 def test_batch_buckets_are_powers_of_two_up_to_and_including_the_maximum():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from recserve.synth import TrafficGenerator
-from serving.monolith import MonolithThread
+from serving.standalone.monolith import MonolithThread
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ class Blocker:
 
 sys.meta_path.insert(0, Blocker())
 import numpy as np
-from serving.client import RankingClient
+from serving.api.client import RankingClient
 
 address, request_file, out_file = sys.argv[1:]
 req = np.load(request_file)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from recserve.package import ModelPackage
-from serving.codec import ModelSpec, decode_request, encode_request
-from serving.errors import Code, ServingError
+from serving.api.codec import ModelSpec, decode_request, encode_request
+from serving.api.errors import Code, ServingError
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def test_error_messages_quote_caller_strings_only_briefly(spec, tiny, helpers):
 
 
 def test_non_finite_scores_are_never_encoded():
-    from serving.codec import encode_response
-    from serving.errors import InvalidRequest
+    from serving.api.codec import encode_response
+    from serving.api.errors import InvalidRequest
 
     with pytest.raises(InvalidRequest, match="example 1"):
         encode_response(np.array([0.5, np.nan, 0.2], np.float32), model="tiny", version="v")

@@ -9,8 +9,8 @@ import torch
 
 from recserve.batch import Bags, Batch
 from recserve.workloads import BUNDLED, load_workload
-from serving.codec import MAX_ABS_DENSE
-from serving.local_ranker import LocalRanker
+from serving.api.codec import MAX_ABS_DENSE
+from serving.engine.local_ranker import LocalRanker
 
 B = 6
 ROWS = 8  # tables capped: the bound is about the dense arithmetic, not the table sizes

@@ -20,9 +20,9 @@ import pytest
 
 from recserve.example_format import TMP_PREFIX, table_batch
 from recserve.synth import TrafficGenerator
-from serving.client import RankingClient
+from serving.api.client import RankingClient
 from serving.example_log import ExampleLog, ExampleLogConfig, sampled
-from serving.monolith import MonolithThread
+from serving.standalone.monolith import MonolithThread
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,9 +13,9 @@ import torch
 from kernels import IndexOutOfRangeError
 from recserve.package import ModelPackage
 from recserve.synth import TrafficGenerator
-from serving.routing import Routing, ShardRequest
-from serving.shard import ShardCore
-from serving.tower import TowerCore
+from serving.engine.routing import Routing, ShardRequest
+from serving.engine.shard import ShardCore
+from serving.engine.tower import TowerCore
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -73,7 +73,7 @@ def test_a_bad_id_raises_from_a_graph_replay(tiny, random_packages):
 
 
 def test_the_monolith_on_a_gpu_scores_as_on_the_cpu(tiny, random_packages):
-    from serving.local_ranker import LocalRanker
+    from serving.engine.local_ranker import LocalRanker
 
     pkg = ModelPackage.open(random_packages("table-2"))
     gpu, cpu = LocalRanker.load(pkg, device="cuda", max_batch_size=16), LocalRanker.load(pkg)

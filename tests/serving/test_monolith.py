@@ -11,8 +11,8 @@ import pytest
 
 from recserve.batch import Bags, Batch
 from recserve.synth import TrafficGenerator
-from serving.client import RankingClient
-from serving.monolith import MonolithThread
+from serving.api.client import RankingClient
+from serving.standalone.monolith import MonolithThread
 
 TOL = 1e-5
 LAYOUTS = ["singular-1", "table-2", "table-3", "capacity-1", "capacity-2", "capacity-3", "load-1", "load-2", "load-3"]
@@ -132,8 +132,8 @@ def test_a_burst_is_shed_at_once_and_every_admitted_request_is_scored_correctly(
 
 
 def test_a_long_malformed_timeout_header_is_quoted_briefly(servers, tiny, helpers):
-    from serving.api import TIMEOUT_METADATA
-    from serving.codec import encode_request
+    from serving.api.wire import TIMEOUT_METADATA
+    from serving.api.codec import encode_request
 
     batch = TrafficGenerator(tiny, seed=7).batch(2)
     with pytest.raises(grpc.RpcError) as err:
@@ -157,7 +157,7 @@ def test_health_and_model_info_answer(servers, tiny):
 
 
 def test_the_feature_filter_runs_before_the_split_and_sees_the_request_id(tiny_packages, tiny, reference, helpers):
-    from serving.routing import REQUEST_ID
+    from serving.engine.routing import REQUEST_ID
 
     seen = []
 

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from serving.app import build_app
+from serving.app.builder import build_app
 from serving.config import AppArgs
-from serving.placement import NO_GPUS, TOWER_SHARE, gpu_placement
+from serving.app.placement import NO_GPUS, TOWER_SHARE, gpu_placement
 
 
 def test_no_gpus_requests_no_gpu_resources():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.pooled import embedding_dtype, to_numpy, to_torch
+from serving.engine.pooled import embedding_dtype, to_numpy, to_torch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from recserve.cli import main
-from serving.ports import ServePorts, free_port, port_is_free
+from serving.ops.ports import ServePorts, free_port, port_is_free
 
 
 def listen(port: int = 0, *, reuseport: bool = False, host: str = "127.0.0.1") -> socket.socket:
@@ -57,7 +57,7 @@ def test_dashboard_and_http_ports_fall_back_to_free_ones_and_say_so():
 
 
 def test_a_second_monolith_on_the_same_port_fails_to_bind_instead_of_sharing(tiny_packages):
-    from serving.monolith import create_server
+    from serving.standalone.monolith import create_server
 
     async def two_servers():
         first, port = await create_server(tiny_packages("singular-1"), 0)

@@ -64,8 +64,8 @@ def _check(got: np.ndarray, dtype: str, package, batch: Batch, fp32) -> float:
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8", "int4"])
 def test_the_monolith_serves_each_dtype_within_its_storage_bound_of_fp32(dtype, packages, batch, fp32, helpers):
-    from serving.client import RankingClient
-    from serving.monolith import MonolithThread
+    from serving.api.client import RankingClient
+    from serving.standalone.monolith import MonolithThread
 
     with MonolithThread(str(packages(dtype)), port=0, max_batch_size=helpers.max_batch) as srv:
         with RankingClient(f"127.0.0.1:{srv.port}") as client:

@@ -89,8 +89,8 @@ def test_every_bad_input_gets_its_code_over_serve(main_app, tiny, reference, hel
 def test_the_callers_deadline_holds_end_to_end(deploy, tiny_packages, tiny, reference, helpers):
     from ray import serve
 
-    from serving.api import TIMEOUT_METADATA
-    from serving.codec import encode_request
+    from serving.api.wire import TIMEOUT_METADATA
+    from serving.api.codec import encode_request
 
     # shards that wait wait_s for their batch to fill (it never does: 8 examples of 512), so no
     # answer can come sooner on any machine, and every budget below is certain to run out first

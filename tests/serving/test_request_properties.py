@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from recserve.batch import Bags, Batch
 from recserve.package import ModelPackage
 from recserve.v1 import ranker_pb2
-from serving.client import RankingClient
-from serving.codec import MAX_ABS_DENSE
-from serving.monolith import MonolithThread
+from serving.api.client import RankingClient
+from serving.api.codec import MAX_ABS_DENSE
+from serving.standalone.monolith import MonolithThread
 
 LAYOUT = "load-2"  # row-split tables: ids go to two shards
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from recserve.batch import Bags, Batch
 from recserve.package import ModelPackage
 from recserve.synth import TrafficGenerator
-from serving.routing import Routing, concat_requests
-from serving.shard import ShardCore
+from serving.engine.routing import Routing, concat_requests, identity_filter, load_feature_filter
+from serving.engine.shard import ShardCore
 
 
 def _only(tiny, feature: str, values: list[int], lengths: list[int]) -> Batch:
@@ -65,3 +66,16 @@ def test_batched_shard_requests_give_the_same_pools_as_one_by_one(tiny, tiny_pac
     np.testing.assert_allclose(merged, np.concatenate([shard.lookup(r) for r in requests]), rtol=1e-6, atol=1e-7)
     for single, batched in zip((shard.lookup(r) for r in requests), shard.lookup_many(requests)):
         np.testing.assert_allclose(single, batched, rtol=1e-6, atol=1e-7)
+
+
+def test_the_feature_filter_loader_builds_what_the_import_path_names(tiny_packages, tmp_path, monkeypatch):
+    from serving.fading.runtime import FadingFilter
+    from serving.fading.store import ENV_STORE
+
+    monkeypatch.setenv(ENV_STORE, str(tmp_path / "fading.sqlite"))  # the fading filter's store, not the checkout's
+    manifest = ModelPackage.open(tiny_packages("table-2")).manifest
+    for off in (None, "", "none"):
+        assert load_feature_filter(off, manifest) is identity_filter
+    assert isinstance(load_feature_filter("serving.fading.runtime:router_filter", manifest), FadingFilter)
+    with pytest.raises(ValueError, match="module:factory"):
+        load_feature_filter("serving.fading.runtime.router_filter", manifest)

@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from recserve.synth import TrafficGenerator
-from serving.ports import free_port
-from serving.scaling import replicas, serve_details
+from serving.ops.ports import free_port
+from serving.ops.scaling import replicas, serve_details
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = ("shard-0", "shard-1", "DenseTower", "Router")
@@ -102,7 +102,7 @@ def test_the_printed_client_command_works_as_printed(stack):
 
 
 def test_scaling_one_shard_keeps_the_other_replica_processes_and_fails_no_request(stack, tiny):
-    from serving.client import RankingClient
+    from serving.api.client import RankingClient
 
     def snapshot() -> dict[str, set[tuple[str, int]]]:
         details = serve_details(stack.dashboard)
@@ -180,7 +180,7 @@ def _listening(pid: int) -> list[tuple[int, str, str, int]]:
 
 def test_every_socket_of_the_stack_listens_on_loopback(stack):
     """Read from the OS: Ray's GCS, raylet, workers, agents, dashboard, Serve's proxies and the
-    replicas' gRPC servers (serving/loopback.py), all on 127.0.0.1."""
+    replicas' gRPC servers (serving/ops/loopback.py), all on 127.0.0.1."""
     sockets = _listening(stack.proc.pid)
     dashboard = int(stack.dashboard.rsplit(":", 1)[1])
     http = int(re.search(r"Serve HTTP +127\.0\.0\.1:(\d+)", stack.log.read_text()).group(1))

@@ -10,9 +10,9 @@ import torch
 from kernels import IndexOutOfRangeError
 from recserve.package import ModelPackage
 from recserve.synth import TrafficGenerator
-from serving.pooled import to_torch
-from serving.routing import Routing, ShardRequest
-from serving.shard import ShardCore
+from serving.engine.pooled import to_torch
+from serving.engine.routing import Routing, ShardRequest
+from serving.engine.shard import ShardCore
 from tests.serving.conftest import with_weights
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from recserve.synth import TrafficGenerator
-from serving.client import RankingClient
-from serving.monolith import MonolithThread
-from serving.server_thread import ServerThread
-from serving.tls_front import create_tls_front
+from serving.api.client import RankingClient
+from serving.standalone.monolith import MonolithThread
+from serving.ops.server_thread import ServerThread
+from serving.standalone.tls_front import create_tls_front
 
 
 def make_cert(tmp_path, name: str, *, ca: tuple | None = None) -> tuple:

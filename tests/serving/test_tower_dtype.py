@@ -9,8 +9,8 @@ import torch
 
 from recserve.package import ModelPackage
 from recserve.synth import TrafficGenerator
-from serving.local_ranker import LocalRanker
-from serving.tower import LOWP_SCORE_BOUND, TowerCore
+from serving.engine.local_ranker import LocalRanker
+from serving.engine.tower import LOWP_SCORE_BOUND, TowerCore
 
 
 @pytest.fixture(scope="module")

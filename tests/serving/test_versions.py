@@ -1,5 +1,5 @@
-"""Model versions (serving/versions.py) on a real Ray Serve stack: a new version goes live
-under load with no failed request and no request scored by a mix of versions; a request may
+"""Model versions (serving/app/versions.py, version_store.py, rollout.py) on a real Ray Serve
+stack: a new version goes live under load with no failed request and no request scored by a mix of versions; a request may
 pin either version while both are up; a corrupt package is refused (by the command, and by
 the replicas if it gets that far) while the running version keeps answering."""
 
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from recserve.synth import TrafficGenerator
-from serving.versions import VersionRefused, VersionTable
+from serving.app.rollout import VersionRefused
+from serving.app.versions import VersionTable
 
 TOL = 1e-5
 
@@ -71,7 +72,7 @@ class Load:
         self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(2)]
 
     def run(self, worker: int) -> None:
-        from serving.codec import encode_request
+        from serving.api.codec import encode_request
 
         i = worker
         while not self.stop.is_set():
@@ -103,9 +104,9 @@ def stack(serve_instance, two_versions):
     """A router app ("swap") serving v1 from its own version app."""
     from ray import serve
 
-    from serving.client import RankingClient
+    from serving.api.client import RankingClient
     from serving.config import AppArgs
-    from serving.versions import start_stack
+    from serving.app.rollout import start_stack
 
     package, _ = two_versions["v1"]
     start_stack(AppArgs(package=str(package), default_timeout_s=30, wire_dtype="float32"), router_app="swap", route_prefix="/swap")
@@ -113,7 +114,7 @@ def stack(serve_instance, two_versions):
     client.wait_until_serving("tiny", "v1")
     yield client
     client.close()
-    from serving.versions import load_table, clear_table
+    from serving.app.version_store import clear_table, load_table
 
     table = load_table("swap")
     serve.delete("swap")
@@ -124,7 +125,7 @@ def stack(serve_instance, two_versions):
 
 def test_a_new_version_goes_live_under_load_with_no_failed_request_and_no_mixed_version(stack, two_versions, tiny,
                                                                                        helpers):
-    from serving.versions import DeployTimings, deploy
+    from serving.app.rollout import DeployTimings, deploy
 
     references = {v: ref for v, (_, ref) in two_versions.items()}
     pinned: dict[str, list[str]] = {}
@@ -157,7 +158,9 @@ def test_a_new_version_goes_live_under_load_with_no_failed_request_and_no_mixed_
 
 def test_a_corrupt_package_is_refused_and_the_running_version_keeps_answering(stack, two_versions, tiny, helpers,
                                                                               tmp_path):
-    from serving.versions import DeployTimings, deploy, load_table, run_version_app, version_app_name
+    from serving.app.rollout import DeployTimings, deploy, run_version_app
+    from serving.app.version_store import load_table
+    from serving.app.versions import version_app_name
 
     live = load_table("swap").live
     references = {v: ref for v, (_, ref) in two_versions.items()}
@@ -170,7 +173,7 @@ def test_a_corrupt_package_is_refused_and_the_running_version_keeps_answering(st
         with pytest.raises(VersionRefused, match="shard-1.safetensors"):  # the command's own check
             deploy(bad, router_app="swap", progress=lambda _: None)
         # past the command (as if the file broke after the check): the replicas refuse it
-        from serving.app import build_version_app
+        from serving.app.builder import build_version_app
         from serving.config import AppArgs
 
         app = version_app_name("swap", "v3")

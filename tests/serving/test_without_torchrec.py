@@ -16,7 +16,7 @@ import pytest
 from tests.serving.package_models import torchrec_scores
 
 from recserve.synth import TrafficGenerator
-from serving.client import RankingClient
+from serving.api.client import RankingClient
 
 ROOT = Path(__file__).resolve().parents[2]
 GUARD = ROOT / "tests" / "no_torchrec"
@@ -87,7 +87,7 @@ def test_the_guard_does_block_torchrec(no_torchrec):
 
 
 def test_random_export_and_the_monolith_need_no_torchrec(no_torchrec, tmp_path):
-    from serving.ports import free_port
+    from serving.ops.ports import free_port
 
     env, log = no_torchrec
     package = _random_package(env, tmp_path / "pkg")
@@ -98,7 +98,7 @@ def test_random_export_and_the_monolith_need_no_torchrec(no_torchrec, tmp_path):
 
 @pytest.mark.slow
 def test_the_ray_serve_stack_needs_no_torchrec_in_any_replica(no_torchrec, tmp_path):
-    from serving.ports import free_port
+    from serving.ops.ports import free_port
 
     env, log = no_torchrec
     package = _random_package(env, tmp_path / "pkg")
@@ -111,7 +111,7 @@ def test_the_ray_serve_stack_needs_no_torchrec_in_any_replica(no_torchrec, tmp_p
 
 
 def test_serving_a_missing_default_package_fails_and_names_the_command_that_makes_it(no_torchrec):
-    from serving.ports import free_port
+    from serving.ops.ports import free_port
 
     env, log = no_torchrec
     for extra in (["--monolith"], []):

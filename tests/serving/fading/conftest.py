@@ -38,6 +38,6 @@ def clock() -> FakeClock:
 def tiny_ranker(tiny_packages):
     """Every shard and the tower of the tiny model, one table per shard ("table-4"), in this
     process (serving's LocalRanker)."""
-    from serving.local_ranker import LocalRanker
+    from serving.engine.local_ranker import LocalRanker
 
     return LocalRanker.load(tiny_packages("table-4"))

@@ -38,7 +38,7 @@ def test_reclaim_reports_the_bytes_freed_per_shard_and_the_export_line(tmp_path,
 
 
 def test_dropping_a_done_feature_changes_no_score(tmp_path, tiny, tiny_state_dict, tiny_packages) -> None:
-    from serving.local_ranker import LocalRanker
+    from serving.engine.local_ranker import LocalRanker
 
     store = FadingStore(tmp_path / "s.sqlite")
     finish(store, "tiny", "recent_items")

@@ -181,7 +181,7 @@ def test_features_the_model_does_not_have_are_ignored(tmp_path, tiny, clock, fea
 
 
 def test_the_fading_step_plugs_into_the_serving_pipeline_as_its_feature_filter(tmp_path, tiny, tiny_ranker, clock) -> None:
-    from serving.local_ranker import LocalRanker
+    from serving.engine.local_ranker import LocalRanker
 
     store = FadingStore(tmp_path / "s.sqlite")
     operator(store, "recent_items", lambda s, t: sched.set_coverage(s, 0.0, t), clock())

@@ -30,7 +30,7 @@ def wait_for(predicate, timeout_s: float = 30.0) -> bool:
 def test_the_served_app_fades_reports_guardrails_and_rolls_back(deploy, tiny_packages, tiny, tmp_path) -> None:
     from ray import serve
 
-    from serving.local_ranker import LocalRanker
+    from serving.engine.local_ranker import LocalRanker
 
     store = FadingStore(Path(os.environ["RECSERVE_FADE_STORE"]))
     package = tiny_packages("table-3")

@@ -21,6 +21,7 @@ The shard subtracts each column's ``row_start`` (the rebase) before its lookup.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -45,6 +46,17 @@ shard call for it). It must keep ``batch_size`` and ``dense`` shape."""
 
 def identity_filter(batch: Batch) -> Batch:
     return batch
+
+
+def load_feature_filter(path: str | None, manifest: Manifest) -> FeatureFilter:
+    """The feature filter that ``path`` ('module:factory', see ``AppArgs.feature_filter``)
+    makes for ``manifest``: ``factory(manifest)``; the identity for None, "" or "none"."""
+    if path in (None, "", "none"):
+        return identity_filter
+    module, sep, factory = path.partition(":")
+    if not sep or not module or not factory:
+        raise ValueError(f"feature filter {path!r}: expected an import path 'module:factory'")
+    return getattr(importlib.import_module(module), factory)(manifest)
 
 
 REQUEST_ID: ContextVar[str] = ContextVar("recserve_request_id", default="")

@@ -1,5 +1,5 @@
 """Typed serving errors. Inside serving everything raises these; the gRPC edge turns them
-into status codes in one place (serving/status.py). No grpc import here, so shards and the
+into status codes in one place (serving/api/status.py). No grpc import here, so shards and the
 tower can raise them in any process."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One embedding shard: its tables' row slices from its own shard file, one table-batched
 lookup over all of them. Ray-free; the Serve deployment in deployments.py and the monolith
-(serving/local_ranker.py) wrap it.
+(serving/engine/local_ranker.py) wrap it.
 
 The request path on a GPU (``device="cuda"``), one lock held throughout::
 
@@ -11,7 +11,7 @@ The request path on a GPU (``device="cuda"``), one lock held throughout::
             lookup, cast to the output dtype                 -> pooled [B_b, C * D]
     host    D2H of pooled[:B] and the flag into pinned buffers, one stream sync -> numpy
 
-Buckets (serving/buckets.py) and their graphs are captured at start; a request above every
+Buckets (serving/engine/buckets.py) and their graphs are captured at start; a request above every
 bucket runs the same steps eagerly at its own shape. On a CPU the steps run eagerly and
 unpadded (``pad=True`` pads there too: the tests compare padded with unpadded lookups).
 
@@ -32,11 +32,11 @@ import torch.nn.functional as F
 
 from kernels import IndexOutOfRangeError, KernelInputError, TableBatchedEmbeddingBag, TableWeights
 from recserve.package import ModelPackage
-from serving.buckets import Bucket, pick, shard_buckets
+from serving.engine.buckets import Bucket, pick, shard_buckets
 from serving.config import DEFAULT_MAX_BATCH_SIZE
-from serving.graphs import GraphSet
-from serving.pooled import embedding_dtype, to_numpy
-from serving.routing import Column, Routing, ShardRequest, concat_requests
+from serving.engine.graphs import GraphSet
+from serving.engine.pooled import embedding_dtype, to_numpy
+from serving.engine.routing import Column, Routing, ShardRequest, concat_requests
 
 LOOKUP_PATHS = ("auto", "kernel", "fused")
 
@@ -51,7 +51,7 @@ class ShardCore:
 
     ``output_dtype``: float32 (default), float16 or bfloat16; pooled embeddings are cast on
     the device, so 16-bit halves the D2H bytes. numpy has no bfloat16: bfloat16 outputs are
-    uint16 arrays of its bits (serving/pooled.py turns them back).
+    uint16 arrays of its bits (serving/engine/pooled.py turns them back).
 
     ``max_batch_size`` / ``batch_buckets``: the batch sizes captured at start (default the
     powers of two up to ``max_batch_size``). ``graphs`` (default: on for CUDA) and ``pad``
@@ -62,7 +62,7 @@ class ShardCore:
     the Serve deployment calls :meth:`lookup_many` from ``asyncio.to_thread``.
 
     The id check: the router and the monolith already validate every id against its table
-    at decode (serving/codec.py), so the shard must not pay a host sync per request for a
+    at decode (serving/api/codec.py), so the shard must not pay a host sync per request for a
     second check, yet a direct caller with a bad id must still get the typed
     :class:`IndexOutOfRangeError`, and no bad id may ever be dereferenced on the device.
     So the device step computes a flag (any live id outside its slice) and masks bad ids to

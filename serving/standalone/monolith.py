@@ -1,6 +1,6 @@
 """The single-server baseline: the whole model in one process behind a plain grpc.aio
 server speaking the same Ranker API (plus grpc.health.v1), no Ray. Same cores as the
-sharded app (serving/local_ranker.py); the load-test issue compares the two.
+sharded app (serving/engine/local_ranker.py); the load-test issue compares the two.
 
 Use::
 
@@ -28,16 +28,16 @@ from grpc_health.v1._async import HealthServicer
 
 from recserve.package import ModelPackage
 from recserve.v1 import ranker_pb2_grpc
-from serving.admission import Admission, AdmissionConfig
-from serving.codec import check_model, decode_request, encode_response, model_info
-from serving.errors import DeadlineExceeded
-from serving.api import HEALTH_SERVICES, caller_timeout_s
+from serving.engine.admission import Admission, AdmissionConfig
+from serving.api.codec import check_model, decode_request, encode_response, model_info
+from serving.api.errors import DeadlineExceeded
+from serving.api.wire import HEALTH_SERVICES, caller_timeout_s
 from serving.config import DEFAULT_MAX_BATCH_SIZE
-from serving.local_ranker import LocalRanker
+from serving.engine.local_ranker import LocalRanker
 from serving.example_log import OFF, ExampleLog, ExampleLogConfig, NoLog, example_log_for
-from serving.routing import REQUEST_ID, FeatureFilter, identity_filter
-from serving.status import grpc_status
-from serving.server_thread import ServerThread, serve_until_signalled
+from serving.engine.routing import REQUEST_ID, FeatureFilter, identity_filter
+from serving.api.status import grpc_status
+from serving.ops.server_thread import ServerThread, serve_until_signalled
 
 
 class MonolithServicer(ranker_pb2_grpc.RankerServicer):
@@ -45,7 +45,7 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
     errors leave through context.abort.
 
     Scoring runs on ``workers`` threads; admitted requests queue for them. Admission
-    (serving/admission.py) sheds with RESOURCE_EXHAUSTED before decoding when a request
+    (serving/engine/admission.py) sheds with RESOURCE_EXHAUSTED before decoding when a request
     cannot be answered within its deadline (or ``max_latency_factor`` x the idle latency),
     and a request whose deadline passes while it waits for a worker is never scored."""
 
@@ -128,7 +128,7 @@ async def create_server(
     """Load the package, bind ``host:port`` (0 = any free port), start; returns (server, port).
 
     ``max_in_flight`` bounds the admitted requests, ``max_latency_factor`` the estimated
-    latency of an admitted request against the idle one (serving/admission.py); ``workers``
+    latency of an admitted request against the idle one (serving/engine/admission.py); ``workers``
     threads score. ``example_log``: log settings (or a ready log) for the served-example log; None = off."""
     ranker = await asyncio.to_thread(
         LocalRanker.load, package, max_batch_size=max_batch_size, device=device, feature_filter=feature_filter

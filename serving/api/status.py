@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from serving.errors import Code, ServingError
+from serving.api.errors import Code, ServingError
 
 _GRPC_CODES = {
     Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,

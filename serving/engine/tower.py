@@ -10,7 +10,7 @@ It reproduces torchrec's ``DLRM`` / ``DLRM_DCN`` forward given the pooled embedd
 
 The interaction runs on kernels/interaction.py (Triton winner on GPU, reference on CPU).
 
-On a GPU the tower runs as the shards do (serving/shard.py): the batch is staged into pinned
+On a GPU the tower runs as the shards do (serving/engine/shard.py): the batch is staged into pinned
 buffers of its bucket (a power of two of examples; padded rows hold stale inputs and their
 scores are dropped: every row is computed independently), one CUDA graph per bucket
 captured at start replays dense -> sigmoid, and the scores come back through a pinned
@@ -33,11 +33,11 @@ import torch.nn.functional as F
 
 from kernels.interaction import DcnCross, dot_interaction
 from recserve.package import Manifest, ModelPackage
-from serving.buckets import Bucket, pick
-from serving.buckets import batch_buckets as _batch_sizes
+from serving.engine.buckets import Bucket, pick
+from serving.engine.buckets import batch_buckets as _batch_sizes
 from serving.config import DEFAULT_MAX_BATCH_SIZE
-from serving.graphs import GraphSet
-from serving.pooled import embedding_dtype, to_torch
+from serving.engine.graphs import GraphSet
+from serving.engine.pooled import embedding_dtype, to_torch
 
 # the largest |score(dtype) - score(fp32)| allowed on the same inputs (see the module docstring)
 LOWP_SCORE_BOUND = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -62,7 +62,7 @@ class TowerCore(torch.nn.Module):
 
     ``dtype``: the compute dtype (float32 default; float16/bfloat16 within
     LOWP_SCORE_BOUND). ``max_batch_size`` / ``batch_buckets``, ``graphs`` (default: on for
-    CUDA) and ``pad`` (default: as ``graphs``) as in :class:`serving.shard.ShardCore`.
+    CUDA) and ``pad`` (default: as ``graphs``) as in :class:`serving.engine.shard.ShardCore`.
     ``input_dtype``: the dtype pooled embeddings usually arrive in (its pinned staging buffer
     is made at start; any of float32/float16/bfloat16 is accepted). One score at a time (a
     lock guards the staging buffers and graphs).

@@ -58,7 +58,7 @@ async def create_tls_front(
 
 
 async def serve_tls_front(upstream: str, **kwargs) -> None:
-    from serving.server_thread import serve_until_signalled
+    from serving.ops.server_thread import serve_until_signalled
 
     server, port = await create_tls_front(upstream, **kwargs)
     print(f"recserve tls-front: TLS on {kwargs['listen'].rsplit(':', 1)[0]}:{port} -> {upstream}"

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from serving.errors import Overloaded
+from serving.api.errors import Overloaded
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,7 +8,8 @@ Errors raise ``grpc.RpcError`` carrying the server's code and message (``e.code(
 
 Needs only grpcio, protobuf and numpy (no torch, Ray or pydantic: tests/serving/test_client.py
 ranks from an interpreter where those fail to import). The files a caller copies:
-serving/{client,api,codec,errors}.py, recserve/batch.py and the generated recserve/v1/.
+serving/api/{client,wire,codec,errors}.py (and the empty
+serving/__init__.py, serving/api/__init__.py), recserve/batch.py and the generated recserve/v1/.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recserve.v1 import ranker_pb2, ranker_pb2_grpc
-from serving.api import SERVICE_NAME, timeout_metadata
-from serving.codec import encode_request
+from serving.api.wire import SERVICE_NAME, timeout_metadata
+from serving.api.codec import encode_request
 
 
 class RankingClient:
     def __init__(self, address: str, *, application: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None):
         """``address`` is host:port; ``application`` picks a Serve app when several are deployed;
-        ``credentials`` (``grpc.ssl_channel_credentials(...)``) for a TLS front (serving/tls_front.py)."""
+        ``credentials`` (``grpc.ssl_channel_credentials(...)``) for a TLS front (serving/standalone/tls_front.py)."""
         self.address = address
         options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
         self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials is not None

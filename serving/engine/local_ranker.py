@@ -1,6 +1,6 @@
 """The whole model in one process: decode -> feature filter -> split -> shards -> tower.
 
-This is the single-server path (serving/monolith.py) and the reference composition of the
+This is the single-server path (serving/standalone/monolith.py) and the reference composition of the
 cores; the Ray Serve app (deployments.py) runs the same steps with each shard and the
 tower in their own deployments.
 """
@@ -15,11 +15,11 @@ import torch
 
 from recserve.batch import Batch
 from recserve.package import ModelPackage
-from serving.codec import ModelSpec
+from serving.api.codec import ModelSpec
 from serving.config import DEFAULT_MAX_BATCH_SIZE
-from serving.routing import FeatureFilter, Routing, identity_filter, observe_scores
-from serving.shard import ShardCore
-from serving.tower import TowerCore
+from serving.engine.routing import FeatureFilter, Routing, identity_filter, observe_scores
+from serving.engine.shard import ShardCore
+from serving.engine.tower import TowerCore
 
 
 @dataclass

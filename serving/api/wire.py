@@ -8,24 +8,18 @@
                        gRPC proxy does not forward gRPC deadlines, so every recserve caller
                        sends this header too and both servers read it.
 
-and the two functions both servers use at their edge: :func:`caller_timeout_s` (the one
-deadline reader) and :func:`load_feature_filter` (the ``module:factory`` loader of
-``AppArgs.feature_filter``).
+and the one deadline reader both servers use at their edge, :func:`caller_timeout_s`.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import TYPE_CHECKING
 
-from serving.errors import InvalidRequest, quoted
+from serving.api.errors import InvalidRequest, quoted
 
 if TYPE_CHECKING:
     import grpc
-
-    from recserve.package import Manifest
-    from serving.routing import FeatureFilter
 
 SERVICE_NAME = "recserve.v1.Ranker"
 HEALTH_SERVICES = ("", SERVICE_NAME)  # the grpc.health.v1 names answered SERVING
@@ -62,16 +56,3 @@ def caller_timeout_s(context: grpc.ServicerContext | None, default: float | None
     if left is None:
         return default
     return left if default is None else min(left, default)
-
-
-def load_feature_filter(path: str | None, manifest: Manifest) -> FeatureFilter:
-    """The feature filter that ``path`` ('module:factory', see ``AppArgs.feature_filter``)
-    makes for ``manifest``: ``factory(manifest)``; the identity for None, "" or "none"."""
-    from serving.routing import identity_filter
-
-    if path in (None, "", "none"):
-        return identity_filter
-    module, sep, factory = path.partition(":")
-    if not sep or not module or not factory:
-        raise ValueError(f"feature filter {path!r}: expected an import path 'module:factory'")
-    return getattr(importlib.import_module(module), factory)(manifest)

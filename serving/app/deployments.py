@@ -30,18 +30,19 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.metrics import Counter, Histogram
 
 from recserve.package import ModelPackage
-from serving.admission import Admission, AdmissionConfig
-from serving.api import HEALTH_SERVICES, caller_timeout_s, load_feature_filter
-from serving.codec import ModelSpec, check_model, decode_request, encode_response, model_info
+from serving.engine.admission import Admission, AdmissionConfig
+from serving.api.wire import HEALTH_SERVICES, caller_timeout_s
+from serving.api.codec import ModelSpec, check_model, decode_request, encode_response, model_info
 from serving.config import AppArgs, BatchingConfig
-from serving.errors import DeadlineExceeded, Overloaded, ServingError, ShardUnavailable
+from serving.api.errors import DeadlineExceeded, Overloaded, ServingError, ShardUnavailable
 from serving.example_log import config_of, example_log_for
-from serving import routing as routing_module  # a module global: Serve pickles Router by value
-from serving.routing import FeatureFilter, Routing, ShardRequest
-from serving.shard import ShardCore
-from serving.status import grpc_status
-from serving.tower import TowerCore
-from serving.versions import RouterVersions, ServedVersion, VersionTable, load_table
+from serving.engine import routing as routing_module  # a module global: Serve pickles Router by value
+from serving.engine.routing import FeatureFilter, Routing, ShardRequest, load_feature_filter
+from serving.engine.shard import ShardCore
+from serving.api.status import grpc_status
+from serving.engine.tower import TowerCore
+from serving.app.version_store import load_table
+from serving.app.versions import RouterVersions, ServedVersion, VersionTable
 
 logger = logging.getLogger("ray.serve")
 
@@ -197,7 +198,7 @@ class DenseTower:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
 class VersionFront:
-    """Ingress of a version application (serving/versions.py): the version's shards and tower
+    """Ingress of a version application (serving/app/versions.py): the version's shards and tower
     are bound to it so that they belong to its app; requests reach them from the router."""
 
     def __init__(self, version: str, shards: list[DeploymentHandle], tower: DeploymentHandle):
@@ -235,9 +236,9 @@ class Router:
     """gRPC ingress: admit (or shed) -> pick the version -> decode + validate -> feature
     filter -> split -> shards -> tower -> encode.
 
-    Versions (serving/versions.py): the router serves every version in the table kept in
+    Versions (serving/app/versions.py): the router serves every version in the table kept in
     Ray's GCS for its app (``set_versions`` swaps it in one assignment); without a table it
-    serves the package it was built with, from its own app. Admission (serving/admission.py)
+    serves the package it was built with, from its own app. Admission (serving/engine/admission.py)
     sheds with RESOURCE_EXHAUSTED before decoding when a request cannot be answered in time.
     A call that fails because a replica died is retried (on another replica) within the
     deadline: scoring is idempotent."""
@@ -287,7 +288,7 @@ class Router:
         )
         return ServedVersion(version=version, app=app, manifest=manifest, parts=parts)
 
-    # ------------------------------------------------------------------ control (serving/versions.py)
+    # ------------------------------------------------------------------ control (serving/app/versions.py)
 
     def set_versions(self, table_json: str) -> str:
         """Serve the versions of this table from now on; returns the live version."""

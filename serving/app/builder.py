@@ -1,10 +1,10 @@
 """The Serve application, wired in one expression by a typed builder.
 
-``deploy/serve.yaml`` names ``serving.app:build_app``; ``recserve serve`` calls it too::
+``deploy/serve.yaml`` names ``serving.app.builder:build_app``; ``recserve serve`` calls it too::
 
     Router.bind(package, [shard-0, ..., shard-N], DenseTower, args)
 
-A versioned stack (serving/versions.py: ``start_stack``, ``recserve deploy``) runs the same
+A versioned stack (serving/app/rollout.py: ``start_stack``, ``recserve deploy``) runs the same
 deployments as one application per model version (``build_version_app``) plus a router
 application (``build_router_app``).
 """
@@ -15,9 +15,9 @@ from ray.serve import Application
 
 from recserve.package import Manifest, ModelPackage
 from serving.config import AppArgs, replica_num_cpus
-from serving.default_model import resolve_package
-from serving.deployments import DenseTower, Router, Shard, VersionFront, shard_name, transport_env
-from serving.placement import gpu_placement
+from recserve.default_package import resolve_package
+from serving.app.deployments import DenseTower, Router, Shard, VersionFront, shard_name, transport_env
+from serving.app.placement import gpu_placement
 
 
 def _resolved(args: AppArgs | dict) -> tuple[AppArgs, Manifest]:
@@ -66,7 +66,7 @@ def build_app(args: AppArgs) -> Application:
 
 
 def build_version_app(args: AppArgs) -> Application:
-    """One model version's application (serving/versions.py): its shards and tower behind an
+    """One model version's application (serving/app/rollout.py): its shards and tower behind an
     idle VersionFront ingress; the router of the stack calls them by name."""
     args, manifest = _resolved(args)
     shards, tower = _version_deployments(args, manifest)
@@ -75,6 +75,6 @@ def build_version_app(args: AppArgs) -> Application:
 
 def build_router_app(args: AppArgs) -> Application:
     """The router application of a versioned stack: the Router alone; it finds the versions'
-    shards and towers through the version table (serving/versions.py)."""
+    shards and towers through the version table (serving/app/versions.py)."""
     args, _ = _resolved(args)
     return _router(args, [], None)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-HOOK = "serving.loopback.bind_serve_to_loopback"  # module.function, as Ray loads it
+HOOK = "serving.ops.loopback.bind_serve_to_loopback"  # module.function, as Ray loads it
 HOST_ENV = "RECSERVE_SERVE_HOST"  # the address Serve's gRPC servers bind (default 127.0.0.1)
 
 

@@ -1,17 +1,4 @@
-"""Model versions side by side, and the switch from one to the next (issue 11 §3).
-
-A running stack is one router application plus one application per model version::
-
-    "recserve"            Router (gRPC ingress; holds no tables)
-    "recserve@<version>"  VersionFront (ingress, idle) + shard-0..N + DenseTower of one package
-
-The :class:`VersionTable` (plain data) says which versions are up, where their package
-is, and which one is live. It lives in Ray's GCS key-value store under the router app's
-name, so a router replica that starts later reads the same table, and every change is
-broadcast to the running router replicas, which swap their per-version handles in one
-assignment: a request is routed to exactly one version from decode to scores (shards and
-tower of the same app), never a mix. A request may pin any version that is up
-(``PredictRequest.version``); an empty version means the live one.
+"""The switch from one model version to the next, run from a driver connected to the stack's Ray.
 
 :func:`deploy_version` (``recserve deploy PACKAGE``):
 
@@ -28,106 +15,13 @@ tower of the same app), never a mix. A request may pin any version that is up
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-ROUTER_APP = "recserve"
-_KV_NAMESPACE = "recserve"
-
-
-def version_app_name(router_app: str, version: str) -> str:
-    return f"{router_app}@{version}"
-
-
-@dataclass(frozen=True)
-class VersionTable:
-    """Versions that are up ({version: package dir}) and the live one."""
-
-    live: str
-    packages: dict[str, str] = field(default_factory=dict)  # version -> package directory
-    apps: dict[str, str] = field(default_factory=dict)  # version -> Serve application holding its shards + tower
-    serial: int = 0  # bumped on every change: a router keeps the newest table it has seen
-
-    def __post_init__(self) -> None:
-        if self.live not in self.packages:
-            raise ValueError(f"live version {self.live!r} is not among the versions up ({sorted(self.packages)})")
-        if set(self.apps) != set(self.packages):
-            raise ValueError("every version needs both a package and an application")
-
-    def with_version(self, version: str, package: str, app: str) -> VersionTable:
-        return replace(self, packages={**self.packages, version: package}, apps={**self.apps, version: app},
-                       serial=self.serial + 1)
-
-    def with_live(self, version: str) -> VersionTable:
-        return replace(self, live=version, serial=self.serial + 1)
-
-    def without(self, version: str) -> VersionTable:
-        if version == self.live:
-            raise ValueError(f"cannot drop the live version {version!r}")
-        return replace(self, packages={v: p for v, p in self.packages.items() if v != version},
-                       apps={v: a for v, a in self.apps.items() if v != version}, serial=self.serial + 1)
-
-    def to_json(self) -> str:
-        return json.dumps({"live": self.live, "packages": self.packages, "apps": self.apps, "serial": self.serial},
-                          sort_keys=True)
-
-    @staticmethod
-    def from_json(text: str | bytes) -> VersionTable:
-        raw = json.loads(text)
-        return VersionTable(live=raw["live"], packages=dict(raw["packages"]), apps=dict(raw["apps"]),
-                            serial=int(raw["serial"]))
-
-
-# ---------------------------------------------------------------------- the table in Ray's GCS
-
-
-def _key(router_app: str) -> bytes:
-    return f"versions/{router_app}".encode()
-
-
-def load_table(router_app: str = ROUTER_APP) -> VersionTable | None:
-    """The stored table of ``router_app`` (None before the first version is registered)."""
-    from ray.experimental import internal_kv
-
-    raw = internal_kv._internal_kv_get(_key(router_app), namespace=_KV_NAMESPACE)
-    return None if raw is None else VersionTable.from_json(raw)
-
-
-def store_table(table: VersionTable, router_app: str = ROUTER_APP) -> None:
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_put(_key(router_app), table.to_json().encode(), overwrite=True, namespace=_KV_NAMESPACE)
-
-
-def clear_table(router_app: str = ROUTER_APP) -> None:
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_del(_key(router_app), namespace=_KV_NAMESPACE)
-    internal_kv._internal_kv_del(_args_key(router_app), namespace=_KV_NAMESPACE)
-
-
-def _args_key(router_app: str) -> bytes:
-    return f"args/{router_app}".encode()
-
-
-def store_args(args_json: str, router_app: str = ROUTER_APP) -> None:
-    """The stack's AppArgs (JSON): a new version is started with the same settings."""
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_put(_args_key(router_app), args_json.encode(), overwrite=True, namespace=_KV_NAMESPACE)
-
-
-def load_args(router_app: str = ROUTER_APP) -> str | None:
-    from ray.experimental import internal_kv
-
-    raw = internal_kv._internal_kv_get(_args_key(router_app), namespace=_KV_NAMESPACE)
-    return None if raw is None else raw.decode()
-
-
-# ---------------------------------------------------------------------- deploying a version
+from serving.app.version_store import load_args, load_table, store_args, store_table
+from serving.app.versions import ROUTER_APP, VersionTable, version_app_name
 
 
 class VersionRefused(Exception):
@@ -276,66 +170,6 @@ def deploy_version(
     return table
 
 
-# ---------------------------------------------------------------------- the router's side
-
-
-@dataclass(frozen=True)
-class ServedVersion:
-    """What a router replica needs to route requests to one version (built by the router)."""
-
-    version: str
-    app: str  # the Serve application holding its shards and tower
-    manifest: object  # recserve.package.Manifest
-    parts: object  # the router's per-version state: spec, routing, handles (opaque here)
-
-
-class RouterVersions:
-    """A router replica's view of the versions that are up: immutable snapshots swapped in
-    one assignment, so a request that picked its version keeps it to the end; counts of
-    requests in flight per version (for the drain).
-
-    ``build(version, package_dir, app) -> ServedVersion`` makes one version's state (it
-    opens the manifest and gets the deployment handles); versions already built are reused.
-    """
-
-    def __init__(self, build: Callable[[str, str, str], ServedVersion], table: VersionTable):
-        self._build = build
-        self.table = table
-        self.served: dict[str, ServedVersion] = {}
-        self.in_flight: dict[str, int] = {}
-        self.apply(table)
-
-    @property
-    def live(self) -> ServedVersion:
-        return self.served[self.table.live]
-
-    def apply(self, table: VersionTable) -> str:
-        """Switch to ``table`` unless it is older than the one held; returns the live version."""
-        if table.serial < self.table.serial:
-            return self.table.live
-        served = {v: self.served.get(v) or self._build(v, table.packages[v], table.apps[v]) for v in table.packages}
-        self.served, self.table = served, table  # the switch: readers see the old or the new, whole
-        return table.live
-
-    def pick(self, version: str) -> ServedVersion:
-        """The version a request asked for ('' = the live one); ModelNotFound if it is not up."""
-        from serving.errors import ModelNotFound, quoted
-
-        if not version:
-            return self.served[self.table.live]
-        found = self.served.get(version)
-        if found is None:
-            raise ModelNotFound(f"version {quoted(version)} is not served here (up: {sorted(self.served)}, "
-                                f"live: {self.table.live!r})")
-        return found
-
-    def enter(self, version: str) -> None:
-        self.in_flight[version] = self.in_flight.get(version, 0) + 1
-
-    def leave(self, version: str) -> None:
-        self.in_flight[version] -= 1
-
-
 # ---------------------------------------------------------------------- wiring (driver side)
 
 
@@ -358,7 +192,7 @@ def router_hooks(router_app: str, *, warm_up_requests: int, timeout_s: float = 3
 
     def warm_up(version: str) -> None:
         from recserve.synth import TrafficGenerator
-        from serving.codec import encode_request
+        from serving.api.codec import encode_request
 
         table = load_table(router_app)
         from recserve.package import ModelPackage
@@ -393,7 +227,7 @@ def deploy(
     """:func:`deploy_version` against the running stack ``router_app`` (from a driver
     connected to its Ray), the new version started with the stack's settings.
     ``wrap_warm_up(version, warm_up)`` may add checks around the warm-up (tests)."""
-    from serving.app import build_version_app
+    from serving.app.builder import build_version_app
     from serving.config import AppArgs
 
     if load_table(router_app) is None:  # a stack started as one app (deploy/serve.yaml): its router's own table
@@ -423,8 +257,8 @@ def start_stack(args, *, router_app: str = ROUTER_APP, route_prefix: str = "/") 
     where the router replicas and a later ``recserve deploy`` find them."""
     from ray import serve
 
-    from serving.app import build_router_app, build_version_app
-    from serving.default_model import resolve_package
+    from serving.app.builder import build_router_app, build_version_app
+    from recserve.default_package import resolve_package
 
     path = str(resolve_package(args.package))
     args = args.model_copy(update={"package": path})

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from recserve.batch import Bags, Batch
-from serving.errors import InvalidRequest, ModelNotFound, quoted
+from serving.api.errors import InvalidRequest, ModelNotFound, quoted
 
 if TYPE_CHECKING:  # the client encodes requests with this module and needs no torch
     from recserve.package import Manifest
