@@ -1,28 +1,43 @@
-"""Students trained with a teacher's scores (ExFM): an auxiliary head and a student adapter.
+"""Students trained with a teacher's scores (ExFM, arXiv 2502.17494): an auxiliary head and
+a student adapter.
 
-The student is the workload's torchrec DLRM / DLRM_DCN. Its top MLP's last hidden layer
-feeds two heads::
+The student is the workload's torchrec DLRM / DLRM_DCN. Its shared layers (embeddings, bottom
+MLP, interaction) feed two towers::
 
-    h    = over_arch.model[0](interaction)          # [B, H] last hidden layer
-    main = over_arch.model[1](h)                     # [B, 1] served head: trained on labels only
-    aux  = aux_head(h)                               # [B, 1] trained on the adapted teacher score
+    x       = inter_arch(dense_arch(dense), sparse_arch(sparse))      # [B, I] shared layers
+    main    = over_arch(x)                 # the serving tower: learns from labels only
+    aux     = aux_tower(gs(x))             # the auxiliary head (AH): a tower of its own, same shape,
+                                           # learns from the teacher; gs scales its gradient into
+                                           # the shared layers by grad_scale (identity forward)
 
-    adapted = adapter(teacher_logit, age_days)       # trained on labels
-    loss = BCE(main, y) + A * BCE(aux, sigmoid(adapted).detach()) + BCE(adapted, y)   (adapter != none)
+Each step, with teacher logit t and snapshot age a (days) of the examples that have a score:
 
-``adapter``: ``none`` (adapted = teacher logit: plain distillation through the auxiliary head),
-``affine`` (adapted = (a + b age) t + c + d age), ``mlp`` (t + MLP(t, age)). ``age_days`` is how
-old the teacher's snapshot is when the example was served. ``distill_head="main"`` is the
-plain-distillation baseline: BCE(main, y) + A * BCE(main, sigmoid(t)), no auxiliary head.
-``aux_weight=0`` is the student without the teacher. Examples without a teacher score only
-contribute the label loss.
+    1. the student adapter (SA) is updated first, on the fresh labels:
+           SA <- SA - lr * grad BCE(SA(t, a), y)
+    2. its output *after* that update is a stop-gradient target: s = sigmoid(SA(t, a)).detach()
+    3. the student is updated on
+           BCE(main, y) + w * BCE(head, min(1, label_scale * sigmoid(t))) + w_sa * BCE(head, s)
+       head = aux (AH) or main (``distill_head="main"``: plain distillation, the baseline);
+       the SA term only with an adapter.
 
-Only the torchrec model (the main head) is saved: the package format is unchanged.
+``adapter``: ``none`` (no adapter), ``affine`` ((a0 + a1 age) t + c0 + c1 age), ``mlp``
+(t + MLP(t, age)); both start as the identity. ``aux_weight=0`` is the student without the
+teacher. Examples without a teacher score contribute only their label loss.
+
+The stored copy of the paper we could search lacked its equations; the choices above follow
+its text: the serving head takes labels only, the AH is its own task arch on the shared
+layers with a loss weight, a label scale (a multiplier on the teacher's probability) and a
+gradient scale into the shared layers; the SA learns to map the FM's prediction to the
+VM's fresh labels, is updated before the VM each step, and its stop-gradient prediction is a
+second distillation target beside the FM's own.
+
+Only the torchrec model (the serving tower) is saved: the package format is unchanged.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -47,27 +62,38 @@ DAY_S = 86_400.0
 
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
-    aux_weight: float = 1.0  # A: weight of the teacher's loss (0 = no teacher)
+    aux_weight: float = 1.0  # w: loss weight of the teacher's target (0 = no teacher)
     adapter: Adapter = "mlp"
     distill_head: Literal["aux", "main"] = "aux"
+    label_scale: float = 1.0  # the teacher's probability times this is the target (clipped to 1)
+    grad_scale: float = 1.0  # AH: its gradient into the shared layers is multiplied by this
+    adapter_weight: float | None = None  # w_sa: loss weight of the adapter's target (default: aux_weight)
+    adapter_lr: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.aux_weight < 0:
-            raise ValueError(f"aux_weight: must be >= 0, got {self.aux_weight}")
+        for name in ("aux_weight", "label_scale", "grad_scale", "adapter_lr"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.adapter_weight is not None and not self.adapter_weight >= 0:
+            raise ValueError(f"adapter_weight: must be >= 0, got {self.adapter_weight}")
         if self.adapter not in ("mlp", "affine", "none"):
             raise ValueError(f"adapter: one of mlp, affine, none, got {self.adapter!r}")
         if self.distill_head not in ("aux", "main"):
             raise ValueError(f"distill_head: aux or main, got {self.distill_head!r}")
 
+    @property
+    def sa_weight(self) -> float:
+        return self.aux_weight if self.adapter_weight is None else self.adapter_weight
+
 
 class StudentAdapter(torch.nn.Module):
-    """Maps (teacher logit, snapshot age in days) to an adapted logit; starts as the identity."""
+    """Maps (teacher logit, snapshot age in days) to a fresh-label logit; starts as the identity."""
 
     def __init__(self, kind: Adapter, hidden: int = 16):
         super().__init__()
         self.kind = kind
         if kind == "affine":
-            self.w = torch.nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # a, b, c, d
+            self.w = torch.nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # a0, a1, c0, c1
         elif kind == "mlp":
             self.mlp = torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
             torch.nn.init.zeros_(self.mlp[2].weight)
@@ -76,64 +102,142 @@ class StudentAdapter(torch.nn.Module):
     def forward(self, t: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
         """t, age float32 [B] -> adapted logit [B]."""
         if self.kind == "affine":
-            a, b, c, d = self.w
-            return (a + b * age) * t + c + d * age
+            a0, a1, c0, c1 = self.w
+            return (a0 + a1 * age) * t + c0 + c1 * age
         if self.kind == "mlp":
             return t + self.mlp(torch.stack((t, age), dim=1)).squeeze(1)
         return t
 
 
+class _GradScale(torch.autograd.Function):
+    """Identity forward; the gradient backward is multiplied by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x if scale == 1.0 else _GradScale.apply(x, scale)
+
+
 class Student(torch.nn.Module):
-    """A torchrec DLRM / DLRM_DCN with an auxiliary head on its top MLP's last hidden layer."""
+    """A torchrec DLRM / DLRM_DCN with an auxiliary tower beside its serving tower, both on the
+    shared layers' output (the interaction)."""
 
     def __init__(self, workload: WorkloadConfig, adapter: Adapter = "none"):
         super().__init__()
         self.model = build_model(workload)
-        hidden = workload.top_mlp[-2] if len(workload.top_mlp) > 1 else None
-        if hidden is None:
-            raise ValueError(f"{workload.name}: top_mlp needs a hidden layer for the auxiliary head")
-        self.aux_head = torch.nn.Linear(hidden, 1)
+        if len(workload.top_mlp) < 2:
+            raise ValueError(f"{workload.name}: top_mlp needs a hidden layer for the auxiliary tower")
+        width = next(m for m in self.model.over_arch.modules() if isinstance(m, torch.nn.Linear)).in_features
+        layers: list[torch.nn.Module] = []
+        for h in workload.top_mlp[:-1]:
+            layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+            width = h
+        self.aux_tower = torch.nn.Sequential(*layers, torch.nn.Linear(width, 1))
         self.adapter = StudentAdapter(adapter)
 
-    def forward(self, dense: torch.Tensor, sparse) -> tuple[torch.Tensor, torch.Tensor]:
-        """(main logit [B], aux logit [B])."""
+    def forward(self, dense: torch.Tensor, sparse, aux_grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(serving logit [B], aux logit [B])."""
         m = self.model
-        x = m.inter_arch(dense_features=m.dense_arch(dense), sparse_features=m.sparse_arch(sparse))
-        h = m.over_arch.model[0](x)  # [B, H]
-        return m.over_arch.model[1](h).squeeze(1), self.aux_head(h).squeeze(1)
+        x = m.inter_arch(dense_features=m.dense_arch(dense), sparse_features=m.sparse_arch(sparse))  # [B, I]
+        return m.over_arch(x).squeeze(1), self.aux_tower(grad_scale(x, aux_grad_scale)).squeeze(1)
+
+
+def _masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def adapter_step(adapter: StudentAdapter, opt: torch.optim.Optimizer | None, teacher: torch.Tensor, age: torch.Tensor,
+                 y: torch.Tensor, has_teacher: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    """SA first: one update on the fresh labels, then its output after the update, detached
+    (the student's stop-gradient target). (None, nan) without an adapter or a teacher score."""
+    if adapter.kind == "none" or opt is None or not bool(has_teacher.any()):
+        return None, float("nan")
+    mask = has_teacher.float()
+    loss = _masked_bce(adapter(teacher, age), y, mask)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        return adapter(teacher, age), float(loss)
 
 
 def distill_loss(
-    main: torch.Tensor,  # [B] main-head logits
-    aux: torch.Tensor,  # [B] aux-head logits
+    main: torch.Tensor,  # [B] serving-tower logits
+    aux: torch.Tensor,  # [B] aux-tower logits
     y: torch.Tensor,  # [B] labels
     teacher: torch.Tensor,  # [B] teacher logits (any value where has_teacher is False)
-    age: torch.Tensor,  # [B] teacher snapshot age, days
+    adapted: torch.Tensor | None,  # [B] the adapter's logits after its update (detached), or None
     has_teacher: torch.Tensor,  # bool [B]
-    adapter: StudentAdapter,
     config: DistillConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The student's loss (see the module docstring) and its parts."""
     label = F.binary_cross_entropy_with_logits(main, y)
     parts = {"label": float(label.detach())}
     total = label
-    mask = has_teacher.float()
-    n = mask.sum().clamp(min=1.0)
     if config.aux_weight > 0 and bool(has_teacher.any()):
-        if config.distill_head == "main":
-            soft = torch.sigmoid(teacher)
-            d = (F.binary_cross_entropy_with_logits(main, soft, reduction="none") * mask).sum() / n
-        else:
-            adapted = adapter(teacher, age)
-            target = torch.sigmoid(adapted).detach()  # the aux head follows the adapter, not the reverse
-            d = (F.binary_cross_entropy_with_logits(aux, target, reduction="none") * mask).sum() / n
-            if adapter.kind != "none":
-                fit = (F.binary_cross_entropy_with_logits(adapted, y, reduction="none") * mask).sum() / n
-                total = total + fit
-                parts["adapter"] = float(fit.detach())
+        mask = has_teacher.float()
+        head = aux if config.distill_head == "aux" else main
+        soft = torch.clamp(config.label_scale * torch.sigmoid(teacher), max=1.0)
+        d = _masked_bce(head, soft, mask)
         total = total + config.aux_weight * d
         parts["distill"] = float(d.detach())
+        if adapted is not None and config.sa_weight > 0:
+            s = _masked_bce(head, torch.sigmoid(adapted.detach()), mask)
+            total = total + config.sa_weight * s
+            parts["adapted"] = float(s.detach())
     return total, parts
+
+
+class StudentTrainer:
+    """A student and its optimizers (row-wise Adagrad for the tables, Adam for the rest, Adam for
+    the adapter), trained one batch at a time: the adapter first, then the student."""
+
+    def __init__(self, workload: WorkloadConfig, config: DistillConfig, *, seed: int = 0):
+        torch.manual_seed(seed)
+        self.workload = workload
+        self.config = config
+        self.student = Student(workload, config.adapter if config.aux_weight > 0 else "none")
+        tables = optimizers(self.student.model, self.student.model.sparse_arch)[0]  # row-wise Adagrad, sparse grads
+        sparse_ids = {id(p) for p in self.student.model.sparse_arch.parameters()}
+        dense = [p for n, p in self.student.named_parameters() if not n.startswith("adapter.") and id(p) not in sparse_ids]
+        self.opts = (tables, torch.optim.Adam(dense, lr=3e-3))
+        adapter_params = list(self.student.adapter.parameters())
+        self.adapter_opt = torch.optim.Adam(adapter_params, lr=config.adapter_lr) if adapter_params else None
+        self.steps = 0
+
+    def step(self, batch: Batch, labels: np.ndarray, teacher: np.ndarray, age: np.ndarray,
+             has_teacher: np.ndarray) -> dict[str, float]:
+        y = torch.from_numpy(np.asarray(labels, np.float32))
+        t = torch.from_numpy(np.asarray(teacher, np.float32))
+        a = torch.from_numpy(np.asarray(age, np.float32))
+        has = torch.from_numpy(np.asarray(has_teacher, bool))
+        adapted, sa_loss = adapter_step(self.student.adapter, self.adapter_opt, t, a, y, has)
+        main, aux = self.student(torch.from_numpy(batch.dense), to_kjt(batch, self.workload.features),
+                                 aux_grad_scale=self.config.grad_scale)
+        loss, parts = distill_loss(main, aux, y, t, adapted, has, self.config)
+        for o in self.opts:
+            o.zero_grad()
+        loss.backward()
+        for o in self.opts:
+            o.step()
+        self.steps += 1
+        if adapted is not None:
+            parts["adapter"] = sa_loss
+        return parts
+
+    def serving_model(self) -> torch.nn.Module:
+        """The trained torchrec model (serving tower), dense-gradient tables, eval mode."""
+        for bag in self.student.model.sparse_arch.embedding_bag_collection.embedding_bags.values():
+            bag.sparse = False
+        return self.student.model.eval()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,51 +290,55 @@ class DistillResult:
     with_teacher: int
     steps: int
     seconds: float
-    path: Path
+    path: Path | None
     last_loss: dict[str, float]
+    model: torch.nn.Module | None = None  # the serving tower, trained
+    adapter: StudentAdapter | None = None  # the trained student adapter
 
 
 def train_student(
     workload: WorkloadConfig,
-    data: TrainingSet,
-    out: Path,
+    data: TrainingSet | Iterable[TrainingSet],
+    out: Path | None,
     config: DistillConfig,
     *,
     epochs: int = 1,
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> DistillResult:
-    torch.manual_seed(seed)
-    student = Student(workload, config.adapter)
-    opts = optimizers(student, student.model.sparse_arch)
-    n = data.labels.shape[0]
+    """Train a student on ``data`` (``epochs`` shuffled passes over one set, or one pass over a
+    stream of sets: fresh examples, in their order) and save its serving tower to ``out``
+    (unless None). ``init``: a serving-tower state dict to start from (fine-tuning)."""
+    trainer = StudentTrainer(workload, config, seed=seed)
+    if init is not None:
+        trainer.student.model.load_state_dict(init)
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    steps, parts = 0, {}
-    order = np.concatenate([rng.permutation(n) for _ in range(epochs)])
-    bar = tqdm(range(0, len(order), batch_size), desc=f"train {workload.name} (distill)", disable=not progress,
-               unit="step")
-    for start in bar:
-        idx = order[start:start + batch_size]
-        b = _take(data.batch, idx)
-        main, aux = student(torch.from_numpy(b.dense), to_kjt(b, workload.features))
-        loss, parts = distill_loss(main, aux, torch.from_numpy(data.labels[idx]),
-                                   torch.from_numpy(data.teacher[idx]), torch.from_numpy(data.age_days[idx]),
-                                   torch.from_numpy(data.has_teacher[idx]), student.adapter, config)
-        for o in opts:
-            o.zero_grad()
-        loss.backward()
-        for o in opts:
-            o.step()
-        steps += 1
-        bar.set_postfix(loss=f"{float(loss):.4f}")
-    for bag in student.model.sparse_arch.embedding_bag_collection.embedding_bags.values():
-        bag.sparse = False
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(student.model.state_dict(), out)  # the main head only: the package's usual tensors
-    return DistillResult(examples=n, with_teacher=int(data.has_teacher.sum()), steps=steps,
-                         seconds=time.perf_counter() - t0, path=out, last_loss=parts)
+    parts: dict[str, float] = {}
+    n = with_teacher = 0
+    chunks = ([data] * epochs) if isinstance(data, TrainingSet) else data
+    bar = tqdm(desc=f"train {workload.name} (distill)", disable=not progress, unit="step")
+    for i, chunk in enumerate(chunks):
+        m = chunk.labels.shape[0]
+        if i == 0 or not isinstance(data, TrainingSet):
+            n += m
+            with_teacher += int(chunk.has_teacher.sum())
+        order = rng.permutation(m) if isinstance(data, TrainingSet) else np.arange(m)
+        for start in range(0, m, batch_size):
+            idx = order[start:start + batch_size]
+            parts = trainer.step(_take(chunk.batch, idx), chunk.labels[idx], chunk.teacher[idx], chunk.age_days[idx],
+                                 chunk.has_teacher[idx])
+            bar.update(1)
+    bar.close()
+    model = trainer.serving_model()
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), out)  # the serving tower only: the package's usual tensors
+    return DistillResult(examples=n, with_teacher=with_teacher, steps=trainer.steps,
+                         seconds=time.perf_counter() - t0, path=out, last_loss=parts, model=model,
+                         adapter=trainer.student.adapter)
 
 
 def _take(batch: Batch, idx: np.ndarray) -> Batch:

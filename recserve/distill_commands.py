@@ -1,4 +1,5 @@
-"""``recserve teacher score`` and ``recserve synth labels`` (issue 10: distillation from a teacher).
+"""``recserve teacher score``, ``recserve synth labels`` and ``recserve synth ceilings`` (issues 10
+and 20: distillation from a teacher).
 
 Light module: argparse only at import time."""
 
@@ -51,6 +52,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--day-zero", type=_time, default=0.0, metavar="TIME", help="day 0 of a drifting world")
     s.add_argument("--seed", type=int, default=0, help="seed of the click draws")
     s.set_defaults(handler=run_synth_labels)
+    s = ssub.add_parser("ceilings", help="the ExFM world's power check: what an auxiliary head and a student adapter "
+                        "could at best gain, per vertical",
+                        description="Scores each vertical's fresh traffic with the best pooled teacher there is (the "
+                        "share-weighted truth of its snapshot's day, no vertical id), then recalibrates it per "
+                        "vertical without and with the snapshot's age; prints NE against the true probabilities.")
+    s.add_argument("--workload", default="tiny")
+    s.add_argument("--world-seed", type=int, nargs="+", default=[0])
+    s.add_argument("--examples", type=int, default=20_000, help="examples a day per vertical")
+    s.add_argument("--snapshot-every", type=int, default=3, help="days between teacher snapshots")
+    s.add_argument("--delay", type=float, default=1.0, help="days from a snapshot's data end to its publication")
+    s.add_argument("--first-day", type=int, default=9)
+    s.add_argument("--days", type=int, default=4)
+    s.set_defaults(handler=run_synth_ceilings)
 
 
 def run_teacher_score(args: argparse.Namespace) -> int:
@@ -65,6 +79,29 @@ def run_teacher_score(args: argparse.Namespace) -> int:
         print(f"recserve teacher score: {e}", file=sys.stderr)
         return 2
     print(f"recserve teacher score: {report}")
+    return 0
+
+
+def run_synth_ceilings(args: argparse.Namespace) -> int:
+    from recserve.synth import ExFMWorld, world_ceilings
+    from recserve.workloads import load_workload
+
+    try:
+        workload = load_workload(args.workload)
+        rows = [(seed, c) for seed in args.world_seed for c in world_ceilings(
+            ExFMWorld(workload, seed=seed), snapshot_every=args.snapshot_every, delay=args.delay,
+            first_day=args.first_day, days=args.days, n=args.examples)]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"recserve synth ceilings: {e}", file=sys.stderr)
+        return 2
+    print(f"{'seed':>4} {'vertical':12} {'raw':>7} {'recal':>7} {'+age':>7} {'fresh':>7} {'truth':>7} "
+          f"{'AH ceil':>8} {'SA ceil':>8} {'age part':>8}")
+    for seed, c in rows:
+        print(f"{seed:>4} {c['vertical']:12} {c['teacher_raw']:7.4f} {c['recalibrated']:7.4f} "
+              f"{c['recalibrated_with_age']:7.4f} {c['fresh_recalibrated']:7.4f} {c['truth']:7.4f} "
+              f"{c['ah_ceiling']:+8.4f} {c['sa_ceiling']:+8.4f} {c['sa_age_part']:+8.4f}")
+    print("NE against the true click probabilities; ceilings = raw stale teacher minus recalibrated per vertical "
+          "(AH), and minus recalibrated with the snapshot's age too (SA)")
     return 0
 
 

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from recserve.batch import Batch
 from recserve.example_format import (KEY, example_keys, logged_features, open_dir, parquet_files, table_batch,
                                      write_atomic)
 
@@ -110,10 +111,27 @@ class _Dedupe:
         return table.append_column(STATUS, pa.array(status))
 
 
-class _Teacher:
-    """Holds the teacher package (shards + tower in this actor) and writes one file per batch."""
+def ranker_logits(ranker, spec, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's logits float32 [B] and pooled embeddings float32 [B, F, D] of a batch: the
+    package's shards and tower in this process (``LocalRanker``), as the job's actors score."""
+    import torch
 
-    def __init__(self, package: str, out: str, snapshot_at: float, device: str, with_embeddings: bool):
+    from serving.api.codec import validate
+
+    sparse = {f: (x.values, x.lengths, x.weights) for f, x in batch.sparse.items()}
+    checked = validate(spec, batch.batch_size, batch.dense, sparse, batch.unit_ids)  # ids within the teacher's tables
+    outputs = {k: ranker.shards[k].lookup(req) for k, req in ranker.routing.split(checked).items()}
+    pooled = ranker.routing.assemble(checked.batch_size, outputs)  # [B, F, D]
+    with torch.no_grad():
+        logits = ranker.tower.forward(torch.as_tensor(checked.dense), pooled)  # [B]
+    return logits.float().cpu().numpy(), pooled.cpu().numpy()
+
+
+class InProcessTeacher:
+    """A teacher package scored in this process, without Ray: the scoring loop of experiments,
+    and the reference the Ray Data job's scores are tested against."""
+
+    def __init__(self, package: str, device: str = "cpu"):
         from recserve.package import ModelPackage
         from serving.api.codec import ModelSpec
         from serving.engine.local_ranker import LocalRanker
@@ -122,6 +140,17 @@ class _Teacher:
         self.ranker = LocalRanker.load(pkg, device=device)
         self.manifest = pkg.manifest
         self.spec = ModelSpec.of(self.manifest, max_batch_size=2**31 - 1)
+
+    def logits(self, batch: Batch) -> np.ndarray:
+        """Teacher logits float32 [B]."""
+        return ranker_logits(self.ranker, self.spec, batch)[0]
+
+
+class _Teacher(InProcessTeacher):
+    """Holds the teacher package (shards + tower in this actor) and writes one file per batch."""
+
+    def __init__(self, package: str, out: str, snapshot_at: float, device: str, with_embeddings: bool):
+        super().__init__(package, device)
         self.features = tuple(self.manifest.served_features)
         self.fs, self.out = open_dir(out)
         self.fs.create_dir(self.out, recursive=True)
@@ -131,30 +160,19 @@ class _Teacher:
         self.prefix = f"scores-{self.manifest.version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.seq = 0
 
-    def logits(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    def table_logits(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """Teacher logits float32 [B] and pooled embeddings float32 [B, F, D] of log rows."""
-        import torch
-
-        from serving.api.codec import validate
-
         missing = [f for f in self.features if "ids." + f not in table.schema.names]
         if missing:
             raise ValueError(f"the log has no feature(s) {missing} that teacher {self.manifest.name} needs")
-        b = table_batch(table, self.features)
-        sparse = {f: (x.values, x.lengths, x.weights) for f, x in b.sparse.items()}
-        batch = validate(self.spec, b.batch_size, b.dense, sparse, b.unit_ids)  # ids within the teacher's tables
-        r = self.ranker
-        outputs = {k: r.shards[k].lookup(req) for k, req in r.routing.split(batch).items()}
-        pooled = r.routing.assemble(batch.batch_size, outputs)  # [B, F, D]
-        logits = r.tower.forward(torch.as_tensor(batch.dense), pooled)  # [B]
-        return logits.cpu().numpy().astype(np.float32), pooled.cpu().numpy()
+        return ranker_logits(self.ranker, self.spec, table_batch(table, self.features))
 
     def __call__(self, table: pa.Table) -> pa.Table:
         status = table[STATUS].to_numpy()
         new = table.filter(pa.array(status == NEW))
         written = 0
         if new.num_rows:
-            logits, pooled = self.logits(new)
+            logits, pooled = self.table_logits(new)
             n = new.num_rows
             cols = [new[KEY], pa.array(logits), pa.array(1.0 / (1.0 + np.exp(-logits.astype(np.float64))), pa.float32()),
                     pa.array([self.manifest.name] * n), pa.array([self.manifest.version] * n),

@@ -1,16 +1,22 @@
-"""Students with an auxiliary head and a student adapter: the loss is what the design says,
-the served head learns from labels only, and the saved student is a plain package model."""
+"""ExFM students (issue 20): the world has something for the auxiliary head (AH) and the student
+adapter (SA) to fix; the serving tower learns from labels only; the AH is a tower of its own
+whose gradient into the shared layers is scaled; the SA is updated first and its post-update,
+stop-gradient output is an added target; the saved student is a plain package model."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from recserve.distill import DistillConfig, Student, StudentAdapter, TrainingSet, distill_loss, train_student
-from recserve.model import build_model, to_kjt
-from recserve.synth import ClickModel, TrafficGenerator
+from recserve.distill import (DistillConfig, Student, StudentAdapter, StudentTrainer, TrainingSet, adapter_step,
+                              distill_loss, train_student)
+from recserve.model import build_model, predict, to_kjt
+from recserve.synth import ClickModel, ExFMWorld, TrafficGenerator, snapshot_of, world_ceilings
+from recserve.train import normalized_entropy
 
 B = 32
 
@@ -26,93 +32,207 @@ def inputs(tiny):
     return batch, y, teacher, age, has
 
 
-def _heads(student: Student, tiny, batch):
-    return student(torch.from_numpy(batch.dense), to_kjt(batch, tiny.features))
+def _heads(student: Student, tiny, batch, scale: float = 1.0):
+    return student(torch.from_numpy(batch.dense), to_kjt(batch, tiny.features), aux_grad_scale=scale)
 
 
-def test_aux_weight_zero_is_the_label_loss_alone(tiny, inputs) -> None:
+def bce(x, t):
+    return F.binary_cross_entropy_with_logits(x, t)
+
+
+# --- the world -----------------------------------------------------------------------------------------------
+
+
+def test_the_world_leaves_each_mechanism_at_least_001_ne_to_gain(tiny) -> None:
+    """The power check: the best pooled teacher there is, recalibrated per vertical (what AH can
+    keep out of the serving tower) and with its snapshot's age too (what SA can reach)."""
+    for c in world_ceilings(ExFMWorld(tiny, seed=0), days=2, n=6_000):
+        assert c["ah_ceiling"] >= 0.01 and c["sa_ceiling"] >= 0.01, c
+        assert c["truth"] < c["recalibrated_with_age"] < c["teacher_raw"]
+        assert 1.0 <= c["age_min"] < c["age_max"] <= 4.0
+
+
+def test_a_pooled_teacher_is_miscalibrated_per_vertical_in_opposite_directions(tiny) -> None:
+    world = ExFMWorld(tiny, seed=1)
+    batch, _ = world.traffic(0, 10, 20_000)
+    pooled = 1 / (1 + np.exp(-world.pooled_logits(batch, 10)))
+    gaps = [pooled.mean() - world.probs(batch, v, 10).mean() for v in range(len(world.verticals))]
+    assert gaps[1] > 0.05 and gaps[2] < -0.05  # over-predicts the low vertical, under-predicts the high one
+    assert abs(gaps[0]) < min(gaps[1], -gaps[2])
+
+
+def test_the_drift_moves_bias_and_scale_not_only_the_direction(tiny) -> None:
+    still = ExFMWorld(tiny, seed=2, rotation=0.0)
+    batch, _ = still.traffic(0, 3, 2_000)
+    a, b = still.logits(batch, 0, 3), still.logits(batch, 0, 6)
+    slope, intercept = np.polyfit(a - a.mean(), b, 1)
+    assert slope == pytest.approx(np.exp(3 * still.scale_trend), rel=1e-6)  # a stale logit is off by an affine map
+    assert intercept > a.mean()
+
+
+def test_snapshots_give_each_log_time_the_newest_published_one() -> None:
+    end, age = snapshot_of(np.array([9.5, 10.0, 12.9, 13.2]), snapshot_every=3, delay=1.0)
+    assert end.tolist() == [6, 9, 9, 12]
+    np.testing.assert_allclose(age, [3.5, 1.0, 3.9, 1.2])
+    with pytest.raises(ValueError, match="no teacher snapshot"):
+        snapshot_of(np.array([2.0]), snapshot_every=3, delay=1.0)
+
+
+def test_a_student_on_a_stream_of_fresh_examples_beats_no_skill(tiny) -> None:
+    world = ExFMWorld(tiny, seed=3)
+    rng = np.random.default_rng(0)
+    stream = []
+    for d in range(9, 11):
+        b, _ = world.traffic(1, d, 10_000)
+        y = world.labels(b, 1, d, rng)
+        stream.append(TrainingSet(batch=b, labels=y, teacher=np.zeros(len(y), np.float32),
+                                  has_teacher=np.zeros(len(y), bool), age_days=np.zeros(len(y), np.float32)))
+    r = train_student(tiny, stream, None, DistillConfig(aux_weight=0.0, adapter="none"), batch_size=512, progress=False)
+    assert r.examples == 20_000 and r.steps == 2 * 20
+    ev, _ = world.traffic(1, 11, 10_000, stream=3)
+    assert normalized_entropy(world.labels(ev, 1, 11, rng), predict(r.model, ev, tiny.features)) < 0.9
+
+
+# --- the auxiliary head --------------------------------------------------------------------------------------
+
+
+def test_the_serving_tower_gets_gradient_from_labels_only(tiny, inputs) -> None:
     batch, y, t, age, has = inputs
-    student = Student(tiny, "mlp")
+    student = Student(tiny)
     main, aux = _heads(student, tiny, batch)
-    loss, parts = distill_loss(main, aux, y, t, age, has, student.adapter, DistillConfig(aux_weight=0.0))
-    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(main, y))
+    distill_loss(main, aux, y, t, None, has, DistillConfig(aux_weight=5.0, adapter="none"))[0].backward()
+    tower = student.model.over_arch
+    with_teacher = [p.grad.clone() for p in tower.parameters()]
+    shared_with = [p.grad.clone() for p in student.model.dense_arch.parameters()]
+    student.zero_grad()
+    main, _ = _heads(student, tiny, batch)
+    bce(main, y).backward()
+    for g, p in zip(with_teacher, tower.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    # ... while the shared layers below it do learn from the teacher
+    assert any(not torch.allclose(g, p.grad) for g, p in zip(shared_with, student.model.dense_arch.parameters()))
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25, 3.0])
+def test_the_aux_heads_gradient_into_the_shared_layers_is_scaled(tiny, inputs, scale) -> None:
+    batch, y, t, age, has = inputs
+
+    def grads(s: float):
+        torch.manual_seed(0)
+        student = Student(tiny)
+        _, aux = _heads(student, tiny, batch, s)
+        bce(aux, torch.sigmoid(t)).backward()
+        return ([p.grad.clone() for p in student.model.dense_arch.parameters()],
+                [p.grad.clone() for p in student.aux_tower.parameters()])
+
+    shared1, tower1 = grads(1.0)
+    shared_s, tower_s = grads(scale)
+    for a, b in zip(shared1, shared_s):
+        torch.testing.assert_close(b, scale * a)
+    for a, b in zip(tower1, tower_s):  # the aux tower itself learns at full strength
+        torch.testing.assert_close(a, b)
+
+
+def test_the_aux_head_is_a_tower_of_its_own_shaped_like_the_serving_one(tiny) -> None:
+    student = Student(tiny)
+    serving = [m for m in student.model.over_arch.modules() if isinstance(m, torch.nn.Linear)]
+    aux = [m for m in student.aux_tower.modules() if isinstance(m, torch.nn.Linear)]
+    assert [tuple(m.weight.shape) for m in aux] == [tuple(m.weight.shape) for m in serving]
+
+
+def test_the_loss_weight_and_label_scale_shape_the_teachers_target(tiny, inputs) -> None:
+    batch, y, t, age, has = inputs
+    student = Student(tiny)
+    main, aux = _heads(student, tiny, batch)
+    cfg = DistillConfig(aux_weight=0.5, adapter="none", label_scale=0.8)
+    loss, parts = distill_loss(main, aux, y, t, None, has, cfg)
+    torch.testing.assert_close(loss, bce(main, y) + 0.5 * bce(aux, 0.8 * torch.sigmoid(t)))
+    assert set(parts) == {"label", "distill"}
+    loss, parts = distill_loss(main, aux, y, t, None, has, DistillConfig(aux_weight=0.0))
+    torch.testing.assert_close(loss, bce(main, y))
     assert set(parts) == {"label"}
 
 
-def test_aux_head_without_adapter_learns_the_teacher_score(tiny, inputs) -> None:
+def test_plain_distillation_puts_the_teacher_on_the_serving_tower(tiny, inputs) -> None:
     batch, y, t, age, has = inputs
-    student = Student(tiny, "none")
-    main, aux = _heads(student, tiny, batch)
-    loss, _ = distill_loss(main, aux, y, t, age, has, student.adapter, DistillConfig(aux_weight=0.5, adapter="none"))
-    want = F.binary_cross_entropy_with_logits(main, y) + 0.5 * F.binary_cross_entropy_with_logits(aux, torch.sigmoid(t))
-    torch.testing.assert_close(loss, want)
-
-
-def test_plain_distillation_puts_the_teacher_on_the_main_head(tiny, inputs) -> None:
-    batch, y, t, age, has = inputs
-    student = Student(tiny, "none")
+    student = Student(tiny)
     main, aux = _heads(student, tiny, batch)
     cfg = DistillConfig(aux_weight=2.0, adapter="none", distill_head="main")
-    loss, _ = distill_loss(main, aux, y, t, age, has, student.adapter, cfg)
-    want = F.binary_cross_entropy_with_logits(main, y) + 2.0 * F.binary_cross_entropy_with_logits(main, torch.sigmoid(t))
-    torch.testing.assert_close(loss, want)
-
-
-@pytest.mark.parametrize("adapter", ["affine", "mlp"])
-def test_the_adapter_is_fit_to_labels_and_the_aux_head_follows_it(tiny, inputs, adapter) -> None:
-    batch, y, t, age, has = inputs
-    student = Student(tiny, adapter)
-    torch.testing.assert_close(student.adapter(t, age), t)  # starts as the identity
-    with torch.no_grad():  # move it off the identity
-        for p in student.adapter.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    main, aux = _heads(student, tiny, batch)
-    loss, parts = distill_loss(main, aux, y, t, age, has, student.adapter, DistillConfig(aux_weight=1.0, adapter=adapter))
-    adapted = student.adapter(t, age)
-    fit = F.binary_cross_entropy_with_logits(adapted, y)
-    want = (F.binary_cross_entropy_with_logits(main, y) + fit
-            + F.binary_cross_entropy_with_logits(aux, torch.sigmoid(adapted).detach()))
-    torch.testing.assert_close(loss, want)
-    # the adapter learns from labels only (the aux target is detached)
-    loss.backward()
-    got = [p.grad.clone() for p in student.adapter.parameters()]
-    student.zero_grad()
-    F.binary_cross_entropy_with_logits(student.adapter(t, age), y).backward()
-    for g, p in zip(got, student.adapter.parameters()):
-        torch.testing.assert_close(g, p.grad)
-
-
-def test_the_served_head_gets_gradient_from_labels_only(tiny, inputs) -> None:
-    batch, y, t, age, has = inputs
-    student = Student(tiny, "mlp")
-    head = student.model.over_arch.model[1]
-    main, aux = _heads(student, tiny, batch)
-    distill_loss(main, aux, y, t, age, has, student.adapter, DistillConfig(aux_weight=5.0))[0].backward()
-    with_teacher = [p.grad.clone() for p in head.parameters()]
-    trunk = student.model.over_arch.model[0]
-    trunk_with = [p.grad.clone() for p in trunk.parameters()]
-    student.zero_grad()
-    main, _ = _heads(student, tiny, batch)
-    F.binary_cross_entropy_with_logits(main, y).backward()
-    for g, p in zip(with_teacher, head.parameters()):
-        torch.testing.assert_close(g, p.grad)
-    # ... while the shared layers below it do learn from the teacher
-    assert any(not torch.allclose(g, p.grad) for g, p in zip(trunk_with, trunk.parameters()))
+    loss, _ = distill_loss(main, aux, y, t, None, has, cfg)
+    torch.testing.assert_close(loss, bce(main, y) + 2.0 * bce(main, torch.sigmoid(t)))
 
 
 def test_examples_without_a_teacher_score_only_count_for_their_label(tiny, inputs) -> None:
     batch, y, t, age, has = inputs
-    student = Student(tiny, "none")
+    student = Student(tiny)
     main, aux = _heads(student, tiny, batch)
     has = torch.arange(B) < 10
     t_other = t.clone()
     t_other[10:] = 100.0  # whatever is there is ignored
     cfg = DistillConfig(aux_weight=1.0, adapter="none")
-    a, _ = distill_loss(main, aux, y, t, age, has, student.adapter, cfg)
-    b, _ = distill_loss(main, aux, y, t_other, age, has, student.adapter, cfg)
+    a, _ = distill_loss(main, aux, y, t, None, has, cfg)
+    b, _ = distill_loss(main, aux, y, t_other, None, has, cfg)
     torch.testing.assert_close(a, b)
-    want = F.binary_cross_entropy_with_logits(main, y) + F.binary_cross_entropy_with_logits(aux[:10], torch.sigmoid(t[:10]))
-    torch.testing.assert_close(a, want)
+    torch.testing.assert_close(a, bce(main, y) + bce(aux[:10], torch.sigmoid(t[:10])))
+
+
+# --- the student adapter -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["affine", "mlp"])
+def test_the_adapter_starts_as_the_identity_and_learns_from_labels(kind) -> None:
+    adapter = StudentAdapter(kind)
+    t, age = torch.randn(64), torch.rand(64) * 4
+    torch.testing.assert_close(adapter(t, age), t)
+    y = (torch.rand(64) < torch.sigmoid(t - 1.5)).float()  # the teacher over-predicts by 1.5 logits
+    opt = torch.optim.Adam(adapter.parameters(), lr=0.05)
+    for _ in range(60):
+        adapter_step(adapter, opt, t, age, y, torch.ones(64, dtype=torch.bool))
+    with torch.no_grad():
+        assert bce(adapter(t, age), y) < bce(t, y) - 0.05
+
+
+def test_the_adapter_is_updated_first_and_its_post_update_output_is_an_added_stop_gradient_target(tiny, inputs) -> None:
+    batch, y, t, age, has = inputs
+    cfg = DistillConfig(aux_weight=1.0, adapter="affine", adapter_weight=0.7, adapter_lr=0.1)
+    trainer = StudentTrainer(tiny, cfg, seed=0)
+    with torch.no_grad():
+        trainer.student.adapter.w.copy_(torch.tensor([0.8, 0.1, -0.3, 0.05]))
+    before = copy.deepcopy(trainer.student.adapter)
+    with torch.no_grad():
+        main, aux = _heads(trainer.student, tiny, batch)
+    # what the adapter should be after one Adam step on its own loss (labels only)
+    expected = copy.deepcopy(before)
+    opt = torch.optim.Adam(expected.parameters(), lr=0.1)
+    opt.zero_grad()
+    bce(expected(t, age), y).backward()
+    opt.step()
+
+    parts = trainer.step(batch, y.numpy(), t.numpy(), age.numpy(), has.numpy())
+
+    # stop-gradient: the student's losses moved the adapter no further than its own step
+    torch.testing.assert_close(trainer.student.adapter.w, expected.w)
+    with torch.no_grad():
+        after_target, before_target = torch.sigmoid(expected(t, age)), torch.sigmoid(before(t, age))
+        assert parts["adapted"] == pytest.approx(float(bce(aux, after_target)), rel=1e-5)  # the post-update output
+        assert parts["adapted"] != pytest.approx(float(bce(aux, before_target)), rel=1e-5)
+        assert parts["distill"] == pytest.approx(float(bce(aux, torch.sigmoid(t))), rel=1e-5)  # an added target
+
+
+def test_adapted_target_adds_to_the_teachers_own_and_carries_no_gradient(tiny, inputs) -> None:
+    batch, y, t, age, has = inputs
+    student = Student(tiny, "affine")
+    main, aux = _heads(student, tiny, batch)
+    adapted = student.adapter(t, age) + 0.5  # as if moved, still attached to the adapter's graph
+    cfg = DistillConfig(aux_weight=1.0, adapter="affine", adapter_weight=0.3)
+    loss, parts = distill_loss(main, aux, y, t, adapted, has, cfg)
+    want = bce(main, y) + bce(aux, torch.sigmoid(t)) + 0.3 * bce(aux, torch.sigmoid(adapted.detach()))
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert student.adapter.w.grad is None
+
+
+# --- what is saved -------------------------------------------------------------------------------------------
 
 
 def test_the_saved_student_has_the_packages_usual_tensors_only(tmp_path, tiny) -> None:
@@ -131,11 +251,25 @@ def test_the_saved_student_has_the_packages_usual_tensors_only(tmp_path, tiny) -
                    progress=False)
 
 
-def test_a_bad_adapter_or_weight_is_refused() -> None:
+def test_a_bad_config_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="adapter"):
         DistillConfig(adapter="deep")
     with pytest.raises(ValueError, match="aux_weight"):
         DistillConfig(aux_weight=-1)
+    with pytest.raises(ValueError, match="grad_scale"):
+        DistillConfig(grad_scale=float("nan"))
+    with pytest.raises(ValueError, match="label_scale"):
+        DistillConfig(label_scale=-0.5)
     with pytest.raises(ValueError, match="distill_head"):
         DistillConfig(distill_head="both")
     assert StudentAdapter("none")(torch.ones(2), torch.zeros(2)).tolist() == [1.0, 1.0]
+
+
+def test_synth_ceilings_prints_the_power_check_and_refuses_a_bad_workload(capsys) -> None:
+    from recserve.cli import main
+
+    assert main(["synth", "ceilings", "--examples", "2000", "--days", "1"]) == 0
+    out = capsys.readouterr().out
+    assert all(v in out for v in ("v0-typical", "v1-low", "v2-high")) and "AH ceil" in out
+    assert main(["synth", "ceilings", "--workload", "no-such-workload"]) == 2
+    assert "no-such-workload" in capsys.readouterr().err

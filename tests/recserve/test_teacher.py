@@ -84,6 +84,18 @@ def test_each_unique_example_is_scored_once_with_the_teacher_packages_scores(fir
         np.testing.assert_allclose(torch.sigmoid(torch.tensor([logit[k] for k in keys])).numpy(), want, atol=1e-6)
 
 
+def test_the_jobs_logits_equal_the_in_process_teachers(first_run, teacher) -> None:
+    """Experiments score in-process (no Ray start-up per run): the same logits as the job's."""
+    from recserve.teacher import InProcessTeacher
+
+    root, batches, _ = first_run
+    scores = pq.read_table(root / "out")
+    logit = dict(zip(scores[KEY].to_pylist(), scores["teacher_logit"].to_pylist()))
+    local = InProcessTeacher(str(teacher))
+    for b in batches:
+        np.testing.assert_array_equal(np.array([logit[k] for k in example_keys(b)], np.float32), local.logits(b))
+
+
 def test_a_rerun_over_more_logs_scores_only_what_no_earlier_run_scored(first_run, tiny, teacher) -> None:
     from recserve.teacher import score_logs
 
