@@ -388,8 +388,9 @@ def main() -> None:
             teacher_rows += t
             age_rows += a
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time()
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    text = tables(rows, teacher_rows, ceilings, seconds, load)
+    text = tables(rows, teacher_rows, ceilings, seconds, load) + f" CPU time {cpu_seconds:.0f} s (this process)."
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text + "\n")
     figure(rows, age_rows, args.out / "distill.png")
@@ -402,11 +403,11 @@ def main() -> None:
             w.writerow({**r, "knobs": json.dumps(r.get("knobs")) if r.get("knobs") else ""})
     (args.out / "run.json").write_text(json.dumps(dict(
         command="nice -n 10 .venv/bin/python benchmarks/distill.py " + " ".join(sys.argv[1:]),
-        args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, seconds=seconds,
+        args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, seconds=seconds, cpu_seconds=cpu_seconds,
         load_average=load, log=logs, ceilings=ceilings, teacher=teacher_rows, teacher_by_age=age_rows, rows=rows),
         indent=1, default=str))
     print(text)
-    print(f"total {seconds:.0f}s; written {args.out}/table.md, runs.csv, distill.png and run.json")
+    print(f"total {seconds:.0f}s wall, {cpu_seconds:.0f}s CPU; written {args.out}/table.md, runs.csv, distill.png and run.json")
 
 
 if __name__ == "__main__":
