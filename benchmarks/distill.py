@@ -91,7 +91,7 @@ def evaluate(model_state: dict, workload: WorkloadConfig, batch: Batch, labels: 
 def run_seed(seed: int, args, work: Path) -> list[dict]:
     from recserve.export import export_package
     from recserve.planning import plan_workload
-    from recserve.teacher import score_logs
+    from serving.teacher import score_logs
     from serving.example_log import ExampleLog, ExampleLogConfig
 
     world, teacher_w, students = workloads()

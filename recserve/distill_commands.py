@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_teacher_score(args: argparse.Namespace) -> int:
     from recserve.package import PackageError
-    from recserve.teacher import score_logs
+    from serving.teacher import score_logs
 
     try:
         report = score_logs(args.logs, args.teacher, args.out, address=args.address, batch_size=args.batch_size,

@@ -54,7 +54,7 @@ def write_log(directory: Path, tiny, batches: list, rows_per_file: int = 100) ->
 def first_run(ray_local, tmp_path_factory, tiny, teacher):
     """Log A: 6 requests of 40 examples, the first two sent again (duplicates across files);
     scored once into ``out``, with a half-written score file of a crashed run lying there."""
-    from recserve.teacher import score_logs
+    from serving.teacher import score_logs
 
     root = tmp_path_factory.mktemp("teacher-job")
     gen = TrafficGenerator(tiny, seed=3)
@@ -85,7 +85,7 @@ def test_each_unique_example_is_scored_once_with_the_teacher_packages_scores(fir
 
 
 def test_a_rerun_over_more_logs_scores_only_what_no_earlier_run_scored(first_run, tiny, teacher) -> None:
-    from recserve.teacher import score_logs
+    from serving.teacher import score_logs
 
     root, batches, _ = first_run
     gen = TrafficGenerator(tiny, seed=4)
@@ -102,7 +102,7 @@ def test_a_teacher_whose_features_the_log_lacks_is_refused_by_name(ray_local, tm
 
     import ray
 
-    from recserve.teacher import score_logs
+    from serving.teacher import score_logs
     from serving.example_log import ExampleLog, ExampleLogConfig
 
     log = ExampleLog(ExampleLogConfig(rate=1.0, log_dir=str(tmp_path / "log")), model="s", version="1",
