@@ -120,7 +120,7 @@ def _serve_has_option(option: str) -> bool:
     """Whether this checkout's ``recserve serve`` takes ``option`` (read from its source)."""
     import importlib.util
 
-    spec = importlib.util.find_spec("serving.commands")
+    spec = importlib.util.find_spec("recserve.cli.serve")
     try:
         return spec is not None and spec.origin is not None and f'"{option}"' in Path(spec.origin).read_text()
     except OSError:

@@ -55,10 +55,10 @@ def run_deploy(args: argparse.Namespace) -> int:
 
 
 def _running_address() -> str | None:
-    """The GCS address the running ``recserve serve`` recorded (serving/commands.py state file)."""
+    """The GCS address the running ``recserve serve`` recorded (recserve/cli/serve.py state file)."""
     import json
 
-    from serving.commands import state_path
+    from recserve.cli.serve import state_path
 
     try:
         return json.loads(state_path().read_text()).get("ray_address")

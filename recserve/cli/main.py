@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 # module:function pairs; each adds one or more subcommands
 COMMAND_MODULES = (
-    "recserve.commands:register",  # train, export, default-package, inspect
+    "recserve.cli.model:register",  # train, export, default-package, inspect
     "recserve.planning:register",  # plan
-    "recserve.distill_commands:register",  # teacher score, synth labels
-    "serving.commands:register",  # serve
-    "serving.version_commands:register",  # deploy (a new model version into a running stack)
-    "kernels.commands:register",  # kernels search / bench
-    "loadtest.commands:register",  # bench
-    "serving.fading.commands:register",  # fade
+    "recserve.cli.distill:register",  # teacher score, synth labels
+    "recserve.cli.serve:register",  # serve
+    "recserve.cli.deploy:register",  # deploy (a new model version into a running stack)
+    "recserve.cli.kernels:register",  # kernels search / bench
+    "recserve.cli.bench:register",  # bench
+    "recserve.cli.fade:register",  # fade
 )
 
 
@@ -40,6 +39,3 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.handler(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
