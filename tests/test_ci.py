@@ -18,12 +18,10 @@ import time
 import tomllib
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 CONFTEST = '''
-import pytest
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
