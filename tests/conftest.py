@@ -19,11 +19,19 @@ worker; a dead worker is reported as a failure of the test it was running, and e
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+# One torch (OpenMP) thread per test process, set before torch is first imported; inherited by
+# the servers and Ray replicas the tests start. xdist runs two workers on CI's 2 cores: two
+# spinning OpenMP threads each oversubscribe them, and on a loaded machine training the tiny
+# model took 12 s with 2 threads, 2.5 s with 1.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from recserve.workloads import WorkloadConfig, load_workload
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from recserve.workloads import WorkloadConfig, load_workload  # noqa: E402
 
 
 RAY_FIXTURE = "serve_instance"  # tests/serving/conftest.py: the session's Ray + Serve

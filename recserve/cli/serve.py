@@ -12,6 +12,10 @@ GRPC_SERVICERS = [
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 APP_NAME = "recserve"
+# Serve gives its proxy 5 s to start (and 10 s per health check) before its controller kills
+# it, and serve.start then fails (ActorDiedError, "killed by ray.kill"): a busy 2-core machine
+# misses that (seen in CI). Set before Ray starts: its processes inherit the environment.
+SERVE_STARTUP_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
 # Fading is on by default in `recserve serve` (AppArgs' own default is no filter, for callers
@@ -192,6 +196,8 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
     from serving.app.builder import build_app
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    for name, value in SERVE_STARTUP_ENV.items():
+        os.environ.setdefault(name, value)
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
     # silently share it. Off (inherited by the proxy actors through Ray's worker environment).
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
