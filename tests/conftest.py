@@ -104,3 +104,28 @@ def tiny_packages(tmp_path_factory: pytest.TempPathFactory, tiny: WorkloadConfig
         return made[layout]
 
     return get
+
+
+class _GroupSuffix:
+    """``--dist loadgroup`` groups by an ``@group`` suffix that xdist 3.8 writes to the private
+    ``item._nodeid``; pytest 9.2 builds the node id from ``item._id`` instead, so the suffix is
+    lost and every test is scheduled alone (pytest-xdist issue #1386): the Ray tests ran on both
+    workers, each starting Ray and Serve. Until xdist passes groups another way, write the
+    suffix where pytest 9.2 reads it, after xdist's own hook, and fail loudly if it does not take."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if not config.getvalue("loadgroup"):
+            return
+        from _pytest.nodeid import NodeId
+
+        for item in items:
+            group = "_".join(sorted({str(m.args[0]) for m in item.iter_markers("xdist_group")}))
+            if group and not item.nodeid.endswith(f"@{group}"):
+                item._id = NodeId.parse(f"{item.nodeid}@{group}")
+                if not item.nodeid.endswith(f"@{group}"):
+                    raise pytest.UsageError(f"cannot give {item.nodeid} its xdist group {group!r} (pytest-xdist #1386)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_GroupSuffix(), "recserve-xdist-group-suffix")
