@@ -58,7 +58,7 @@ def _running_address() -> str | None:
     """The GCS address the running ``recserve serve`` recorded (recserve/cli/serve.py state file)."""
     import json
 
-    from recserve.cli.serve import state_path
+    from serving.ops.state import state_path
 
     try:
         return json.loads(state_path().read_text()).get("ray_address")

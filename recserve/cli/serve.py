@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-GRPC_SERVICERS = [
-    "recserve.v1.ranker_pb2_grpc.add_RankerServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
-APP_NAME = "recserve"
+from serving.app.versions import ROUTER_APP
+
 
 
 # Fading is on by default in `recserve serve` (AppArgs' own default is no filter, for callers
@@ -102,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("replicas", type=int, help="replica count (>= 1)")
     sc.add_argument("--dashboard", default=None, metavar="URL",
                     help="the Ray dashboard of the stack (default: the one the running `recserve serve` printed)")
-    sc.add_argument("--app", default=APP_NAME, help=f"Serve application (default {APP_NAME})")
+    sc.add_argument("--app", default=ROUTER_APP, help=f"Serve application (default {ROUTER_APP})")
     sc.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the replicas (default 300)")
     sc.set_defaults(handler=run_scale)
 
@@ -188,7 +185,8 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
     import ray
     from ray import serve
 
-    from serving.api.wire import SERVICE_NAME
+    from serving.api.wire import GRPC_SERVICERS, SERVICE_NAME
+    from serving.ops.state import clear_state, write_state
     from serving.app.builder import build_app
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
@@ -278,7 +276,7 @@ def _deploy_with_progress(app, stop, *, every_s: float = 2.0) -> bool:
             # external_scaler_enabled: `recserve scale` sets one deployment's replica count
             # through the dashboard's REST API; the others are left as they are.
             # No access log: one line per request is noise on a terminal (errors still log).
-            serve.run(app, name=APP_NAME, blocking=False, external_scaler_enabled=True,
+            serve.run(app, name=ROUTER_APP, blocking=False, external_scaler_enabled=True,
                       logging_config=LoggingConfig(enable_access_log=False))
         except BaseException as e:  # noqa: BLE001  reported below
             failed.append(e)
@@ -298,7 +296,7 @@ def _deploy_with_progress(app, stop, *, every_s: float = 2.0) -> bool:
     return not stop.is_set()
 
 
-def describe_replicas(app: str = APP_NAME) -> str:
+def describe_replicas(app: str = ROUTER_APP) -> str:
     """'shard-0 1/1 up, shard-1 0/1 up (STARTING 1), ...' from serve.status()."""
     from ray import serve
 
@@ -334,40 +332,13 @@ def client_command(port: int) -> str:
             f"print(RankingClient('127.0.0.1:{port}').model_info())\"")
 
 
-def state_path():
-    """Where a running ``recserve serve`` leaves its addresses for ``recserve scale``."""
-    from recserve.default_package import artifacts_dir
-
-    return artifacts_dir() / "serving.json"
-
-
-def write_state(**state) -> None:
-    import json
-    import os
-
-    path = state_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**state, "pid": os.getpid()}, indent=1) + "\n")
-
-
-def clear_state() -> None:
-    import json
-    import os
-
-    path = state_path()
-    try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass
-
-
 def run_scale(args: argparse.Namespace) -> int:
     """POST the new replica count to the dashboard's Serve API, then wait until it runs."""
     import json
     import sys
 
     from serving.ops.scaling import ScaleError, scale_deployment
+    from serving.ops.state import state_path
 
     dashboard = args.dashboard
     if dashboard is None:
