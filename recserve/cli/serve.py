@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from recserve.cli.types import Subcommand
 from serving.app.versions import ROUTER_APP
-
-
 
 # Fading is on by default in `recserve serve` (AppArgs' own default is no filter, for callers
 # of build_app): with no feature being faded it returns the batch untouched.
@@ -65,57 +64,73 @@ def app_args_from(args: argparse.Namespace, *, package: str, none_word: str = "n
     return AppArgs(package=package, **values)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="serve a model package over gRPC on a local Ray Serve instance",
-        description="Check the ports, start local Ray (127.0.0.1), deploy the sharded app "
-        "(router, one deployment per shard, dense tower) and serve until Ctrl-C or SIGTERM. "
-        "With no PACKAGE it serves the default model (criteo-kaggle, tables capped at 100k rows) from "
-        "artifacts/default, which `recserve default-package` builds (serving never trains). "
-        "Ray's gRPC proxy listens on all interfaces.",
-    )
-    p.add_argument("package", nargs="?", default="default", help="model package directory (default: the default model)")
-    p.add_argument("--port", type=int, default=9000,
-                   help="gRPC port (default 9000; 0 = any free one); must be free: a taken one is refused "
-                        "before anything starts")
-    p.add_argument("--dashboard-port", type=int, default=8265,
-                   help="Ray dashboard port on 127.0.0.1 (default 8265; a free one if it is taken)")
-    p.add_argument("--http-port", type=int, default=8000,
-                   help="Serve HTTP proxy port on 127.0.0.1 (default 8000; a free one if it is taken)")
-    add_app_flags(p, defaults={"feature_filter": FADING_FILTER}, none_word="none")
-    p.add_argument("--monolith", action="store_true",
-                   help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
-    p.set_defaults(handler=run_serve)
+class Serve(Subcommand):
+    name = "serve"
+    help = "serve a model package over gRPC on a local Ray Serve instance"
+    description = ("Check the ports, start local Ray (127.0.0.1), deploy the sharded app "
+                   "(router, one deployment per shard, dense tower) and serve until Ctrl-C or SIGTERM. "
+                   "With no PACKAGE it serves the default model (criteo-kaggle, tables capped at 100k rows) from "
+                   "artifacts/default, which `recserve default-package` builds (serving never trains). "
+                   "Everything binds 127.0.0.1: Ray, Serve's gRPC proxy and the replicas' servers "
+                   "(serving/ops/loopback.py).")
 
-    sc = sub.add_parser(
-        "scale",
-        help="set the replica count of one deployment of a running `recserve serve`",
-        description="Set the replica count of one deployment (shard-K, DenseTower or Router) of the "
-        "stack a running `recserve serve` started, through the Ray dashboard's Serve API; only that "
-        "deployment changes (the others keep their replica processes). Waits until the new count runs.",
-    )
-    sc.add_argument("deployment", help="deployment name: shard-K, DenseTower or Router")
-    sc.add_argument("replicas", type=int, help="replica count (>= 1)")
-    sc.add_argument("--dashboard", default=None, metavar="URL",
-                    help="the Ray dashboard of the stack (default: the one the running `recserve serve` printed)")
-    sc.add_argument("--app", default=ROUTER_APP, help=f"Serve application (default {ROUTER_APP})")
-    sc.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the replicas (default 300)")
-    sc.set_defaults(handler=run_scale)
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("package", nargs="?", default="default", help="model package directory (default: the default model)")
+        p.add_argument("--port", type=int, default=9000,
+                       help="gRPC port (default 9000; 0 = any free one); must be free: a taken one is refused "
+                            "before anything starts")
+        p.add_argument("--dashboard-port", type=int, default=8265,
+                       help="Ray dashboard port on 127.0.0.1 (default 8265; a free one if it is taken)")
+        p.add_argument("--http-port", type=int, default=8000,
+                       help="Serve HTTP proxy port on 127.0.0.1 (default 8000; a free one if it is taken)")
+        add_app_flags(p, defaults={"feature_filter": FADING_FILTER}, none_word="none")
+        p.add_argument("--monolith", action="store_true",
+                       help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
 
-    tf = sub.add_parser(
-        "tls-front",
-        help="a TLS front for the gRPC port, for when it must face a network",
-        description="Forward gRPC calls arriving over TLS on --listen to the plain port on loopback "
-        "(serving/standalone/tls_front.py); with --client-ca, callers must present a certificate it signed.",
-    )
-    tf.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve TLS on, e.g. 0.0.0.0:9443")
-    tf.add_argument("--upstream", default="127.0.0.1:9000", metavar="HOST:PORT",
-                    help="the plain gRPC port (default 127.0.0.1:9000)")
-    tf.add_argument("--cert", required=True, help="server certificate chain (PEM)")
-    tf.add_argument("--key", required=True, help="server private key (PEM)")
-    tf.add_argument("--client-ca", default=None, help="CA (PEM) that signs client certificates: mutual TLS")
-    tf.set_defaults(handler=lambda args: __import__("serving.standalone.tls_front", fromlist=["run"]).run(args))
+    def run(self, args: argparse.Namespace) -> int:
+        return run_serve(args)
+
+
+class Scale(Subcommand):
+    name = "scale"
+    help = "set the replica count of one deployment of a running `recserve serve`"
+    description = ("Set the replica count of one deployment (shard-K, DenseTower or Router) of the "
+                   "stack a running `recserve serve` started, through the Ray dashboard's Serve API; only that "
+                   "deployment changes (the others keep their replica processes). Waits until the new count runs.")
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("deployment", help="deployment name: shard-K, DenseTower or Router")
+        p.add_argument("replicas", type=int, help="replica count (>= 1)")
+        p.add_argument("--dashboard", default=None, metavar="URL",
+                       help="the Ray dashboard of the stack (default: the one the running `recserve serve` printed)")
+        p.add_argument("--app", default=ROUTER_APP, help=f"Serve application (default {ROUTER_APP})")
+        p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the replicas (default 300)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_scale(args)
+
+
+class TlsFront(Subcommand):
+    name = "tls-front"
+    help = "a TLS front for the gRPC port, for when it must face a network"
+    description = ("Forward gRPC calls arriving over TLS on --listen to the plain port on loopback "
+                   "(serving/standalone/tls_front.py); with --client-ca, callers must present a certificate it signed.")
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve TLS on, e.g. 0.0.0.0:9443")
+        p.add_argument("--upstream", default="127.0.0.1:9000", metavar="HOST:PORT",
+                       help="the plain gRPC port (default 127.0.0.1:9000)")
+        p.add_argument("--cert", required=True, help="server certificate chain (PEM)")
+        p.add_argument("--key", required=True, help="server private key (PEM)")
+        p.add_argument("--client-ca", default=None, help="CA (PEM) that signs client certificates: mutual TLS")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from serving.standalone.tls_front import run
+
+        return run(args)
+
+
+COMMANDS = (Serve, Scale, TlsFront)
 
 
 def run_serve(args: argparse.Namespace) -> int:
