@@ -1,6 +1,7 @@
 """The ``recserve`` command line: every subcommand, one module per area.
 
   main.py     build_parser() and main(): the commands, in the order ``recserve --help`` lists them
+  types.py    Subcommand: the one shape of a command (name, help, add_arguments, run; or verbs)
   model.py    train, export, default-package, inspect
   plan.py     plan
   distill.py  teacher score, synth labels

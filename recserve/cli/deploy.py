@@ -5,24 +5,32 @@ from __future__ import annotations
 
 import argparse
 
+from recserve.cli.types import Subcommand
+from serving.app.versions import ROUTER_APP
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "deploy",
-        help="deploy a new model version into a running recserve stack (zero failed requests)",
-        description="Check PACKAGE (manifest schema and every sha256: a bad package is refused before anything "
-        "changes), start its shards and dense tower beside the running version, warm it up through the router "
-        "with requests pinned to it, switch every router replica to it at once, drain and stop the old version. "
-        "While both are up a request may pin either with PredictRequest.version.",
-    )
-    p.add_argument("package", help="model package directory (recserve export)")
-    p.add_argument("--address", default=None,
-                   help="Ray GCS address of the running stack (default: the running recserve serve's, from its "
-                        "state file; else the Ray instance last started on this machine)")
-    p.add_argument("--app", default="recserve", help="the router application's name (default recserve)")
-    p.add_argument("--drain-s", type=float, default=30.0, help="longest wait for the old version's requests")
-    p.add_argument("--ready-timeout-s", type=float, default=300.0, help="longest wait for the new replicas")
-    p.set_defaults(handler=run_deploy)
+
+class Deploy(Subcommand):
+    name = "deploy"
+    help = "deploy a new model version into a running recserve stack (zero failed requests)"
+    description = ("Check PACKAGE (manifest schema and every sha256: a bad package is refused before anything "
+                   "changes), start its shards and dense tower beside the running version, warm it up through the "
+                   "router with requests pinned to it, switch every router replica to it at once, drain and stop the "
+                   "old version. While both are up a request may pin either with PredictRequest.version.")
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("package", help="model package directory (recserve export)")
+        p.add_argument("--address", default=None,
+                       help="Ray GCS address of the running stack (default: the running recserve serve's, from its "
+                            "state file; else the Ray instance last started on this machine)")
+        p.add_argument("--app", default=ROUTER_APP, help=f"the router application's name (default {ROUTER_APP})")
+        p.add_argument("--drain-s", type=float, default=30.0, help="longest wait for the old version's requests")
+        p.add_argument("--ready-timeout-s", type=float, default=300.0, help="longest wait for the new replicas")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_deploy(args)
+
+
+COMMANDS = (Deploy,)
 
 
 def run_deploy(args: argparse.Namespace) -> int:
@@ -58,7 +66,7 @@ def _running_address() -> str | None:
     """The GCS address the running ``recserve serve`` recorded (recserve/cli/serve.py state file)."""
     import json
 
-    from recserve.cli.serve import state_path
+    from serving.ops.state import state_path
 
     try:
         return json.loads(state_path().read_text()).get("ray_address")

@@ -1,26 +1,17 @@
-"""The ``recserve`` command line.
+"""The ``recserve`` command line: every subcommand, in the order ``recserve --help`` lists them.
 
-Each area registers its own subcommands through a ``register(subparsers)`` function in a
-light module (argparse only; heavy imports happen inside the command), listed in
-``COMMAND_MODULES``. A command's handler takes the parsed args and returns an exit code.
+Each module of recserve/cli/ defines its commands as :class:`recserve.cli.types.Subcommand`
+classes and lists them in ``COMMANDS``; a command's handler takes the parsed args and
+returns an exit code.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 
-# module:function pairs; each adds one or more subcommands
-COMMAND_MODULES = (
-    "recserve.cli.model:register",  # train, export, default-package, inspect
-    "recserve.planning:register",  # plan
-    "recserve.cli.distill:register",  # teacher score, synth labels
-    "recserve.cli.serve:register",  # serve
-    "recserve.cli.deploy:register",  # deploy (a new model version into a running stack)
-    "recserve.cli.kernels:register",  # kernels search / bench
-    "recserve.cli.bench:register",  # bench
-    "recserve.cli.fade:register",  # fade
-)
+from recserve.cli import bench, deploy, distill, fade, kernels, model, plan, serve
+
+COMMAND_MODULES = (model, plan, distill, serve, deploy, kernels, bench, fade)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,13 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve sharded DLRM/DCNv2 recommendation models on Ray Serve.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for spec in COMMAND_MODULES:
-        module_name, func = spec.split(":")
-        getattr(importlib.import_module(module_name), func)(sub)  # every area is built: a failed import is a bug
+    for module in COMMAND_MODULES:
+        for command in module.COMMANDS:
+            command().add_to(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.handler(args) or 0)
-

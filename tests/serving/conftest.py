@@ -154,7 +154,8 @@ def serve_instance():
     import ray
     from ray import serve
 
-    from recserve.cli.serve import GRPC_SERVICERS, SERVE_STARTUP_ENV
+    from recserve.cli.serve import SERVE_STARTUP_ENV
+    from serving.api.wire import GRPC_SERVICERS
 
     # replicas import serving/, kernels/, recserve/ from this checkout
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
