@@ -129,3 +129,62 @@ class _GroupSuffix:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_GroupSuffix(), "recserve-xdist-group-suffix")
+    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
+        import tempfile
+
+        os.environ["RECSERVE_XDIST_PIDS"] = tempfile.mkdtemp(prefix="recserve-xdist-")  # before workers start
+        config.pluginmanager.register(_CrashReport(), "recserve-crash-report")
+
+
+class _CrashReport:
+    """A dead xdist worker explains itself: how it ended (exit status or signal: -9 is SIGKILL,
+    the kernel's OOM killer among others), the machine's memory, the kernel log's last OOM lines
+    where readable, and the tail of the Ray driver log the worker wrote (a driver whose raylet
+    died leaves through Ray's quick exit, with no Python traceback). Worker stderr is the run's
+    own, so a fatal signal's faulthandler traceback is printed above this."""
+
+    @staticmethod
+    def _returncode(node) -> int | None:
+        popen = getattr(getattr(getattr(node, "gateway", None), "_io", None), "popen", None)
+        if popen is None:
+            return None
+        try:
+            return popen.wait(timeout=5)
+        except Exception:  # still running, or not a subprocess gateway
+            return None
+
+    @pytest.hookimpl
+    def pytest_testnodedown(self, node, error) -> None:
+        if not error:
+            return
+        import glob
+        import subprocess
+
+        worker = node.gateway.id
+        lines = [f"worker {worker} went down ({error}); exit status {self._returncode(node)}"]
+        pid_file = _pid_dir() / f"{worker}.pid"
+        pid = pid_file.read_text().strip() if pid_file.exists() else "?"
+        lines.append(f"its pid {pid}; /proc/meminfo: " + " ".join(
+            line.split(":")[0] + "=" + line.split(":")[1].strip()
+            for line in Path("/proc/meminfo").read_text().splitlines()[:3]))
+        try:
+            kernel = subprocess.run(["dmesg", "-T"], capture_output=True, text=True, timeout=10).stdout.splitlines()
+            lines += [f"dmesg: {k}" for k in kernel if "oom" in k.lower() or "killed process" in k.lower()][-8:]
+        except Exception as e:  # no dmesg, or not allowed
+            lines.append(f"dmesg unreadable: {e}")
+        for log in sorted(glob.glob(f"/tmp/ray/session_*/logs/python-core-driver-*_{pid}.log"))[-1:]:
+            lines.append(f"tail of {log}:")
+            lines += Path(log).read_text(errors="replace").splitlines()[-25:]
+        print("\n".join(f"[crash report] {line}" for line in lines), flush=True)
+
+
+def _pid_dir() -> Path:
+    """Where each worker writes its pid: named by the controller, inherited by the workers."""
+    return Path(os.environ["RECSERVE_XDIST_PIDS"])
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and "RECSERVE_XDIST_PIDS" in os.environ:  # the controller reads it if this worker dies
+        _pid_dir().mkdir(parents=True, exist_ok=True)
+        (_pid_dir() / f"{worker}.pid").write_text(str(os.getpid()))
