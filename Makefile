@@ -34,9 +34,11 @@ test: setup
 	exit $$status
 
 # pyflakes over every Python file but the generated gRPC code: unused imports and
-# variables, undefined names, redefinitions.
+# variables, undefined names, redefinitions; then the import contracts (pyproject.toml's
+# [tool.importlinter]): layers only point down, no import cycle.
 lint: setup
 	$(PY) -m pyflakes $$(find recserve serving sharding kernels loadtest benchmarks protos tests -name '*.py' -not -path 'recserve/v1/*')
+	$(VENV)/bin/lint-imports --no-cache
 
 proto: setup
 	$(PY) protos/generate.py

@@ -133,7 +133,7 @@ def main() -> int:
     from serving.app.builder import build_app
     from serving.api.client import RankingClient
     from serving.api.codec import encode_request
-    from serving.commands import GRPC_SERVICERS
+    from serving.api.wire import GRPC_SERVICERS
     from serving.config import AppArgs
     from serving.standalone.monolith import MonolithThread
 

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from recserve.batch import Bags, Batch  # noqa: E402
-from recserve.distill import DistillConfig, StudentAdapter, TrainingSet, _take, train_student  # noqa: E402
+from recserve.distill import DistillConfig, StudentAdapter, TrainingSet, train_student  # noqa: E402
 from recserve.model import predict  # noqa: E402
 from recserve.synth import ExFMWorld, cross_entropy_ne, snapshot_of, world_ceilings  # noqa: E402
 from recserve.train import auc, normalized_entropy  # noqa: E402
@@ -80,7 +80,7 @@ def day_set(batch: Batch, labels: np.ndarray, teacher: np.ndarray | None = None,
             rng: np.random.Generator | None = None) -> TrainingSet:
     n = batch.batch_size
     order = rng.permutation(n) if rng is not None else np.arange(n)
-    return TrainingSet(batch=_take(batch, order), labels=labels[order].astype(np.float32),
+    return TrainingSet(batch=batch.take(order), labels=labels[order].astype(np.float32),
                        teacher=(np.zeros(n, np.float32) if teacher is None else teacher[order].astype(np.float32)),
                        has_teacher=np.full(n, teacher is not None), age_days=(
                            np.zeros(n, np.float32) if age is None else age[order].astype(np.float32)))
@@ -93,7 +93,7 @@ class Snapshots:
     def __init__(self, world: ExFMWorld, workload: WorkloadConfig, args, work: Path, seed: int):
         from recserve.export import export_package
         from recserve.planning import plan_workload
-        from recserve.teacher_local import InProcessTeacher
+        from serving.engine.in_process_teacher import InProcessTeacher
 
         self.scorers: dict[int, InProcessTeacher] = {}
         work.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ class Snapshots:
         out = np.empty(batch.batch_size, np.float32)
         for e in np.unique(end):
             rows = np.flatnonzero(end == e)
-            out[rows] = self.scorers[int(e)].logits(_take(batch, rows))
+            out[rows] = self.scorers[int(e)].logits(batch.take(rows))
         return out
 
 

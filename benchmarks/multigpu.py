@@ -118,7 +118,7 @@ def run_check(args: argparse.Namespace) -> dict:
     from recserve.v1 import ranker_pb2
     from serving.app.builder import build_app
     from serving.api.client import RankingClient
-    from serving.commands import GRPC_SERVICERS
+    from serving.api.wire import GRPC_SERVICERS
     from serving.config import AppArgs
     from serving.engine.local_ranker import LocalRanker
     from serving.app.placement import gpu_placement, replica_gpus

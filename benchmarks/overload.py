@@ -117,8 +117,8 @@ def Monolith(package: Path, *, log_dir: Path, max_in_flight: int):
 
     class _Server(MonolithServer):
         def __enter__(self):
-            argv = [sys.executable, "-m", "loadtest.serve_monolith", str(self.package), "--port", str(self.port),
-                    "--max-in-flight", str(max_in_flight)]
+            argv = [sys.executable, "-m", "recserve.cli", "serve", "--monolith", str(self.package), "--port",
+                    str(self.port), "--max-in-flight", str(max_in_flight), "--feature-filter", "none"]
             self._spawn(argv, dict(os.environ))
             self.cpu = CpuMeter(lambda: process_tree(self.proc.pid) if self.proc else [])
             self.info = self._wait_ready(self.ready_timeout_s)

@@ -2,7 +2,7 @@
 
 What each actor of ``recserve teacher score`` does per batch -- validate the batch against the
 package, split it over the shards, look the ids up, assemble, run the tower
-(``recserve.teacher_local.ranker_logits``, LocalRanker's shards and tower) -- over >= 1M
+(``serving.engine.in_process_teacher.ranker_logits``, LocalRanker's shards and tower) -- over >= 1M
 examples of tiny-shaped traffic, with the teacher package on ``--device``. Ray and Parquet are
 not part of it (the GPU machine has no Ray): start-up (opening the package, loading it onto
 the device) and the first batch (CUDA context, kernel compilation) are reported apart from
@@ -40,7 +40,7 @@ def main() -> None:
 
     from recserve.package import ModelPackage
     from recserve.synth import TrafficGenerator
-    from recserve.teacher_local import InProcessTeacher
+    from serving.engine.in_process_teacher import InProcessTeacher
     from recserve.workloads import load_workload
 
     info = dict(torch=torch.__version__, device_name=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

@@ -90,7 +90,7 @@ def main() -> int:
     from recserve.synth import TrafficGenerator
     from serving.app.builder import build_app
     from serving.api.client import RankingClient
-    from serving.commands import GRPC_SERVICERS
+    from serving.api.wire import GRPC_SERVICERS
     from serving.config import AppArgs
     from recserve.default_package import build_default_package
     from serving.standalone.monolith import MonolithThread

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
 
-    from serving.commands import state_path
+    from serving.ops.state import state_path
     from serving.ops.ports import free_port
 
     state_file = args.state or state_path()

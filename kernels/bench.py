@@ -1,4 +1,4 @@
-"""Benchmark of issue 4 section 4: lookups and interaction on a GPU, always beside torch.
+"""The kernels' benchmark: lookups and interaction on a GPU, always beside torch.
 
     python -m kernels.bench [--out results.json] [--rows-cap 4000000]
     recserve kernels bench

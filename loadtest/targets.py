@@ -1,7 +1,7 @@
 """The servers under test, each started in its own process group and stopped afterwards.
 
 - :class:`MonolithServer`: the whole model in one process behind a plain grpc.aio server
-  (``serving.standalone.monolith.create_server``), started through ``python -m loadtest.serve_monolith``.
+  (``serving.standalone.monolith``), started with ``recserve serve --monolith PACKAGE --port P``.
 - :class:`ServeStack`: the sharded Ray Serve stack, started with ``recserve serve PACKAGE
   --port P`` (a local Ray instance, the gRPC proxy on P); stopped with SIGINT so it shuts
   Serve and Ray down, then anything of its process tree still alive is ended by pid.
@@ -120,7 +120,7 @@ def _serve_has_option(option: str) -> bool:
     """Whether this checkout's ``recserve serve`` takes ``option`` (read from its source)."""
     import importlib.util
 
-    spec = importlib.util.find_spec("serving.commands")
+    spec = importlib.util.find_spec("recserve.cli.serve")
     try:
         return spec is not None and spec.origin is not None and f'"{option}"' in Path(spec.origin).read_text()
     except OSError:
@@ -154,8 +154,8 @@ class MonolithServer(_Target):
         self.ready_timeout_s = ready_timeout_s
 
     def __enter__(self) -> MonolithServer:
-        argv = [sys.executable, "-m", "loadtest.serve_monolith", str(self.package), "--port", str(self.port),
-                "--device", self.device]
+        argv = [sys.executable, "-m", "recserve.cli", "serve", "--monolith", str(self.package), "--port", str(self.port),
+                "--device", self.device, "--feature-filter", "none"]
         self._spawn(argv, dict(os.environ))
         self.cpu = CpuMeter(lambda: process_tree(self.proc.pid) if self.proc else [])
         self.info = self._wait_ready(self.ready_timeout_s)

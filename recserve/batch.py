@@ -59,3 +59,14 @@ class Batch:
             )
         units = None if self.unit_ids is None else self.unit_ids[start:stop]
         return Batch(self.dense[start:stop], sparse, units)
+
+    def take(self, idx: np.ndarray) -> Batch:
+        """Examples ``idx`` (int [b]) as a new batch, in that order (a jagged gather)."""
+        sparse = {}
+        for f, bags in self.sparse.items():
+            offsets = np.cumsum(bags.lengths, dtype=np.int64) - bags.lengths  # [B] start of each bag
+            lengths = bags.lengths[idx]  # [b]
+            new_start = np.cumsum(lengths, dtype=np.int64) - lengths
+            pos = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(offsets[idx] - new_start, lengths)  # [n]
+            sparse[f] = Bags(bags.values[pos], lengths, None if bags.weights is None else bags.weights[pos])
+        return Batch(self.dense[idx], sparse, None if self.unit_ids is None else self.unit_ids[idx])

@@ -328,7 +328,7 @@ def train_student(
         order = rng.permutation(m) if isinstance(data, TrainingSet) else np.arange(m)
         for start in range(0, m, batch_size):
             idx = order[start:start + batch_size]
-            parts = trainer.step(_take(chunk.batch, idx), chunk.labels[idx], chunk.teacher[idx], chunk.age_days[idx],
+            parts = trainer.step(chunk.batch.take(idx), chunk.labels[idx], chunk.teacher[idx], chunk.age_days[idx],
                                  chunk.has_teacher[idx])
             bar.update(1)
     bar.close()
@@ -339,20 +339,6 @@ def train_student(
     return DistillResult(examples=n, with_teacher=with_teacher, steps=trainer.steps,
                          seconds=time.perf_counter() - t0, path=out, last_loss=parts, model=model,
                          adapter=trainer.student.adapter)
-
-
-def _take(batch: Batch, idx: np.ndarray) -> Batch:
-    """Examples ``idx`` of a batch, in that order (a jagged gather)."""
-    from recserve.batch import Bags
-
-    sparse = {}
-    for f, bags in batch.sparse.items():
-        offsets = np.cumsum(bags.lengths, dtype=np.int64) - bags.lengths  # [B] start of each bag
-        lengths = bags.lengths[idx]  # [b]
-        new_start = np.cumsum(lengths, dtype=np.int64) - lengths
-        pos = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(offsets[idx] - new_start, lengths)  # [n]
-        sparse[f] = Bags(bags.values[pos], lengths, None if bags.weights is None else bags.weights[pos])
-    return Batch(batch.dense[idx], sparse, None if batch.unit_ids is None else batch.unit_ids[idx])
 
 
 def draw_labels(logs: str, out: str, workload: WorkloadConfig, *, world_seed: int = 0, drift: float = 0.0,
@@ -377,7 +363,7 @@ def draw_labels(logs: str, out: str, workload: WorkloadConfig, *, world_seed: in
         labels = np.empty(t.num_rows, np.float32)
         for d in np.unique(np.floor(days)):  # one ground truth per day
             rows = np.flatnonzero(np.floor(days) == d)
-            labels[rows] = world.at(float(d)).labels(_take(batch, rows), rng)
+            labels[rows] = world.at(float(d)).labels(batch.take(rows), rng)
         keys = example_keys(table_batch(t))
         t = t.append_column(LABEL, pa.array(labels)).append_column(KEY, pa.array(keys, pa.string()))
         write_atomic(ofs, odir, "labels-" + f.rsplit("/", 1)[-1], t)

@@ -1,5 +1,5 @@
 """The row format of the served-example log, shared by its writer (serving/example_log.py),
-the teacher scoring job (recserve/teacher.py), the label drawer and student training.
+the teacher scoring job (serving/teacher.py), the label drawer and student training.
 
 One row per example (one request of B examples gives B rows)::
 

@@ -295,7 +295,6 @@ def world_ceilings(world: ExFMWorld, *, snapshot_every: int = 3, delay: float = 
     - ``freshness_gap``: the stale teacher recalibrated with age minus a fresh teacher (the
       pooled truth of the day itself, recalibrated the same way): what no adapter can close
     """
-    from recserve.distill import _take
 
     rng = np.random.default_rng(world.seed + 77)
     out = []
@@ -307,7 +306,7 @@ def world_ceilings(world: ExFMWorld, *, snapshot_every: int = 3, delay: float = 
             logit = np.empty(b.batch_size)
             for e in np.unique(snap_end):
                 rows = np.flatnonzero(snap_end == e)
-                logit[rows] = world.pooled_logits(_take(b, rows), int(e) - 1)  # trained through day e - 1
+                logit[rows] = world.pooled_logits(b.take(rows), int(e) - 1)  # trained through day e - 1
             p = world.probs(b, v, d)
             t.append(logit), age.append(snap_age), q.append(p), fresh.append(world.pooled_logits(b, d))
             y.append((rng.random(p.shape[0]) < p).astype(np.float64))

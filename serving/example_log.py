@@ -1,5 +1,5 @@
 """The served-example log: a sampled fraction of scored requests, written as Parquet off the
-request path (the input of the teacher scoring job, recserve/teacher.py).
+request path (the input of the teacher scoring job, serving/teacher.py).
 
 Each server replica (the Router, or the monolith) holds one :class:`ExampleLog`. Its
 request-path call, :meth:`ExampleLog.submit`, costs a hash of the request id and, for a

@@ -19,11 +19,19 @@ worker; a dead worker is reported as a failure of the test it was running, and e
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+# One torch (OpenMP) thread per test process, set before torch is first imported; inherited by
+# the servers and Ray replicas the tests start. xdist runs two workers on CI's 2 cores: two
+# spinning OpenMP threads each oversubscribe them, and on a loaded machine training the tiny
+# model took 12 s with 2 threads, 2.5 s with 1.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from recserve.workloads import WorkloadConfig, load_workload
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from recserve.workloads import WorkloadConfig, load_workload  # noqa: E402
 
 
 RAY_FIXTURE = "serve_instance"  # tests/serving/conftest.py: the session's Ray + Serve
@@ -96,3 +104,87 @@ def tiny_packages(tmp_path_factory: pytest.TempPathFactory, tiny: WorkloadConfig
         return made[layout]
 
     return get
+
+
+class _GroupSuffix:
+    """``--dist loadgroup`` groups by an ``@group`` suffix that xdist 3.8 writes to the private
+    ``item._nodeid``; pytest 9.2 builds the node id from ``item._id`` instead, so the suffix is
+    lost and every test is scheduled alone (pytest-xdist issue #1386): the Ray tests ran on both
+    workers, each starting Ray and Serve. Until xdist passes groups another way, write the
+    suffix where pytest 9.2 reads it, after xdist's own hook, and fail loudly if it does not take."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if not config.getoption("loadgroup", default=False):  # set by xdist only under --dist loadgroup
+            return
+        from _pytest.nodeid import NodeId
+
+        for item in items:
+            group = "_".join(sorted({str(m.args[0]) for m in item.iter_markers("xdist_group")}))
+            if group and not item.nodeid.endswith(f"@{group}"):
+                item._id = NodeId.parse(f"{item.nodeid}@{group}")
+                if not item.nodeid.endswith(f"@{group}"):
+                    raise pytest.UsageError(f"cannot give {item.nodeid} its xdist group {group!r} (pytest-xdist #1386)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_GroupSuffix(), "recserve-xdist-group-suffix")
+    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
+        import tempfile
+
+        os.environ["RECSERVE_XDIST_PIDS"] = tempfile.mkdtemp(prefix="recserve-xdist-")  # before workers start
+        config.pluginmanager.register(_CrashReport(), "recserve-crash-report")
+
+
+class _CrashReport:
+    """A dead xdist worker explains itself: how it ended (exit status or signal: -9 is SIGKILL,
+    the kernel's OOM killer among others), the machine's memory, the kernel log's last OOM lines
+    where readable, and the tail of the Ray driver log the worker wrote (a driver whose raylet
+    died leaves through Ray's quick exit, with no Python traceback). Worker stderr is the run's
+    own, so a fatal signal's faulthandler traceback is printed above this."""
+
+    @staticmethod
+    def _returncode(node) -> int | None:
+        popen = getattr(getattr(getattr(node, "gateway", None), "_io", None), "popen", None)
+        if popen is None:
+            return None
+        try:
+            return popen.wait(timeout=5)
+        except Exception:  # still running, or not a subprocess gateway
+            return None
+
+    @pytest.hookimpl
+    def pytest_testnodedown(self, node, error) -> None:
+        if not error:
+            return
+        import glob
+        import subprocess
+
+        worker = node.gateway.id
+        lines = [f"worker {worker} went down ({error}); exit status {self._returncode(node)}"]
+        pid_file = _pid_dir() / f"{worker}.pid"
+        pid = pid_file.read_text().strip() if pid_file.exists() else "?"
+        lines.append(f"its pid {pid}; /proc/meminfo: " + " ".join(
+            line.split(":")[0] + "=" + line.split(":")[1].strip()
+            for line in Path("/proc/meminfo").read_text().splitlines()[:3]))
+        try:
+            kernel = subprocess.run(["dmesg", "-T"], capture_output=True, text=True, timeout=10).stdout.splitlines()
+            lines += [f"dmesg: {k}" for k in kernel if "oom" in k.lower() or "killed process" in k.lower()][-8:]
+        except Exception as e:  # no dmesg, or not allowed
+            lines.append(f"dmesg unreadable: {e}")
+        for log in sorted(glob.glob(f"/tmp/ray/session_*/logs/python-core-driver-*_{pid}.log"))[-1:]:
+            lines.append(f"tail of {log}:")
+            lines += Path(log).read_text(errors="replace").splitlines()[-25:]
+        print("\n".join(f"[crash report] {line}" for line in lines), flush=True)
+
+
+def _pid_dir() -> Path:
+    """Where each worker writes its pid: named by the controller, inherited by the workers."""
+    return Path(os.environ["RECSERVE_XDIST_PIDS"])
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and "RECSERVE_XDIST_PIDS" in os.environ:  # the controller reads it if this worker dies
+        _pid_dir().mkdir(parents=True, exist_ok=True)
+        (_pid_dir() / f"{worker}.pid").write_text(str(os.getpid()))

@@ -7,6 +7,7 @@
     TIMEOUT_METADATA   recserve-timeout-ms: the caller's deadline in milliseconds. Ray Serve's
                        gRPC proxy does not forward gRPC deadlines, so every recserve caller
                        sends this header too and both servers read it.
+    GRPC_SERVICERS     the servicer functions Serve's gRPC proxy registers (import paths)
 
 and the one deadline reader both servers use at their edge, :func:`caller_timeout_s`.
 """
@@ -26,6 +27,11 @@ HEALTH_SERVICES = ("", SERVICE_NAME)  # the grpc.health.v1 names answered SERVIN
 PREDICT_METHOD = f"/{SERVICE_NAME}/Predict"
 MODEL_INFO_METHOD = f"/{SERVICE_NAME}/ModelInfo"
 TIMEOUT_METADATA = "recserve-timeout-ms"
+# the servicers Serve's gRPC proxy registers (grpc_options.grpc_servicer_functions; deploy/*.yaml)
+GRPC_SERVICERS = [
+    "recserve.v1.ranker_pb2_grpc.add_RankerServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
 
 
 def timeout_metadata(timeout_s: float) -> tuple[str, str]:

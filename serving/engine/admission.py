@@ -5,11 +5,20 @@ deadline expires. Ray-free and grpc-free: the monolith and the Serve router both
 The estimate is queueing arithmetic over the server's own recent history::
 
     work ahead      = examples admitted and not answered yet (in flight), + this request's
-    seconds/example = EWMA over answered requests of latency / work ahead at their admission
+    seconds/example = the MEDIAN over recent answered requests of latency / work ahead at
+                      their admission
     estimated time  = work ahead x seconds/example
 
 ``seconds/example`` is measured, not configured, so it covers whatever the server overlaps
-(worker threads, pipelined shards and tower, batching). A request is refused when
+(worker threads, pipelined shards and tower, batching). It is built so that a few slow calls
+cannot poison it (a replica warming up, a busy machine, a GC pause): the first ``warmup``
+answered requests teach nothing (lazy initialisation, compilation, cold caches); the
+estimate is the median of the newest ``window`` samples, so slow samples move it only once
+they are most of the recent history (real overload); samples older than ``max_age_s`` are
+forgotten (an idle server's estimate decays to "no data" and is rebuilt from fresh
+answers); and with fewer than ``min_samples`` samples it sheds nothing on the estimate.
+
+A request is refused when
 
     - ``max_in_flight`` requests are already admitted (the bounded queue), or
     - something is in flight and the estimated time exceeds the request's remaining budget
@@ -18,8 +27,9 @@ The estimate is queueing arithmetic over the server's own recent history::
       unloaded latency under overload; below ``min_in_flight`` the server is still learning
       how much it overlaps, and a light load is never shed).
 
-An idle server always admits (its answer refreshes the estimate, so a stale figure can
-never shed everything). Example::
+A request is never shed when nothing but its own work stands between it and its deadline:
+an idle server always admits (its answer refreshes the estimate, so a stale figure can never
+shed everything). Example::
 
     admission = Admission(AdmissionConfig())
     ticket = admission.admit(examples=256, budget_s=0.2)   # raises Overloaded, or admits
@@ -33,8 +43,10 @@ never shed everything). Example::
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -48,7 +60,10 @@ class AdmissionConfig:
     max_in_flight: int = 64  # bounded queue: requests admitted and not yet answered
     max_latency_factor: float | None = None  # estimated time <= factor x the idle time; None = deadline only
     min_in_flight: int = 2  # the latency factor applies from this many requests in flight on
-    ewma_alpha: float = 0.2  # weight of the newest sample in the seconds/example averages
+    warmup: int = 2  # the first answered requests teach the estimate nothing (warm-up)
+    window: int = 32  # the estimate is the median of this many newest samples
+    min_samples: int = 3  # with fewer samples (in the window, not too old) nothing is shed on the estimate
+    max_age_s: float = 120.0  # samples older than this are forgotten: the estimate decays while idle
     min_latency_s: float = 0.005  # the latency bound is never tighter than this (timer noise)
 
     def __post_init__(self) -> None:
@@ -58,8 +73,14 @@ class AdmissionConfig:
             raise ValueError(f"min_in_flight: must be at least 1, got {self.min_in_flight}")
         if self.max_latency_factor is not None and self.max_latency_factor < 1.0:
             raise ValueError(f"max_latency_factor: must be at least 1 (or None), got {self.max_latency_factor}")
-        if not 0.0 < self.ewma_alpha <= 1.0:
-            raise ValueError(f"ewma_alpha: must be in (0, 1], got {self.ewma_alpha}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup: must be >= 0, got {self.warmup}")
+        if self.min_samples < 1:
+            raise ValueError(f"min_samples: must be at least 1, got {self.min_samples}")
+        if self.window < self.min_samples:
+            raise ValueError(f"window: must be at least min_samples ({self.min_samples}), got {self.window}")
+        if not self.max_age_s > 0:
+            raise ValueError(f"max_age_s: must be > 0, got {self.max_age_s}")
         if self.min_latency_s < 0:
             raise ValueError(f"min_latency_s: must be >= 0, got {self.min_latency_s}")
 
@@ -75,12 +96,27 @@ class Ticket:
 
 
 @dataclass
-class Ewma:
-    alpha: float
-    value: float | None = None
+class RecentMedian:
+    """The (low) median of the newest ``window`` samples no older than ``max_age_s``; None
+    with fewer than ``min_samples`` of them. Robust: slow samples move it only once they are
+    more than half of the recent ones."""
 
-    def add(self, sample: float) -> None:
-        self.value = sample if self.value is None else self.value + self.alpha * (sample - self.value)
+    window: int
+    min_samples: int
+    max_age_s: float
+    samples: deque = field(default_factory=deque)  # (time, value), oldest first
+
+    def add(self, now: float, sample: float) -> None:
+        self.samples.append((now, sample))
+        if len(self.samples) > self.window:
+            self.samples.popleft()
+
+    def value(self, now: float) -> float | None:
+        while self.samples and now - self.samples[0][0] > self.max_age_s:
+            self.samples.popleft()
+        if len(self.samples) < self.min_samples:
+            return None
+        return statistics.median_low(v for _, v in self.samples)  # of two middle samples, the faster
 
 
 @dataclass
@@ -88,6 +124,7 @@ class AdmissionStats:
     admitted: int = 0
     shed_full: int = 0  # refused: max_in_flight reached
     shed_slow: int = 0  # refused: estimated time over the budget or the latency bound
+    answered: int = 0  # admitted and answered (the first ``warmup`` of them teach nothing)
 
 
 @dataclass
@@ -101,15 +138,22 @@ class Admission:
         self._lock = threading.Lock()
         self.in_flight = 0  # requests
         self.in_flight_examples = 0
-        self.per_example = Ewma(self.config.ewma_alpha)  # seconds per example of work ahead, loaded or not
-        self.idle_per_example = Ewma(self.config.ewma_alpha)  # the same, over requests admitted to an idle server
+        c = self.config
+        # seconds per example of work ahead, loaded or not; and the same over requests admitted to an idle server
+        self.per_example = RecentMedian(c.window, c.min_samples, c.max_age_s)
+        self.idle_per_example = RecentMedian(c.window, c.min_samples, c.max_age_s)
         self.stats = AdmissionStats()
+
+    def seconds_per_example(self) -> float | None:
+        """The estimate now (None: too few recent samples to shed on)."""
+        return self.per_example.value(self.clock())
 
     def estimate_s(self, examples: int) -> float | None:
         """Estimated seconds until a request of ``examples`` admitted now is answered (None: no data yet)."""
-        if self.per_example.value is None:
+        per_example = self.seconds_per_example()
+        if per_example is None:
             return None
-        return (self.in_flight_examples + examples) * self.per_example.value
+        return (self.in_flight_examples + examples) * per_example
 
     def admit(self, examples: int, budget_s: float | None) -> Ticket:
         """Admit a request of ``examples`` with ``budget_s`` seconds left, or raise Overloaded."""
@@ -136,7 +180,7 @@ class Admission:
 
     def _bound(self, examples: int, budget_s: float | None) -> tuple[float | None, str]:
         bound, why = budget_s, "the remaining deadline"
-        factor, idle = self.config.max_latency_factor, self.idle_per_example.value
+        factor, idle = self.config.max_latency_factor, self.idle_per_example.value(self.clock())
         if factor is not None and idle is not None and self.in_flight >= self.config.min_in_flight:
             cap = max(factor * examples * idle, self.config.min_latency_s)
             if bound is None or cap < bound:
@@ -149,8 +193,13 @@ class Admission:
         with self._lock:
             self.in_flight -= 1
             self.in_flight_examples -= ticket.examples
-            if answered:
-                latency = max(self.clock() - ticket.admitted_at, 0.0)
-                self.per_example.add(latency / ticket.work_ahead)
-                if ticket.idle:
-                    self.idle_per_example.add(latency / ticket.work_ahead)
+            if not answered:
+                return
+            self.stats.answered += 1
+            if self.stats.answered <= self.config.warmup:
+                return  # warm-up: its latency says how slow the first calls are, not the server
+            now = self.clock()
+            sample = max(now - ticket.admitted_at, 0.0) / ticket.work_ahead
+            self.per_example.add(now, sample)
+            if ticket.idle:
+                self.idle_per_example.add(now, sample)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from serving.commands import GRPC_SERVICERS
+from serving.api.wire import GRPC_SERVICERS
 from serving.config import AppArgs, BatchingConfig
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

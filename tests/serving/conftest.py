@@ -154,10 +154,13 @@ def serve_instance():
     import ray
     from ray import serve
 
-    from serving.commands import GRPC_SERVICERS
+    from recserve.cli.serve import SERVE_STARTUP_ENV
+    from serving.api.wire import GRPC_SERVICERS
 
     # replicas import serving/, kernels/, recserve/ from this checkout
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    for name, value in SERVE_STARTUP_ENV.items():  # Serve's proxy: time to start on a busy machine
+        os.environ.setdefault(name, value)
     port = free_port()
     for attempt in range(3):
         try:

@@ -1,6 +1,7 @@
 """Admission control (serving/engine/admission.py): a request is shed at the door when the work
 ahead of it cannot be answered within its budget or the latency bound; an idle server
-always admits. Driven by an explicit clock, so the arithmetic is exact."""
+always admits; a few slow calls (warm-up, a busy machine) cannot poison the estimate.
+Driven by an explicit clock, so the arithmetic is exact."""
 
 from __future__ import annotations
 
@@ -19,24 +20,30 @@ class Clock:
 
 
 def served(admission: Admission, clock: Clock, examples: int, seconds: float) -> None:
-    """One request answered after ``seconds``."""
+    """One request answered after ``seconds`` on an idle server."""
     ticket = admission.admit(examples, None)
     clock.now += seconds
     admission.done(ticket, answered=True)
 
 
-def test_an_idle_server_admits_even_a_request_its_estimate_says_is_too_slow():
+def learned(config: AdmissionConfig, per_example_s: float) -> tuple[Admission, Clock]:
+    """An admission past its warm-up that has measured ``per_example_s`` (10-example requests)."""
     clock = Clock()
-    admission = Admission(AdmissionConfig(max_latency_factor=None), clock=clock)
-    served(admission, clock, 100, 1.0)  # 10 ms per example
+    admission = Admission(config, clock=clock)
+    for _ in range(config.warmup + config.min_samples):
+        served(admission, clock, 10, 10 * per_example_s)
+    assert admission.seconds_per_example() == pytest.approx(per_example_s)
+    return admission, clock
+
+
+def test_an_idle_server_admits_even_a_request_its_estimate_says_is_too_slow():
+    admission, _ = learned(AdmissionConfig(max_latency_factor=None), 0.01)
     ticket = admission.admit(100, budget_s=0.1)  # estimate 1 s > 0.1 s, but nothing is in flight
     assert admission.in_flight == 1 and ticket.idle
 
 
 def test_a_request_that_cannot_finish_before_its_deadline_is_shed():
-    clock = Clock()
-    admission = Admission(AdmissionConfig(max_latency_factor=None), clock=clock)
-    served(admission, clock, 10, 0.1)  # 10 ms per example
+    admission, _ = learned(AdmissionConfig(max_latency_factor=None), 0.01)
     admission.admit(10, budget_s=1.0)  # idle: admitted; now 10 examples in flight
     assert admission.estimate_s(10) == pytest.approx(0.2)
     admission.admit(10, budget_s=0.25)  # 10 ahead + 10 = 0.2 s <= 0.25 s
@@ -47,13 +54,19 @@ def test_a_request_that_cannot_finish_before_its_deadline_is_shed():
 
 
 def test_the_latency_bound_caps_the_queue_relative_to_the_idle_latency():
-    clock = Clock()
-    admission = Admission(AdmissionConfig(max_latency_factor=2.0), clock=clock)
-    served(admission, clock, 10, 0.1)  # idle: 10 ms per example, 100 ms a request
+    admission, _ = learned(AdmissionConfig(max_latency_factor=2.0), 0.01)  # idle: 100 ms a request
     admission.admit(10, budget_s=10.0)  # idle: admitted
     admission.admit(10, budget_s=10.0)  # 10 ahead + 10 = 0.2 s = 2 x idle: admitted
     with pytest.raises(Overloaded, match="2x the idle latency"):
         admission.admit(10, budget_s=10.0)  # 20 ahead + 10 = 0.3 s > 0.2 s, though the deadline is far
+
+
+def test_a_light_load_is_never_shed_by_the_latency_bound():
+    admission, _ = learned(AdmissionConfig(max_latency_factor=1.0, min_in_flight=3), 0.01)
+    for _ in range(3):  # 0, 1, 2 in flight < 3: the latency bound does not apply yet
+        admission.admit(10, None)
+    with pytest.raises(Overloaded, match="idle latency"):
+        admission.admit(10, None)  # 3 in flight: 400 ms estimated > 1 x 100 ms
 
 
 def test_the_queue_is_bounded():
@@ -66,35 +79,89 @@ def test_the_queue_is_bounded():
 
 
 def test_only_answered_requests_teach_the_estimate_and_every_request_leaves():
-    clock = Clock()
-    admission = Admission(AdmissionConfig(), clock=clock)
-    served(admission, clock, 10, 0.1)
-    ticket = admission.admit(10, None)
-    clock.now += 5.0
-    admission.done(ticket, answered=False)  # failed after 5 s: not a service time
-    assert admission.per_example.value == pytest.approx(0.01)
+    admission, clock = learned(AdmissionConfig(), 0.01)
+    for _ in range(5):
+        ticket = admission.admit(10, None)
+        clock.now += 5.0
+        admission.done(ticket, answered=False)  # failed after 5 s: not a service time
+    assert admission.seconds_per_example() == pytest.approx(0.01)
     assert admission.in_flight == 0 and admission.in_flight_examples == 0
 
 
-def test_the_estimate_follows_load_as_an_ewma():
+def test_warm_up_calls_teach_nothing_and_too_few_samples_shed_nothing():
     clock = Clock()
-    admission = Admission(AdmissionConfig(ewma_alpha=0.5), clock=clock)
-    served(admission, clock, 10, 0.1)  # 0.01 s/example
-    served(admission, clock, 10, 0.3)  # 0.03 s/example
-    assert admission.per_example.value == pytest.approx(0.02)
+    admission = Admission(AdmissionConfig(warmup=2, min_samples=3), clock=clock)
+    served(admission, clock, 61, 60.0)  # two warm-up calls of a minute each (1 s per example)
+    served(admission, clock, 61, 60.0)
+    assert admission.seconds_per_example() is None
+    served(admission, clock, 61, 30.0)  # slow, and counted, but one sample is no evidence
+    served(admission, clock, 61, 30.0)
+    admission.admit(61, budget_s=30.0)
+    admission.admit(61, budget_s=30.0)  # 61 ahead: admitted, nothing is shed on two samples
+    assert admission.seconds_per_example() is None and admission.stats.shed_slow == 0
+
+
+def test_a_few_slow_calls_cannot_make_a_61_example_request_look_like_35_s():
+    """The CI failure of issue 17: slow calls (replicas warming up on a busy machine) poisoned
+    an EWMA, and a 61-example request behind one other was shed with 30 s to spare."""
+    admission, clock = learned(AdmissionConfig(), 0.002)  # 122 ms for 61 examples
+    served(admission, clock, 61, 36.0)  # three very slow calls: 0.59 s per example
+    served(admission, clock, 61, 36.0)
+    served(admission, clock, 61, 36.0)
+    for _ in range(2):  # then ordinary ones
+        served(admission, clock, 61, 0.122)
+    admission.admit(61, budget_s=30.0)  # one 61-example request in flight
+    admission.admit(61, budget_s=30.0)  # 122 examples x 2 ms = 0.24 s, not 35 s: admitted
+    assert admission.estimate_s(61) == pytest.approx(183 * 0.002)
+    assert admission.stats.shed_slow == 0
+
+
+def test_a_slowdown_that_lasts_is_learned_and_sheds():
+    admission, clock = learned(AdmissionConfig(window=8), 0.002)
+    for _ in range(5):  # most of the newest 8 samples: the server really is slower now
+        served(admission, clock, 10, 1.0)  # 0.1 s per example
+    assert admission.seconds_per_example() == pytest.approx(0.1)
+    admission.admit(10, budget_s=30.0)
+    with pytest.raises(Overloaded, match="remaining deadline"):
+        admission.admit(10, budget_s=1.5)  # 20 examples x 0.1 s = 2 s > 1.5 s
+
+
+def test_the_estimate_decays_while_idle_and_is_rebuilt_from_fresh_answers():
+    admission, clock = learned(AdmissionConfig(max_age_s=60.0, window=8), 0.1)  # a slow past
+    clock.now += 61.0  # idle for a minute: the old samples are forgotten
+    assert admission.seconds_per_example() is None
+    admission.admit(10, budget_s=1.0)
+    admission.admit(10, budget_s=1.0)  # would be 2 s at the old 0.1 s per example: admitted
+    assert admission.stats.shed_slow == 0
+    for _ in range(3):
+        served(admission, clock, 10, 0.1)  # the same clock: the two above are still in flight
+    assert admission.seconds_per_example() == pytest.approx(0.1 / 30)  # 10 examples over 30 ahead
 
 
 def test_bad_settings_are_refused():
-    for kwargs in ({"max_in_flight": 0}, {"max_latency_factor": 0.5}, {"ewma_alpha": 0.0}):
+    for kwargs in ({"max_in_flight": 0}, {"max_latency_factor": 0.5}, {"warmup": -1}, {"min_samples": 0},
+                   {"window": 2}, {"max_age_s": 0.0}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             AdmissionConfig(**kwargs)
 
 
-def test_a_light_load_is_never_shed_by_the_latency_bound():
-    clock = Clock()
-    admission = Admission(AdmissionConfig(max_latency_factor=1.0, min_in_flight=3), clock=clock)
-    served(admission, clock, 10, 0.1)
-    for _ in range(3):  # 0, 1, 2 in flight < 3: the latency bound does not apply yet
-        admission.admit(10, None)
-    with pytest.raises(Overloaded, match="idle latency"):
-        admission.admit(10, None)  # 3 in flight: 40 ms estimated > 1 x 10 ms
+# ---------------------------------------------------------------- through the real servers
+
+def test_slow_calls_do_not_make_the_monolith_shed_ordinary_requests(tiny_packages, tiny, helpers):
+    from serving.standalone.monolith import MonolithThread
+    from serving.api.client import RankingClient
+
+    from tests.serving.admission_calls import poison_then_burst, slow_calls
+
+    with MonolithThread(tiny_packages("singular-1"), max_batch_size=helpers.max_batch,
+                        feature_filter=slow_calls()) as srv, RankingClient(f"127.0.0.1:{srv.port}") as client:
+        codes = poison_then_burst(client, tiny, helpers.as_sparse)
+    assert codes == ["OK"] * len(codes), codes
+
+
+def test_slow_calls_do_not_make_the_serve_router_shed_ordinary_requests(deploy, tiny_packages, tiny, helpers):
+    from tests.serving.admission_calls import FILTER, poison_then_burst
+
+    client = deploy(tiny_packages("singular-1"), "admission", max_batch_size=helpers.max_batch, feature_filter=FILTER)
+    codes = poison_then_burst(client, tiny, helpers.as_sparse)
+    assert codes == ["OK"] * len(codes), codes

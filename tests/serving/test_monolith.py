@@ -12,6 +12,7 @@ import pytest
 from recserve.batch import Bags, Batch
 from recserve.synth import TrafficGenerator
 from serving.api.client import RankingClient
+from serving.engine.admission import AdmissionConfig
 from serving.standalone.monolith import MonolithThread
 
 TOL = 1e-5
@@ -108,19 +109,25 @@ def test_a_burst_is_shed_at_once_and_every_admitted_request_is_scored_correctly(
                                                                                 helpers):
     from concurrent.futures import ThreadPoolExecutor
 
-    def slow(batch):  # 50 ms of work per request: a burst of 24 is far more than 1 s of work for 2 workers
-        time.sleep(0.05)
+    # 250 ms of work per request: a burst of 24 is 3 s of work for 2 workers, more than its
+    # 2.5 s deadline. The sleep dwarfs the scoring, so a loaded machine cannot stretch the
+    # admitted requests past their deadline: the estimate assumes one request at a time, the
+    # two workers answer the ~10 it admits in about half the time.
+    def slow(batch):
+        time.sleep(0.25)
         return batch
 
     batch = TrafficGenerator(tiny, seed=6).batch(8)
     expected = reference(batch)
     with MonolithThread(tiny_packages("table-2"), feature_filter=slow, workers=2) as srv, \
             RankingClient(f"127.0.0.1:{srv.port}") as client:
-        client.predict(batch.dense, helpers.as_sparse(batch), timeout=30)  # the estimate's first sample
+        learn = AdmissionConfig()
+        for _ in range(learn.warmup + learn.min_samples):  # past the warm-up: the estimate has its samples
+            client.predict(batch.dense, helpers.as_sparse(batch), timeout=30)
 
         def call(_):
             try:
-                got = client.predict(batch.dense, helpers.as_sparse(batch), timeout=1.0)
+                got = client.predict(batch.dense, helpers.as_sparse(batch), timeout=2.5)
                 np.testing.assert_allclose(got, expected, atol=TOL)
                 return "OK"
             except grpc.RpcError as e:

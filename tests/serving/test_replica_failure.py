@@ -11,21 +11,17 @@ import time
 
 import grpc
 import numpy as np
-import psutil
 
+from loadtest.cpu import processes_titled
 from recserve.synth import TrafficGenerator
 
 FP16_TOL = 5e-4  # float16 pooled embeddings on the wire (the default)
 
 
 def replica_pids(app: str, deployment: str) -> list[int]:
-    """Processes of the replicas of ``deployment`` in ``app`` (Ray titles them ServeReplica:app:deployment)."""
-    pids = []
-    for p in psutil.process_iter(["cmdline"]):
-        title = " ".join(p.info["cmdline"] or ())
-        if f"ServeReplica:{app}:{deployment}" in title:
-            pids.append(p.pid)
-    return pids
+    """Processes of the replicas of ``deployment`` in ``app`` (Ray titles them ServeReplica:app:deployment)
+    of this process's Ray only: another session's Ray on the machine may run this same test."""
+    return [p.pid for p in processes_titled([f"ServeReplica:{app}:{deployment}"], within=os.getpid())]
 
 
 def test_a_shard_replica_killed_under_load_costs_no_request_with_two_replicas(deploy, tiny_packages, reference,

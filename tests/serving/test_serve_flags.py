@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from recserve.cli import build_parser
-from serving.commands import FADING_FILTER, app_args_from
+from recserve.cli.serve import FADING_FILTER, app_args_from
 from serving.config import AppArgs
 
 

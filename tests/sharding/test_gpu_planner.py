@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from recserve.planning import main, plan_workload_for_gpus, table_specs, tower_bytes
+from recserve.cli import main
+from recserve.planning import plan_workload_for_gpus, table_specs, tower_bytes
 from recserve.workloads import load_workload
 from sharding import GpuReserve, GpuTopology, PlannerError, PlannerErrorType, TableSpec, plan_for_gpus
 

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from recserve.planning import main, parse_bytes, table_specs
+from recserve.cli import main
+from recserve.planning import parse_bytes, table_specs
 from recserve.workloads import load_workload
 from sharding import ShardPlan, check_plan
 

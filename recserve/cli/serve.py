@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 
-GRPC_SERVICERS = [
-    "recserve.v1.ranker_pb2_grpc.add_RankerServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
-APP_NAME = "recserve"
+from recserve.cli.types import Subcommand
+from serving.app.versions import ROUTER_APP
+
+# Serve gives its proxy 5 s to start (and 10 s per health check) before its controller kills
+# it, and serve.start then fails (ActorDiedError, "killed by ray.kill"): a busy 2-core machine
+# misses that (seen in CI). Set before Ray starts: its processes inherit the environment.
+SERVE_STARTUP_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
 # Fading is on by default in `recserve serve` (AppArgs' own default is no filter, for callers
@@ -68,57 +70,73 @@ def app_args_from(args: argparse.Namespace, *, package: str, none_word: str = "n
     return AppArgs(package=package, **values)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="serve a model package over gRPC on a local Ray Serve instance",
-        description="Check the ports, start local Ray (127.0.0.1), deploy the sharded app "
-        "(router, one deployment per shard, dense tower) and serve until Ctrl-C or SIGTERM. "
-        "With no PACKAGE it serves the default model (criteo-kaggle, tables capped at 100k rows) from "
-        "artifacts/default, which `recserve default-package` builds (serving never trains). "
-        "Ray's gRPC proxy listens on all interfaces.",
-    )
-    p.add_argument("package", nargs="?", default="default", help="model package directory (default: the default model)")
-    p.add_argument("--port", type=int, default=9000,
-                   help="gRPC port (default 9000; 0 = any free one); must be free: a taken one is refused "
-                        "before anything starts")
-    p.add_argument("--dashboard-port", type=int, default=8265,
-                   help="Ray dashboard port on 127.0.0.1 (default 8265; a free one if it is taken)")
-    p.add_argument("--http-port", type=int, default=8000,
-                   help="Serve HTTP proxy port on 127.0.0.1 (default 8000; a free one if it is taken)")
-    add_app_flags(p, defaults={"feature_filter": FADING_FILTER}, none_word="none")
-    p.add_argument("--monolith", action="store_true",
-                   help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
-    p.set_defaults(handler=run_serve)
+class Serve(Subcommand):
+    name = "serve"
+    help = "serve a model package over gRPC on a local Ray Serve instance"
+    description = ("Check the ports, start local Ray (127.0.0.1), deploy the sharded app "
+                   "(router, one deployment per shard, dense tower) and serve until Ctrl-C or SIGTERM. "
+                   "With no PACKAGE it serves the default model (criteo-kaggle, tables capped at 100k rows) from "
+                   "artifacts/default, which `recserve default-package` builds (serving never trains). "
+                   "Everything binds 127.0.0.1: Ray, Serve's gRPC proxy and the replicas' servers "
+                   "(serving/ops/loopback.py).")
 
-    sc = sub.add_parser(
-        "scale",
-        help="set the replica count of one deployment of a running `recserve serve`",
-        description="Set the replica count of one deployment (shard-K, DenseTower or Router) of the "
-        "stack a running `recserve serve` started, through the Ray dashboard's Serve API; only that "
-        "deployment changes (the others keep their replica processes). Waits until the new count runs.",
-    )
-    sc.add_argument("deployment", help="deployment name: shard-K, DenseTower or Router")
-    sc.add_argument("replicas", type=int, help="replica count (>= 1)")
-    sc.add_argument("--dashboard", default=None, metavar="URL",
-                    help="the Ray dashboard of the stack (default: the one the running `recserve serve` printed)")
-    sc.add_argument("--app", default=APP_NAME, help=f"Serve application (default {APP_NAME})")
-    sc.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the replicas (default 300)")
-    sc.set_defaults(handler=run_scale)
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("package", nargs="?", default="default", help="model package directory (default: the default model)")
+        p.add_argument("--port", type=int, default=9000,
+                       help="gRPC port (default 9000; 0 = any free one); must be free: a taken one is refused "
+                            "before anything starts")
+        p.add_argument("--dashboard-port", type=int, default=8265,
+                       help="Ray dashboard port on 127.0.0.1 (default 8265; a free one if it is taken)")
+        p.add_argument("--http-port", type=int, default=8000,
+                       help="Serve HTTP proxy port on 127.0.0.1 (default 8000; a free one if it is taken)")
+        add_app_flags(p, defaults={"feature_filter": FADING_FILTER}, none_word="none")
+        p.add_argument("--monolith", action="store_true",
+                       help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
 
-    tf = sub.add_parser(
-        "tls-front",
-        help="a TLS front for the gRPC port, for when it must face a network",
-        description="Forward gRPC calls arriving over TLS on --listen to the plain port on loopback "
-        "(serving/standalone/tls_front.py); with --client-ca, callers must present a certificate it signed.",
-    )
-    tf.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve TLS on, e.g. 0.0.0.0:9443")
-    tf.add_argument("--upstream", default="127.0.0.1:9000", metavar="HOST:PORT",
-                    help="the plain gRPC port (default 127.0.0.1:9000)")
-    tf.add_argument("--cert", required=True, help="server certificate chain (PEM)")
-    tf.add_argument("--key", required=True, help="server private key (PEM)")
-    tf.add_argument("--client-ca", default=None, help="CA (PEM) that signs client certificates: mutual TLS")
-    tf.set_defaults(handler=lambda args: __import__("serving.standalone.tls_front", fromlist=["run"]).run(args))
+    def run(self, args: argparse.Namespace) -> int:
+        return run_serve(args)
+
+
+class Scale(Subcommand):
+    name = "scale"
+    help = "set the replica count of one deployment of a running `recserve serve`"
+    description = ("Set the replica count of one deployment (shard-K, DenseTower or Router) of the "
+                   "stack a running `recserve serve` started, through the Ray dashboard's Serve API; only that "
+                   "deployment changes (the others keep their replica processes). Waits until the new count runs.")
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("deployment", help="deployment name: shard-K, DenseTower or Router")
+        p.add_argument("replicas", type=int, help="replica count (>= 1)")
+        p.add_argument("--dashboard", default=None, metavar="URL",
+                       help="the Ray dashboard of the stack (default: the one the running `recserve serve` printed)")
+        p.add_argument("--app", default=ROUTER_APP, help=f"Serve application (default {ROUTER_APP})")
+        p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the replicas (default 300)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_scale(args)
+
+
+class TlsFront(Subcommand):
+    name = "tls-front"
+    help = "a TLS front for the gRPC port, for when it must face a network"
+    description = ("Forward gRPC calls arriving over TLS on --listen to the plain port on loopback "
+                   "(serving/standalone/tls_front.py); with --client-ca, callers must present a certificate it signed.")
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve TLS on, e.g. 0.0.0.0:9443")
+        p.add_argument("--upstream", default="127.0.0.1:9000", metavar="HOST:PORT",
+                       help="the plain gRPC port (default 127.0.0.1:9000)")
+        p.add_argument("--cert", required=True, help="server certificate chain (PEM)")
+        p.add_argument("--key", required=True, help="server private key (PEM)")
+        p.add_argument("--client-ca", default=None, help="CA (PEM) that signs client certificates: mutual TLS")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from serving.standalone.tls_front import run
+
+        return run(args)
+
+
+COMMANDS = (Serve, Scale, TlsFront)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -166,7 +184,8 @@ def _serve_monolith(app_args, manifest, ports) -> int:
 
     try:
         asyncio.run(serve_forever(app_args.package, ports.grpc, max_batch_size=app_args.max_batch_size,
-                                  device=app_args.device,
+                                  max_in_flight=app_args.max_in_flight,
+                                  max_latency_factor=app_args.max_latency_factor, device=app_args.device,
                                   feature_filter=load_feature_filter(app_args.feature_filter, manifest),
                                   example_log=config_of(app_args)))
     except KeyboardInterrupt:  # while loading, before the stop handlers are installed
@@ -188,10 +207,13 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
     import ray
     from ray import serve
 
-    from serving.api.wire import SERVICE_NAME
+    from serving.api.wire import GRPC_SERVICERS, SERVICE_NAME
+    from serving.ops.state import clear_state, write_state
     from serving.app.builder import build_app
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    for name, value in SERVE_STARTUP_ENV.items():
+        os.environ.setdefault(name, value)
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
     # silently share it. Off (inherited by the proxy actors through Ray's worker environment).
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
@@ -278,7 +300,7 @@ def _deploy_with_progress(app, stop, *, every_s: float = 2.0) -> bool:
             # external_scaler_enabled: `recserve scale` sets one deployment's replica count
             # through the dashboard's REST API; the others are left as they are.
             # No access log: one line per request is noise on a terminal (errors still log).
-            serve.run(app, name=APP_NAME, blocking=False, external_scaler_enabled=True,
+            serve.run(app, name=ROUTER_APP, blocking=False, external_scaler_enabled=True,
                       logging_config=LoggingConfig(enable_access_log=False))
         except BaseException as e:  # noqa: BLE001  reported below
             failed.append(e)
@@ -298,7 +320,7 @@ def _deploy_with_progress(app, stop, *, every_s: float = 2.0) -> bool:
     return not stop.is_set()
 
 
-def describe_replicas(app: str = APP_NAME) -> str:
+def describe_replicas(app: str = ROUTER_APP) -> str:
     """'shard-0 1/1 up, shard-1 0/1 up (STARTING 1), ...' from serve.status()."""
     from ray import serve
 
@@ -334,40 +356,13 @@ def client_command(port: int) -> str:
             f"print(RankingClient('127.0.0.1:{port}').model_info())\"")
 
 
-def state_path():
-    """Where a running ``recserve serve`` leaves its addresses for ``recserve scale``."""
-    from recserve.default_package import artifacts_dir
-
-    return artifacts_dir() / "serving.json"
-
-
-def write_state(**state) -> None:
-    import json
-    import os
-
-    path = state_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**state, "pid": os.getpid()}, indent=1) + "\n")
-
-
-def clear_state() -> None:
-    import json
-    import os
-
-    path = state_path()
-    try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass
-
-
 def run_scale(args: argparse.Namespace) -> int:
     """POST the new replica count to the dashboard's Serve API, then wait until it runs."""
     import json
     import sys
 
     from serving.ops.scaling import ScaleError, scale_deployment
+    from serving.ops.state import state_path
 
     dashboard = args.dashboard
     if dashboard is None:

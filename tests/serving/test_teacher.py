@@ -24,8 +24,8 @@ def ray_local():
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     started = not ray.is_initialized()  # a worker that already holds the session's Ray reuses it
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,  # never a stranger's
-                 configure_logging=False)
+        # address="local": a Ray of its own, never another cluster `ray start` left on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     if started:
         ray.shutdown()
@@ -55,7 +55,7 @@ def write_log(directory: Path, tiny, batches: list, rows_per_file: int = 100) ->
 def first_run(ray_local, tmp_path_factory, tiny, teacher):
     """Log A: 6 requests of 40 examples, the first two sent again (duplicates across files);
     scored once into ``out``, with a half-written score file of a crashed run lying there."""
-    from recserve.teacher import score_logs
+    from serving.teacher import score_logs
 
     root = tmp_path_factory.mktemp("teacher-job")
     gen = TrafficGenerator(tiny, seed=3)
@@ -87,7 +87,7 @@ def test_each_unique_example_is_scored_once_with_the_teacher_packages_scores(fir
 
 def test_the_jobs_logits_equal_the_in_process_teachers(first_run, teacher) -> None:
     """Experiments score in-process (no Ray start-up per run): the same logits as the job's."""
-    from recserve.teacher import InProcessTeacher
+    from serving.engine.in_process_teacher import InProcessTeacher
 
     root, batches, _ = first_run
     scores = pq.read_table(root / "out")
@@ -98,7 +98,7 @@ def test_the_jobs_logits_equal_the_in_process_teachers(first_run, teacher) -> No
 
 
 def test_a_rerun_over_more_logs_scores_only_what_no_earlier_run_scored(first_run, tiny, teacher) -> None:
-    from recserve.teacher import score_logs
+    from serving.teacher import score_logs
 
     root, batches, _ = first_run
     gen = TrafficGenerator(tiny, seed=4)
@@ -115,7 +115,7 @@ def test_a_teacher_whose_features_the_log_lacks_is_refused_by_name(ray_local, tm
 
     import ray
 
-    from recserve.teacher import score_logs
+    from serving.teacher import score_logs
     from serving.example_log import ExampleLog, ExampleLogConfig
 
     log = ExampleLog(ExampleLogConfig(rate=1.0, log_dir=str(tmp_path / "log")), model="s", version="1",

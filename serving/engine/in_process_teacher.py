@@ -1,5 +1,5 @@
 """A teacher package scored in this process: the scoring step the teacher job's actors run
-(``recserve.teacher``), without Ray or pyarrow, for experiments and for timing on a GPU."""
+(``serving.teacher``), without Ray or pyarrow, for experiments and for timing on a GPU."""
 
 from __future__ import annotations
 

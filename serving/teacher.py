@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from recserve.example_format import (KEY, example_keys, logged_features, open_dir, parquet_files, table_batch,
                                      write_atomic)
-from recserve.teacher_local import InProcessTeacher, ranker_logits  # noqa: F401 (the job's scoring path)
+from serving.engine.in_process_teacher import InProcessTeacher, ranker_logits  # noqa: F401 (the job's scoring path)
 
 STATUS = "_status"  # set by the dedupe step: NEW, DUPLICATE (seen in this run), DONE (an earlier run)
 NEW, DUPLICATE, DONE = 0, 1, 2

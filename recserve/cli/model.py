@@ -7,73 +7,96 @@ import sys
 import time
 from pathlib import Path
 
+from recserve.cli.types import Subcommand
+
 
 def _add_workload(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", required=True, help="bundled name (tiny, criteo-kaggle, dlrmv2) or a JSON file")
     p.add_argument("--max-rows", type=int, default=None, help="cap every table at this many rows")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a workload's torchrec model on synthetic clicks")
-    _add_workload(p)
-    p.add_argument("--out", required=True, type=Path, help="where to save the state dict (.pt)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("students trained on logged examples (issue 10)")
-    g.add_argument("--labels", default=None, metavar="LABELS",
-                   help="labelled logged examples (recserve synth labels): train on them instead of fresh traffic")
-    g.add_argument("--distill", default=None, metavar="SCORES", help="teacher scores (recserve teacher score)")
-    g.add_argument("--aux-weight", type=float, default=1.0, metavar="A",
-                   help="weight of the teacher's loss (0 = the student without the teacher)")
-    g.add_argument("--adapter", choices=("mlp", "affine", "none"), default="mlp",
-                   help="student adapter of the teacher's logit and age (none = plain distillation)")
-    g.add_argument("--distill-head", choices=("aux", "main"), default="aux",
-                   help="the head that takes the teacher's supervision (main = the plain-distillation baseline)")
-    g.add_argument("--epochs", type=int, default=1, help="passes over --labels")
-    p.set_defaults(handler=run_train)
+class Train(Subcommand):
+    name = "train"
+    help = "train a workload's torchrec model on synthetic clicks"
 
-    p = sub.add_parser(
-        "export",
-        help="write a sharded model package from a trained state dict, or with seeded random weights",
-        description=(
-            "Writes a model package: from a trained torchrec state dict (--state-dict), or with "
-            "seeded random weights (--init random --seed S: torchrec's and torch's own "
-            "initialization; no training, no torchrec), streamed chunk by chunk of rows on "
-            "--threads threads. Prints a line per table and shard, then the time, GB/s and peak RSS."
-        ),
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        _add_workload(p)
+        p.add_argument("--out", required=True, type=Path, help="where to save the state dict (.pt)")
+        p.add_argument("--steps", type=int, default=300)
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--seed", type=int, default=0)
+        g = p.add_argument_group("students trained on logged examples (distillation)")
+        g.add_argument("--labels", default=None, metavar="LABELS",
+                       help="labelled logged examples (recserve synth labels): train on them instead of fresh traffic")
+        g.add_argument("--distill", default=None, metavar="SCORES", help="teacher scores (recserve teacher score)")
+        g.add_argument("--aux-weight", type=float, default=1.0, metavar="A",
+                       help="weight of the teacher's loss (0 = the student without the teacher)")
+        g.add_argument("--adapter", choices=("mlp", "affine", "none"), default="mlp",
+                       help="student adapter of the teacher's logit and age (none = plain distillation)")
+        g.add_argument("--distill-head", choices=("aux", "main"), default="aux",
+                       help="the head that takes the teacher's supervision (main = the plain-distillation baseline)")
+        g.add_argument("--epochs", type=int, default=1, help="passes over --labels")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_train(args)
+
+
+class Export(Subcommand):
+    name = "export"
+    help = "write a sharded model package from a trained state dict, or with seeded random weights"
+    description = (
+        "Writes a model package: from a trained torchrec state dict (--state-dict), or with "
+        "seeded random weights (--init random --seed S: torchrec's and torch's own "
+        "initialization; no training, no torchrec), streamed chunk by chunk of rows on "
+        "--threads threads. Prints a line per table and shard, then the time, GB/s and peak RSS."
     )
-    _add_workload(p)
-    p.add_argument("--state-dict", type=Path, help="the trained model (what `recserve train` saves)")
-    p.add_argument("--init", choices=("trained", "random"), default="trained",
-                   help="trained: from --state-dict (default); random: seeded random weights")
-    p.add_argument("--seed", type=int, default=0, help="--init random: the seed of every weight")
-    p.add_argument("--gen-device", default="cpu",
-                   help="--init random: where to draw and convert the rows (cpu, cuda, cuda:1)")
-    p.add_argument("--threads", type=int, default=None, help="conversion threads (default: every core)")
-    p.add_argument("--out", required=True, type=Path, help="package directory to create")
-    p.add_argument("--strategy", default="table", choices=("singular", "table", "capacity", "load"))
-    p.add_argument("--shards", type=int, default=1)
-    p.add_argument("--shard-memory", default=None, help="per-shard cap: bytes or 512MiB, 2GiB, 1GB")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16", "int8", "int4"))
-    p.add_argument("--name", default=None, help="model name (default: the workload's; W-random for --init random)")
-    p.add_argument("--model-version", default=None, help="model version (default: a content hash)")
-    p.add_argument("--drop-features", default="", help="comma-separated features whose tables are left out")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.set_defaults(handler=run_export)
 
-    p = sub.add_parser(
-        "default-package",
-        help="train and export the default model into artifacts/default (what `make serve` runs first)",
-        description="Trains criteo-kaggle (tables capped at 100k rows, ~15 s) and exports it into "
-        "artifacts/default ($RECSERVE_ARTIFACTS/default), the package `recserve serve` serves by default. "
-        "Does nothing if it is there.",
-    )
-    p.set_defaults(handler=run_default_package)
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        _add_workload(p)
+        p.add_argument("--state-dict", type=Path, help="the trained model (what `recserve train` saves)")
+        p.add_argument("--init", choices=("trained", "random"), default="trained",
+                       help="trained: from --state-dict (default); random: seeded random weights")
+        p.add_argument("--seed", type=int, default=0, help="--init random: the seed of every weight")
+        p.add_argument("--gen-device", default="cpu",
+                       help="--init random: where to draw and convert the rows (cpu, cuda, cuda:1)")
+        p.add_argument("--threads", type=int, default=None, help="conversion threads (default: every core)")
+        p.add_argument("--out", required=True, type=Path, help="package directory to create")
+        p.add_argument("--strategy", default="table", choices=("singular", "table", "capacity", "load"))
+        p.add_argument("--shards", type=int, default=1)
+        p.add_argument("--shard-memory", default=None, help="per-shard cap: bytes or 512MiB, 2GiB, 1GB")
+        p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16", "int8", "int4"))
+        p.add_argument("--name", default=None, help="model name (default: the workload's; W-random for --init random)")
+        p.add_argument("--model-version", default=None, help="model version (default: a content hash)")
+        p.add_argument("--drop-features", default="", help="comma-separated features whose tables are left out")
+        p.add_argument("--force", action="store_true", help="replace --out if it exists")
 
-    p = sub.add_parser("inspect", help="verify a model package and print its tables and shards")
-    p.add_argument("package", type=Path)
-    p.set_defaults(handler=run_inspect)
+    def run(self, args: argparse.Namespace) -> int:
+        return run_export(args)
+
+
+class DefaultPackage(Subcommand):
+    name = "default-package"
+    help = "train and export the default model into artifacts/default (what `make serve` runs first)"
+    description = ("Trains criteo-kaggle (tables capped at 100k rows, ~15 s) and exports it into "
+                   "artifacts/default ($RECSERVE_ARTIFACTS/default), the package `recserve serve` serves by "
+                   "default. Does nothing if it is there.")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_default_package(args)
+
+
+class Inspect(Subcommand):
+    name = "inspect"
+    help = "verify a model package and print its tables and shards"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("package", type=Path)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_inspect(args)
+
+
+COMMANDS = (Train, Export, DefaultPackage, Inspect)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -20,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 
+from recserve.cli.types import Subcommand
+
 EXIT_REFUSED = 1
 EXIT_BAD_INPUT = 2
 
@@ -36,63 +38,125 @@ def _feature_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reason", default="", help="recorded in the audit log")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    fade = sub.add_parser("fade", help="fade features out at serving time (coverage schedules, guardrails)")
-    fs = fade.add_subparsers(dest="fade_command", metavar="ACTION", required=True)
+class Serve(Subcommand):
+    name = "serve"
+    help = "run the FadingControl gRPC server over the fading store"
 
-    p = fs.add_parser("serve", help="run the FadingControl gRPC server over the fading store")
-    p.add_argument("--store", type=Path, default=None, help="SQLite store (default $RECSERVE_FADE_STORE or artifacts/fading.sqlite)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50061)
-    p.add_argument("--tokens-file", type=Path, default=None, help="lines of 'principal token' (and/or $RECSERVE_FADE_TOKEN)")
-    p.set_defaults(handler=run_serve)
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", type=Path, default=None, help="SQLite store (default $RECSERVE_FADE_STORE or artifacts/fading.sqlite)")
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=50061)
+        p.add_argument("--tokens-file", type=Path, default=None, help="lines of 'principal token' (and/or $RECSERVE_FADE_TOKEN)")
 
-    p = fs.add_parser("start", help="start a coverage schedule for a feature")
-    _feature_args(p)
-    p.add_argument("--steps", default="1,0.75,0.5,0.25,0", help="coverages, not increasing (default 1,0.75,0.5,0.25,0)")
-    p.add_argument("--soak", default="10m", help="soak per step: 30s, 10m, 1h, or one per step comma-separated")
-    p.add_argument("--control", type=float, default=None, help="control cohort share held at full coverage (default 0.05)")
-    p.add_argument("--salt", default=None, help="keep-decision salt (a new salt fades a different set of units)")
-    p.add_argument("--max-mean-shift", type=float, default=None, help="guardrail: |mean faded/control - 1| (0.05)")
-    p.add_argument("--max-psi", type=float, default=None, help="guardrail: PSI faded vs control (0.1)")
-    p.add_argument("--max-latency-ratio", type=float, default=None, help="guardrail: latency with/without faded (1.5)")
-    p.add_argument("--min-examples", type=int, default=None, help="examples per cohort before judging (2000)")
-    _client_args(p)
-    p.set_defaults(handler=run_start)
+    def run(self, args: argparse.Namespace) -> int:
+        return run_serve(args)
 
-    for name, help_ in (
-        ("pause", "hold a running schedule at its current coverage"),
-        ("resume", "continue a paused or rolled-back schedule (the step's soak starts over)"),
-        ("rollback", "go back to the last safe coverage"),
-    ):
-        p = fs.add_parser(name, help=help_)
+
+class Start(Subcommand):
+    name = "start"
+    help = "start a coverage schedule for a feature"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        _feature_args(p)
+        p.add_argument("--steps", default="1,0.75,0.5,0.25,0", help="coverages, not increasing (default 1,0.75,0.5,0.25,0)")
+        p.add_argument("--soak", default="10m", help="soak per step: 30s, 10m, 1h, or one per step comma-separated")
+        p.add_argument("--control", type=float, default=None, help="control cohort share held at full coverage (default 0.05)")
+        p.add_argument("--salt", default=None, help="keep-decision salt (a new salt fades a different set of units)")
+        p.add_argument("--max-mean-shift", type=float, default=None, help="guardrail: |mean faded/control - 1| (0.05)")
+        p.add_argument("--max-psi", type=float, default=None, help="guardrail: PSI faded vs control (0.1)")
+        p.add_argument("--max-latency-ratio", type=float, default=None, help="guardrail: latency with/without faded (1.5)")
+        p.add_argument("--min-examples", type=int, default=None, help="examples per cohort before judging (2000)")
+        _client_args(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_start(args)
+
+
+class _OneFeature(Subcommand):
+    """A verb that names one feature and calls the FadingClient method of its own name."""
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
         _feature_args(p)
         _client_args(p)
-        p.set_defaults(handler=run_simple, action=name)
 
-    p = fs.add_parser("set", help="set a feature's coverage by hand (stops its schedule)")
-    _feature_args(p)
-    p.add_argument("coverage", type=float, help="in [0, 1]")
-    _client_args(p)
-    p.set_defaults(handler=run_set)
+    def run(self, args: argparse.Namespace) -> int:
+        return _rpc(args, lambda c: getattr(c, self.name)(args.model, args.feature, args.reason))
 
-    p = fs.add_parser("status", help="coverage, schedule and guardrail figures of faded features")
-    p.add_argument("model", nargs="?", default="", help="only this model")
-    p.add_argument("--feature", default="", help="only this feature")
-    _client_args(p)
-    p.set_defaults(handler=run_status)
 
-    p = fs.add_parser("audit", help="the audit log: who changed what, when, from -> to")
-    p.add_argument("model", nargs="?", default="")
-    p.add_argument("--limit", type=int, default=50)
-    _client_args(p)
-    p.set_defaults(handler=run_audit)
+class Pause(_OneFeature):
+    name = "pause"
+    help = "hold a running schedule at its current coverage"
 
-    p = fs.add_parser("reclaim", help="shard memory and lookups freed by dropping features faded to 0")
-    p.add_argument("--package", type=Path, required=True, help="the served model package")
-    p.add_argument("--store", type=Path, default=None, help="read the state from this store file instead of the server")
-    _client_args(p)
-    p.set_defaults(handler=run_reclaim)
+
+class Resume(_OneFeature):
+    name = "resume"
+    help = "continue a paused or rolled-back schedule (the step's soak starts over)"
+
+
+class Rollback(_OneFeature):
+    name = "rollback"
+    help = "go back to the last safe coverage"
+
+
+class Set(Subcommand):
+    name = "set"
+    help = "set a feature's coverage by hand (stops its schedule)"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        _feature_args(p)
+        p.add_argument("coverage", type=float, help="in [0, 1]")
+        _client_args(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_set(args)
+
+
+class Status(Subcommand):
+    name = "status"
+    help = "coverage, schedule and guardrail figures of faded features"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", nargs="?", default="", help="only this model")
+        p.add_argument("--feature", default="", help="only this feature")
+        _client_args(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_status(args)
+
+
+class Audit(Subcommand):
+    name = "audit"
+    help = "the audit log: who changed what, when, from -> to"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", nargs="?", default="")
+        p.add_argument("--limit", type=int, default=50)
+        _client_args(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_audit(args)
+
+
+class Reclaim(Subcommand):
+    name = "reclaim"
+    help = "shard memory and lookups freed by dropping features faded to 0"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--package", type=Path, required=True, help="the served model package")
+        p.add_argument("--store", type=Path, default=None, help="read the state from this store file instead of the server")
+        _client_args(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_reclaim(args)
+
+
+class Fade(Subcommand):
+    name = "fade"
+    help = "fade features out at serving time (coverage schedules, guardrails)"
+    verbs = (Serve, Start, Pause, Resume, Rollback, Set, Status, Audit, Reclaim)
+
+
+COMMANDS = (Fade,)
 
 
 # ---- handlers ---------------------------------------------------------------------------------
@@ -183,10 +247,6 @@ def run_start(args: argparse.Namespace) -> int:
             control_fraction=args.control, salt=args.salt, reason=args.reason,
         ),
     )
-
-
-def run_simple(args: argparse.Namespace) -> int:
-    return _rpc(args, lambda c: getattr(c, args.action)(args.model, args.feature, args.reason))
 
 
 def run_set(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""``recserve kernels search`` and ``recserve kernels bench`` (registered by recserve/cli.py).
+"""``recserve kernels search`` and ``recserve kernels bench``.
 
     recserve kernels search --op embedding_bag --workload dlrmv2 --dtypes fp16,int8 --batch 512,4096
     recserve kernels search --op interaction --workload dlrmv2 --budget 20
@@ -13,31 +13,51 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from recserve.cli.types import Subcommand
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("kernels", help="search and benchmark the GPU kernels")
-    sub = p.add_subparsers(dest="kernels_command", metavar="ACTION", required=True)
 
-    s = sub.add_parser("search", help="search kernel configs for a workload's shapes on this GPU")
-    s.add_argument("--op", required=True, choices=["embedding_bag", "interaction"])
-    s.add_argument("--workload", required=True, help="bundled name (tiny, criteo-kaggle, dlrmv2) or JSON path")
-    s.add_argument("--budget", type=int, default=24, help="evaluated candidates per shape bucket")
-    s.add_argument("--patience", type=int, default=8, help="stop a bucket after this many rounds without gain")
-    s.add_argument("--dtypes", default="fp32,fp16,bf16,int8,int4", help="comma list of storage dtypes")
-    s.add_argument("--batch", default="512,4096", help="comma list of batch sizes (one bucket each)")
-    s.add_argument("--graph-dir", type=Path, default=Path("artifacts/kernel_search"))
-    s.add_argument("--winners", type=Path, help="winners file (default kernels/winners/<device>.json)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--rows-cap", type=int, default=2_000_000, help="cap table rows of the timing inputs")
-    s.add_argument("--time-budget", type=float, default=None,
-                   help="seconds: start no bucket or candidate after this (the winners so far are kept)")
-    s.set_defaults(handler=search_command)
+class Search(Subcommand):
+    name = "search"
+    help = "search kernel configs for a workload's shapes on this GPU"
 
-    b = sub.add_parser("bench", help="issue-4 benchmark: lookups and interaction vs torch, one table")
-    b.add_argument("--out", type=Path, help="write the results as JSON here")
-    b.add_argument("--only", default="", help="comma list of a,b,dot,dcn,caps (default all but caps)")
-    b.add_argument("--rows-cap", type=int, default=4_000_000)
-    b.set_defaults(handler=bench_command)
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--op", required=True, choices=["embedding_bag", "interaction"])
+        p.add_argument("--workload", required=True, help="bundled name (tiny, criteo-kaggle, dlrmv2) or JSON path")
+        p.add_argument("--budget", type=int, default=24, help="evaluated candidates per shape bucket")
+        p.add_argument("--patience", type=int, default=8, help="stop a bucket after this many rounds without gain")
+        p.add_argument("--dtypes", default="fp32,fp16,bf16,int8,int4", help="comma list of storage dtypes")
+        p.add_argument("--batch", default="512,4096", help="comma list of batch sizes (one bucket each)")
+        p.add_argument("--graph-dir", type=Path, default=Path("artifacts/kernel_search"))
+        p.add_argument("--winners", type=Path, help="winners file (default kernels/winners/<device>.json)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--rows-cap", type=int, default=2_000_000, help="cap table rows of the timing inputs")
+        p.add_argument("--time-budget", type=float, default=None,
+                       help="seconds: start no bucket or candidate after this (the winners so far are kept)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return search_command(args)
+
+
+class Bench(Subcommand):
+    name = "bench"
+    help = "the kernels' benchmark: lookups and interaction vs torch, one table"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", type=Path, help="write the results as JSON here")
+        p.add_argument("--only", default="", help="comma list of a,b,dot,dcn,caps (default all but caps)")
+        p.add_argument("--rows-cap", type=int, default=4_000_000)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return bench_command(args)
+
+
+class Kernels(Subcommand):
+    name = "kernels"
+    help = "search and benchmark the GPU kernels"
+    verbs = (Search, Bench)
+
+
+COMMANDS = (Kernels,)
 
 
 def search_command(args: argparse.Namespace) -> int:
