@@ -61,10 +61,10 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
             raise DeadlineExceeded("deadline expired while the request waited for a worker")
         return self.ranker.score(batch)
 
-    def _left(self, ticket, work: asyncio.Future) -> None:
+    def _left(self, ticket, answered: bool, work: asyncio.Future) -> None:
         if not work.cancelled():
             work.exception()  # retrieved: the caller has had its error already
-        self.admission.done(ticket, answered=False)
+        self.admission.done(ticket, answered=answered)
 
     async def Predict(self, request, context):
         started = time.monotonic()
@@ -96,8 +96,9 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
         finally:
             REQUEST_ID.reset(token)
             if ticket is not None:
-                if work is not None and not work.done():  # a worker cannot be interrupted: the
-                    work.add_done_callback(functools.partial(self._left, ticket))  # request is in flight until it stops
+                if work is not None:  # a worker cannot be interrupted: the request is in flight until it
+                    # stops; its outcome is retrieved even when the caller got its error first
+                    work.add_done_callback(functools.partial(self._left, ticket, answered))
                 else:
                     self.admission.done(ticket, answered=answered)
         self.example_log.submit(request.request_id, batch, scores, self.ranker.feature_filter)  # never blocks
