@@ -252,6 +252,7 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
     # that exits the process. Until here, Ctrl-C interrupts the start-up (KeyboardInterrupt).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    deploying: list[threading.Thread] = []  # serve.run's thread, while the app starts
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": ports.http},
@@ -260,7 +261,7 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
         print(f"recserve: deploying {manifest.name} {manifest.version} from {app_args.package} "
               f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "
               f"transport {app_args.transport}) ...", flush=True)
-        if not _deploy_with_progress(build_app(app_args), stop):
+        if not _deploy_with_progress(build_app(app_args), stop, deploying):
             return 1
         node = next(n for n in ray.nodes() if n["Alive"])
         write_state(dashboard=dashboard, grpc_port=ports.grpc, ray_address=context.address_info["gcs_address"],
@@ -280,14 +281,19 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
         try:
             serve.shutdown()
         finally:
+            # a deploy interrupted mid-way still runs serve.run in its thread: it fails once Serve
+            # is gone; Ray outlives it (a thread calling into a shut-down Ray exits the process, 1)
+            for thread in deploying:
+                thread.join(timeout=30)
             ray.shutdown()
     print("recserve: stopped", flush=True)
     return 0
 
 
-def _deploy_with_progress(app, stop, *, every_s: float = 2.0) -> bool:
-    """``serve.run`` in a thread; meanwhile, each change of the replicas' states is printed
-    (which deployments are up). False if the deploy failed or a stop signal came first."""
+def _deploy_with_progress(app, stop, threads: list, *, every_s: float = 2.0) -> bool:
+    """``serve.run`` in a thread (appended to ``threads``); meanwhile, each change of the
+    replicas' states is printed (which deployments are up). False if the deploy failed or a
+    stop signal came first."""
     import threading
 
     from ray import serve
@@ -306,6 +312,7 @@ def _deploy_with_progress(app, stop, *, every_s: float = 2.0) -> bool:
             failed.append(e)
 
     worker = threading.Thread(target=deploy, name="recserve-deploy", daemon=True)
+    threads.append(worker)
     worker.start()
     last = None
     while worker.is_alive() and not stop.is_set():
