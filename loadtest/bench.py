@@ -256,7 +256,7 @@ def measure(
 
 
 def run_bench(opts: BenchOptions) -> list[RunSummary]:
-    from loadtest.targets import MonolithServer, ServeStack, TargetError
+    from loadtest.targets import MonolithServer, ServeStack, TargetError, feature_filter_of
 
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -279,7 +279,8 @@ def run_bench(opts: BenchOptions) -> list[RunSummary]:
             package = monolith_package(opts)
             print(f"[{config}] package {package}", flush=True)
             try:
-                with MonolithServer(package, log_dir=logs, device=opts.device) as target:
+                with MonolithServer(package, log_dir=logs, device=opts.device,
+                                    feature_filter=feature_filter_of(opts.serve_args)) as target:
                     _check_rows(trace, target.info)
                     rows += measure(config, target, trace, opts, plan=None)
             except TargetError as e:

@@ -116,15 +116,20 @@ class _Target:
         return self.cpu.pids()
 
 
-def _serve_has_option(option: str) -> bool:
-    """Whether this checkout's ``recserve serve`` takes ``option`` (read from its source)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("recserve.cli.serve")
-    try:
-        return spec is not None and spec.origin is not None and f'"{option}"' in Path(spec.origin).read_text()
-    except OSError:
-        return False
+def feature_filter_of(serve_args: tuple[str, ...] = ()) -> str:
+    """The feature filter both servers of a bench run (the ``--feature-filter`` value of
+    ``recserve serve``): the one ``serve_args`` name, else ``none`` (``recserve serve`` itself
+    defaults to fading; the bench compares equal work). tests/loadtest/test_targets.py parses
+    both servers' command lines with ``recserve serve``'s own parser (flags from AppArgs) and
+    fails if their filters differ."""
+    args = list(serve_args)
+    value = "none"
+    for i, arg in enumerate(args):
+        if arg == "--feature-filter" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--feature-filter="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def _on(env: dict[str, str], key: str) -> bool:
@@ -144,8 +149,9 @@ class MonolithServer(_Target):
     """The single-server baseline for ``package``."""
 
     def __init__(self, package: Path, *, log_dir: Path, port: int | None = None, ready_timeout_s: float = 300.0,
-                 device: str = "cpu"):
+                 device: str = "cpu", feature_filter: str = "none"):
         self.name = "monolith"
+        self.feature_filter = feature_filter
         self.device = device
         self.package = Path(package)
         self.port = port or free_port()
@@ -153,10 +159,12 @@ class MonolithServer(_Target):
         self.log_path = Path(log_dir) / "monolith.log"
         self.ready_timeout_s = ready_timeout_s
 
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "recserve.cli", "serve", "--monolith", str(self.package), "--port", str(self.port),
+                "--device", self.device, "--feature-filter", self.feature_filter]
+
     def __enter__(self) -> MonolithServer:
-        argv = [sys.executable, "-m", "recserve.cli", "serve", "--monolith", str(self.package), "--port", str(self.port),
-                "--device", self.device, "--feature-filter", "none"]
-        self._spawn(argv, dict(os.environ))
+        self._spawn(self.argv(), dict(os.environ))
         self.cpu = CpuMeter(lambda: process_tree(self.proc.pid) if self.proc else [])
         self.info = self._wait_ready(self.ready_timeout_s)
         return self
@@ -190,15 +198,18 @@ class ServeStack(_Target):
         self.extra_args = tuple(extra_args)
         self.ready_timeout_s = ready_timeout_s
 
-    def __enter__(self) -> ServeStack:
+    def argv(self) -> list[str]:
+        """``recserve serve`` with this stack's arguments; its feature filter is
+        :func:`feature_filter_of` the extra arguments (the monolith of a bench gets the same)."""
         argv = [sys.executable, "-m", "recserve.cli", "serve", str(self.package), "--port", str(self.port)]
         if "--http-port" not in self.extra_args:
             argv += ["--http-port", str(free_port())]  # never collide with another Serve on 8000
-        if "--feature-filter" not in self.extra_args and _serve_has_option("--feature-filter"):
-            argv += ["--feature-filter", "none"]  # the monolith runs no fading filter either
         if "--device" not in self.extra_args:
             argv += ["--device", self.device]
-        argv += list(self.extra_args)
+        return argv + list(self.extra_args) + ["--feature-filter", feature_filter_of(self.extra_args)]
+
+    def __enter__(self) -> ServeStack:
+        argv = self.argv()
         env = dict(os.environ)
         env.update(self.env)
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
