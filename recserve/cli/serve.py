@@ -54,9 +54,19 @@ def add_app_flags(parser: argparse.ArgumentParser, *, defaults: dict | None = No
         default = defaults.get(name, field.default)
         shown = f"{default}" + (f"; '{none_word}' for none" if optional else "")
         parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=kind, default=default, choices=choices,
+            "--" + name.replace("_", "-"), dest=name, type=_or_none(kind, none_word) if optional else kind,
+            default=default, choices=choices,
             help=f"{field.description} (default {shown})".replace("%", "%%"),
         )
+
+
+def _or_none(kind: type, none_word: str):
+    """argparse type of an optional field: ``none_word`` (or '') stays a word, anything else is ``kind``."""
+    def parse(value: str):
+        return value if value in ("", none_word) else kind(value)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def app_args_from(args: argparse.Namespace, *, package: str, none_word: str = "none"):
