@@ -35,7 +35,7 @@ DEFAULT_TRANSPORT: Transport = "reference"
 
 
 class BatchingConfig(BaseModel):
-    """Batching of one deployment's calls (serving/coalesce.py); changeable at run time via user_config.
+    """Batching of one deployment's calls (serving/engine/coalesce.py); changeable at run time via user_config.
 
     Adaptive by default: a call that finds the deployment idle runs at once; calls arriving
     while a batch runs go together when it returns (or when ``max_batch_size`` is reached).
@@ -114,7 +114,7 @@ class AppArgs(BaseModel):
         "shared", description="with gpus > 0: the dense tower beside the shards (a 1% share) or on a GPU of its own")
     coalesce_max_examples: int = Field(
         4096, gt=0, description="examples a router replica coalesces into one split, one call per shard and one "
-                                "tower call (serving/coalesce.py); 1 = every request alone")
+                                "tower call (serving/engine/coalesce.py); 1 = every request alone")
     coalesce_wait_s: float | None = Field(
         0.005, ge=0, description="longest a request waits in the router for the batch in flight before its own "
                                  "batch goes, seconds ('none': until it returns); an idle router sends at once")

@@ -197,7 +197,8 @@ def _serve_monolith(app_args, manifest, ports) -> int:
                                   max_in_flight=app_args.max_in_flight,
                                   max_latency_factor=app_args.max_latency_factor, device=app_args.device,
                                   feature_filter=load_feature_filter(app_args.feature_filter, manifest),
-                                  example_log=config_of(app_args)))
+                                  example_log=config_of(app_args),
+                                  coalesce_max_examples=app_args.coalesce_max_examples))
     except KeyboardInterrupt:  # while loading, before the stop handlers are installed
         pass
     return 0

@@ -1,4 +1,4 @@
-"""The Ray-free coalescer (serving/coalesce.py): when batches go, what each request gets back."""
+"""The Ray-free coalescer (serving/engine/coalesce.py): when batches go, what each request gets back."""
 
 import asyncio
 import time
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from recserve.batch import Bags, Batch
-from serving.coalesce import Coalescer, concat_batches
+from serving.engine.coalesce import Coalescer, concat_batches
 
 
 class Gate:
@@ -123,6 +123,22 @@ def test_a_request_that_expires_fails_alone_and_is_never_sent():
         gate.release.set()
         assert await asyncio.gather(first, patient) == [10, 30]
         assert gate.batches == [[1], [3]]
+
+    run(main())
+
+
+def test_a_request_that_expires_in_a_sent_batch_does_not_fail_its_mates():
+    async def main():
+        gate = Gate()
+        c = Coalescer(gate, max_examples=100, max_wait_s=0.01, fixed_wait=True)  # both in one batch
+        gate.hold = True
+        short = asyncio.ensure_future(c.submit(1, size=1, deadline=time.monotonic() + 0.1))
+        mate = asyncio.ensure_future(c.submit(2, size=1, deadline=time.monotonic() + 30))
+        with pytest.raises(TimeoutError):
+            await short
+        assert gate.batches == [[1, 2]]
+        gate.release.set()
+        assert await mate == 20
 
     run(main())
 

@@ -12,7 +12,8 @@ Stages (names are data: the bench prints whatever it finds, in this order first)
 call, as the router waits for them); the shards and the tower report their own wait (for
 the batch in flight there) and work per call. In the Ray stack the histogram is Ray's
 (exported with a ``ray_`` prefix by Ray's metrics agent, tagged by deployment and replica);
-in the monolith it is prometheus_client's, on its own metrics port.
+in the monolith it is prometheus_client's, on its own metrics port. This module is Ray-free:
+the Serve replicas' observer (Ray's Histogram) is serving/app/deployments.py's ``ray_observer``.
 """
 
 from __future__ import annotations
@@ -45,14 +46,6 @@ class Stopwatch:
         """A stage timed elsewhere (e.g. the coalescer's wait); the next lap starts now."""
         self.observe(stage, seconds * 1000)
         self.at = time.perf_counter()
-
-
-def ray_observer() -> Observe:
-    """The stage histogram of a Serve replica (Ray's metrics; Serve adds deployment and replica tags)."""
-    from ray.serve.metrics import Histogram
-
-    h = Histogram(STAGE_METRIC, description=STAGE_DESCRIPTION, boundaries=BOUNDARIES_MS, tag_keys=("stage",))
-    return lambda stage, ms: h.observe(ms, tags={"stage": stage})
 
 
 _PROMETHEUS = None
