@@ -28,6 +28,10 @@ from recserve.v1 import ranker_pb2
 from serving.api.wire import MODEL_INFO_METHOD
 
 
+# the line both servers print (recserve serve): where their stage histograms are scraped
+METRICS_LINE = r"recserve: metrics .* on http://(\S+)/metrics"
+
+
 class TargetError(RuntimeError):
     """A server under test failed to start; the message says which and points at its log."""
 
@@ -115,6 +119,21 @@ class _Target:
     def serving_pids(self) -> list[int]:
         return self.cpu.pids()
 
+    metrics_url: str | None = None  # the stage histograms (serving/engine/stages.py), once ready
+    metrics_delay_s: float = 0.0  # how long a stage time takes to reach metrics_url
+
+    def _find_metrics(self, pattern: str) -> None:
+        """metrics_url from the server's log line matching ``pattern`` (group 1: host:port)."""
+        import re
+
+        for _ in range(40):  # the line may follow the first answer by a moment
+            m = re.search(pattern, self.log_path.read_text(errors="replace"))
+            if m:
+                self.metrics_url = f"http://{m.group(1)}/metrics"
+                return
+            time.sleep(0.25)
+        self.metrics_url = None
+
 
 def feature_filter_of(serve_args: tuple[str, ...] = ()) -> str:
     """The feature filter both servers of a bench run (the ``--feature-filter`` value of
@@ -160,13 +179,15 @@ class MonolithServer(_Target):
         self.ready_timeout_s = ready_timeout_s
 
     def argv(self) -> list[str]:
+    def argv(self) -> list[str]:
         return [sys.executable, "-m", "recserve.cli", "serve", "--monolith", str(self.package), "--port", str(self.port),
-                "--device", self.device, "--feature-filter", self.feature_filter]
+                "--device", self.device, "--feature-filter", self.feature_filter, "--metrics-port", "0"]
 
     def __enter__(self) -> MonolithServer:
         self._spawn(self.argv(), dict(os.environ))
         self.cpu = CpuMeter(lambda: process_tree(self.proc.pid) if self.proc else [])
         self.info = self._wait_ready(self.ready_timeout_s)
+        self._find_metrics(METRICS_LINE)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -216,6 +237,7 @@ class ServeStack(_Target):
         # Ray starts workers at nice 15; the monolith runs at 0. On a busy machine that alone
         # would hand the monolith the CPU, so the replicas run at the monolith's priority.
         env.setdefault("RAY_worker_niceness", "0")
+        env.setdefault("RAY_metrics_report_interval_ms", "1000")  # stage histograms in ~2 s, not ~20 s
         if _direct_ingress(env):
             # Direct ingress: the router replica serves gRPC itself, on a port Serve allocates
             # from a range; pin that range to one free port and send traffic there (the
@@ -238,6 +260,8 @@ class ServeStack(_Target):
         except TargetError:
             self._stop(grace_s=10)
             raise
+        self._find_metrics(METRICS_LINE)
+        self.metrics_delay_s = 3.0
         return self
 
     def processes(self) -> list[str]:

@@ -102,6 +102,10 @@ class Serve(Subcommand):
         add_app_flags(p, defaults={"feature_filter": FADING_FILTER}, none_word="none")
         p.add_argument("--monolith", action="store_true",
                        help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
+        p.add_argument("--metrics-port", type=int, default=0,
+                       help="with --monolith: Prometheus metrics (recserve_stage_ms per stage) on 127.0.0.1:PORT "
+                            "(default 0 = a free one, printed; -1 = none). The Ray stack's are Ray's exporter's, "
+                            "printed at start")
 
     def run(self, args: argparse.Namespace) -> int:
         return run_serve(args)
@@ -180,11 +184,11 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     app_args = app_args.model_copy(update={"package": str(path)})
     if args.monolith:
-        return _serve_monolith(app_args, manifest, ports)
+        return _serve_monolith(app_args, manifest, ports, metrics_port=args.metrics_port)
     return _serve_on_ray(app_args, manifest, ports)
 
 
-def _serve_monolith(app_args, manifest, ports) -> int:
+def _serve_monolith(app_args, manifest, ports, *, metrics_port: int) -> int:
     """The whole model in this process behind grpc.aio on 127.0.0.1 (stops on SIGINT/SIGTERM)."""
     import asyncio
 
@@ -198,7 +202,8 @@ def _serve_monolith(app_args, manifest, ports) -> int:
                                   max_latency_factor=app_args.max_latency_factor, device=app_args.device,
                                   feature_filter=load_feature_filter(app_args.feature_filter, manifest),
                                   example_log=config_of(app_args),
-                                  coalesce_max_examples=app_args.coalesce_max_examples))
+                                  coalesce_max_examples=app_args.coalesce_max_examples),
+                                  metrics_port=None if metrics_port < 0 else metrics_port))
     except KeyboardInterrupt:  # while loading, before the stop handlers are installed
         pass
     return 0
@@ -276,6 +281,8 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
         node = next(n for n in ray.nodes() if n["Alive"])
         write_state(dashboard=dashboard, grpc_port=ports.grpc, ray_address=context.address_info["gcs_address"],
                     metrics=f"127.0.0.1:{node['MetricsExportPort']}", session_dir=context.address_info["session_dir"])
+        print(f"recserve: metrics (Prometheus, recserve_stage_ms per stage) on "
+              f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", flush=True)
         print(f"recserve: serving {SERVICE_NAME} on 127.0.0.1:{ports.grpc} (gRPC; README: Network exposure). "
               f"Ctrl-C to stop.", flush=True)
         print(f"recserve: try  {client_command(ports.grpc)}", flush=True)

@@ -400,7 +400,7 @@ class Router:
         budget = budget_s if budget_s is not None else deadline - started
         waited: list = []
         scores = await self._coalescer.submit(
-            (batch, p, app, deadline), size=batch.batch_size, key=(app, p.manifest.version), deadline=deadline, waited=waited,
+            (batch, p, app, deadline, budget), size=batch.batch_size, key=(app, p.manifest.version), deadline=deadline, waited=waited,
             expired=lambda: DeadlineExceeded(f"deadline of {budget * 1000:.0f} ms exceeded waiting for the shards "
                                               f"and the dense tower"))
         if clock is not None:
@@ -413,15 +413,16 @@ class Router:
         """Scores of coalesced requests of one version: one split, one call per shard, one
         tower call, within the latest of their deadlines (each request keeps its own in
         :meth:`score`); a call that lost its replica is sent again while time is left."""
-        _, p, app, _ = items[0]
+        _, p, app, _, _ = items[0]
         batches = [b for b, *_ in items]
         batch = concat_batches(batches)
-        deadline = max(d for *_, d in items)  # time.monotonic(); each request's own ends its wait
+        deadline = max(it[3] for it in items)  # time.monotonic(); each request's own ends its wait
+        budget = max(it[4] for it in items)  # the caller's, for the message
         requests = p.routing.split(batch, deadline=time.time() + (deadline - time.monotonic()))
         self._fanout.observe(len(requests))
         for attempt in itertools.count():
             try:
-                scores = await self._call(batch, requests, deadline, p, app, None)
+                scores = await self._call(batch, requests, deadline, p, app, budget)
                 break
             except _ReplicaDied as died:
                 pause = min(0.005 * 2**attempt, 0.1)  # the handle drops the dead replica; go again

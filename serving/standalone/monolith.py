@@ -195,8 +195,17 @@ class MonolithThread(ServerThread):
         super().__init__(lambda: create_server(package, port, **kwargs), name="recserve-monolith", grace_s=0.5)
 
 
-async def serve_forever(package: ModelPackage | str, port: int = 9000, **kwargs) -> None:
-    """Run a monolith until cancelled (``recserve serve --monolith``)."""
+async def serve_forever(package: ModelPackage | str, port: int = 9000, *, metrics_port: int | None = None,
+                        **kwargs) -> None:
+    """Run a monolith until cancelled (``recserve serve --monolith``); with ``metrics_port``
+    (0 = a free one), this process's Prometheus metrics (the stage histograms of
+    serving/engine/stages.py) on 127.0.0.1."""
     server, bound = await create_server(package, port, **kwargs)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        http, _ = start_http_server(metrics_port, addr="127.0.0.1")
+        print(f"recserve: metrics (Prometheus, recserve_stage_ms per stage) on "
+              f"http://127.0.0.1:{http.server_port}/metrics", flush=True)
     print(f"recserve monolith listening on {kwargs.get('host', '127.0.0.1')}:{bound}", flush=True)
     await serve_until_signalled(server, grace_s=1.0, name="recserve monolith")
