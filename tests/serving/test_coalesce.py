@@ -19,6 +19,17 @@ class Gate:
         self.hold = False
         self.bad = set(bad)
 
+    async def first_in_flight(self, c: Coalescer, item=1):
+        """Hold the gate and send ``item``: a batch in flight that the next requests queue behind."""
+        self.hold = True
+        first = asyncio.ensure_future(c.submit(item, size=1))
+        await asyncio.sleep(0.01)
+        return first
+
+    def open(self):
+        self.hold = False
+        self.release.set()
+
     async def __call__(self, items):
         self.batches.append(list(items))
         if self.hold:
@@ -36,15 +47,12 @@ def test_an_idle_coalescer_sends_at_once_and_a_burst_behind_a_batch_goes_togethe
     async def main():
         gate = Gate()
         c = Coalescer(gate, max_examples=100)
-        gate.hold = True
-        first = asyncio.ensure_future(c.submit(1, size=1))
-        await asyncio.sleep(0.01)
+        first = await gate.first_in_flight(c)
         assert gate.batches == [[1]]  # nothing in flight: went at once, nobody waited for it
         rest = [asyncio.ensure_future(c.submit(x, size=1)) for x in (2, 3, 4)]
         await asyncio.sleep(0.05)
         assert gate.batches == [[1]]  # held while the first batch is in flight (no timer)
-        gate.hold = False
-        gate.release.set()
+        gate.open()
         assert await asyncio.gather(first, *rest) == [10, 20, 30, 40]
         assert gate.batches == [[1], [2, 3, 4]]  # one batch when the first returned
 
@@ -55,14 +63,11 @@ def test_the_example_cap_splits_batches_and_a_larger_request_runs_alone():
     async def main():
         gate = Gate()
         c = Coalescer(gate, max_examples=10)
-        gate.hold = True
-        first = asyncio.ensure_future(c.submit(0, size=1))
-        await asyncio.sleep(0.01)
+        first = await gate.first_in_flight(c, 0)
         sizes = {1: 4, 2: 4, 3: 4, 4: 25, 5: 2}
         rest = [asyncio.ensure_future(c.submit(x, size=n)) for x, n in sizes.items()]
         await asyncio.sleep(0.01)
-        gate.hold = False
-        gate.release.set()
+        gate.open()
         assert await asyncio.gather(first, *rest) == [0, 10, 20, 30, 40, 50]
         for b in gate.batches[1:]:
             assert sum(sizes[x] for x in b) <= 10 or b == [4]
@@ -78,8 +83,7 @@ def test_keys_never_mix_in_a_batch():
         gate.hold = True
         calls = [asyncio.ensure_future(c.submit((v, x), size=1, key=v)) for x in range(6) for v in ("v1", "v2")]
         await asyncio.sleep(0.01)
-        gate.hold = False
-        gate.release.set()
+        gate.open()
         assert await asyncio.gather(*calls) == [x * 10 for x in range(6) for _ in ("v1", "v2")]
         assert all(len({v for v, _ in b}) == 1 for b in gate.batches), gate.batches
         assert len(gate.batches) == 4  # per version: the first alone, then the rest together
@@ -91,13 +95,10 @@ def test_one_bad_request_fails_alone():
     async def main():
         gate = Gate(bad={3})
         c = Coalescer(gate, max_examples=100)
-        gate.hold = True
-        first = asyncio.ensure_future(c.submit(1, size=1))
-        await asyncio.sleep(0.01)
+        first = await gate.first_in_flight(c)
         rest = [asyncio.ensure_future(c.submit(x, size=1)) for x in (2, 3, 4)]
         await asyncio.sleep(0.01)
-        gate.hold = False
-        gate.release.set()
+        gate.open()
         got = await asyncio.gather(first, *rest, return_exceptions=True)
         assert got[:2] == [10, 20] and got[3] == 40
         assert isinstance(got[2], ValueError)
@@ -110,17 +111,14 @@ def test_a_request_that_expires_fails_alone_and_is_never_sent():
     async def main():
         gate = Gate()
         c = Coalescer(gate, max_examples=100)
-        gate.hold = True
-        first = asyncio.ensure_future(c.submit(1, size=1))
-        await asyncio.sleep(0.01)
+        first = await gate.first_in_flight(c)
         # the first batch's latency is not known yet: the short-deadline request can wait
         short = asyncio.ensure_future(c.submit(2, size=1, deadline=time.monotonic() + 0.05,
                                                expired=lambda: TimeoutError("two ran out")))
         patient = asyncio.ensure_future(c.submit(3, size=1, deadline=time.monotonic() + 30))
         with pytest.raises(TimeoutError, match="two ran out"):
             await short
-        gate.hold = False
-        gate.release.set()
+        gate.open()
         assert await asyncio.gather(first, patient) == [10, 30]
         assert gate.batches == [[1], [3]]
 
@@ -168,9 +166,7 @@ def test_the_wait_bound_sends_a_batch_while_another_is_in_flight():
     async def main():
         gate = Gate()
         c = Coalescer(gate, max_examples=100, max_wait_s=0.02)
-        gate.hold = True
-        first = asyncio.ensure_future(c.submit(1, size=1))
-        await asyncio.sleep(0.01)
+        first = await gate.first_in_flight(c)
         second = asyncio.ensure_future(c.submit(2, size=1))
         await asyncio.sleep(0.1)
         assert gate.batches == [[1], [2]]  # the bound passed: sent though [1] is still in flight
