@@ -116,8 +116,9 @@ class AppArgs(BaseModel):
         4096, gt=0, description="examples a router replica coalesces into one split, one call per shard and one "
                                 "tower call (serving/engine/coalesce.py); 1 = every request alone")
     coalesce_wait_s: float | None = Field(
-        0.005, ge=0, description="longest a request waits in the router for the batch in flight before its own "
-                                 "batch goes, seconds ('none': until it returns); an idle router sends at once")
+        0.05, ge=0, description="longest a request waits in the router for the batch in flight before its own "
+                                "batch goes, seconds ('none': until it returns); an idle router sends at once "
+                                "(2 cores, criteo-kaggle closed loop: 0.005 s gave 44.9 req/s, none 57.9)")
     shard_batching: BatchingConfig = BatchingConfig()
     tower_batching: BatchingConfig = BatchingConfig()
 
