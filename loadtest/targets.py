@@ -155,15 +155,6 @@ def _on(env: dict[str, str], key: str) -> bool:
     return env.get(key, "").lower() in ("1", "true")
 
 
-def _direct_ingress(env: dict[str, str]) -> bool:
-    """Whether the router replica serves gRPC itself (throughput-optimized mode, HAProxy)."""
-    if _on(env, "RAY_SERVE_ENABLE_HA_PROXY"):
-        return True
-    if "RAY_SERVE_ENABLE_DIRECT_INGRESS" in env:
-        return _on(env, "RAY_SERVE_ENABLE_DIRECT_INGRESS")
-    return _on(env, "RAY_SERVE_THROUGHPUT_OPTIMIZED")
-
-
 class MonolithServer(_Target):
     """The single-server baseline for ``package``."""
 
@@ -238,11 +229,9 @@ class ServeStack(_Target):
         # would hand the monolith the CPU, so the replicas run at the monolith's priority.
         env.setdefault("RAY_worker_niceness", "0")
         env.setdefault("RAY_metrics_report_interval_ms", "1000")  # stage histograms in ~2 s, not ~20 s
-        if _direct_ingress(env):
-            # Direct ingress: the router replica serves gRPC itself, on a port Serve allocates
-            # from a range; pin that range to one free port and send traffic there (the
-            # head-node proxy still listens on --port, unused: it shares no port with the
-            # replica, so the kernel never splits our connections between the two).
+        if _on(env, "RAY_SERVE_ENABLE_HA_PROXY"):
+            # HAProxy's frontend takes --port; the router replica's own ports (direct ingress,
+            # which `recserve serve --ingress direct` would otherwise pin to --port) go to a free range
             grpc_port, http = free_port(), free_port()
             env.update(
                 RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT=str(grpc_port),
@@ -250,8 +239,6 @@ class ServeStack(_Target):
                 RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(http),
                 RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(http + 1),
             )
-            if not _on(env, "RAY_SERVE_ENABLE_HA_PROXY"):
-                self.address = f"127.0.0.1:{grpc_port}"  # with HAProxy: its frontend on --port
         self.cpu = CpuMeter(lambda: ray_serve_processes(within=self.proc.pid) if self.proc else [])
         self.control_cpu = CpuMeter(lambda: ray_control_processes(within=self.proc.pid) if self.proc else [])
         self._spawn(argv, env)

@@ -9,6 +9,7 @@ import argparse
 
 from recserve.cli.types import Subcommand
 from serving.app.versions import ROUTER_APP
+from serving.ops.ingress import DEFAULT_INGRESS, INGRESS_MODES
 
 # Serve gives its proxy 5 s to start (and 10 s per health check) before its controller kills
 # it, and serve.start then fails (ActorDiedError, "killed by ray.kill"): a busy 2-core machine
@@ -100,6 +101,10 @@ class Serve(Subcommand):
         p.add_argument("--http-port", type=int, default=8000,
                        help="Serve HTTP proxy port on 127.0.0.1 (default 8000; a free one if it is taken)")
         add_app_flags(p, defaults={"feature_filter": FADING_FILTER}, none_word="none")
+        p.add_argument("--ingress", choices=INGRESS_MODES, default=DEFAULT_INGRESS,
+                       help="who answers --port: 'direct' = the Router replica itself (Serve's direct ingress, "
+                            "one Router replica), 'proxy' = Serve's gRPC proxy in front of any number of them "
+                            f"(default {DEFAULT_INGRESS}; serving/ops/ingress.py)")
         p.add_argument("--monolith", action="store_true",
                        help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
         p.add_argument("--metrics-port", type=int, default=0,
@@ -171,6 +176,12 @@ def run_serve(args: argparse.Namespace) -> int:
             where = f"--{str(err['loc'][0]).replace('_', '-')}: " if err["loc"] else ""
             print(f"recserve serve: {where}{err['msg']}", file=sys.stderr)
         return 2
+    from serving.ops.ingress import check_ingress
+
+    problem = None if args.monolith else check_ingress(args.ingress, app_args.router_replicas)
+    if problem:
+        print(f"recserve serve: {problem}", file=sys.stderr)
+        return 2
     try:  # before any training or deploying: a taken gRPC port fails now, not after a minute
         ports = ServePorts.choose(grpc=args.port, dashboard=args.dashboard_port, http=args.http_port)
     except PortTaken as e:
@@ -185,7 +196,7 @@ def run_serve(args: argparse.Namespace) -> int:
     app_args = app_args.model_copy(update={"package": str(path)})
     if args.monolith:
         return _serve_monolith(app_args, manifest, ports, metrics_port=args.metrics_port)
-    return _serve_on_ray(app_args, manifest, ports)
+    return _serve_on_ray(app_args, manifest, ports, ingress=args.ingress)
 
 
 def _serve_monolith(app_args, manifest, ports, *, metrics_port: int) -> int:
@@ -209,7 +220,7 @@ def _serve_monolith(app_args, manifest, ports, *, metrics_port: int) -> int:
     return 0
 
 
-def _serve_on_ray(app_args, manifest, ports) -> int:
+def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
     """Local Ray + Serve, the app deployed (progress while replicas start), served until
     SIGINT/SIGTERM; then Serve and Ray shut down."""
     import os
@@ -230,6 +241,12 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     for name, value in SERVE_STARTUP_ENV.items():
         os.environ.setdefault(name, value)
+    proxy_grpc, proxy_http = ports.grpc, ports.http
+    if ingress == "direct" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        from serving.ops.ingress import direct_ingress_env
+
+        os.environ.update(direct_ingress_env(ports.grpc, ports.http))  # the Router replica on --port
+        proxy_grpc, proxy_http = free_port(), free_port()  # Serve still starts its proxy: elsewhere
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
     # silently share it. Off (inherited by the proxy actors through Ray's worker environment).
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
@@ -270,12 +287,12 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
         signal.signal(sig, on_signal)
     try:
         serve.start(
-            http_options={"host": "127.0.0.1", "port": ports.http},
-            grpc_options={"port": ports.grpc, "grpc_servicer_functions": GRPC_SERVICERS},
+            http_options={"host": "127.0.0.1", "port": proxy_http},
+            grpc_options={"port": proxy_grpc, "grpc_servicer_functions": GRPC_SERVICERS},
         )
         print(f"recserve: deploying {manifest.name} {manifest.version} from {app_args.package} "
               f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "
-              f"transport {app_args.transport}) ...", flush=True)
+              f"transport {app_args.transport}, ingress {ingress}) ...", flush=True)
         if not _deploy_with_progress(build_app(app_args), stop):
             return 1
         node = next(n for n in ray.nodes() if n["Alive"])
