@@ -170,7 +170,6 @@ class MonolithServer(_Target):
         self.ready_timeout_s = ready_timeout_s
 
     def argv(self) -> list[str]:
-    def argv(self) -> list[str]:
         return [sys.executable, "-m", "recserve.cli", "serve", "--monolith", str(self.package), "--port", str(self.port),
                 "--device", self.device, "--feature-filter", self.feature_filter, "--metrics-port", "0"]
 

@@ -213,7 +213,7 @@ def _serve_monolith(app_args, manifest, ports, *, metrics_port: int) -> int:
                                   max_latency_factor=app_args.max_latency_factor, device=app_args.device,
                                   feature_filter=load_feature_filter(app_args.feature_filter, manifest),
                                   example_log=config_of(app_args),
-                                  coalesce_max_examples=app_args.coalesce_max_examples),
+                                  coalesce_max_examples=app_args.coalesce_max_examples,
                                   metrics_port=None if metrics_port < 0 else metrics_port))
     except KeyboardInterrupt:  # while loading, before the stop handlers are installed
         pass

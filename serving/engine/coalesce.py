@@ -152,9 +152,9 @@ class Coalescer(Generic[T, R]):
             k.timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._flush, key, k)
         try:
             if deadline is None:
-                result = await asyncio.shield(entry.future)
+                await asyncio.shield(entry.future)
             else:
-                result = await asyncio.wait_for(asyncio.shield(entry.future), max(deadline - time.monotonic(), 0.0))
+                await asyncio.wait_for(asyncio.shield(entry.future), max(deadline - time.monotonic(), 0.0))
         except (TimeoutError, asyncio.CancelledError) as e:
             if not entry.future.done():
                 entry.future.cancel()  # leaves: never sent if still pending, its batch goes on
