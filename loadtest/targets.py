@@ -159,22 +159,26 @@ class MonolithServer(_Target):
     """The single-server baseline for ``package``."""
 
     def __init__(self, package: Path, *, log_dir: Path, port: int | None = None, ready_timeout_s: float = 300.0,
-                 device: str = "cpu", feature_filter: str = "none"):
-        self.name = "monolith"
+                 device: str = "cpu", feature_filter: str = "none", env: dict[str, str] | None = None,
+                 extra_args: tuple[str, ...] = (), name: str = "monolith"):
+        self.name = name
+        self.env = dict(env or {})
+        self.extra_args = tuple(extra_args)
         self.feature_filter = feature_filter
         self.device = device
         self.package = Path(package)
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.log_path = Path(log_dir) / "monolith.log"
+        self.log_path = Path(log_dir) / f"{name}.log"
         self.ready_timeout_s = ready_timeout_s
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "recserve.cli", "serve", "--monolith", str(self.package), "--port", str(self.port),
-                "--device", self.device, "--feature-filter", self.feature_filter, "--metrics-port", "0"]
+                "--device", self.device, "--feature-filter", self.feature_filter, "--metrics-port", "0",
+                *self.extra_args]
 
     def __enter__(self) -> MonolithServer:
-        self._spawn(self.argv(), dict(os.environ))
+        self._spawn(self.argv(), {**os.environ, **self.env})
         self.cpu = CpuMeter(lambda: process_tree(self.proc.pid) if self.proc else [])
         self.info = self._wait_ready(self.ready_timeout_s)
         self._find_metrics(METRICS_LINE)

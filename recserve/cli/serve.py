@@ -214,6 +214,7 @@ def _serve_monolith(app_args, manifest, ports, *, metrics_port: int) -> int:
                                   feature_filter=load_feature_filter(app_args.feature_filter, manifest),
                                   example_log=config_of(app_args),
                                   coalesce_max_examples=app_args.coalesce_max_examples,
+                                  torch_threads=app_args.torch_threads,
                                   metrics_port=None if metrics_port < 0 else metrics_port))
     except KeyboardInterrupt:  # while loading, before the stop handlers are installed
         pass

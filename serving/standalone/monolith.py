@@ -42,6 +42,7 @@ from serving.api.status import grpc_status
 from serving.ops.server_thread import ServerThread, serve_until_signalled
 
 DEFAULT_COALESCE_EXAMPLES: int = AppArgs.model_fields["coalesce_max_examples"].default
+DEFAULT_TORCH_THREADS: int = AppArgs.model_fields["torch_threads"].default
 
 
 class MonolithServicer(ranker_pb2_grpc.RankerServicer):
@@ -153,13 +154,19 @@ async def create_server(
     feature_filter: FeatureFilter = identity_filter,
     example_log: ExampleLogConfig | ExampleLog | None = None,
     coalesce_max_examples: int = DEFAULT_COALESCE_EXAMPLES,
+    torch_threads: int | None = DEFAULT_TORCH_THREADS,
 ) -> tuple[grpc.aio.Server, int]:
     """Load the package, bind ``host:port`` (0 = any free port), start; returns (server, port).
 
     ``max_in_flight`` bounds the admitted requests, ``max_latency_factor`` the estimated
     latency of an admitted request against the idle one (serving/engine/admission.py); ``workers``
     threads score; concurrent requests are scored together up to ``coalesce_max_examples``
-    (1 = each alone). ``example_log``: log settings (or a ready log) for the served-example log; None = off."""
+    (1 = each alone). ``example_log``: log settings (or a ready log) for the served-example log; None = off.
+    ``torch_threads``: torch's intra-op threads in this process (None: leave them as they are)."""
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)  # process-wide; the scoring threads inherit it
     ranker = await asyncio.to_thread(
         LocalRanker.load, package, max_batch_size=max_batch_size, device=device, feature_filter=feature_filter
     )
