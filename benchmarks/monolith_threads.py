@@ -5,8 +5,8 @@ The same seeded criteo-kaggle trace is replayed at the monolith (``recserve serv
 --monolith``, no feature filter) started under each thread setting in turn, in rounds
 (setting A, B, ..., then again), so load from other processes on a shared machine hits
 every setting alike. A setting is the server's ``--torch-threads`` (AppArgs.torch_threads)
-and environment: ``threads1`` (the default), ``threads2`` (torch's own default on 2 cores:
-one thread per core), ``threads2-passive`` (OMP_WAIT_POLICY=PASSIVE: idle threads sleep
+and environment: ``default`` (torch's choice, one thread per core), ``threads1`` (as a Ray
+replica runs), ``threads2``, ``threads2-passive`` (OMP_WAIT_POLICY=PASSIVE: idle threads sleep
 instead of spinning). Per run: open-loop rates and one closed loop, the
 server's CPU ms per request (psutil over its process tree), the load average.
 
@@ -33,8 +33,9 @@ from recserve.workloads import load_workload
 
 # name -> (environment, `recserve serve` arguments) of the monolith
 SETTINGS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
-    "threads1": ({}, ("--torch-threads", "1")),  # the default since issue 19
-    "threads2": ({}, ("--torch-threads", "2")),  # torch's own default on 2 cores: one per core
+    "default": ({}, ()),  # torch's own choice: one intra-op thread per core
+    "threads1": ({}, ("--torch-threads", "1")),  # as a Ray replica runs (Ray's OMP_NUM_THREADS=1)
+    "threads2": ({}, ("--torch-threads", "2")),
     "threads2-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, ("--torch-threads", "2")),  # no spinning for work
 }
 

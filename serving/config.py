@@ -119,10 +119,11 @@ class AppArgs(BaseModel):
         0.05, ge=0, description="longest a request waits in the router for the batch in flight before its own "
                                 "batch goes, seconds ('none': until it returns); an idle router sends at once "
                                 "(2 cores, criteo-kaggle closed loop: 0.005 s gave 44.9 req/s, none 57.9)")
-    torch_threads: int = Field(
-        1, ge=1, description="torch intra-op threads of each serving process (the monolith, each shard and tower "
-                             "replica); more only where cores are idle: on a busy 2-core machine a second thread "
-                             "cost the monolith 4-19x the CPU per batch (docs/dataplane.md)")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads of each serving process (the monolith, each shard and "
+                                "tower replica); none: as each starts (the monolith: torch's one per core; a Ray "
+                                "replica: Ray's OMP_NUM_THREADS=1). 1 keeps the monolith's tail steady on a busy "
+                                "machine, 2 gave it +46% closed-loop throughput on a quiet one (docs/dataplane.md)")
     shard_batching: BatchingConfig = BatchingConfig()
     tower_batching: BatchingConfig = BatchingConfig()
 

@@ -122,7 +122,8 @@ class Shard:
     """Shard K of the package: loads only shards/shard-K.safetensors."""
 
     def __init__(self, package: str, index: int, args: AppArgs):
-        torch.set_num_threads(args.torch_threads)  # Ray's OMP_NUM_THREADS=1 unless asked otherwise
+        if args.torch_threads is not None:  # else Ray's OMP_NUM_THREADS=1
+            torch.set_num_threads(args.torch_threads)
         self.name = shard_name(index)
         self.core = ShardCore(ModelPackage.open(package), index, device=args.resolved_device(),
                               output_dtype=args.wire_dtype, max_batch_size=args.max_batch_size)
@@ -168,7 +169,8 @@ class DenseTower:
     """Assembles shard outputs into [B, F, D] and runs the dense model."""
 
     def __init__(self, package: str, shards: list[DeploymentHandle], args: AppArgs):
-        torch.set_num_threads(args.torch_threads)
+        if args.torch_threads is not None:
+            torch.set_num_threads(args.torch_threads)
         pkg = ModelPackage.open(package)
         self.routing = Routing(pkg.manifest)
         self.core = TowerCore.from_package(pkg, device=args.resolved_device(), dtype=args.tower_dtype,

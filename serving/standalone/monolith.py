@@ -42,7 +42,7 @@ from serving.api.status import grpc_status
 from serving.ops.server_thread import ServerThread, serve_until_signalled
 
 DEFAULT_COALESCE_EXAMPLES: int = AppArgs.model_fields["coalesce_max_examples"].default
-DEFAULT_TORCH_THREADS: int = AppArgs.model_fields["torch_threads"].default
+DEFAULT_TORCH_THREADS: int | None = AppArgs.model_fields["torch_threads"].default
 
 
 class MonolithServicer(ranker_pb2_grpc.RankerServicer):
