@@ -58,6 +58,7 @@ from recserve.workloads import WorkloadConfig
 
 Adapter = Literal["mlp", "affine", "none"]
 DAY_S = 86_400.0
+MAX_WORLD_DAY = 1_000  # the ExFM world's last day a log may fall on (its logit scale is e^60 by then)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -341,31 +342,65 @@ def train_student(
                          adapter=trainer.student.adapter)
 
 
+@dataclass(frozen=True, kw_only=True)
+class LabelReport:
+    examples: int  # logged examples labelled
+    first_day: int  # the world's days the log's examples fell on (logged_at - day_zero)
+    last_day: int
+
+
 def draw_labels(logs: str, out: str, workload: WorkloadConfig, *, world_seed: int = 0, drift: float = 0.0,
-                day_zero: float = 0.0, seed: int = 0) -> int:
+                day_zero: float = 0.0, seed: int = 0, vertical: int | str | None = None) -> LabelReport:
     """Clicks for every logged example from the synthetic world's ground truth at the day it
-    was served (``(logged_at - day_zero) / 86400``); writes the log rows plus ``label`` and
-    ``example_key`` to ``out``, one file per log file. Returns the examples labelled."""
-    from recserve.synth import ClickModel
+    was served (``floor((logged_at - day_zero) / 86400)``); writes the log rows plus ``label`` and
+    ``example_key`` to ``out``, one file per log file.
+
+    ``vertical`` None: the :class:`~recserve.synth.ClickModel` world (``drift`` radians a day).
+    A vertical (name or index): the :class:`~recserve.synth.ExFMWorld`'s truth for that vertical
+    (the log is that vertical's student's traffic), its own drift; its days must be 0 to
+    ``MAX_WORLD_DAY`` (its logit scale grows e^0.06 a day)."""
+    from recserve.synth import ClickModel, ExFMWorld
 
     fs, files = parquet_files(logs)
     if not files:
         raise FileNotFoundError(f"no Parquet files under {logs}")
+    if vertical is None:
+        click = ClickModel(workload, seed=world_seed, drift=drift)
+
+        def truth(batch: Batch, day: int, rng: np.random.Generator) -> np.ndarray:
+            return click.at(float(day)).labels(batch, rng)
+    else:
+        if drift:
+            raise ValueError("drift: the ExFM world drifts by its own trends (drop drift, or the vertical)")
+        world = ExFMWorld(workload, seed=world_seed)
+        v = world.vertical_index(vertical)
+
+        def truth(batch: Batch, day: int, rng: np.random.Generator) -> np.ndarray:
+            return world.labels(batch, v, day, rng)
+
+    def days_of(t: pa.Table) -> np.ndarray:
+        return np.floor((pc.cast(t["logged_at"], pa.int64()).to_numpy() / 1e6 - day_zero) / DAY_S).astype(np.int64)
+
+    spans = [(int(d.min()), int(d.max())) for f in files
+             if (d := days_of(pq.read_table(f, filesystem=fs, columns=["logged_at"]))).size]
+    lo, hi = (min(a for a, _ in spans), max(b for _, b in spans)) if spans else (0, 0)
+    if vertical is not None and (lo < 0 or hi > MAX_WORLD_DAY):
+        raise ValueError(f"day_zero: the log's examples fall on days {lo} to {hi} after it; the ExFM world "
+                         f"runs from day 0 to {MAX_WORLD_DAY} (set day zero a few days before the log)")
     ofs, odir = open_dir(out)
     ofs.create_dir(odir, recursive=True)
     rng = np.random.default_rng(seed)
-    world = ClickModel(workload, seed=world_seed, drift=drift)
     total = 0
     for f in files:
         t = pq.read_table(f, filesystem=fs)
+        day = days_of(t)
         batch = table_batch(t, workload.features)
-        days = (pc.cast(t["logged_at"], pa.int64()).to_numpy() / 1e6 - day_zero) / DAY_S
         labels = np.empty(t.num_rows, np.float32)
-        for d in np.unique(np.floor(days)):  # one ground truth per day
-            rows = np.flatnonzero(np.floor(days) == d)
-            labels[rows] = world.at(float(d)).labels(batch.take(rows), rng)
+        for d in np.unique(day):  # one ground truth per day
+            rows = np.flatnonzero(day == d)
+            labels[rows] = truth(batch.take(rows), int(d), rng)
         keys = example_keys(table_batch(t))
         t = t.append_column(LABEL, pa.array(labels)).append_column(KEY, pa.array(keys, pa.string()))
         write_atomic(ofs, odir, "labels-" + f.rsplit("/", 1)[-1], t)
         total += t.num_rows
-    return total
+    return LabelReport(examples=total, first_day=lo, last_day=hi)

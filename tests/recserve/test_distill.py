@@ -273,3 +273,42 @@ def test_synth_ceilings_prints_the_power_check_and_refuses_a_bad_workload(capsys
     assert all(v in out for v in ("v0-typical", "v1-low", "v2-high")) and "AH ceil" in out
     assert main(["synth", "ceilings", "--workload", "no-such-workload"]) == 2
     assert "no-such-workload" in capsys.readouterr().err
+
+
+def test_synth_labels_draws_the_exfm_worlds_clicks_for_one_verticals_log(tmp_path, tiny, capsys) -> None:
+    """A log of v1-low's traffic over days 10 and 11: each example's label is the ExFM world's
+    draw for v1-low on the day it was served; a missing or unknown vertical and a day zero that
+    leaves the log outside the world's days are refused by name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recserve.cli import main
+    from recserve.example_format import batch_table
+
+    day_zero = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+    world = ExFMWorld(tiny, seed=3)
+    served = [world.traffic(1, day, 300)[0] for day in (10, 11)]
+    log = pa.concat_tables([batch_table(b, np.zeros(b.batch_size, np.float32), request_id=f"r{day}",
+                                        logged_at=day_zero + (day + 0.4) * 86_400, model="student", version="1",
+                                        features=tiny.features) for b, day in zip(served, (10, 11))])
+    (tmp_path / "log").mkdir()
+    pq.write_table(log, tmp_path / "log" / "part-0.parquet")
+    argv = ["synth", "labels", "--logs", str(tmp_path / "log"), "--workload", "tiny", "--world", "exfm",
+            "--world-seed", "3", "--seed", "5", "--day-zero", "2026-01-01"]
+    assert main([*argv, "--out", str(tmp_path / "labels"), "--vertical", "v1-low"]) == 0
+    assert "600 examples labelled by the ExFM world's vertical v1-low on days 10 to 11" in capsys.readouterr().out
+    rng = np.random.default_rng(5)
+    want = np.concatenate([world.labels(b, 1, day, rng) for b, day in zip(served, (10, 11))])
+    got = pq.read_table(tmp_path / "labels")
+    np.testing.assert_array_equal(got["label"].to_numpy(), want)
+    assert got.num_rows == 600 and 0.02 < want.mean() < 0.5  # v1-low's clicks, not v2-high's
+    assert main([*argv, "--out", str(tmp_path / "by-index"), "--vertical", "1"]) == 0
+    np.testing.assert_array_equal(pq.read_table(tmp_path / "by-index")["label"].to_numpy(), want)
+
+    for extra, message in ((["--vertical", "v9"], "v9' is none of v0-typical, v1-low, v2-high"),
+                           ([], "--vertical: required with --world exfm"),
+                           (["--vertical", "v1-low", "--day-zero", "2026-02-01"], "fall on days -21 to -20")):
+        capsys.readouterr()
+        assert main([*argv, "--out", str(tmp_path / "bad"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
