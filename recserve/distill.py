@@ -70,6 +70,7 @@ class DistillConfig:
     grad_scale: float = 1.0  # AH: its gradient into the shared layers is multiplied by this
     adapter_weight: float | None = None  # w_sa: loss weight of the adapter's target (default: aux_weight)
     adapter_lr: float = 0.01
+    aux_tower: tuple[int, ...] | None = None  # the AH tower's hidden widths (None: those of the serving tower)
 
     def __post_init__(self) -> None:
         for name in ("aux_weight", "label_scale", "grad_scale", "adapter_lr"):
@@ -81,6 +82,8 @@ class DistillConfig:
             raise ValueError(f"adapter: one of mlp, affine, none, got {self.adapter!r}")
         if self.distill_head not in ("aux", "main"):
             raise ValueError(f"distill_head: aux or main, got {self.distill_head!r}")
+        if self.aux_tower is not None and not all(isinstance(w, int) and w > 0 for w in self.aux_tower):
+            raise ValueError(f"aux_tower: hidden widths must be positive integers, got {self.aux_tower}")
 
     @property
     def sa_weight(self) -> float:
@@ -129,16 +132,17 @@ def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 class Student(torch.nn.Module):
     """A torchrec DLRM / DLRM_DCN with an auxiliary tower beside its serving tower, both on the
-    shared layers' output (the interaction)."""
+    shared layers' output (the interaction). ``aux_tower``: the auxiliary tower's hidden widths
+    (default: the serving tower's, ``top_mlp`` without its output; () = one linear layer)."""
 
-    def __init__(self, workload: WorkloadConfig, adapter: Adapter = "none"):
+    def __init__(self, workload: WorkloadConfig, adapter: Adapter = "none", aux_tower: tuple[int, ...] | None = None):
         super().__init__()
         self.model = build_model(workload)
-        if len(workload.top_mlp) < 2:
+        if aux_tower is None and len(workload.top_mlp) < 2:
             raise ValueError(f"{workload.name}: top_mlp needs a hidden layer for the auxiliary tower")
         width = next(m for m in self.model.over_arch.modules() if isinstance(m, torch.nn.Linear)).in_features
         layers: list[torch.nn.Module] = []
-        for h in workload.top_mlp[:-1]:
+        for h in workload.top_mlp[:-1] if aux_tower is None else aux_tower:
             layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
             width = h
         self.aux_tower = torch.nn.Sequential(*layers, torch.nn.Linear(width, 1))
@@ -205,7 +209,7 @@ class StudentTrainer:
         torch.manual_seed(seed)
         self.workload = workload
         self.config = config
-        self.student = Student(workload, config.adapter if config.aux_weight > 0 else "none")
+        self.student = Student(workload, config.adapter if config.aux_weight > 0 else "none", config.aux_tower)
         tables = optimizers(self.student.model, self.student.model.sparse_arch)[0]  # row-wise Adagrad, sparse grads
         sparse_ids = {id(p) for p in self.student.model.sparse_arch.parameters()}
         dense = [p for n, p in self.student.named_parameters() if not n.startswith("adapter.") and id(p) not in sparse_ids]
@@ -233,6 +237,20 @@ class StudentTrainer:
         if adapted is not None:
             parts["adapter"] = sa_loss
         return parts
+
+    def describe(self) -> str:
+        """How the teacher is used, read from the live modules and optimizers (what this trainer runs)."""
+        c = self.config
+        if c.aux_weight == 0:
+            return "no teacher (labels only)"
+        widths = [m.out_features for m in self.student.aux_tower if isinstance(m, torch.nn.Linear)][:-1]
+        head = (f"auxiliary head (tower {'-'.join(map(str, widths)) or 'linear'} -> 1), gradient scale "
+                f"{c.grad_scale:g} into the shared layers" if c.distill_head == "aux" else "the serving head (main)")
+        text = f"teacher into {head}; loss weight {c.aux_weight:g}, label scale {c.label_scale:g}"
+        if self.adapter_opt is None:
+            return text + "; no adapter"
+        return (text + f"; adapter {self.student.adapter.kind} (loss weight {c.sa_weight:g}, "
+                f"lr {self.adapter_opt.param_groups[0]['lr']:g})")
 
     def serving_model(self) -> torch.nn.Module:
         """The trained torchrec model (serving tower), dense-gradient tables, eval mode."""
@@ -295,6 +313,7 @@ class DistillResult:
     last_loss: dict[str, float]
     model: torch.nn.Module | None = None  # the serving tower, trained
     adapter: StudentAdapter | None = None  # the trained student adapter
+    setup: str = ""  # the trainer's own account of how it used the teacher (StudentTrainer.describe)
 
 
 def train_student(
@@ -339,7 +358,7 @@ def train_student(
         torch.save(model.state_dict(), out)  # the serving tower only: the package's usual tensors
     return DistillResult(examples=n, with_teacher=with_teacher, steps=trainer.steps,
                          seconds=time.perf_counter() - t0, path=out, last_loss=parts, model=model,
-                         adapter=trainer.student.adapter)
+                         adapter=trainer.student.adapter, setup=trainer.describe())
 
 
 @dataclass(frozen=True, kw_only=True)

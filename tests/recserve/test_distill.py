@@ -262,6 +262,8 @@ def test_a_bad_config_is_refused_by_name() -> None:
         DistillConfig(label_scale=-0.5)
     with pytest.raises(ValueError, match="distill_head"):
         DistillConfig(distill_head="both")
+    with pytest.raises(ValueError, match="aux_tower"):
+        DistillConfig(aux_tower=(8, 0))
     assert StudentAdapter("none")(torch.ones(2), torch.zeros(2)).tolist() == [1.0, 1.0]
 
 
@@ -312,3 +314,41 @@ def test_synth_labels_draws_the_exfm_worlds_clicks_for_one_verticals_log(tmp_pat
         assert main([*argv, "--out", str(tmp_path / "bad"), *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_train_commands_teacher_flags_reach_the_trainer(tmp_path, tiny, capsys) -> None:
+    """`recserve train --distill` with every AH and SA knob: the trainer reports, from its own
+    modules and optimizers, the tower, weights, scales and adapter the flags asked for."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recserve.cli import main
+    from recserve.example_format import KEY, LABEL, batch_table, example_keys
+
+    batch = TrafficGenerator(tiny, seed=2).batch(64)
+    log = batch_table(batch, np.zeros(64, np.float32), request_id="r", logged_at=1_767_225_600.0, model="s",
+                      version="1", features=tiny.features)
+    keys = pa.array(example_keys(batch), pa.string())
+    labels = ClickModel(tiny).labels(batch, np.random.default_rng(0))
+    for name, table in (("labels", log.append_column(LABEL, pa.array(labels)).append_column(KEY, keys)),
+                        ("scores", pa.table({KEY: keys, "teacher_logit": pa.array(np.zeros(64, np.float32)),
+                                             "teacher_snapshot_at": log["logged_at"]}))):
+        (tmp_path / name).mkdir()
+        pq.write_table(table, tmp_path / name / "part-0.parquet")
+    argv = ["train", "--workload", "tiny", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "s.pt"),
+            "--batch-size", "32"]
+    knobs = ["--aux-weight", "0.5", "--label-scale", "0.8", "--grad-scale", "0.25", "--aux-tower", "12,6",
+             "--adapter", "affine", "--adapter-weight", "0.3", "--adapter-lr", "0.05"]
+    assert main([*argv, "--distill", str(tmp_path / "scores"), *knobs]) == 0
+    out = capsys.readouterr().out
+    assert ("tiny student: teacher into auxiliary head (tower 12-6 -> 1), gradient scale 0.25 into the shared "
+            "layers; loss weight 0.5, label scale 0.8; adapter affine (loss weight 0.3, lr 0.05)") in out, out
+    assert "64 logged examples (64 with a teacher score): 2 steps" in out
+    assert main([*argv, "--distill", str(tmp_path / "scores"), "--aux-tower", "", "--adapter", "none"]) == 0
+    assert "auxiliary head (tower linear -> 1), gradient scale 1 into the shared layers; loss weight 1, " \
+           "label scale 1; no adapter" in capsys.readouterr().out
+    assert main([*argv, "--grad-scale", "0.5"]) == 2  # no --distill: the knob would do nothing
+    assert "--grad-scale: only with --distill" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--distill", str(tmp_path / "scores"), "--aux-tower", "8,x"])
+    assert "not comma-separated widths: '8,x'" in capsys.readouterr().err
