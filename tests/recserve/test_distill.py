@@ -349,6 +349,8 @@ def test_the_train_commands_teacher_flags_reach_the_trainer(tmp_path, tiny, caps
            "label scale 1; no adapter" in capsys.readouterr().out
     assert main([*argv, "--grad-scale", "0.5"]) == 2  # no --distill: the knob would do nothing
     assert "--grad-scale: only with --distill" in capsys.readouterr().err
+    assert main(["train", "--workload", "tiny", "--distill", str(tmp_path / "scores"), "--out", "x.pt"]) == 2
+    assert "--distill needs --labels" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*argv, "--distill", str(tmp_path / "scores"), "--aux-tower", "8,x"])
     assert "not comma-separated widths: '8,x'" in capsys.readouterr().err

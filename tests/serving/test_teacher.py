@@ -137,17 +137,3 @@ def test_a_teacher_whose_features_the_log_lacks_is_refused_by_name(ray_local, tm
     with pytest.raises((ValueError, ray.exceptions.RayError), match="recent_items"):
         score_logs([str(tmp_path / "log")], str(teacher), str(tmp_path / "out"))
 
-
-def test_the_command_line_pipeline_labels_then_trains_a_student_that_exports(first_run, tmp_path, tiny) -> None:
-    from recserve.cli import main
-
-    root, _, _ = first_run
-    labels = tmp_path / "labels"
-    assert main(["synth", "labels", "--logs", str(root / "log-a"), "--out", str(labels), "--workload", "tiny"]) == 0
-    rows = pq.read_table(labels)
-    assert rows.num_rows == 320 and set(rows["label"].to_pylist()) <= {0.0, 1.0}
-    student = tmp_path / "student.pt"
-    assert main(["train", "--workload", "tiny", "--labels", str(labels), "--distill", str(root / "out"),
-                 "--adapter", "affine", "--aux-weight", "0.5", "--out", str(student)]) == 0
-    assert main(["export", "--workload", "tiny", "--state-dict", str(student), "--out", str(tmp_path / "pkg")]) == 0
-    assert main(["train", "--workload", "tiny", "--distill", str(root / "out"), "--out", str(student)]) == 2
