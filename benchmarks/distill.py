@@ -47,13 +47,25 @@ from recserve.synth import ExFMWorld, cross_entropy_ne, snapshot_of, world_ceili
 from recserve.train import auc, normalized_entropy  # noqa: E402
 from recserve.workloads import WorkloadConfig, load_workload  # noqa: E402
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy here); between two
+# listed ones the smaller df's (wider) value is used.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       11: 2.201, 12: 2.179, 15: 2.131, 19: 2.093}
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+       20: 2.086, 22: 2.074, 24: 2.064, 26: 2.056, 28: 2.048, 29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000,
+       120: 1.980}
+
+
+def t95(df: int) -> float:
+    return T95[max(k for k in T95 if k <= df)]
+
 
 ALONE = DistillConfig(aux_weight=0.0, adapter="none")
 VARIANTS = {
     "main": DistillConfig(aux_weight=1.0, adapter="none", distill_head="main"),
     "AH": DistillConfig(aux_weight=1.0, adapter="none"),
+    # AH+SA's two targets weigh 1 + 1: AH at weight 2 is AH+SA with the adapter frozen at the
+    # identity, the control that tells the adapter's correction from the added teacher weight
+    "AH x2": DistillConfig(aux_weight=2.0, adapter="none"),
     "AH+SA": DistillConfig(aux_weight=1.0, adapter="affine"),
     "main+SA": DistillConfig(aux_weight=1.0, adapter="affine", distill_head="main"),
 }
@@ -143,9 +155,14 @@ def eval_set(world: ExFMWorld, v: int, day: int, n: int, stream: int, teacher: S
                 times=times, end=end, age=age, teacher=teacher.score(b, end))
 
 
+def make_world(workload: WorkloadConfig, seed: int, args) -> ExFMWorld:
+    return ExFMWorld(workload, seed=seed, rotation=args.rotation, bias_trend=args.bias_trend,
+                     scale_trend=args.scale_trend)
+
+
 def run_seed(seed: int, args, work: Path, log) -> tuple[list[dict], list[dict], list[dict]]:
     student_w, teacher_w = workloads()
-    world = ExFMWorld(student_w, seed=seed)
+    world = make_world(student_w, seed, args)
     t0 = time.perf_counter()
     teacher = Snapshots(world, teacher_w, args, work / f"seed-{seed}", seed)
     log(f"seed {seed}: teacher snapshots {sorted(teacher.scorers)} in {time.perf_counter() - t0:.0f}s")
@@ -177,11 +194,15 @@ def run_seed(seed: int, args, work: Path, log) -> tuple[list[dict], list[dict], 
         for init in range(args.inits):
             record("alone", init, train(ALONE, init))
             for name, cfg in VARIANTS.items():
+                if name not in args.variants:
+                    continue
                 r = train(cfg, init)
                 record(name, init, r)
                 if name == "AH+SA" and init == 0:  # the freshness figure: raw, SA-corrected and fresh teacher by age
                     age_rows += teacher_by_age(world, v, ev, teacher, r.adapter, args, seed)
-            if init == 0:
+            if "AH tuned" not in args.variants:
+                best = None
+            elif init == 0:
                 best, best_val = None, np.inf
                 for knobs in AH_GRID:
                     cfg = DistillConfig(adapter="none", **knobs)
@@ -190,7 +211,7 @@ def run_seed(seed: int, args, work: Path, log) -> tuple[list[dict], list[dict], 
                     if val_ne < best_val:
                         best, best_val, best_r = knobs, val_ne, r
                 record("AH tuned", 0, best_r, dict(knobs=best))
-            else:
+            elif "AH tuned" in args.variants:
                 record("AH tuned", init, train(DistillConfig(adapter="none", **best), init), dict(knobs=best))
         alone = [r["ne_true"] for r in rows if r["seed"] == seed and r["vertical"] == vert.name and r["variant"] == "alone"]
         log(f"  {vert.name}: teacher NE {t_ne['ne']:.4f} (vs truth {t_ne['ne_true']:.4f}); alone NE vs truth "
@@ -219,7 +240,7 @@ def interval(x: np.ndarray) -> tuple[float, float]:
     n = len(x)
     if n < 2:
         return float(x.mean()), float("nan")
-    return float(x.mean()), float(T95.get(n - 1, 1.96) * x.std(ddof=1) / np.sqrt(n))
+    return float(x.mean()), float(t95(n - 1) * x.std(ddof=1) / np.sqrt(n))
 
 
 def paired_deltas(rows: list[dict], metric: str) -> dict[tuple[str, str], np.ndarray]:
@@ -246,9 +267,11 @@ def contrasts(rows: list[dict], metric: str, verticals: list[str]) -> dict[str, 
     seeds = sorted({r["seed"] for r in rows})
     inits = sorted({r["init"] for r in rows})
     pairs = {"AH - main": ("AH", "main"), "AH tuned - main": ("AH tuned", "main"), "AH+SA - AH": ("AH+SA", "AH"),
+             "AH+SA - AH x2": ("AH+SA", "AH x2"), "AH x2 - AH": ("AH x2", "AH"),
              "main+SA - main": ("main+SA", "main"), "AH+SA - main+SA": ("AH+SA", "main+SA")}
+    present = {r["variant"] for r in rows}
     return {name: np.array([np.mean([by[(s, v, a, i)] - by[(s, v, b, i)] for v in verticals for i in inits])
-                            for s in seeds]) for name, (a, b) in pairs.items()}
+                            for s in seeds]) for name, (a, b) in pairs.items() if {a, b} <= present}
 
 
 def tables(rows, teacher_rows, ceilings, seconds, load) -> str:
@@ -363,6 +386,14 @@ def main() -> None:
     p.add_argument("--eval-day", type=int, default=13)
     p.add_argument("--eval-examples", type=int, default=20_000)
     p.add_argument("--batch-size", type=int, default=512)
+    world = ExFMWorld.__dataclass_fields__
+    p.add_argument("--rotation", type=float, default=world["rotation"].default, help="radians a day")
+    p.add_argument("--bias-trend", type=float, default=world["bias_trend"].default, help="logit a day")
+    p.add_argument("--scale-trend", type=float, default=world["scale_trend"].default,
+                   help="log of the logit scale a day")
+    choices = ["main", "AH", "AH x2", "AH tuned", "AH+SA", "main+SA"]
+    p.add_argument("--variants", nargs="+", choices=choices, default=choices,
+                   help="variants beside alone (default: all)")
     args = p.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -376,7 +407,7 @@ def main() -> None:
     ceilings = []
     for seed in args.seeds:
         ceilings += [dict(seed=seed, **c) for c in world_ceilings(
-            ExFMWorld(student_w, seed=seed), snapshot_every=args.snapshot_every, delay=args.delay,
+            make_world(student_w, seed, args), snapshot_every=args.snapshot_every, delay=args.delay,
             first_day=args.eval_day - args.student_days, days=args.student_days, n=10_000)]
     low = [c for c in ceilings if c["ah_ceiling"] < 0.01 or c["sa_ceiling"] < 0.01]
     log(f"power check: {len(ceilings) - len(low)}/{len(ceilings)} (seed, vertical) have AH and SA ceilings >= 0.01 NE")

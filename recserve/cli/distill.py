@@ -98,6 +98,10 @@ class SynthCeilings(Subcommand):
         p.add_argument("--delay", type=float, default=1.0, help="days from a snapshot's data end to its publication")
         p.add_argument("--first-day", type=int, default=9)
         p.add_argument("--days", type=int, default=4)
+        p.add_argument("--rotation", type=float, help="the world's rotation, radians a day (default: ExFMWorld's)")
+        p.add_argument("--bias-trend", type=float, help="the world's bias trend, logit a day (default: ExFMWorld's)")
+        p.add_argument("--scale-trend", type=float,
+                       help="the world's logit-scale trend, log of the scale a day (default: ExFMWorld's)")
 
     def run(self, args: argparse.Namespace) -> int:
         return run_synth_ceilings(args)
@@ -131,10 +135,11 @@ def run_synth_ceilings(args: argparse.Namespace) -> int:
     from recserve.synth import ExFMWorld, world_ceilings
     from recserve.workloads import load_workload
 
+    drift = {k: getattr(args, k) for k in ("rotation", "bias_trend", "scale_trend") if getattr(args, k) is not None}
     try:
         workload = load_workload(args.workload)
         rows = [(seed, c) for seed in args.world_seed for c in world_ceilings(
-            ExFMWorld(workload, seed=seed), snapshot_every=args.snapshot_every, delay=args.delay,
+            ExFMWorld(workload, seed=seed, **drift), snapshot_every=args.snapshot_every, delay=args.delay,
             first_day=args.first_day, days=args.days, n=args.examples)]
     except (FileNotFoundError, ValueError) as e:
         print(f"recserve synth ceilings: {e}", file=sys.stderr)

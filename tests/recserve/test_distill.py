@@ -277,6 +277,18 @@ def test_synth_ceilings_prints_the_power_check_and_refuses_a_bad_workload(capsys
     assert "no-such-workload" in capsys.readouterr().err
 
 
+
+def test_synth_ceilings_takes_the_worlds_drift_from_its_flags(tiny, capsys) -> None:
+    from recserve.cli import main
+
+    assert main(["synth", "ceilings", "--examples", "1000", "--days", "1", "--first-day", "9", "--snapshot-every", "6",
+                 "--bias-trend", "0.3", "--scale-trend", "0", "--rotation", "0.05"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "v1-low" in line)
+    want = world_ceilings(ExFMWorld(tiny, seed=0, bias_trend=0.3, scale_trend=0.0, rotation=0.05), snapshot_every=6,
+                          first_day=9, days=1, n=1000)[1]
+    assert row.split()[2:5] == [f"{want[k]:.4f}" for k in ("teacher_raw", "recalibrated", "recalibrated_with_age")]
+
+
 def test_synth_labels_draws_the_exfm_worlds_clicks_for_one_verticals_log(tmp_path, tiny, capsys) -> None:
     """A log of v1-low's traffic over days 10 and 11: each example's label is the ExFM world's
     draw for v1-low on the day it was served; a missing or unknown vertical and a day zero that
