@@ -418,15 +418,29 @@ def main() -> None:
             rows += r
             teacher_rows += t
             age_rows += a
+            log(f"seed {seed} done: {time.perf_counter() - started:.0f}s wall, {time.process_time():.0f}s CPU, "
+                f"load average {load_average()}")
+            text = write_results(args, rows, teacher_rows, age_rows, ceilings, started, logs)  # a kill keeps these
+    print(text)
+    print(f"total {time.perf_counter() - started:.0f}s wall, {time.process_time():.0f}s CPU; written "
+          f"{args.out}/table.md, runs.csv, distill.png and run.json")
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def write_results(args, rows, teacher_rows, age_rows, ceilings, started: float, logs: list[str]) -> str:
+    """table.md, distill.png, runs.csv and run.json of the seeds done so far; the table's text."""
+    import csv
+
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time()
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    load = load_average()
     text = tables(rows, teacher_rows, ceilings, seconds, load) + f" CPU time {cpu_seconds:.0f} s (this process)."
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text + "\n")
     figure(rows, age_rows, args.out / "distill.png")
-    import csv
-
     with open(args.out / "runs.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["seed", "vertical", "variant", "init", "ne", "ne_true", "auc", "knobs"])
         w.writeheader()
@@ -434,11 +448,10 @@ def main() -> None:
             w.writerow({**r, "knobs": json.dumps(r.get("knobs")) if r.get("knobs") else ""})
     (args.out / "run.json").write_text(json.dumps(dict(
         command="nice -n 10 .venv/bin/python benchmarks/distill.py " + " ".join(sys.argv[1:]),
-        args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, seconds=seconds, cpu_seconds=cpu_seconds,
-        load_average=load, log=logs, ceilings=ceilings, teacher=teacher_rows, teacher_by_age=age_rows, rows=rows),
-        indent=1, default=str))
-    print(text)
-    print(f"total {seconds:.0f}s wall, {cpu_seconds:.0f}s CPU; written {args.out}/table.md, runs.csv, distill.png and run.json")
+        args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, seconds=seconds,
+        cpu_seconds=cpu_seconds, load_average=load, log=logs, ceilings=ceilings, teacher=teacher_rows,
+        teacher_by_age=age_rows, rows=rows), indent=1, default=str))
+    return text
 
 
 if __name__ == "__main__":
