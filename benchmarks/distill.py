@@ -324,7 +324,7 @@ def tables(rows, teacher_rows, ceilings, seconds, load) -> str:
               "the inits of variant minus alone with the same init).",
               f"AH tuned picked (per seed and vertical): {', '.join(sorted(set(knobs)))}.",
               f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {len({r['init'] for r in rows})} inits; "
-              f"{seconds:.0f} s wall on 2 shared cores, load average {load}."]
+              f"{seconds:.0f} s wall on a machine of {os.cpu_count()} cores, load average {load}."]
     return "\n".join(lines)
 
 
@@ -386,6 +386,7 @@ def main() -> None:
     p.add_argument("--eval-day", type=int, default=13)
     p.add_argument("--eval-examples", type=int, default=20_000)
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--jobs", type=int, default=1, help="seeds run at once, a process each (default 1)")
     world = ExFMWorld.__dataclass_fields__
     p.add_argument("--rotation", type=float, default=world["rotation"].default, help="radians a day")
     p.add_argument("--bias-trend", type=float, default=world["bias_trend"].default, help="logit a day")
@@ -412,32 +413,64 @@ def main() -> None:
     low = [c for c in ceilings if c["ah_ceiling"] < 0.01 or c["sa_ceiling"] < 0.01]
     log(f"power check: {len(ceilings) - len(low)}/{len(ceilings)} (seed, vertical) have AH and SA ceilings >= 0.01 NE")
     rows, teacher_rows, age_rows = [], [], []
+    children_cpu = 0.0
+
+    def done(seed: int, result) -> str:
+        nonlocal children_cpu
+        r, t, a, seed_logs, cpu = result
+        rows.extend(r)
+        teacher_rows.extend(t)
+        age_rows.extend(a)
+        logs.extend(seed_logs)
+        children_cpu += cpu if args.jobs > 1 else 0.0
+        log(f"seed {seed} done ({cpu:.0f}s CPU): {time.perf_counter() - started:.0f}s wall, load average "
+            f"{load_average()}")
+        return write_results(args, rows, teacher_rows, age_rows, ceilings, started, logs,  # a kill keeps these
+                             time.process_time() + children_cpu)
+
     with tempfile.TemporaryDirectory(prefix="recserve-distill-") as work:
-        for seed in args.seeds:
-            r, t, a = run_seed(seed, args, Path(work), log)
-            rows += r
-            teacher_rows += t
-            age_rows += a
-            log(f"seed {seed} done: {time.perf_counter() - started:.0f}s wall, {time.process_time():.0f}s CPU, "
-                f"load average {load_average()}")
-            text = write_results(args, rows, teacher_rows, age_rows, ceilings, started, logs)  # a kill keeps these
+        if args.jobs > 1:  # a process per seed (spawned: no torch state shared with this one)
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(seed_job, seed, args, work): seed for seed in args.seeds}
+                for f in as_completed(futures):
+                    text = done(futures[f], f.result())
+        else:
+            for seed in args.seeds:
+                text = done(seed, seed_job(seed, args, work, log))
     print(text)
-    print(f"total {time.perf_counter() - started:.0f}s wall, {time.process_time():.0f}s CPU; written "
-          f"{args.out}/table.md, runs.csv, distill.png and run.json")
+    print(f"total {time.perf_counter() - started:.0f}s wall, {time.process_time() + children_cpu:.0f}s CPU; "
+          f"written {args.out}/table.md, runs.csv, distill.png and run.json")
+
+
+def seed_job(seed: int, args, work: str, log=None):
+    """One seed's run, in this process or a pool's: (rows, teacher rows, age rows, log lines, CPU seconds)."""
+    torch.set_num_threads(1)
+    lines: list[str] = []
+
+    def child_log(s: str) -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    c0 = time.process_time()
+    r, t, a = run_seed(seed, args, Path(work), log or child_log)
+    return r, t, a, lines, time.process_time() - c0
 
 
 def load_average() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def write_results(args, rows, teacher_rows, age_rows, ceilings, started: float, logs: list[str]) -> str:
+def write_results(args, rows, teacher_rows, age_rows, ceilings, started: float, logs: list[str],
+                  cpu_seconds: float) -> str:
     """table.md, distill.png, runs.csv and run.json of the seeds done so far; the table's text."""
     import csv
 
     seconds = time.perf_counter() - started
-    cpu_seconds = time.process_time()
     load = load_average()
-    text = tables(rows, teacher_rows, ceilings, seconds, load) + f" CPU time {cpu_seconds:.0f} s (this process)."
+    text = tables(rows, teacher_rows, ceilings, seconds, load) + f" CPU time {cpu_seconds:.0f} s."
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text + "\n")
     figure(rows, age_rows, args.out / "distill.png")
