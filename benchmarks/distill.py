@@ -395,7 +395,13 @@ def main() -> None:
     choices = ["main", "AH", "AH x2", "AH tuned", "AH+SA", "main+SA"]
     p.add_argument("--variants", nargs="+", choices=choices, default=choices,
                    help="variants beside alone (default: all)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="RUN_JSON",
+                   help="no training: the results of these runs' run.json together (same world and settings, "
+                        "other seeds; the variants all of them trained)")
     args = p.parse_args()
+    if args.merge:
+        merge(args)
+        return
     torch.set_num_threads(1)
     started = time.perf_counter()
     logs: list[str] = []
@@ -425,8 +431,8 @@ def main() -> None:
         children_cpu += cpu if args.jobs > 1 else 0.0
         log(f"seed {seed} done ({cpu:.0f}s CPU): {time.perf_counter() - started:.0f}s wall, load average "
             f"{load_average()}")
-        return write_results(args, rows, teacher_rows, age_rows, ceilings, started, logs,  # a kill keeps these
-                             time.process_time() + children_cpu)
+        return write_results(args, rows, teacher_rows, age_rows, ceilings, logs,  # a kill keeps these
+                             time.perf_counter() - started, time.process_time() + children_cpu, load_average())
 
     with tempfile.TemporaryDirectory(prefix="recserve-distill-") as work:
         if args.jobs > 1:  # a process per seed (spawned: no torch state shared with this one)
@@ -459,17 +465,41 @@ def seed_job(seed: int, args, work: str, log=None):
     return r, t, a, lines, time.process_time() - c0
 
 
+SEED_FREE = {"out", "seeds", "jobs", "variants", "merge"}  # the args runs to merge may differ in
+
+
+def merge(args) -> None:
+    runs = [json.loads(p.read_text()) for p in args.merge]
+    for p, r in zip(args.merge[1:], runs[1:]):
+        differ = {k for k in (set(r["args"]) | set(runs[0]["args"])) - SEED_FREE
+                  if r["args"].get(k) != runs[0]["args"].get(k)}
+        if differ:
+            sys.exit(f"--merge: {p} differs from {args.merge[0]} in {', '.join(sorted(differ))}")
+    seeds = [s for r in runs for s in {row["seed"] for row in r["rows"]}]
+    if len(seeds) != len(set(seeds)):
+        sys.exit(f"--merge: the runs share seeds {sorted({s for s in seeds if seeds.count(s) > 1})}")
+    common = set.intersection(*({row["variant"] for row in r["rows"]} for r in runs))
+    for k in set(runs[0]["args"]) - SEED_FREE:
+        setattr(args, k, runs[0]["args"][k])
+    args.seeds = sorted(seeds)
+    args.variants = sorted(common - {"alone"})
+    text = write_results(
+        args, [row for r in runs for row in r["rows"] if row["variant"] in common],
+        [t for r in runs for t in r["teacher"]], [a for r in runs for a in r["teacher_by_age"]],
+        [c for r in runs for c in r["ceilings"]], [line for r in runs for line in r["log"]],
+        sum(r["seconds"] for r in runs), sum(r.get("cpu_seconds", 0.0) for r in runs),
+        "; ".join(r["load_average"] for r in runs), merged=[str(p) for p in args.merge])
+    print(text)
+
+
 def load_average() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def write_results(args, rows, teacher_rows, age_rows, ceilings, started: float, logs: list[str],
-                  cpu_seconds: float) -> str:
+def write_results(args, rows, teacher_rows, age_rows, ceilings, logs: list[str], seconds: float, cpu_seconds: float,
+                  load: str, merged: list[str] | None = None) -> str:
     """table.md, distill.png, runs.csv and run.json of the seeds done so far; the table's text."""
     import csv
-
-    seconds = time.perf_counter() - started
-    load = load_average()
     text = tables(rows, teacher_rows, ceilings, seconds, load) + f" CPU time {cpu_seconds:.0f} s."
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text + "\n")
@@ -480,7 +510,7 @@ def write_results(args, rows, teacher_rows, age_rows, ceilings, started: float, 
         for r in rows:
             w.writerow({**r, "knobs": json.dumps(r.get("knobs")) if r.get("knobs") else ""})
     (args.out / "run.json").write_text(json.dumps(dict(
-        command="nice -n 10 .venv/bin/python benchmarks/distill.py " + " ".join(sys.argv[1:]),
+        command="nice -n 10 .venv/bin/python benchmarks/distill.py " + " ".join(sys.argv[1:]), merged=merged,
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, seconds=seconds,
         cpu_seconds=cpu_seconds, load_average=load, log=logs, ceilings=ceilings, teacher=teacher_rows,
         teacher_by_age=age_rows, rows=rows), indent=1, default=str))

@@ -33,3 +33,24 @@ def test_contrasts_pair_variants_by_seed_and_init_and_skip_variants_not_trained(
     d = bench.paired_deltas(rows, "ne")
     np.testing.assert_allclose(d[("v0-typical", "AH")], [-0.01, 0.0])
     np.testing.assert_allclose(d[("v0-typical", "null")], [0.001, 0.001])
+
+
+def test_merge_refuses_runs_of_other_settings_or_shared_seeds(tmp_path) -> None:
+    import argparse
+    import json
+
+    def run(name: str, seed: int, **changed) -> Path:
+        args = dict(seeds=[seed], out=name, jobs=1, variants=["AH"], bias_trend=0.12, student_per_day=25_000)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(dict(args={**args, **changed}, rows=[dict(seed=seed, variant="AH")])))
+        return path
+
+    def merge(*paths: Path) -> str:
+        with pytest.raises(SystemExit) as e:
+            bench.merge(argparse.Namespace(merge=list(paths), out=tmp_path / "out"))
+        return str(e.value)
+
+    assert merge(run("a", 0), run("b", 1, bias_trend=0.3, jobs=8)) == \
+        f"--merge: {tmp_path / 'b.json'} differs from {tmp_path / 'a.json'} in bias_trend"
+    assert merge(run("a", 0), run("c", 0, out="elsewhere")) == "--merge: the runs share seeds [0]"
+    assert not (tmp_path / "out").exists()
