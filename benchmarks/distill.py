@@ -328,7 +328,7 @@ def tables(rows, teacher_rows, ceilings, seconds, load) -> str:
     return "\n".join(lines)
 
 
-def figure(rows, age_rows, path: Path) -> None:
+def figure(rows, age_rows, path: Path, trained_ages: tuple[float, float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,7 +363,7 @@ def figure(rows, age_rows, path: Path) -> None:
         sa = [np.mean([r["sa"] for r in mine if r["snapshot_end"] == e]) for e in ends]
         ax.plot(ages, raw, "o-", color=f"C{j}", label=f"{vert} raw")
         ax.plot(ages, sa, "s--", color=f"C{j}", label=f"{vert} through SA")
-    ax.axvspan(1, 4, color="0.92", label="ages SA was trained on")
+    ax.axvspan(*trained_ages, color="0.92", label="ages SA was trained on")
     ax.set_xlabel("snapshot age on the eval day, days (youngest: the fresh teacher)")
     ax.set_ylabel("teacher NE vs truth")
     ax.set_title("teacher by snapshot age (mean over seeds)")
@@ -492,6 +492,13 @@ def merge(args) -> None:
     print(text)
 
 
+def training_ages(args) -> tuple[float, float]:
+    """The snapshot ages (days) of the students' training days: the range SA is trained on."""
+    times = np.linspace(args.eval_day - args.student_days, args.eval_day, 10_001)[:-1]
+    age = snapshot_of(times, snapshot_every=args.snapshot_every, delay=args.delay)[1]
+    return float(age.min()), float(age.max())
+
+
 def load_average() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -503,7 +510,7 @@ def write_results(args, rows, teacher_rows, age_rows, ceilings, logs: list[str],
     text = tables(rows, teacher_rows, ceilings, seconds, load) + f" CPU time {cpu_seconds:.0f} s."
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text + "\n")
-    figure(rows, age_rows, args.out / "distill.png")
+    figure(rows, age_rows, args.out / "distill.png", training_ages(args))
     with open(args.out / "runs.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["seed", "vertical", "variant", "init", "ne", "ne_true", "auc", "knobs"])
         w.writeheader()

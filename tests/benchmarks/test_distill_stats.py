@@ -54,3 +54,14 @@ def test_merge_refuses_runs_of_other_settings_or_shared_seeds(tmp_path) -> None:
         f"--merge: {tmp_path / 'b.json'} differs from {tmp_path / 'a.json'} in bias_trend"
     assert merge(run("a", 0), run("c", 0, out="elsewhere")) == "--merge: the runs share seeds [0]"
     assert not (tmp_path / "out").exists()
+
+
+def test_the_ages_sa_trains_on_follow_the_snapshot_cadence() -> None:
+    import argparse
+
+    def ages(every: int) -> tuple[float, float]:
+        lo, hi = bench.training_ages(argparse.Namespace(eval_day=13, student_days=4, snapshot_every=every, delay=1.0))
+        return round(lo, 3), round(hi, 3)
+
+    assert ages(3) == (1.0, 4.0)  # days 9-12 scored by snapshots 6 (until day 10) and 9 (from day 10)
+    assert ages(6) == (3.0, 7.0)  # all four days by snapshot 6
