@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from recserve.synth import ExFMWorld
 from serving.api.client import RankingClient
@@ -48,6 +49,7 @@ def _serve_and_log(env: dict, package: Path, log_dir: Path, batches: list) -> No
     assert server.returncode == 0, out
 
 
+@pytest.mark.timeout(900)  # six processes, one of them starting Ray: ~2 min idle, 5+ at load average 60
 def test_serve_log_teacher_labels_and_distill_run_end_to_end_on_the_exfm_world(tmp_path, tiny, tiny_packages) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), RECSERVE_ARTIFACTS=str(tmp_path / "artifacts"),
                RAY_USAGE_STATS_ENABLED="0")
