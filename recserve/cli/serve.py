@@ -243,12 +243,11 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
     for name, value in SERVE_STARTUP_ENV.items():
         os.environ.setdefault(name, value)
     proxy_grpc, proxy_http = ports.grpc, ports.http
-    direct = ingress == "direct" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1"
-    if direct:
+    if ingress == "direct" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         from serving.ops.ingress import direct_ingress_env
 
         os.environ.update(direct_ingress_env(ports.grpc, ports.http))  # the Router replica on --port
-        proxy_grpc, proxy_http = free_port(), free_port()  # the proxy's ports, were it started
+        proxy_grpc, proxy_http = free_port(), free_port()  # Serve still starts its proxy: elsewhere
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
     # silently share it. Off (inherited by the proxy actors through Ray's worker environment).
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
@@ -289,8 +288,6 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
         signal.signal(sig, on_signal)
     try:
         serve.start(
-            # direct ingress: no per-node proxy (it would idle beside the Router, ~1 ms of CPU per request at 10 req/s)
-            proxy_location="Disabled" if direct else None,
             http_options={"host": "127.0.0.1", "port": proxy_http},
             grpc_options={"port": proxy_grpc, "grpc_servicer_functions": GRPC_SERVICERS},
         )
