@@ -291,8 +291,11 @@ class Router:
         if app == self.app:
             shards, tower = self._bound
         else:
-            shards = [serve.get_deployment_handle(shard_name(sh.index), app_name=app) for sh in manifest.plan.shards]
-            tower = serve.get_deployment_handle("DenseTower", app_name=app)
+            # not checked with the controller: recserve serve starts the router before the first
+            # version's app (rollout.start_stack), and a handle finds the deployments once they run
+            shards = [serve.get_deployment_handle(shard_name(sh.index), app_name=app, _check_exists=False)
+                      for sh in manifest.plan.shards]
+            tower = serve.get_deployment_handle("DenseTower", app_name=app, _check_exists=False)
         by_reference = self.args.transport == "reference"
         parts = _VersionParts(
             manifest=manifest,
