@@ -337,8 +337,12 @@ class Router:
 
     # ------------------------------------------------------------------ control (serving/app/versions.py)
 
-    def set_versions(self, table_json: str) -> str:
-        """Serve the versions of this table from now on; returns the live version."""
+    async def set_versions(self, table_json: str) -> str:
+        """Serve the versions of this table from now on; returns the live version.
+
+        Async, so it runs on the replica's event loop: a new version's handles are made here, and
+        with Serve's direct ingress (same-loop routing) a handle can only be made inside a
+        running loop (Serve runs a sync method in a thread, where making one raises)."""
         return self.versions.apply(VersionTable.from_json(table_json))
 
     def version_table(self) -> str:
