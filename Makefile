@@ -20,7 +20,7 @@ $(STAMP): requirements.lock pyproject.toml
 # Serving never trains: the default package is built first (trained and exported, ~30 s, once).
 serve: setup
 	$(VENV)/bin/recserve default-package
-	$(VENV)/bin/recserve serve
+	$(VENV)/bin/recserve serve --shard-replicas 2  # a lost replica costs no request (docs/reliability.md)
 
 # Every test, two at a time (pytest-xdist; the Ray tests stay together on one worker, see
 # tests/conftest.py). Fails when any test fails or none is collected (pytest's exit code 5).

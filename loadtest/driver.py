@@ -48,6 +48,7 @@ class RunRecord:
     trace_index: np.ndarray  # int64 [n] which trace request was sent
     request_bytes: np.ndarray  # int64 [n]
     response_bytes: np.ndarray  # int64 [n] (0 on error)
+    responses: tuple[bytes | None, ...] = ()  # [n] serialized PredictResponse (None on error); kept on request
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -80,7 +81,7 @@ def _deadline(timeout_s: float) -> tuple[tuple[str, str], ...]:
 
 
 class _Recorder:
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, *, keep_responses: bool = False) -> None:
         self.scheduled = np.zeros(n)
         self.latency = np.full(n, np.nan)
         self.service = np.full(n, np.nan)
@@ -88,6 +89,7 @@ class _Recorder:
         self.index = np.zeros(n, np.int64)
         self.req_bytes = np.zeros(n, np.int64)
         self.resp_bytes = np.zeros(n, np.int64)
+        self.responses: list[bytes | None] | None = [None] * n if keep_responses else None
         self.count = 0
 
     async def send(self, call, slot: int, k: int, payload: bytes, scheduled: float, t0: float, timeout_s: float) -> None:
@@ -98,6 +100,8 @@ class _Recorder:
         try:
             resp = await call(payload, timeout=timeout_s, metadata=_deadline(timeout_s))
             code, nbytes = "OK", len(resp)
+            if self.responses is not None:
+                self.responses[slot] = resp
         except grpc.aio.AioRpcError as e:
             code, nbytes = e.code().name, 0
         end = time.perf_counter()
@@ -120,6 +124,7 @@ class _Recorder:
             trace_index=self.index[:n].copy(),
             request_bytes=self.req_bytes[:n].copy(),
             response_bytes=self.resp_bytes[:n].copy(),
+            responses=tuple(self.responses[:n]) if self.responses is not None else (),
         )
 
 
@@ -154,10 +159,12 @@ async def open_loop(
     arrivals: Arrivals = "poisson",
     seed: int = 0,
     start_index: int = 0,
+    keep_responses: bool = False,
 ) -> RunRecord:
-    """Send trace requests (cycling from ``start_index``) at ``rate``/s for ``duration_s``."""
+    """Send trace requests (cycling from ``start_index``) at ``rate``/s for ``duration_s``
+    (``keep_responses``: the OK answers' bytes in the record, to check their scores)."""
     offsets = arrival_offsets(rate, duration_s, max_requests, arrivals=arrivals, seed=seed)
-    rec = _Recorder(len(offsets))
+    rec = _Recorder(len(offsets), keep_responses=keep_responses)
     async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as ch:
         call = ch.unary_unary(PREDICT_METHOD)
         await asyncio.wait_for(ch.channel_ready(), 30.0)

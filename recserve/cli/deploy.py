@@ -20,8 +20,10 @@ class Deploy(Subcommand):
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("package", help="model package directory (recserve export)")
         p.add_argument("--address", default=None,
-                       help="Ray GCS address of the running stack (default: the running recserve serve's, from its "
-                            "state file; else the Ray instance last started on this machine)")
+                       help="Ray GCS address of the running stack, HOST:PORT (default: the running recserve serve's, "
+                            "from its state file)")
+        p.add_argument("--connect-timeout-s", type=float, default=60.0,
+                       help="longest wait to attach to the stack's Ray (default 60)")
         p.add_argument("--app", default=ROUTER_APP, help=f"the router application's name (default {ROUTER_APP})")
         p.add_argument("--drain-s", type=float, default=30.0, help="longest wait for the old version's requests")
         p.add_argument("--ready-timeout-s", type=float, default=300.0, help="longest wait for the new replicas")
@@ -43,12 +45,20 @@ def run_deploy(args: argparse.Namespace) -> int:
     except VersionRefused as e:
         print(f"recserve deploy: refused: {e}", file=sys.stderr)
         return 2
+    from serving.app.rollout import deploy
+    from serving.ops.attach import AttachError, attach, stack_address
+    from serving.ops.state import StackNotFound
+
+    try:
+        address = stack_address(args.address)
+        attach(address, timeout_s=args.connect_timeout_s, who="recserve deploy")
+    except (StackNotFound, AttachError) as e:
+        hint = "" if args.address else "; name the stack's Ray with --address HOST:PORT"
+        print(f"recserve deploy: {e}{hint}", file=sys.stderr)
+        return 2
     import ray
 
-    from serving.app.rollout import deploy
-
-    address = args.address or _running_address() or "auto"
-    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    print(f"recserve deploy: attached to the stack's Ray at {address}", flush=True)
     try:
         table = deploy(args.package, router_app=args.app,
                        timings=DeployTimings(drain_s=args.drain_s, ready_timeout_s=args.ready_timeout_s),
@@ -61,14 +71,3 @@ def run_deploy(args: argparse.Namespace) -> int:
     print(f"recserve deploy: {manifest.name} {table.live} is live", flush=True)
     return 0
 
-
-def _running_address() -> str | None:
-    """The GCS address the running ``recserve serve`` recorded (recserve/cli/serve.py state file)."""
-    import json
-
-    from serving.ops.state import state_path
-
-    try:
-        return json.loads(state_path().read_text()).get("ray_address")
-    except (OSError, ValueError):
-        return None

@@ -128,7 +128,9 @@ class Scale(Subcommand):
         p.add_argument("replicas", type=int, help="replica count (>= 1)")
         p.add_argument("--dashboard", default=None, metavar="URL",
                        help="the Ray dashboard of the stack (default: the one the running `recserve serve` printed)")
-        p.add_argument("--app", default=ROUTER_APP, help=f"Serve application (default {ROUTER_APP})")
+        p.add_argument("--app", default=None,
+                       help=f"Serve application (default: the one of the stack {ROUTER_APP!r} holding DEPLOYMENT: "
+                            f"the router's, or the live version's {ROUTER_APP}@VERSION)")
         p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the replicas (default 300)")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -237,7 +239,7 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
 
     from serving.api.wire import GRPC_SERVICERS, SERVICE_NAME
     from serving.ops.state import clear_state, write_state
-    from serving.app.builder import build_app
+    from serving.app.rollout import start_stack
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     for name, value in SERVE_STARTUP_ENV.items():
@@ -301,7 +303,9 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
         print(f"recserve: deploying {manifest.name} {manifest.version} from {app_args.package} "
               f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "
               f"transport {app_args.transport}, ingress {ingress}) ...", flush=True)
-        if not _deploy_with_progress(build_app(app_args), stop, deploying):
+        # one layout for serve and deploy (serving/app/rollout.py): the version's shards and tower
+        # in their own application, the router in its own; a swap retires the first version whole
+        if not _deploy_with_progress(lambda: start_stack(app_args, router_app=ROUTER_APP), stop, deploying):
             return 1
         node = next(n for n in ray.nodes() if n["Alive"])
         write_state(dashboard=dashboard, grpc_port=ports.grpc, ray_address=context.address_info["gcs_address"],
@@ -332,24 +336,17 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
     return 0
 
 
-def _deploy_with_progress(app, stop, threads: list, *, every_s: float = 2.0) -> bool:
-    """``serve.run`` in a thread (appended to ``threads``); meanwhile, each change of the
-    replicas' states is printed (which deployments are up). False if the deploy failed or a
-    stop signal came first."""
+def _deploy_with_progress(start, stop, threads: list, *, every_s: float = 2.0) -> bool:
+    """``start()`` (the stack's applications) in a thread (appended to ``threads``); meanwhile,
+    each change of the replicas' states is printed (which deployments are up). False if the
+    deploy failed or a stop signal came first."""
     import threading
-
-    from ray import serve
-    from ray.serve.schema import LoggingConfig
 
     failed: list[BaseException] = []
 
     def deploy() -> None:
         try:
-            # external_scaler_enabled: `recserve scale` sets one deployment's replica count
-            # through the dashboard's REST API; the others are left as they are.
-            # No access log: one line per request is noise on a terminal (errors still log).
-            serve.run(app, name=ROUTER_APP, blocking=False, external_scaler_enabled=True,
-                      logging_config=LoggingConfig(enable_access_log=False))
+            start()
         except BaseException as e:  # noqa: BLE001  reported below
             failed.append(e)
 
@@ -357,31 +354,38 @@ def _deploy_with_progress(app, stop, threads: list, *, every_s: float = 2.0) -> 
     threads.append(worker)
     worker.start()
     last = None
-    while worker.is_alive() and not stop.is_set():
+    while not stop.is_set():
         worker.join(every_s)
         line = describe_replicas()
         if line and line != last:
             print(f"recserve: replicas  {line}", flush=True)
             last = line
+        if not worker.is_alive():
+            break
     if failed:
         print(f"recserve: deploy failed: {failed[0]}", flush=True)
         return False
     return not stop.is_set()
 
 
-def describe_replicas(app: str = ROUTER_APP) -> str:
-    """'shard-0 1/1 up, shard-1 0/1 up (STARTING 1), ...' from serve.status()."""
+def describe_replicas(router_app: str = ROUTER_APP) -> str:
+    """'shard-0 1/1 up, shard-1 0/1 up (STARTING 1), ...' from serve.status(), over the
+    stack's applications (the router's and each version's, serving/app/versions.py)."""
     from ray import serve
 
-    status = serve.status().applications.get(app)
-    if status is None:
-        return ""
+    from serving.app.versions import is_stack_app
+
     parts = []
-    for name, d in status.deployments.items():
-        states = {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()}
-        running = states.pop("RUNNING", 0)
-        others = ", ".join(f"{k} {v}" for k, v in sorted(states.items()) if v)
-        parts.append(f"{name} {running}/{running + sum(states.values())} up" + (f" ({others})" if others else ""))
+    for app, status in sorted(serve.status().applications.items()):
+        if not is_stack_app(app, router_app):
+            continue
+        for name, d in status.deployments.items():
+            states = {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()}
+            running = states.pop("RUNNING", 0)
+            others = ", ".join(f"{k} {v}" for k, v in sorted(states.items()) if v)
+            where = f"{app}/" if app != router_app else ""
+            parts.append(f"{where}{name} {running}/{running + sum(states.values())} up"
+                         + (f" ({others})" if others else ""))
     return "; ".join(parts)
 
 
@@ -407,22 +411,21 @@ def client_command(port: int) -> str:
 
 def run_scale(args: argparse.Namespace) -> int:
     """POST the new replica count to the dashboard's Serve API, then wait until it runs."""
-    import json
     import sys
 
-    from serving.ops.scaling import ScaleError, scale_deployment
-    from serving.ops.state import state_path
+    from serving.ops.scaling import ScaleError, app_of, scale_deployment, serve_details
+    from serving.ops.state import StackNotFound, read_state
 
     dashboard = args.dashboard
     if dashboard is None:
         try:
-            dashboard = json.loads(state_path().read_text())["dashboard"]
-        except (OSError, ValueError, KeyError):
-            print(f"recserve scale: no running `recserve serve` found ({state_path()} is missing); "
-                  f"name its dashboard with --dashboard http://127.0.0.1:PORT", file=sys.stderr)
+            dashboard = read_state()["dashboard"]
+        except (StackNotFound, KeyError) as e:
+            print(f"recserve scale: {e}; name its dashboard with --dashboard http://127.0.0.1:PORT", file=sys.stderr)
             return 2
     try:
-        scale_deployment(dashboard, args.deployment, args.replicas, app=args.app, timeout_s=args.timeout,
+        app = args.app or app_of(serve_details(dashboard), args.deployment, ROUTER_APP)
+        scale_deployment(dashboard, args.deployment, args.replicas, app=app, timeout_s=args.timeout,
                          progress=lambda line: print(f"recserve scale: {line}", flush=True))
     except ScaleError as e:
         print(f"recserve scale: {e}", file=sys.stderr)

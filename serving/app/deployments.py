@@ -111,22 +111,45 @@ class _Batcher:
         return out
 
 
+# Serve's controller learns that a replica's process died at that replica's next health check
+# (a check of a dead actor fails at once), and only then starts its replacement: with one
+# replica per shard the period is part of every loss (Serve's default is 10 s). A check is a
+# trivial actor call. benchmarks/replica_loss.py, docs/reliability.md.
+HEALTH_CHECK_PERIOD_S = 0.5
+
+
+def _log_start_up(name: str, constructor_started: float) -> None:
+    """Where a replica's start-up went (benchmarks/replica_loss.py reads this line from the
+    replica's log): process start -> constructor (Ray worker start, imports), constructor."""
+    import os
+
+    import psutil
+
+    now = time.time()
+    born = psutil.Process(os.getpid()).create_time()
+    logger.info("recserve start-up %s pid %d: process->constructor %.2f s, constructor %.2f s",
+                name, os.getpid(), constructor_started - born, now - constructor_started)
+
+
 def transport_env() -> dict[str, str]:
     """Environment of every replica: Serve's inter-deployment gRPC keeps gRPC's 4 MiB receive
     limit unless told otherwise, and a 4096-example request moves far more than that."""
     return {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, health_check_period_s=2)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
+                  health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class Shard:
     """Shard K of the package: loads only shards/shard-K.safetensors."""
 
     def __init__(self, package: str, index: int, args: AppArgs):
+        started = time.time()
         if args.torch_threads is not None:  # else Ray's OMP_NUM_THREADS=1
             torch.set_num_threads(args.torch_threads)
         self.name = shard_name(index)
         self.core = ShardCore(ModelPackage.open(package), index, device=args.resolved_device(),
                               output_dtype=args.wire_dtype, max_batch_size=args.max_batch_size)
+        _log_start_up(self.name, started)
         self._batcher = _Batcher(self._lookup_many, name=self.name, work="lookup")
         # Serve tags every metric with its deployment (shard-K), replica and application
         self._batch = Histogram("recserve_shard_batch_examples", description="examples per batched lookup",
@@ -164,11 +187,13 @@ class _TowerItem:
         return int(self.dense.shape[0])
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, health_check_period_s=2)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
+                  health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class DenseTower:
     """Assembles shard outputs into [B, F, D] and runs the dense model."""
 
     def __init__(self, package: str, shards: list[DeploymentHandle], args: AppArgs):
+        started = time.time()
         if args.torch_threads is not None:
             torch.set_num_threads(args.torch_threads)
         pkg = ModelPackage.open(package)
@@ -181,6 +206,7 @@ class DenseTower:
         self._batcher = _Batcher(self._score_many, name="tower", work="score")
         self._batch = Histogram("recserve_tower_batch_examples", description="examples per batched tower call",
                                 boundaries=_SIZES)
+        _log_start_up("DenseTower", started)
 
     def reconfigure(self, config: dict) -> None:
         self._batcher.reconfigure(config)
@@ -291,8 +317,11 @@ class Router:
         if app == self.app:
             shards, tower = self._bound
         else:
-            shards = [serve.get_deployment_handle(shard_name(sh.index), app_name=app) for sh in manifest.plan.shards]
-            tower = serve.get_deployment_handle("DenseTower", app_name=app)
+            # not checked with the controller: recserve serve starts the router before the first
+            # version's app (rollout.start_stack), and a handle finds the deployments once they run
+            shards = [serve.get_deployment_handle(shard_name(sh.index), app_name=app, _check_exists=False)
+                      for sh in manifest.plan.shards]
+            tower = serve.get_deployment_handle("DenseTower", app_name=app, _check_exists=False)
         by_reference = self.args.transport == "reference"
         parts = _VersionParts(
             manifest=manifest,
@@ -308,8 +337,12 @@ class Router:
 
     # ------------------------------------------------------------------ control (serving/app/versions.py)
 
-    def set_versions(self, table_json: str) -> str:
-        """Serve the versions of this table from now on; returns the live version."""
+    async def set_versions(self, table_json: str) -> str:
+        """Serve the versions of this table from now on; returns the live version.
+
+        Async, so it runs on the replica's event loop: a new version's handles are made here, and
+        with Serve's direct ingress (same-loop routing) a handle can only be made inside a
+        running loop (Serve runs a sync method in a thread, where making one raises)."""
         return self.versions.apply(VersionTable.from_json(table_json))
 
     def version_table(self) -> str:

@@ -74,6 +74,17 @@ def _app_failure(app: str) -> str | None:
     return None
 
 
+def serve_run(application, name: str, *, route_prefix: str | None) -> None:
+    """``serve.run`` as every application of a stack is run: open to ``recserve scale``
+    (external_scaler_enabled: one deployment's replica count set through the dashboard's REST
+    API, the others left as they are) and without the access log (one line per request)."""
+    from ray import serve
+    from ray.serve.schema import LoggingConfig
+
+    serve.run(application, name=name, route_prefix=route_prefix, external_scaler_enabled=True,
+              logging_config=LoggingConfig(enable_access_log=False))
+
+
 def run_version_app(application, app: str, timings: DeployTimings) -> None:
     """Run ``application`` as ``app`` (not an HTTP/gRPC endpoint) and wait until it is RUNNING.
 
@@ -88,18 +99,22 @@ def run_version_app(application, app: str, timings: DeployTimings) -> None:
 
     def run() -> None:
         try:
-            serve.run(application, name=app, route_prefix=None)
+            serve_run(application, app, route_prefix=None)
         except BaseException as e:  # noqa: BLE001  reported below
             error.append(e)
 
     runner = threading.Thread(target=run, daemon=True)
     runner.start()
     deadline = time.monotonic() + timings.ready_timeout_s
-    while runner.is_alive() and time.monotonic() < deadline:
-        failure = _app_failure(app)
-        if failure:
-            break
-        runner.join(timeout=0.5)
+    try:
+        while runner.is_alive() and time.monotonic() < deadline:
+            failure = _app_failure(app)
+            if failure:
+                break
+            runner.join(timeout=0.5)
+    except BaseException:  # Serve went away under us (recserve serve stopped while starting)
+        runner.join(timeout=30)  # never leave serve.run calling into a Ray that is shutting down
+        raise
     status = serve.status().applications.get(app)
     if status is not None and status.status == ApplicationStatus.RUNNING and not error:
         return
@@ -251,12 +266,16 @@ def deploy(
     )
 
 
-def start_stack(args, *, router_app: str = ROUTER_APP, route_prefix: str = "/") -> VersionTable:
-    """Start a versioned stack (``recserve serve``): ``args.package``'s version application,
-    then the router application; the table and the stack's settings go to Ray's GCS first,
-    where the router replicas and a later ``recserve deploy`` find them."""
-    from ray import serve
+def start_stack(args, *, router_app: str = ROUTER_APP, route_prefix: str = "/",
+                timings: DeployTimings = DeployTimings()) -> VersionTable:
+    """Start a versioned stack (``recserve serve``): the router application, then
+    ``args.package``'s version application; the table and the stack's settings go to Ray's GCS
+    first, where the router replicas and a later ``recserve deploy`` find them. The same layout
+    as after a swap: the first version's shards and tower are retired by the next deploy.
 
+    The router comes first: with Serve's direct ingress every application's ingress replica
+    takes the lowest free port of the range that starts at ``recserve serve --port``
+    (serving/ops/ingress.py), and that port must be the Router's, not the version's idle front."""
     from serving.app.builder import build_router_app, build_version_app
     from recserve.default_package import resolve_package
 
@@ -264,9 +283,9 @@ def start_stack(args, *, router_app: str = ROUTER_APP, route_prefix: str = "/") 
     args = args.model_copy(update={"package": path})
     manifest = check_package(path)
     app = version_app_name(router_app, manifest.version)
-    run_version_app(build_version_app(args), app, DeployTimings())
     table = VersionTable(live=manifest.version, packages={manifest.version: path}, apps={manifest.version: app})
     store_table(table, router_app)
     store_args(args.model_dump_json(), router_app)
-    serve.run(build_router_app(args), name=router_app, route_prefix=route_prefix)
+    serve_run(build_router_app(args), router_app, route_prefix=route_prefix)
+    run_version_app(build_version_app(args), app, timings)
     return table

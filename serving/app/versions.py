@@ -30,6 +30,11 @@ def version_app_name(router_app: str, version: str) -> str:
     return f"{router_app}@{version}"
 
 
+def is_stack_app(app: str, router_app: str = ROUTER_APP) -> bool:
+    """Whether ``app`` is the router application of the stack or one of its version applications."""
+    return app == router_app or app.startswith(f"{router_app}@")
+
+
 @dataclass(frozen=True)
 class VersionTable:
     """Versions that are up ({version: package dir}) and the live one."""

@@ -6,5 +6,6 @@ library (and Ray's own start-up settings) only; nothing here scores a request.
   loopback.py       keep a local Ray + Serve stack on 127.0.0.1 (the worker set-up hook)
   scaling.py        scale one deployment through the Ray dashboard's Serve REST API
   server_thread.py  a grpc.aio server on its own loop in a thread; serve until a signal
+  attach.py         attach a driver (recserve deploy) to a running stack's loopback Ray, or fail fast
   state.py          the state file a running `recserve serve` leaves for scale, deploy, checks
 """

@@ -73,6 +73,22 @@ def replicas(details: dict, app: str, deployment: str) -> list[dict]:
     return list(deployments[deployment].get("replicas") or [])
 
 
+def app_of(details: dict, deployment: str, router_app: str = "recserve") -> str:
+    """The application of ``router_app``'s stack that holds ``deployment``: the router's own
+    app, or the one version app (``router_app@version``, serving/app/versions.py) holding it.
+    While a swap runs two versions are up: ScaleError asks to name one."""
+    apps = details.get("applications") or {}
+    holding = sorted(a for a in apps if (a == router_app or a.startswith(f"{router_app}@"))
+                     and deployment in (apps[a].get("deployments") or {}))
+    if len(holding) == 1:
+        return holding[0]
+    if not holding:
+        names = sorted({d for a in apps if a == router_app or a.startswith(f"{router_app}@")
+                        for d in (apps[a].get("deployments") or {})})
+        raise ScaleError(f"no deployment {deployment!r} in the stack {router_app!r} (deployments: {names})")
+    raise ScaleError(f"{deployment!r} runs in {holding} (a version swap under way?); name one with --app")
+
+
 def scale_deployment(
     dashboard: str,
     deployment: str,

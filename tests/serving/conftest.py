@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -101,11 +102,56 @@ def bad_requests(tiny: WorkloadConfig) -> list[tuple[str, object, str, str]]:
     return cases
 
 
+class VersionedLoad:
+    """Two client threads sending requests back to back; records (version, correct?) -- each
+    answer against the reference of the version that answered -- or the error."""
+
+    def __init__(self, client, references, tiny, helpers, *, atol: float, pin: str = ""):
+        from recserve.synth import TrafficGenerator
+
+        self.client, self.references, self.helpers, self.pin, self.atol = client, references, helpers, pin, atol
+        self.gen = TrafficGenerator(tiny, seed=41)
+        self.batches = [self.gen.batch(8) for _ in range(16)]
+        self.results: list[tuple[str, bool]] = []
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(2)]
+
+    def run(self, worker: int) -> None:
+        import grpc
+
+        from serving.api.codec import encode_request
+
+        i = worker
+        while not self.stop.is_set():
+            batch = self.batches[i % len(self.batches)]
+            i += 2
+            try:
+                resp = self.client.predict_raw(encode_request(batch.dense, self.helpers.as_sparse(batch),
+                                                              version=self.pin), timeout=30)
+            except grpc.RpcError as e:
+                self.errors.append(f"{e.code().name}: {e.details()}")
+                continue
+            got = np.asarray(resp.scores, np.float32)
+            ref = self.references.get(resp.version)
+            self.results.append((resp.version, ref is not None and np.allclose(got, ref(batch), atol=self.atol)))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """Test data and helpers for the serving tests (importlib import mode: tests cannot import conftest)."""
     return SimpleNamespace(max_batch=MAX_BATCH, as_sparse=as_sparse, with_weights=with_weights,
-                           bad_requests=bad_requests)
+                           bad_requests=bad_requests, Load=VersionedLoad)
 
 
 @pytest.fixture(scope="session")
@@ -203,3 +249,27 @@ def deploy(serve_instance):
     for c in clients:
         c.close()
 
+
+@pytest.fixture(scope="session")
+def two_versions(tmp_path_factory, tiny, tiny_state_dict):
+    """Packages v1 and v2 of the tiny model with different weights (tables x1.5, a shifted
+    logit), each with its torchrec reference: a request scored by v1's shards and v2's tower
+    (or the reverse) would match neither."""
+    from recserve.export import export_package
+    from recserve.model import build_model, predict
+    from recserve.planning import plan_workload
+
+    root = tmp_path_factory.mktemp("versions")
+    state = torch.load(tiny_state_dict, weights_only=True)
+    changed = {k: (v * 1.5 if "embedding_bags" in k else v) for k, v in state.items()}
+    changed["over_arch.model.1.bias"] = state["over_arch.model.1.bias"] + 0.3
+    torch.save(changed, root / "v2.pt")
+    out = {}
+    for version, path, sd in (("v1", tiny_state_dict, state), ("v2", root / "v2.pt", changed)):
+        plan = plan_workload(tiny, strategy="load", num_shards=2, shard_memory=180_000)
+        package = export_package(tiny, path, root / version, plan=plan, version=version, progress=False).path
+        model = build_model(tiny)
+        model.load_state_dict(sd)
+        model.eval()
+        out[version] = (package, lambda batch, m=model: predict(m, batch, tiny.features))
+    return out

@@ -1,7 +1,9 @@
 """`recserve serve` as an operator runs it: one real stack (a `recserve serve` process on
-Ray Serve, the tiny model in 2 shards) started with its dashboard and HTTP ports taken, then
-checked from the outside: the printed addresses, the progress, the printed client command,
-`recserve scale` of one shard under load, and the listening sockets read from the OS."""
+Ray Serve, version v1 of the tiny model in 2 shards) started with its dashboard and HTTP ports
+taken, then checked from the outside: the printed addresses, the progress, the printed client
+command, `recserve scale` of one shard under load, the listening sockets read from the OS, and
+the commands an operator runs from another shell against it (`recserve deploy`, `recserve
+fade`), each as a subprocess."""
 
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ import pytest
 
 from recserve.synth import TrafficGenerator
 from serving.ops.ports import free_port
-from serving.ops.scaling import replicas, serve_details
+from serving.ops.scaling import app_of, replicas, serve_details
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = ("shard-0", "shard-1", "DenseTower", "Router")
+FP16_TOL = 1e-3  # float16 pooled embeddings on the wire (the default) against the fp32 torchrec reference
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -37,15 +40,17 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_packages, tmp_path_factory):
+def stack(two_versions, tmp_path_factory):
     held = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]  # another server's ports
     taken_dashboard, taken_http = (s.getsockname()[1] for s in held)
     grpc_port = free_port()
     state = tmp_path_factory.mktemp("serve-state")
     log_path = state / "serve.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RECSERVE_ARTIFACTS=str(state), RAY_USAGE_STATS_ENABLED="0")
-    argv = [sys.executable, "-m", "recserve.cli", "serve", str(tiny_packages("table-2")), "--port", str(grpc_port),
-            "--dashboard-port", str(taken_dashboard), "--http-port", str(taken_http), "--feature-filter", "none"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RECSERVE_ARTIFACTS=str(state), RAY_USAGE_STATS_ENABLED="0",
+               RECSERVE_FADE_STORE=str(state / "fading.sqlite"))  # the routers' fading store
+    # as a user runs it: the default feature filter (fading, over the store in RECSERVE_ARTIFACTS)
+    argv = [sys.executable, "-m", "recserve.cli", "serve", str(two_versions["v1"][0]), "--port", str(grpc_port),
+            "--dashboard-port", str(taken_dashboard), "--http-port", str(taken_http)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
@@ -86,6 +91,11 @@ def test_taken_dashboard_and_http_ports_fall_back_to_free_ones_and_are_printed(s
     assert serve_details(stack.dashboard)["applications"]["recserve"]["status"] == "RUNNING"  # token accepted
 
 
+def _app(details: dict, deployment: str) -> str:
+    """The stack's application holding ``deployment`` (the router's, or the live version's)."""
+    return app_of(details, deployment, "recserve")
+
+
 def test_the_first_run_prints_replica_progress_and_no_request_log(stack):
     text = stack.log.read_text()
     progress = [line for line in text.splitlines() if line.startswith("recserve: replicas")]
@@ -106,8 +116,8 @@ def test_scaling_one_shard_keeps_the_other_replica_processes_and_fails_no_reques
 
     def snapshot() -> dict[str, set[tuple[str, int]]]:
         details = serve_details(stack.dashboard)
-        return {d: {(r["actor_id"], r["pid"]) for r in replicas(details, "recserve", d) if r["state"] == "RUNNING"}
-                for d in DEPLOYMENTS}
+        return {d: {(r["actor_id"], r["pid"]) for r in replicas(details, _app(details, d), d)
+                    if r["state"] == "RUNNING"} for d in DEPLOYMENTS}
 
     before = snapshot()
     assert all(len(v) == 1 for v in before.values()), before
@@ -159,10 +169,18 @@ def test_scale_names_a_deployment_that_does_not_exist(stack):
     assert "no deployment 'shard-9'" in run.stderr and "shard-0" in run.stderr
 
 
+def test_serve_runs_the_first_version_in_its_own_application(stack):
+    """The layout a swap leaves (serving/app/rollout.py): the router alone in "recserve", the
+    version's shards and tower in "recserve@v1", so the next deploy retires them whole."""
+    apps = serve_details(stack.dashboard)["applications"]
+    assert set(apps["recserve"]["deployments"]) == {"Router"}
+    assert {"shard-0", "shard-1", "DenseTower"} <= set(apps["recserve@v1"]["deployments"])
+
+
 def test_ray_runs_on_the_loopback_node_address(stack):
     details = serve_details(stack.dashboard)
     assert {p["node_ip"] for p in details["proxies"].values()} == {"127.0.0.1"}
-    nodes = {r["node_ip"] for d in DEPLOYMENTS for r in replicas(details, "recserve", d)}
+    nodes = {r["node_ip"] for d in DEPLOYMENTS for r in replicas(details, _app(details, d), d)}
     assert nodes == {"127.0.0.1"}
 
 
@@ -223,3 +241,134 @@ def test_a_stop_while_the_replicas_start_shuts_down_cleanly(tiny_packages, tmp_p
         for p in _tree(proc.pid) + tree:
             if p.is_running():
                 p.kill()
+
+
+def _recserve(stack, *argv: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m recserve.cli ARGV`` from another shell: a fresh process, the stack found
+    through the state file in RECSERVE_ARTIFACTS unless told otherwise."""
+    return subprocess.run([sys.executable, "-m", "recserve.cli", *argv], cwd=ROOT, env=env or stack.env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _process_titles(stack) -> list[str]:
+    titles = []
+    for p in _tree(stack.proc.pid):
+        try:
+            titles.append(" ".join(p.cmdline()))
+        except psutil.Error:
+            pass
+    return titles
+
+
+def test_deploy_from_another_shell_swaps_versions_under_load_and_retires_the_old_one(stack, two_versions, tiny,
+                                                                                      helpers, tmp_path):
+    """`recserve deploy` as its own process (it attaches to the stack's loopback Ray through
+    the state file): a corrupt package is refused before anything changes, then v2 goes live
+    under load with no failed request and no mixed version, and v1's shards and tower are gone."""
+    import shutil
+
+    from serving.api.client import RankingClient
+
+    references = {v: ref for v, (_, ref) in two_versions.items()}
+    bad = shutil.copytree(two_versions["v2"][0], tmp_path / "v2-corrupt")
+    with open(bad / "shards" / "shard-1.safetensors", "ab") as f:
+        f.write(b"corrupt")
+    with RankingClient(f"127.0.0.1:{stack.grpc_port}") as client:
+        with helpers.Load(client, references, tiny, helpers, atol=FP16_TOL) as load:
+            time.sleep(1)
+            refused = _recserve(stack, "deploy", str(bad), timeout=120)
+            assert refused.returncode == 2, refused.stdout + refused.stderr
+            assert "refused" in refused.stderr and "shard-1.safetensors" in refused.stderr
+            run = _recserve(stack, "deploy", str(two_versions["v2"][0]), "--drain-s", "10")
+            time.sleep(2)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "attached to the stack's Ray at 127.0.0.1:" in run.stdout
+        assert "tiny v2 is live" in run.stdout
+        versions = [v for v, _ in load.results]
+        assert load.errors == [], load.errors[:5]
+        assert all(ok for _, ok in load.results), "every score matches the reference of the version that answered"
+        assert "v1" in versions and versions[-10:] == ["v2"] * 10, versions[-12:]
+        assert client.model_info().version == "v2"
+    apps = serve_details(stack.dashboard)["applications"]
+    assert "recserve@v1" not in apps and set(apps["recserve"]["deployments"]) == {"Router"}
+    assert {"shard-0", "shard-1", "DenseTower"} <= set(apps["recserve@v2"]["deployments"])
+    deadline = time.monotonic() + 30  # the old version's replica processes exit
+    while any("ServeReplica:recserve@v1:" in t for t in _process_titles(stack)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [t for t in _process_titles(stack) if "ServeReplica:recserve@v1:" in t]
+
+
+def test_deploy_fails_within_seconds_naming_the_address_when_no_stack_answers(two_versions, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RECSERVE_ARTIFACTS=str(tmp_path))
+    package = str(tmp_path / "no-package")
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "recserve.cli", "deploy", package], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "refused" in run.stderr  # the package is checked first
+    address = f"127.0.0.1:{free_port()}"
+    for argv, named in ((["--address", address], f"no Ray GCS answers at {address}"),
+                        ([], str(tmp_path / "serving.json"))):
+        run = subprocess.run([sys.executable, "-m", "recserve.cli", "deploy", str(two_versions["v2"][0]), *argv], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert named in run.stderr, run.stderr
+    assert time.monotonic() - started < 90
+
+
+def test_fade_from_another_shell_reaches_the_running_routers(stack, two_versions, tiny, tmp_path):
+    """`recserve fade serve` (the control plane over the stack's store) and `recserve fade set`,
+    each its own process: the running routers serve the faded scores (those of a local ranker
+    reading the same store), then the full ones again."""
+    from serving.api.client import RankingClient
+    from serving.engine.local_ranker import LocalRanker
+    from serving.fading.runtime import FadingFilter
+    from serving.fading.store import FadingStore
+
+    port = free_port()
+    (tmp_path / "tokens.txt").write_text("operator s3cret\n")
+    log_path = tmp_path / "fade-serve.log"
+    with open(log_path, "w") as log:
+        control = subprocess.Popen([sys.executable, "-m", "recserve.cli", "fade", "serve", "--port", str(port),
+                                    "--tokens-file", str(tmp_path / "tokens.txt")], cwd=ROOT, env=stack.env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = dict(stack.env, RECSERVE_FADE_TOKEN="s3cret")
+    fade = ("--addr", f"127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 120
+        while "listening" not in log_path.read_text():
+            assert control.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.5)
+        with RankingClient(f"127.0.0.1:{stack.grpc_port}") as client:
+            package = two_versions[client.model_info().version][0]
+            batch = TrafficGenerator(tiny, seed=77).batch(16)
+            sparse = {f: (b.values, b.lengths) for f, b in batch.sparse.items()}
+            full = client.predict(batch.dense, sparse, unit_ids=batch.unit_ids, timeout=30)
+            run = _recserve(stack, "fade", "set", "tiny", "category", "0", *fade, "--reason", "test", env=env,
+                            timeout=120)
+            assert run.returncode == 0, run.stdout + run.stderr
+            local = LocalRanker.load(package, feature_filter=FadingFilter(
+                "tiny", FadingStore(Path(stack.env["RECSERVE_FADE_STORE"])), background=False))
+            faded = local.score(batch)
+            assert not np.allclose(faded, full, atol=FP16_TOL), "fading category changes these scores"
+
+            def served() -> np.ndarray:
+                return client.predict(batch.dense, sparse, unit_ids=batch.unit_ids, timeout=30)
+
+            deadline = time.monotonic() + 30  # the routers poll the store every 0.5 s
+            while not np.allclose(served(), faded, atol=FP16_TOL):
+                assert time.monotonic() < deadline, "the routers did not follow the fade"
+                time.sleep(0.5)
+            run = _recserve(stack, "fade", "set", "tiny", "category", "1", *fade, env=env, timeout=120)
+            assert run.returncode == 0, run.stdout + run.stderr
+            deadline = time.monotonic() + 30
+            while not np.allclose(served(), full, atol=FP16_TOL):
+                assert time.monotonic() < deadline, "the routers did not follow the fade back"
+                time.sleep(0.5)
+        down = _recserve(stack, "fade", "status", "--addr", f"127.0.0.1:{free_port()}", env=env, timeout=60)
+        assert down.returncode == 1 and "UNAVAILABLE" in down.stderr and "127.0.0.1" in down.stderr, down.stderr
+    finally:
+        control.send_signal(signal.SIGINT)
+        try:
+            control.wait(30)
+        except subprocess.TimeoutExpired:
+            control.kill()

@@ -6,13 +6,11 @@ the replicas if it gets that far) while the running version keeps answering."""
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 
 import grpc
 import numpy as np
 import pytest
-import torch
 
 from recserve.synth import TrafficGenerator
 from serving.app.rollout import VersionRefused
@@ -32,71 +30,6 @@ def test_the_version_table_switches_whole_and_never_drops_the_live_version():
     assert VersionTable.from_json(table.to_json()) == table and table.serial == 3
     with pytest.raises(ValueError, match="not among"):
         VersionTable(live="v3", packages={"v1": "/p1"}, apps={"v1": "a"})
-
-
-@pytest.fixture(scope="module")
-def two_versions(tmp_path_factory, tiny, tiny_state_dict):
-    """Packages v1 and v2 of the tiny model with different weights (tables x1.5, a shifted
-    logit), each with its torchrec reference: a request scored by v1's shards and v2's tower
-    (or the reverse) would match neither."""
-    from recserve.export import export_package
-    from recserve.model import build_model, predict
-    from recserve.planning import plan_workload
-
-    root = tmp_path_factory.mktemp("versions")
-    state = torch.load(tiny_state_dict, weights_only=True)
-    changed = {k: (v * 1.5 if "embedding_bags" in k else v) for k, v in state.items()}
-    changed["over_arch.model.1.bias"] = state["over_arch.model.1.bias"] + 0.3
-    torch.save(changed, root / "v2.pt")
-    out = {}
-    for version, path, sd in (("v1", tiny_state_dict, state), ("v2", root / "v2.pt", changed)):
-        plan = plan_workload(tiny, strategy="load", num_shards=2, shard_memory=180_000)
-        package = export_package(tiny, path, root / version, plan=plan, version=version, progress=False).path
-        model = build_model(tiny)
-        model.load_state_dict(sd)
-        model.eval()
-        out[version] = (package, lambda batch, m=model: predict(m, batch, tiny.features))
-    return out
-
-
-class Load:
-    """Two client threads sending requests back to back; records (version, correct?) or the error."""
-
-    def __init__(self, client, references, tiny, helpers, *, pin: str = ""):
-        self.client, self.references, self.helpers, self.pin = client, references, helpers, pin
-        self.gen = TrafficGenerator(tiny, seed=41)
-        self.batches = [self.gen.batch(8) for _ in range(16)]
-        self.results: list[tuple[str, bool]] = []
-        self.errors: list[str] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(2)]
-
-    def run(self, worker: int) -> None:
-        from serving.api.codec import encode_request
-
-        i = worker
-        while not self.stop.is_set():
-            batch = self.batches[i % len(self.batches)]
-            i += 2
-            try:
-                resp = self.client.predict_raw(encode_request(batch.dense, self.helpers.as_sparse(batch),
-                                                              version=self.pin), timeout=30)
-            except grpc.RpcError as e:
-                self.errors.append(f"{e.code().name}: {e.details()}")
-                continue
-            got = np.asarray(resp.scores, np.float32)
-            ref = self.references.get(resp.version)
-            self.results.append((resp.version, ref is not None and np.allclose(got, ref(batch), atol=TOL)))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +86,7 @@ def test_a_new_version_goes_live_under_load_with_no_failed_request_and_no_mixed_
         for (v, b), scores in zip(burst, got):
             np.testing.assert_allclose(scores, references[v](b), atol=TOL, err_msg=f"pinned to {v}")
 
-    with Load(stack, references, tiny, helpers) as load:
+    with helpers.Load(stack, references, tiny, helpers, atol=TOL) as load:
         time.sleep(2)
         table = deploy(two_versions["v2"][0], router_app="swap", timings=DeployTimings(drain_s=10),
                        wrap_warm_up=check_pinning, progress=lambda _: None)
@@ -184,7 +117,7 @@ def test_a_corrupt_package_is_refused_and_the_running_version_keeps_answering(st
     (bad / "manifest.json").write_text(manifest)
     with open(bad / "shards" / "shard-1.safetensors", "ab") as f:
         f.write(b"corrupt")
-    with Load(stack, references, tiny, helpers) as load:
+    with helpers.Load(stack, references, tiny, helpers, atol=TOL) as load:
         with pytest.raises(VersionRefused, match="shard-1.safetensors"):  # the command's own check
             deploy(bad, router_app="swap", progress=lambda _: None)
         # past the command (as if the file broke after the check): the replicas refuse it
