@@ -90,6 +90,10 @@ class Serve(Subcommand):
         p.add_argument("--http-port", type=int, default=8000,
                        help="Serve HTTP proxy port on 127.0.0.1 (default 8000; a free one if it is taken)")
         add_app_flags(p, defaults={"feature_filter": FADING_FILTER}, none_word="none")
+        p.add_argument("--address", default=None, metavar="HOST:PORT",
+                       help="deploy on this existing Ray cluster (its GCS address) instead of starting a local Ray; "
+                            "with --place-on-hosts the shards go to its nodes labelled recserve-host=NAME "
+                            "(docs/multinode.md); on exit the app is deleted and the cluster left running")
         p.add_argument("--monolith", action="store_true",
                        help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
 
@@ -171,7 +175,7 @@ def run_serve(args: argparse.Namespace) -> int:
     app_args = app_args.model_copy(update={"package": str(path)})
     if args.monolith:
         return _serve_monolith(app_args, manifest, ports)
-    return _serve_on_ray(app_args, manifest, ports)
+    return _serve_on_ray(app_args, manifest, ports, address=args.address)
 
 
 def _serve_monolith(app_args, manifest, ports) -> int:
@@ -193,23 +197,26 @@ def _serve_monolith(app_args, manifest, ports) -> int:
     return 0
 
 
-def _serve_on_ray(app_args, manifest, ports) -> int:
+def _serve_on_ray(app_args, manifest, ports, *, address: str | None = None) -> int:
     """Local Ray + Serve, the app deployed (progress while replicas start), served until
     SIGINT/SIGTERM; then Serve and Ray shut down."""
     import os
     import signal
+    import sys
     import threading
 
     from serving.ops.loopback import HOOK, ray_on_loopback
     from serving.ops.ports import free_port
 
-    ray_on_loopback()  # before Ray starts: its node address and servers on 127.0.0.1
+    if address is None:
+        ray_on_loopback()  # before Ray starts: its node address and servers on 127.0.0.1
     import ray
     from ray import serve
 
     from serving.api.wire import GRPC_SERVICERS, SERVICE_NAME
     from serving.ops.state import clear_state, write_state
     from serving.app.builder import build_app
+    from sharding import PlannerError
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     for name, value in SERVE_STARTUP_ENV.items():
@@ -219,10 +226,15 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
     for line in ports.describe():
         print(f"recserve: {line}", flush=True)
-    print("recserve: starting Ray (127.0.0.1) ...", flush=True)
+    if address is not None:  # an existing cluster: its nodes' addresses, never loopback only
+        from serving.app.cluster import join_cluster
+
+        context = join_cluster(address)
+    else:
+        print("recserve: starting Ray (127.0.0.1) ...", flush=True)
     # the hook binds Serve's gRPC proxy and the replicas' gRPC servers to 127.0.0.1 (Ray 2.60
     # binds them on every interface; serving/ops/loopback.py)
-    for attempt in (1, 2):
+    for attempt in ((1, 2) if address is None else ()):
         try:
             # a retry takes a fresh dashboard port: the first try's dashboard may still hold its own
             dashboard_port = ports.ray_dashboard_port if attempt == 1 else free_port()
@@ -260,12 +272,20 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
         print(f"recserve: deploying {manifest.name} {manifest.version} from {app_args.package} "
               f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "
               f"transport {app_args.transport}) ...", flush=True)
-        if not _deploy_with_progress(build_app(app_args), stop):
+        try:
+            app = build_app(app_args)
+        except PlannerError as e:  # place_on_hosts: the package does not fit the cluster's hosts
+            print(f"recserve serve: cannot place {manifest.name} {manifest.version} on the cluster's hosts: {e}",
+                  file=sys.stderr, flush=True)
+            return 2
+        if not _deploy_with_progress(app, stop):
             return 1
         node = next(n for n in ray.nodes() if n["Alive"])
         write_state(dashboard=dashboard, grpc_port=ports.grpc, ray_address=context.address_info["gcs_address"],
                     metrics=f"127.0.0.1:{node['MetricsExportPort']}", session_dir=context.address_info["session_dir"])
-        print(f"recserve: serving {SERVICE_NAME} on 127.0.0.1:{ports.grpc} (gRPC; README: Network exposure). "
+        from serving.app.cluster import grpc_host
+
+        print(f"recserve: serving {SERVICE_NAME} on {grpc_host(address)}:{ports.grpc} (gRPC; README: Network exposure). "
               f"Ctrl-C to stop.", flush=True)
         print(f"recserve: try  {client_command(ports.grpc)}", flush=True)
         print(f"recserve: scale a deployment:  {_recserve()} scale shard-0 2", flush=True)
@@ -278,7 +298,10 @@ def _serve_on_ray(app_args, manifest, ports) -> int:
     finally:
         clear_state()
         try:
-            serve.shutdown()
+            if address is None:
+                serve.shutdown()
+            else:  # the cluster and its Serve instance are the operator's: only this app goes
+                serve.delete(ROUTER_APP)
         finally:
             ray.shutdown()
     print("recserve: stopped", flush=True)
