@@ -53,6 +53,11 @@ def add_app_flags(parser: argparse.ArgumentParser, *, defaults: dict | None = No
     for name, field, kind, choices, optional in _flag_fields():
         default = defaults.get(name, field.default)
         shown = f"{default}" + (f"; '{none_word}' for none" if optional else "")
+        if kind is bool:  # --flag / --no-flag
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, default=default,
+                                action=argparse.BooleanOptionalAction,
+                                help=f"{field.description} (default {shown})".replace("%", "%%"))
+            continue
         parser.add_argument(
             "--" + name.replace("_", "-"), dest=name, type=kind, default=default, choices=choices,
             help=f"{field.description} (default {shown})".replace("%", "%%"),
@@ -249,9 +254,10 @@ def _serve_on_ray(app_args, manifest, ports, *, address: str | None = None) -> i
             ray.shutdown()
             print("recserve: Ray's node did not register within Ray's fixed 30 s (busy machine?); "
                   "starting it once more ...", flush=True)
-    dashboard = f"http://{context.dashboard_url}"
-    print(f"recserve: {ports.describe_dashboard(context.dashboard_url)}; token: ~/.ray/auth_token "
-          f"(README: Dashboard)", flush=True)
+    dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else ""
+    if dashboard:  # a cluster started without one has none
+        print(f"recserve: {ports.describe_dashboard(context.dashboard_url)}; token: ~/.ray/auth_token "
+              f"(README: Dashboard)", flush=True)
     stop = threading.Event()
     serving = threading.Event()
 
@@ -265,19 +271,21 @@ def _serve_on_ray(app_args, manifest, ports, *, address: str | None = None) -> i
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
-        serve.start(
-            http_options={"host": "127.0.0.1", "port": ports.http},
-            grpc_options={"port": ports.grpc, "grpc_servicer_functions": GRPC_SERVICERS},
-        )
-        print(f"recserve: deploying {manifest.name} {manifest.version} from {app_args.package} "
-              f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "
-              f"transport {app_args.transport}) ...", flush=True)
-        try:
+        try:  # before Serve starts: a package that does not fit is refused with nothing started
             app = build_app(app_args)
         except PlannerError as e:  # place_on_hosts: the package does not fit the cluster's hosts
             print(f"recserve serve: cannot place {manifest.name} {manifest.version} on the cluster's hosts: {e}",
                   file=sys.stderr, flush=True)
             return 2
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": ports.http},
+            grpc_options={"port": ports.grpc, "grpc_servicer_functions": GRPC_SERVICERS},
+            # on a cluster: one gRPC ingress, on the head node (docs/multinode.md: ports)
+            **({"proxy_location": "HeadOnly"} if address is not None else {}),
+        )
+        print(f"recserve: deploying {manifest.name} {manifest.version} from {app_args.package} "
+              f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "
+              f"transport {app_args.transport}) ...", flush=True)
         if not _deploy_with_progress(app, stop):
             return 1
         node = next(n for n in ray.nodes() if n["Alive"])
@@ -300,7 +308,7 @@ def _serve_on_ray(app_args, manifest, ports, *, address: str | None = None) -> i
         try:
             if address is None:
                 serve.shutdown()
-            else:  # the cluster and its Serve instance are the operator's: only this app goes
+            elif serve.status().applications.get(ROUTER_APP) is not None:  # the operator's cluster: only our app goes
                 serve.delete(ROUTER_APP)
         finally:
             ray.shutdown()
