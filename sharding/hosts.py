@@ -91,7 +91,7 @@ def plan_for_hosts(
     total = sum(t.bytes for t in tables)
     capacity = topology.hosts * topology.usable_memory
     if total * topology.shard_replicas > capacity:
-        counts = counts[-1:]  # no count fits: one attempt, with the most shards, names the table
+        counts = counts[:1]  # no count fits: one attempt names the table that does not
     error: PlannerError | None = None
     for n in counts:
         try:
