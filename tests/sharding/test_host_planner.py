@@ -86,3 +86,14 @@ def test_the_assignment_is_deterministic():
     budgets = {"a": 70_000, "b": 70_000, "c": 70_000}
     results = {assign_hosts(p, budgets, shard_replicas=2).shards for _ in itertools.repeat(None, 3)}
     assert len(results) == 1
+
+
+def test_recserve_plan_for_hosts_prints_each_hosts_shards_and_refuses_one_host_naming_the_table(capsys):
+    from recserve.planning import main
+
+    # dlrmv2 (~98 GB fp32) over 2 hosts of 256 GB; one host of 64 GB holds 30 GB after the reserve
+    assert main(["plan", "--workload", "dlrmv2", "--strategy", "load", "--hosts", "2", "--host-memory", "256GB"]) == 0
+    out = capsys.readouterr().out
+    assert "2 host(s) x 256,000,000,000 bytes" in out and "h0" in out and "h1" in out and "shard-0" in out
+    assert main(["plan", "--workload", "dlrmv2", "--strategy", "load", "--hosts", "1", "--host-memory", "64GB"]) == 2
+    assert "cannot place table 't_cat_" in capsys.readouterr().err
