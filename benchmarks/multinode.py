@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +193,153 @@ def placement_problems(placement: dict[str, list[dict]], *, shards: int) -> list
     return problems
 
 
+# ---- nodeloss: the node of a shard removed while clients send ------------------------------------
+
+@dataclass
+class Outcome:
+    start: float  # s since the load began
+    end: float
+    code: str  # OK, WRONG, or the gRPC code
+    details: str = ""
+
+
+def closed_loop(client, batches, expected, *, seconds: float, max_requests: int, concurrency: int,
+                timeout_s: float, tolerance: float, t0: float, on_tick=None) -> list[Outcome]:
+    """``concurrency`` threads send the sampled requests back to back for ``seconds`` (at most
+    ``max_requests`` in all); every answer is checked against ``expected``."""
+    import threading
+
+    import grpc
+    import numpy as np
+
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def worker(w: int) -> None:
+        i = w
+        while time.monotonic() < stop_at:
+            with lock:
+                if len(outcomes) >= max_requests:
+                    return
+            k = i % len(batches)
+            i += concurrency
+            start = time.monotonic()
+            try:
+                got = client.predict(batches[k].dense, as_sparse(batches[k]), timeout=timeout_s)
+                ok = np.allclose(got, expected[k], atol=tolerance)
+                outcome = Outcome(start - t0, time.monotonic() - t0, "OK" if ok else "WRONG")
+            except grpc.RpcError as e:
+                outcome = Outcome(start - t0, time.monotonic() - t0, e.code().name, e.details() or "")
+            with lock:
+                outcomes.append(outcome)
+
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        if on_tick is not None:
+            on_tick()
+        time.sleep(0.1)
+    return sorted(outcomes, key=lambda o: o.start)
+
+
+def as_sparse(batch) -> dict:
+    return {f: (b.values, b.lengths) if b.weights is None else (b.values, b.lengths, b.weights)
+            for f, b in batch.sparse.items()}
+
+
+def loss_summary(outcomes: list[Outcome], kill_at: float, timeout_s: float) -> dict:
+    """Failed % and codes, wrong scores, the longest failed call, and the recovery time: from the
+    removal to the end of the last failed request (0 when none failed)."""
+    failed = [o for o in outcomes if o.code not in ("OK", "WRONG")]
+    after = [o for o in outcomes if o.start >= kill_at]
+    last_fail = max((o.end for o in failed), default=None)
+    recovered_ok = [o for o in outcomes if last_fail is not None and o.start > last_fail and o.code == "OK"]
+    codes: dict[str, int] = {}
+    for o in failed:
+        codes[o.code] = codes.get(o.code, 0) + 1
+    return {
+        "requests": len(outcomes), "ok": sum(o.code == "OK" for o in outcomes),
+        "wrong": sum(o.code == "WRONG" for o in outcomes), "failed": len(failed),
+        "failed_pct": 100.0 * len(failed) / max(len(outcomes), 1),
+        "failed_pct_after_removal": 100.0 * len(failed) / max(len(after), 1),
+        "codes": codes, "messages": sorted({o.details[:200] for o in failed})[:5],
+        "longest_failed_call_s": max((o.end - o.start for o in failed), default=0.0),
+        "past_deadline": sum(o.end - o.start > timeout_s + 1.0 for o in outcomes),
+        "recovery_s": 0.0 if last_fail is None else last_fail - kill_at,
+        "recovered": last_fail is None or bool(recovered_ok),
+        "ok_per_s": sum(o.code == "OK" for o in outcomes) / max(max((o.end for o in outcomes), default=1.0), 1e-9),
+    }
+
+
+def run_nodeloss_case(args: argparse.Namespace, replicas: int) -> dict:
+    """One run: serve with ``replicas`` per shard over 3 shard hosts, remove the host of shard-0's
+    (first) replica after --warm-s of load, keep sending; where shard-0 runs afterwards."""
+    import ray
+
+    from loadtest.trace import make_trace
+    from recserve.package import ModelPackage
+    from serving.client import RankingClient
+    from serving.local_ranker import LocalRanker
+    from serving.nodes import replica_nodes
+    from serving.ports import free_port
+
+    manifest = ModelPackage.open(args.package).manifest
+    trace = make_trace(manifest.workload, args.batches, seed=args.seed)
+    reference = LocalRanker.load(args.package, device="cpu")
+    expected = [reference.score(b) for b in trace.batches]
+    memory = 2 * sum(sh.bytes for sh in manifest.plan.shards)  # room for every shard on every host
+    started = time.perf_counter()
+    with local_cluster(shard_hosts=3, host_memory=memory) as cluster:
+        port = free_port()
+        serve = ServeProcess(args.package, cluster.address, port, args.out / f"serve-replicas{replicas}.log",
+                             "--shard-replicas", str(replicas), "--default-timeout-s", str(args.timeout_s))
+        try:
+            serve.wait_serving(args.serve_timeout)
+            connect(cluster)
+            before = replica_nodes(APP)
+            victim_host = before["shard-0"][0]["host"]
+            victim = host_node(cluster, victim_host)
+            print(f"serving after {time.perf_counter() - started:.1f} s; shard hosts "
+                  f"{ {k: [r['host'] for r in v] for k, v in before.items()} }; removing {victim_host} "
+                  f"after {args.warm_s} s of load", flush=True)
+            t0 = time.monotonic()
+            removed: list[float] = []
+
+            def tick() -> None:
+                if not removed and time.monotonic() - t0 >= args.warm_s:
+                    removed.append(time.monotonic() - t0)
+                    cluster.remove_node(victim, allow_graceful=False)
+
+            with RankingClient(f"127.0.0.1:{port}") as client:
+                client.wait_until_serving(manifest.name, manifest.version, timeout=args.serve_timeout)
+                outcomes = closed_loop(client, trace.batches, expected, seconds=args.seconds,
+                                       max_requests=args.max_requests, concurrency=args.concurrency,
+                                       timeout_s=args.timeout_s, tolerance=args.tolerance, t0=t0, on_tick=tick)
+            after = replica_nodes(APP)
+            ray.shutdown()
+        finally:
+            serve.stop()
+    summary = loss_summary(outcomes, removed[0], args.timeout_s)
+    return {"replicas_per_shard": replicas, "removed_host": victim_host, "removed_at_s": removed[0],
+            "shard0_hosts_before": [r["host"] for r in before["shard-0"]],
+            "shard0_hosts_after": [r["host"] for r in after.get("shard-0", [])], **summary,
+            "timeline": [[round(o.start, 3), round(o.end, 3), o.code] for o in outcomes]}
+
+
+def nodeloss_table(results: list[dict]) -> str:
+    lines = ["| replicas per shard | requests | failed % | wrong | codes | recovery s | longest failed call s | "
+             "shard-0 hosts before -> after | ok/s |", "|---:|---:|---:|---:|---|---:|---:|---|---:|"]
+    for r in results:
+        codes = ", ".join(f"{k} {v}" for k, v in r["codes"].items()) or "-"
+        lines.append(f"| {r['replicas_per_shard']} | {r['requests']} | {r['failed_pct']:.2f} | {r['wrong']} | {codes} | "
+                     f"{r['recovery_s']:.1f} | {r['longest_failed_call_s']:.2f} | "
+                     f"{','.join(r['shard0_hosts_before'])} -> {','.join(r['shard0_hosts_after']) or 'none'} | "
+                     f"{r['ok_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/multinode.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -205,7 +353,32 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--timeout", type=float, default=240.0)
     c.add_argument("--out", type=Path, required=True)
+    n = sub.add_parser("nodeloss", help="the node of a shard removed under load, 1 and 2 replicas per shard")
+    n.add_argument("--package", type=Path, required=True)
+    n.add_argument("--replicas", default="1,2", help="replicas per shard of each run")
+    n.add_argument("--batches", type=int, default=16, help="distinct sampled requests (8 examples each)")
+    n.add_argument("--concurrency", type=int, default=4, help="closed-loop client threads")
+    n.add_argument("--seconds", type=float, default=45.0, help="load per run (bounded also by --max-requests)")
+    n.add_argument("--max-requests", type=int, default=20_000)
+    n.add_argument("--warm-s", type=float, default=5.0, help="load before the node is removed")
+    n.add_argument("--timeout-s", type=float, default=3.0, help="each request's deadline")
+    n.add_argument("--tolerance", type=float, default=2e-3)
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--serve-timeout", type=float, default=300.0)
+    n.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.command == "nodeloss":
+        args.out.mkdir(parents=True, exist_ok=True)
+        load = os.getloadavg()
+        results = [run_nodeloss_case(args, int(r)) for r in args.replicas.split(",")]
+        table = nodeloss_table(results)
+        header = (f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; after: "
+                  f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cores, shared)")
+        print(table + "\n" + header)
+        (args.out / "nodeloss.md").write_text(table + "\n\n" + header + "\n")
+        (args.out / "nodeloss.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                            "load": header, "results": results}, indent=1) + "\n")
+        return 0
     if args.command == "check":
         result = run_check(args)
         text = json.dumps(result, indent=1)
