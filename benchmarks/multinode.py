@@ -280,10 +280,10 @@ def run_nodeloss_case(args: argparse.Namespace, replicas: int) -> dict:
 
     from loadtest.trace import make_trace
     from recserve.package import ModelPackage
-    from serving.client import RankingClient
-    from serving.local_ranker import LocalRanker
-    from serving.nodes import replica_nodes
-    from serving.ports import free_port
+    from serving.api.client import RankingClient
+    from serving.engine.local_ranker import LocalRanker
+    from serving.app.nodes import replica_nodes
+    from serving.ops.ports import free_port
 
     manifest = ModelPackage.open(args.package).manifest
     trace = make_trace(manifest.workload, args.batches, seed=args.seed)

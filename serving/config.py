@@ -98,7 +98,7 @@ class AppArgs(BaseModel):
         "shared", description="with gpus > 0: the dense tower beside the shards (a 1% share) or on a GPU of its own")
     place_on_hosts: bool = Field(
         False, description="place the shard replicas on the Ray nodes labelled recserve-host=NAME, each within its "
-                           "node's Ray memory (ray start --memory BYTES; serving/nodes.py); a package that does not "
+                           "node's Ray memory (ray start --memory BYTES; serving/app/nodes.py); a package that does not "
                            "fit is refused naming the table")
     router_host: str = Field("", description="with place_on_hosts: the host (recserve-host label) of the router "
                                             "replicas ('' = any node)")

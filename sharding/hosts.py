@@ -1,7 +1,7 @@
 """Planning for several hosts (Ray nodes): each shard's memory budget from a host's, and
 which host holds each shard replica.
 
-Pure Python (no Ray, torch or CUDA). Serving (serving/nodes.py) reads each node's budget from
+Pure Python (no Ray, torch or CUDA). Serving (serving/app/nodes.py) reads each node's budget from
 its Ray ``memory`` resource (``ray start --memory BYTES``) and places the replicas with
 :func:`assign_hosts` over the nodes labelled ``recserve-host``, so the planner's budget and
 the placement agree. The model of a host (all sizes in bytes)::

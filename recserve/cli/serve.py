@@ -83,7 +83,8 @@ class Serve(Subcommand):
                    "With no PACKAGE it serves the default model (criteo-kaggle, tables capped at 100k rows) from "
                    "artifacts/default, which `recserve default-package` builds (serving never trains). "
                    "Everything binds 127.0.0.1: Ray, Serve's gRPC proxy and the replicas' servers "
-                   "(serving/ops/loopback.py).")
+                   "(serving/ops/loopback.py). With --address it deploys on an existing Ray cluster of several hosts "
+                   "instead, binding nothing to loopback (docs/multinode.md).")
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("package", nargs="?", default="default", help="model package directory (default: the default model)")

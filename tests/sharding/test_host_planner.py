@@ -1,5 +1,5 @@
 """Planning for several hosts (Ray nodes): per-shard memory from a host's, and which host holds
-each shard replica (sharding/hosts.py), and the Ray options that place them (serving/nodes.py)."""
+each shard replica (sharding/hosts.py), and the Ray options that place them (serving/app/nodes.py)."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_the_assignment_is_deterministic():
 
 
 def test_recserve_plan_for_hosts_prints_each_hosts_shards_and_refuses_one_host_naming_the_table(capsys):
-    from recserve.planning import main
+    from recserve.cli import main
 
     # dlrmv2 (~98 GB fp32) over 2 hosts of 256 GB; one host of 64 GB holds 30 GB after the reserve
     assert main(["plan", "--workload", "dlrmv2", "--strategy", "load", "--hosts", "2", "--host-memory", "256GB"]) == 0
