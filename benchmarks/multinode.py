@@ -71,15 +71,15 @@ def host_node(cluster, name: str):
 
 
 class ServeProcess:
-    """``recserve serve PKG --address HEAD --place-on-hosts ...`` as a subprocess; its output
-    goes to ``log``."""
+    """``recserve serve PKG --address HEAD --place-on-hosts ...`` as a subprocess (run through
+    ``prefix``, e.g. ``ip netns exec NS``); its output goes to ``log``."""
 
-    def __init__(self, package: Path, address: str, port: int, log: Path, *extra: str):
+    def __init__(self, package: Path, address: str, port: int, log: Path, *extra: str, prefix: tuple = ()):
         from serving.ops.ports import free_port
 
         self.log_path = log
         self.log = open(log, "w")
-        cmd = [sys.executable, "-m", "recserve.cli", "serve", str(package), "--address", address,
+        cmd = [*prefix, sys.executable, "-m", "recserve.cli", "serve", str(package), "--address", address,
                "--port", str(port), "--http-port", str(free_port()), "--place-on-hosts",
                "--router-host", HEAD_HOST, "--tower-host", HEAD_HOST, "--feature-filter", "none", *extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, text=True)
