@@ -109,20 +109,8 @@ def actor_node() -> dict[str, Any]:
 
 
 def replica_nodes(app: str, *, timeout_s: float = 30.0) -> dict[str, list[dict[str, Any]]]:
-    """Deployment name -> actor_node() of each running replica of Serve app ``app`` (asked of
-    the replica actors themselves). For checks and benchmarks, never on the request path."""
-    import ray
+    """Deployment name -> actor_node() of each running replica of Serve app ``app`` (a replica on
+    a node lost since it was listed is left out). For checks and benchmarks."""
+    from serving.ops.replicas import ask_replicas
 
-    found: dict[str, list[dict[str, Any]]] = {}
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        name = entry["name"]
-        parts = name.split("::", 1)[-1].split("#")  # SERVE_REPLICA::app#deployment#id
-        if not name.startswith("SERVE_REPLICA::") or len(parts) != 3 or parts[0] != app:
-            continue
-        actor = ray.get_actor(name, namespace=entry["namespace"])
-        try:
-            info = ray.get(actor.__ray_call__.remote(lambda _self: actor_node()), timeout=timeout_s)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            continue  # died since it was listed (a lost node)
-        found.setdefault(parts[1], []).append(info)
-    return dict(sorted(found.items()))
+    return ask_replicas(app, actor_node, timeout_s=timeout_s, skip_dead=True)
