@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sharding.gpus import MAX_AUTO_SHARDS, GpuReserve
-from sharding.planners import plan
+from sharding.planners import first_plan_that_fits
 from sharding.types import PlannerError, PlannerErrorType, ShardPlan, TableSpec
 
 HOST_LABEL = "recserve-host"  # Ray node label naming a host (ray start --labels recserve-host=NAME)
@@ -92,15 +92,12 @@ def plan_for_hosts(
     capacity = topology.hosts * topology.usable_memory
     if total * topology.shard_replicas > capacity:
         counts = counts[:1]  # no count fits: one attempt names the table that does not
-    error: PlannerError | None = None
-    for n in counts:
-        try:
-            return plan(tables, strategy=strategy, num_shards=n, shard_memory=topology.shard_memory(n))
-        except PlannerError as e:
-            if e.error_type is not PlannerErrorType.INSUFFICIENT_MEMORY:
-                raise
-            error = e
-    assert error is not None
+    try:
+        return first_plan_that_fits(tables, strategy=strategy, counts=counts, shard_memory=topology.shard_memory)
+    except PlannerError as e:
+        if e.error_type is not PlannerErrorType.INSUFFICIENT_MEMORY:
+            raise
+        error = e
     tried = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}..{counts[-1]}"
     raise PlannerError(
         f"{topology.hosts} host(s): cannot plan {tried} shard(s): {error.message} [host budget: "
