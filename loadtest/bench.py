@@ -30,6 +30,8 @@ from loadtest.gpu import GpuSampler
 from loadtest.report import MLPERF_H200_EXAMPLES_PER_S, format_table, plot_p99, write_csv
 from loadtest.stats import RunSummary, fill_cpu_overhead, summarize
 from loadtest.trace import Trace, cap_rows_to_served, fanout, make_trace
+from serving.engine.stages import breakdown, format_breakdown
+from serving.engine.stages import scrape as stage_totals
 from recserve.workloads import load_workload
 from sharding.types import STRATEGIES, ShardPlan
 
@@ -215,8 +217,10 @@ def measure(
     if opts.closed_concurrency:
         runs.append(("closed", opts.closed_concurrency))
     start = 0
+    metrics_url = getattr(target, "metrics_url", None)  # the stage histograms (serving/engine/stages.py)
     for mode, x in runs:
-        time.sleep(0.5)  # let the previous run's stragglers drain
+        time.sleep(max(0.5, target.metrics_delay_s if metrics_url else 0))  # stragglers drain, metrics arrive
+        stages0 = stage_totals(metrics_url) if metrics_url else {}
         cpu0, me0, roles0 = target.cpu.read(), self_cpu_s(), target.cpu.read_by_role()
         gpu = GpuSampler() if opts.device != "cpu" else None
         if gpu:
@@ -245,6 +249,9 @@ def measure(
         ok = max(row.ok, 1)
         roles = target.cpu.read_by_role()
         row.cpu_by_process = "; ".join(f"{r} {(roles[r] - roles0.get(r, 0.0)) / ok * 1e3:.2f}" for r in sorted(roles))
+        if metrics_url:
+            time.sleep(target.metrics_delay_s)  # Ray's metrics reach its exporter every second or so
+            row.stages = format_breakdown(breakdown(stages0, stage_totals(metrics_url), row.ok))
         rows.append(row)
         print(
             f"  {config:>12} {mode:>6} {'c=' + str(x) if mode == 'closed' else f'{x:g}/s':>8}: "
@@ -256,7 +263,7 @@ def measure(
 
 
 def run_bench(opts: BenchOptions) -> list[RunSummary]:
-    from loadtest.targets import MonolithServer, ServeStack, TargetError
+    from loadtest.targets import MonolithServer, ServeStack, TargetError, feature_filter_of
 
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -279,7 +286,8 @@ def run_bench(opts: BenchOptions) -> list[RunSummary]:
             package = monolith_package(opts)
             print(f"[{config}] package {package}", flush=True)
             try:
-                with MonolithServer(package, log_dir=logs, device=opts.device) as target:
+                with MonolithServer(package, log_dir=logs, device=opts.device,
+                                    feature_filter=feature_filter_of(opts.serve_args)) as target:
                     _check_rows(trace, target.info)
                     rows += measure(config, target, trace, opts, plan=None)
             except TargetError as e:
@@ -330,12 +338,21 @@ def _write_outputs(rows: list[RunSummary], out: Path, name: str, failed: dict[st
     write_csv(rows, out / "bench.csv")
     plot_p99(rows, out / "p99.png", title=f"{name}: P99 latency vs offered load")
     notes = "".join(f"\n- {c}: not measured ({why})" for c, why in failed.items()) + _scale_notes(out)
-    (out / "table.md").write_text(format_table(rows, markdown=True) + "\n" + notes + ("\n" if notes else ""))
-    table = format_table(rows)
+    stages = _stage_lines(rows)
+    (out / "table.md").write_text(format_table(rows, markdown=True) + "\n" + notes + ("\n" if notes else "")
+                                  + (f"\nPer-stage mean ms (xN: observations per request)\n\n```\n{stages}\n```\n"
+                                     if stages else ""))
+    table = format_table(rows) + (f"\n\nper-stage mean ms (xN: observations per request)\n{stages}" if stages else "")
     (out / "table.txt").write_text(table + "\n" + notes + ("\n" if notes else ""))
     if not quiet:
         print(table + notes)
         print(f"wrote {out / 'bench.csv'}, {out / 'p99.png'}, {out / 'table.md'}")
+
+
+def _stage_lines(rows: list[RunSummary]) -> str:
+    """One line per run: where its requests' milliseconds went (the servers' stage histograms)."""
+    return "\n".join(f"{r.config:>12} {r.mode:>6} {('c=' + str(r.concurrency)) if r.mode == 'closed' else f'{r.offered_rps:g}/s':>6}"
+                     f"  {r.stages}" for r in rows if r.stages)
 
 
 def _scale_notes(out: Path) -> str:

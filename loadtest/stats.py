@@ -54,6 +54,7 @@ class RunSummary:
     loadavg_1m: float = float("nan")  # machine load average at the end of the run (noise check)
     gpu_util: float = float("nan")  # mean GPU utilisation during the run, % (NaN: no GPU sampled)
     cpu_by_process: str = ""  # CPU ms per OK answer of each serving process, "Router 2.10; shard-0 0.80"
+    stages: str = ""  # mean ms per stage (serving/engine/stages.py), "decode 0.40  coalesce_wait 1.20 ..."
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -28,6 +28,10 @@ from recserve.v1 import ranker_pb2
 from serving.api.wire import MODEL_INFO_METHOD
 
 
+# the line both servers print (recserve serve): where their stage histograms are scraped
+METRICS_LINE = r"recserve: metrics .* on http://(\S+)/metrics"
+
+
 class TargetError(RuntimeError):
     """A server under test failed to start; the message says which and points at its log."""
 
@@ -115,50 +119,69 @@ class _Target:
     def serving_pids(self) -> list[int]:
         return self.cpu.pids()
 
+    metrics_url: str | None = None  # the stage histograms (serving/engine/stages.py), once ready
+    metrics_delay_s: float = 0.0  # how long a stage time takes to reach metrics_url
 
-def _serve_has_option(option: str) -> bool:
-    """Whether this checkout's ``recserve serve`` takes ``option`` (read from its source)."""
-    import importlib.util
+    def _find_metrics(self, pattern: str) -> None:
+        """metrics_url from the server's log line matching ``pattern`` (group 1: host:port)."""
+        import re
 
-    spec = importlib.util.find_spec("recserve.cli.serve")
-    try:
-        return spec is not None and spec.origin is not None and f'"{option}"' in Path(spec.origin).read_text()
-    except OSError:
-        return False
+        for _ in range(40):  # the line may follow the first answer by a moment
+            m = re.search(pattern, self.log_path.read_text(errors="replace"))
+            if m:
+                self.metrics_url = f"http://{m.group(1)}/metrics"
+                return
+            time.sleep(0.25)
+        self.metrics_url = None
+
+
+def feature_filter_of(serve_args: tuple[str, ...] = ()) -> str:
+    """The feature filter both servers of a bench run (the ``--feature-filter`` value of
+    ``recserve serve``): the one ``serve_args`` name, else ``none`` (``recserve serve`` itself
+    defaults to fading; the bench compares equal work). tests/loadtest/test_targets.py parses
+    both servers' command lines with ``recserve serve``'s own parser (flags from AppArgs) and
+    fails if their filters differ."""
+    args = list(serve_args)
+    value = "none"
+    for i, arg in enumerate(args):
+        if arg == "--feature-filter" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--feature-filter="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def _on(env: dict[str, str], key: str) -> bool:
     return env.get(key, "").lower() in ("1", "true")
 
 
-def _direct_ingress(env: dict[str, str]) -> bool:
-    """Whether the router replica serves gRPC itself (throughput-optimized mode, HAProxy)."""
-    if _on(env, "RAY_SERVE_ENABLE_HA_PROXY"):
-        return True
-    if "RAY_SERVE_ENABLE_DIRECT_INGRESS" in env:
-        return _on(env, "RAY_SERVE_ENABLE_DIRECT_INGRESS")
-    return _on(env, "RAY_SERVE_THROUGHPUT_OPTIMIZED")
-
-
 class MonolithServer(_Target):
     """The single-server baseline for ``package``."""
 
     def __init__(self, package: Path, *, log_dir: Path, port: int | None = None, ready_timeout_s: float = 300.0,
-                 device: str = "cpu"):
-        self.name = "monolith"
+                 device: str = "cpu", feature_filter: str = "none", env: dict[str, str] | None = None,
+                 extra_args: tuple[str, ...] = (), name: str = "monolith"):
+        self.name = name
+        self.env = dict(env or {})
+        self.extra_args = tuple(extra_args)
+        self.feature_filter = feature_filter
         self.device = device
         self.package = Path(package)
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.log_path = Path(log_dir) / "monolith.log"
+        self.log_path = Path(log_dir) / f"{name}.log"
         self.ready_timeout_s = ready_timeout_s
 
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "recserve.cli", "serve", "--monolith", str(self.package), "--port", str(self.port),
+                "--device", self.device, "--feature-filter", self.feature_filter, "--metrics-port", "0",
+                *self.extra_args]
+
     def __enter__(self) -> MonolithServer:
-        argv = [sys.executable, "-m", "recserve.cli", "serve", "--monolith", str(self.package), "--port", str(self.port),
-                "--device", self.device, "--feature-filter", "none"]
-        self._spawn(argv, dict(os.environ))
+        self._spawn(self.argv(), {**os.environ, **self.env})
         self.cpu = CpuMeter(lambda: process_tree(self.proc.pid) if self.proc else [])
         self.info = self._wait_ready(self.ready_timeout_s)
+        self._find_metrics(METRICS_LINE)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -190,26 +213,28 @@ class ServeStack(_Target):
         self.extra_args = tuple(extra_args)
         self.ready_timeout_s = ready_timeout_s
 
-    def __enter__(self) -> ServeStack:
+    def argv(self) -> list[str]:
+        """``recserve serve`` with this stack's arguments; its feature filter is
+        :func:`feature_filter_of` the extra arguments (the monolith of a bench gets the same)."""
         argv = [sys.executable, "-m", "recserve.cli", "serve", str(self.package), "--port", str(self.port)]
         if "--http-port" not in self.extra_args:
             argv += ["--http-port", str(free_port())]  # never collide with another Serve on 8000
-        if "--feature-filter" not in self.extra_args and _serve_has_option("--feature-filter"):
-            argv += ["--feature-filter", "none"]  # the monolith runs no fading filter either
         if "--device" not in self.extra_args:
             argv += ["--device", self.device]
-        argv += list(self.extra_args)
+        return argv + list(self.extra_args) + ["--feature-filter", feature_filter_of(self.extra_args)]
+
+    def __enter__(self) -> ServeStack:
+        argv = self.argv()
         env = dict(os.environ)
         env.update(self.env)
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # Ray starts workers at nice 15; the monolith runs at 0. On a busy machine that alone
         # would hand the monolith the CPU, so the replicas run at the monolith's priority.
         env.setdefault("RAY_worker_niceness", "0")
-        if _direct_ingress(env):
-            # Direct ingress: the router replica serves gRPC itself, on a port Serve allocates
-            # from a range; pin that range to one free port and send traffic there (the
-            # head-node proxy still listens on --port, unused: it shares no port with the
-            # replica, so the kernel never splits our connections between the two).
+        env.setdefault("RAY_metrics_report_interval_ms", "1000")  # stage histograms in ~2 s, not ~20 s
+        if _on(env, "RAY_SERVE_ENABLE_HA_PROXY"):
+            # HAProxy's frontend takes --port; the router replica's own ports (direct ingress,
+            # which `recserve serve --ingress direct` would otherwise pin to --port) go to a free range
             grpc_port, http = free_port(), free_port()
             env.update(
                 RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT=str(grpc_port),
@@ -217,8 +242,6 @@ class ServeStack(_Target):
                 RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(http),
                 RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(http + 1),
             )
-            if not _on(env, "RAY_SERVE_ENABLE_HA_PROXY"):
-                self.address = f"127.0.0.1:{grpc_port}"  # with HAProxy: its frontend on --port
         self.cpu = CpuMeter(lambda: ray_serve_processes(within=self.proc.pid) if self.proc else [])
         self.control_cpu = CpuMeter(lambda: ray_control_processes(within=self.proc.pid) if self.proc else [])
         self._spawn(argv, env)
@@ -227,6 +250,8 @@ class ServeStack(_Target):
         except TargetError:
             self._stop(grace_s=10)
             raise
+        self._find_metrics(METRICS_LINE)
+        self.metrics_delay_s = 3.0
         return self
 
     def processes(self) -> list[str]:

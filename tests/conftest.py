@@ -33,6 +33,14 @@ import pytest  # noqa: E402
 
 from recserve.workloads import WorkloadConfig, load_workload  # noqa: E402
 
+# Hypothesis imports its target optimiser lazily, inside a test, deep in the stack; pytest
+# rewrites it (ast.parse) there, and CPython 3.11.7's AST validator can then fail with
+# "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905, pytest #10763; seen in CI).
+# Imported here, at the top of the stack, it is compiled before any test runs.
+import importlib  # noqa: E402
+
+importlib.import_module("hypothesis.internal.conjecture.optimiser")
+
 
 RAY_FIXTURE = "serve_instance"  # tests/serving/conftest.py: the session's Ray + Serve
 RAY_TIMEOUT_S = 600  # pytest-timeout's bound for a Ray test (others: pyproject's ``timeout``)

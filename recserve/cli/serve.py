@@ -9,6 +9,7 @@ import argparse
 
 from recserve.cli.types import Subcommand
 from serving.app.versions import ROUTER_APP
+from serving.ops.ingress import DEFAULT_INGRESS, INGRESS_MODES
 
 # Serve gives its proxy 5 s to start (and 10 s per health check) before its controller kills
 # it, and serve.start then fails (ActorDiedError, "killed by ray.kill"): a busy 2-core machine
@@ -59,9 +60,19 @@ def add_app_flags(parser: argparse.ArgumentParser, *, defaults: dict | None = No
                                 help=f"{field.description} (default {shown})".replace("%", "%%"))
             continue
         parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=kind, default=default, choices=choices,
+            "--" + name.replace("_", "-"), dest=name, type=_or_none(kind, none_word) if optional else kind,
+            default=default, choices=choices,
             help=f"{field.description} (default {shown})".replace("%", "%%"),
         )
+
+
+def _or_none(kind: type, none_word: str):
+    """argparse type of an optional field: ``none_word`` (or '') stays a word, anything else is ``kind``."""
+    def parse(value: str):
+        return value if value in ("", none_word) else kind(value)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def app_args_from(args: argparse.Namespace, *, package: str, none_word: str = "none"):
@@ -100,8 +111,16 @@ class Serve(Subcommand):
                        help="deploy on this existing Ray cluster (its GCS address) instead of starting a local Ray; "
                             "with --place-on-hosts the shards go to its nodes labelled recserve-host=NAME "
                             "(docs/multinode.md); on exit the app is deleted and the cluster left running")
+        p.add_argument("--ingress", choices=INGRESS_MODES, default=DEFAULT_INGRESS,
+                       help="who answers --port: 'direct' = the Router replica itself (Serve's direct ingress, "
+                            "one Router replica), 'proxy' = Serve's gRPC proxy in front of any number of them "
+                            f"(default {DEFAULT_INGRESS}; serving/ops/ingress.py)")
         p.add_argument("--monolith", action="store_true",
                        help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
+        p.add_argument("--metrics-port", type=int, default=0,
+                       help="with --monolith: Prometheus metrics (recserve_stage_ms per stage) on 127.0.0.1:PORT "
+                            "(default 0 = a free one, printed; -1 = none). The Ray stack's are Ray's exporter's, "
+                            "printed at start")
 
     def run(self, args: argparse.Namespace) -> int:
         return run_serve(args)
@@ -167,6 +186,12 @@ def run_serve(args: argparse.Namespace) -> int:
             where = f"--{str(err['loc'][0]).replace('_', '-')}: " if err["loc"] else ""
             print(f"recserve serve: {where}{err['msg']}", file=sys.stderr)
         return 2
+    from serving.ops.ingress import check_ingress
+
+    problem = None if args.monolith else check_ingress(args.ingress, app_args.router_replicas)
+    if problem:
+        print(f"recserve serve: {problem}", file=sys.stderr)
+        return 2
     try:  # before any training or deploying: a taken gRPC port fails now, not after a minute
         ports = ServePorts.choose(grpc=args.port, dashboard=args.dashboard_port, http=args.http_port)
     except PortTaken as e:
@@ -180,11 +205,14 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     app_args = app_args.model_copy(update={"package": str(path)})
     if args.monolith:
-        return _serve_monolith(app_args, manifest, ports)
-    return _serve_on_ray(app_args, manifest, ports, address=args.address)
+        return _serve_monolith(app_args, manifest, ports, metrics_port=args.metrics_port)
+    # on an existing cluster Serve's gRPC proxy on the head answers --port: direct ingress needs
+    # settings in the environment of Ray's processes, which the cluster's operator started
+    return _serve_on_ray(app_args, manifest, ports, ingress="proxy" if args.address else args.ingress,
+                         address=args.address)
 
 
-def _serve_monolith(app_args, manifest, ports) -> int:
+def _serve_monolith(app_args, manifest, ports, *, metrics_port: int) -> int:
     """The whole model in this process behind grpc.aio on 127.0.0.1 (stops on SIGINT/SIGTERM)."""
     import asyncio
 
@@ -197,13 +225,16 @@ def _serve_monolith(app_args, manifest, ports) -> int:
                                   max_in_flight=app_args.max_in_flight,
                                   max_latency_factor=app_args.max_latency_factor, device=app_args.device,
                                   feature_filter=load_feature_filter(app_args.feature_filter, manifest),
-                                  example_log=config_of(app_args)))
+                                  example_log=config_of(app_args),
+                                  coalesce_max_examples=app_args.coalesce_max_examples,
+                                  torch_threads=app_args.torch_threads,
+                                  metrics_port=None if metrics_port < 0 else metrics_port))
     except KeyboardInterrupt:  # while loading, before the stop handlers are installed
         pass
     return 0
 
 
-def _serve_on_ray(app_args, manifest, ports, *, address: str | None = None) -> int:
+def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address: str | None = None) -> int:
     """Local Ray + Serve, the app deployed (progress while replicas start), served until
     SIGINT/SIGTERM; then Serve and Ray shut down."""
     import os
@@ -227,6 +258,12 @@ def _serve_on_ray(app_args, manifest, ports, *, address: str | None = None) -> i
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     for name, value in SERVE_STARTUP_ENV.items():
         os.environ.setdefault(name, value)
+    proxy_grpc, proxy_http = ports.grpc, ports.http
+    if ingress == "direct" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        from serving.ops.ingress import direct_ingress_env
+
+        os.environ.update(direct_ingress_env(ports.grpc, ports.http))  # the Router replica on --port
+        proxy_grpc, proxy_http = free_port(), free_port()  # Serve still starts its proxy: elsewhere
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
     # silently share it. Off (inherited by the proxy actors through Ray's worker environment).
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
@@ -271,6 +308,7 @@ def _serve_on_ray(app_args, manifest, ports, *, address: str | None = None) -> i
     # that exits the process. Until here, Ctrl-C interrupts the start-up (KeyboardInterrupt).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    deploying: list[threading.Thread] = []  # serve.run's thread, while the app starts
     try:
         try:  # before Serve starts: a package that does not fit is refused with nothing started
             app = build_app(app_args)
@@ -279,19 +317,21 @@ def _serve_on_ray(app_args, manifest, ports, *, address: str | None = None) -> i
                   file=sys.stderr, flush=True)
             return 2
         serve.start(
-            http_options={"host": "127.0.0.1", "port": ports.http},
-            grpc_options={"port": ports.grpc, "grpc_servicer_functions": GRPC_SERVICERS},
+            http_options={"host": "127.0.0.1", "port": proxy_http},
+            grpc_options={"port": proxy_grpc, "grpc_servicer_functions": GRPC_SERVICERS},
             # on a cluster: one gRPC ingress, on the head node (docs/multinode.md: ports)
             **({"proxy_location": "HeadOnly"} if address is not None else {}),
         )
         print(f"recserve: deploying {manifest.name} {manifest.version} from {app_args.package} "
               f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "
-              f"transport {app_args.transport}) ...", flush=True)
-        if not _deploy_with_progress(app, stop):
+              f"transport {app_args.transport}, ingress {ingress}) ...", flush=True)
+        if not _deploy_with_progress(app, stop, deploying):
             return 1
         node = next(n for n in ray.nodes() if n["Alive"])
         write_state(dashboard=dashboard, grpc_port=ports.grpc, ray_address=context.address_info["gcs_address"],
                     metrics=f"127.0.0.1:{node['MetricsExportPort']}", session_dir=context.address_info["session_dir"])
+        print(f"recserve: metrics (Prometheus, recserve_stage_ms per stage) on "
+              f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", flush=True)
         from serving.app.cluster import grpc_host
 
         print(f"recserve: serving {SERVICE_NAME} on {grpc_host(address)}:{ports.grpc} (gRPC; README: Network exposure). "
@@ -312,14 +352,19 @@ def _serve_on_ray(app_args, manifest, ports, *, address: str | None = None) -> i
             elif serve.status().applications.get(ROUTER_APP) is not None:  # the operator's cluster: only our app goes
                 serve.delete(ROUTER_APP)
         finally:
+            # a deploy interrupted mid-way still runs serve.run in its thread: it fails once Serve
+            # is gone; Ray outlives it (a thread calling into a shut-down Ray exits the process, 1)
+            for thread in deploying:
+                thread.join(timeout=30)
             ray.shutdown()
     print("recserve: stopped", flush=True)
     return 0
 
 
-def _deploy_with_progress(app, stop, *, every_s: float = 2.0) -> bool:
-    """``serve.run`` in a thread; meanwhile, each change of the replicas' states is printed
-    (which deployments are up). False if the deploy failed or a stop signal came first."""
+def _deploy_with_progress(app, stop, threads: list, *, every_s: float = 2.0) -> bool:
+    """``serve.run`` in a thread (appended to ``threads``); meanwhile, each change of the
+    replicas' states is printed (which deployments are up). False if the deploy failed or a
+    stop signal came first."""
     import threading
 
     from ray import serve
@@ -338,6 +383,7 @@ def _deploy_with_progress(app, stop, *, every_s: float = 2.0) -> bool:
             failed.append(e)
 
     worker = threading.Thread(target=deploy, name="recserve-deploy", daemon=True)
+    threads.append(worker)
     worker.start()
     last = None
     while worker.is_alive() and not stop.is_set():

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
@@ -33,18 +34,27 @@ from recserve.package import ModelPackage
 from serving.engine.admission import Admission, AdmissionConfig
 from serving.api.wire import HEALTH_SERVICES, caller_timeout_s
 from serving.api.codec import ModelSpec, check_model, decode_request, encode_response, model_info
+from serving.engine.coalesce import Coalescer, concat_batches, split_rows
 from serving.config import AppArgs, BatchingConfig
 from serving.api.errors import DeadlineExceeded, Overloaded, ServingError, ShardUnavailable
 from serving.example_log import config_of, example_log_for
 from serving.engine import routing as routing_module  # a module global: Serve pickles Router by value
 from serving.engine.routing import FeatureFilter, Routing, ShardRequest, load_feature_filter
 from serving.engine.shard import ShardCore
+from serving.engine.stages import BOUNDARIES_MS, STAGE_DESCRIPTION, STAGE_METRIC, Observe, Stopwatch
 from serving.api.status import grpc_status
 from serving.engine.tower import TowerCore
 from serving.app.version_store import load_table
 from serving.app.versions import RouterVersions, ServedVersion, VersionTable
 
 logger = logging.getLogger("ray.serve")
+
+
+def ray_observer() -> Observe:
+    """The stage histogram of a Serve replica (serving/engine/stages.py; Ray's metrics, Serve adds
+    deployment and replica tags)."""
+    h = Histogram(STAGE_METRIC, description=STAGE_DESCRIPTION, boundaries=BOUNDARIES_MS, tag_keys=("stage",))
+    return lambda stage, ms: h.observe(ms, tags={"stage": stage})
 
 _DOWN_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
 
@@ -66,30 +76,39 @@ def _expired(request: ShardRequest) -> bool:
     return request.deadline is not None and time.time() > request.deadline
 
 
-def _apply_batching(method, config: dict | None) -> BatchingConfig:
-    cfg = BatchingConfig(**(config or {}))
-    method.set_max_batch_size(cfg.max_batch_size)
-    method.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-    return cfg
-
-
 class _Batcher:
-    """Runs items through a @serve.batch method, or alone when one is larger than a batch
-    (Serve rejects such an item); either way one core call at a time."""
+    """Runs a deployment's calls through a :class:`Coalescer` (adaptive: an idle replica runs a
+    call at once, calls that arrive meanwhile go together when it returns; one core call at
+    a time); a call larger than a batch runs alone. Records each call's wait and batch time
+    as stages ``{name}.wait`` and ``{name}.{work}``."""
 
-    def __init__(self, batched, run_alone):
-        self.batched, self.run_alone = batched, run_alone
+    def __init__(self, run_many, *, name: str, work: str):
+        self.run_many = run_many  # items -> results, in a thread
         self.config = BatchingConfig()
         self.lock = asyncio.Lock()  # the core (its buffers, its stream) serves one call at a time
+        self.coalescer = Coalescer(self._run, max_examples=self.config.max_batch_size,
+                                   max_wait_s=self.config.batch_wait_timeout_s)
+        self.stages = (f"{name}.wait", f"{name}.{work}")
+        self.observe = ray_observer()
 
     def reconfigure(self, config: dict | None) -> None:
-        self.config = _apply_batching(self.batched, config)
+        self.config = BatchingConfig(**(config or {}))
+        self.coalescer.configure(max_examples=self.config.max_batch_size,
+                                 max_wait_s=self.config.batch_wait_timeout_s, fixed_wait=self.config.fixed_wait)
 
-    async def __call__(self, item):
-        if _examples([item]) <= self.config.max_batch_size:
-            return await self.batched(item)
+    async def _run(self, items: list) -> list:
         async with self.lock:
-            return await asyncio.to_thread(self.run_alone, item)
+            return await asyncio.to_thread(self.run_many, items)
+
+    async def __call__(self, item, *, deadline: float | None = None, expired=TimeoutError):
+        """``item``'s result; ``deadline`` (time.time()) as the caller sent it."""
+        waited: list = []
+        left = None if deadline is None else time.monotonic() + (deadline - time.time())
+        out = await self.coalescer.submit(item, size=_examples([item]), deadline=left, expired=expired,
+                                          waited=waited)
+        self.observe(self.stages[0], waited[0].queued_s * 1000)
+        self.observe(self.stages[1], waited[0].batch_s * 1000)
+        return out
 
 
 def transport_env() -> dict[str, str]:
@@ -103,10 +122,12 @@ class Shard:
     """Shard K of the package: loads only shards/shard-K.safetensors."""
 
     def __init__(self, package: str, index: int, args: AppArgs):
+        if args.torch_threads is not None:  # else Ray's OMP_NUM_THREADS=1
+            torch.set_num_threads(args.torch_threads)
         self.name = shard_name(index)
         self.core = ShardCore(ModelPackage.open(package), index, device=args.resolved_device(),
                               output_dtype=args.wire_dtype, max_batch_size=args.max_batch_size)
-        self._batcher = _Batcher(self._batched, self.core.lookup)
+        self._batcher = _Batcher(self._lookup_many, name=self.name, work="lookup")
         # Serve tags every metric with its deployment (shard-K), replica and application
         self._batch = Histogram("recserve_shard_batch_examples", description="examples per batched lookup",
                                 boundaries=_SIZES)
@@ -118,23 +139,19 @@ class Shard:
     async def lookup(self, request: ShardRequest) -> np.ndarray:
         """Pooled embeddings [B, columns x D] (the app's wire dtype) of one request
         (DEADLINE_EXCEEDED if the router's deadline passed before the lookup ran: the work is skipped)."""
-        out = None if _expired(request) else await self._batcher(request)
-        if out is None:
-            raise DeadlineExceeded(f"{self.name}: the request's deadline passed before its lookup ran")
-        return out
+        if _expired(request):
+            raise self._late()
+        return await self._batcher(request, deadline=request.deadline, expired=self._late)
 
-    @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.002, batch_size_fn=_examples)
-    async def _batched(self, requests: list[ShardRequest]) -> list[np.ndarray | None]:
-        expired = [_expired(r) for r in requests]  # expired while queued: None, not looked up
-        live = [r for r, e in zip(requests, expired) if not e]
-        outs = iter(())
-        if live:
-            start = time.perf_counter()
-            async with self._batcher.lock:
-                outs = iter(await asyncio.to_thread(self.core.lookup_many, live))
-            self._latency.observe((time.perf_counter() - start) * 1000)
-            self._batch.observe(_examples(live))
-        return [None if e else next(outs) for e in expired]
+    def _late(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"{self.name}: the request's deadline passed before its lookup ran")
+
+    def _lookup_many(self, requests: list[ShardRequest]) -> list[np.ndarray]:
+        start = time.perf_counter()
+        outs = self.core.lookup_many(requests)
+        self._latency.observe((time.perf_counter() - start) * 1000)
+        self._batch.observe(_examples(requests))
+        return outs
 
 
 @dataclass(frozen=True)
@@ -152,6 +169,8 @@ class DenseTower:
     """Assembles shard outputs into [B, F, D] and runs the dense model."""
 
     def __init__(self, package: str, shards: list[DeploymentHandle], args: AppArgs):
+        if args.torch_threads is not None:
+            torch.set_num_threads(args.torch_threads)
         pkg = ModelPackage.open(package)
         self.routing = Routing(pkg.manifest)
         self.core = TowerCore.from_package(pkg, device=args.resolved_device(), dtype=args.tower_dtype,
@@ -159,7 +178,7 @@ class DenseTower:
         # fanout "tower": this deployment calls the shards itself (the router sends it the ids)
         by_reference = args.transport == "reference"
         self.shards = [h.options(method_name="lookup", _by_reference=by_reference) for h in shards]
-        self._batcher = _Batcher(self._batched, lambda item: self._score_many([item])[0])
+        self._batcher = _Batcher(self._score_many, name="tower", work="score")
         self._batch = Histogram("recserve_tower_batch_examples", description="examples per batched tower call",
                                 boundaries=_SIZES)
 
@@ -182,13 +201,8 @@ class DenseTower:
             raise
         return await self._batcher(_TowerItem(dense, tuple(done.get(k) for k in range(self.routing.num_shards))))
 
-    @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.002, batch_size_fn=_examples)
-    async def _batched(self, items: list[_TowerItem]) -> list[np.ndarray]:
-        self._batch.observe(_examples(items))
-        async with self._batcher.lock:
-            return await asyncio.to_thread(self._score_many, items)
-
     def _score_many(self, items: list[_TowerItem]) -> list[np.ndarray]:
+        self._batch.observe(_examples(items))
         sparse = self.routing.assemble_many([(it.batch_size, it.parts) for it in items],
                                             device=self.core.device)  # [sum B, F, D]
         dense = np.concatenate([it.dense for it in items]) if len(items) > 1 else items[0].dense
@@ -265,6 +279,10 @@ class Router:
         self._examples = Histogram("recserve_request_examples", description="examples per request",
                                    boundaries=_SIZES)
         self._retries = Counter("recserve_replica_retries", description="calls retried after a replica died")
+        # concurrent requests of one version: one split, one call per shard, one tower call
+        self._coalescer = Coalescer(self._score_batch, max_examples=args.coalesce_max_examples,
+                                    max_wait_s=args.coalesce_wait_s, isolate=_isolate, cancel_abandoned=True)
+        self._observe = ray_observer()
 
     def _version_parts(self, version: str, package: str, app: str) -> ServedVersion:
         manifest = ModelPackage.open(package).manifest
@@ -298,6 +316,10 @@ class Router:
         """The table this replica serves (JSON)."""
         return self.versions.table.to_json()
 
+    def coalesced(self) -> dict[str, int]:
+        """Batches this replica has sent and the requests they carried (coalescing at work)."""
+        return {"batches": self._coalescer.batches, "items": self._coalescer.items}
+
     def in_flight(self, version: str) -> int:
         """Requests on ``version`` in this replica now (the old version drains to 0)."""
         return self.versions.in_flight.get(version, 0)
@@ -308,6 +330,7 @@ class Router:
         from recserve.v1 import ranker_pb2
 
         start = time.monotonic()
+        clock = Stopwatch(self._observe)
         token = routing_module.REQUEST_ID.set(request.request_id)
         ticket = served = None
         answered = False
@@ -319,12 +342,15 @@ class Router:
             check_model(p.spec, request.model, request.version)
             ticket = self.admission.admit(min(int(request.batch_size), p.spec.max_batch_size), budget)
             self.versions.enter(served.version)
+            clock.lap("admission")
             batch = decode_request(request, p.spec)
             self._examples.observe(batch.batch_size)
-            scores = await self.score(batch, deadline, p, app=served.app, budget_s=budget)
+            clock.lap("decode")
+            scores = await self.score(batch, deadline, p, app=served.app, budget_s=budget, clock=clock)
             p.example_log.submit(request.request_id, batch, scores, p.feature_filter)  # never blocks
             response = encode_response(scores, model=p.manifest.name, version=p.manifest.version,
                                        request_id=request.request_id)
+            clock.lap("encode")
             answered = True
             self._requests.inc(tags={"code": "OK"})
             return response
@@ -366,18 +392,42 @@ class Router:
     # ------------------------------------------------------------------ the request path
 
     async def score(self, batch, deadline: float, p: _VersionParts, *, app: str,
-                    budget_s: float | None = None) -> np.ndarray:
+                    budget_s: float | None = None, clock: Stopwatch | None = None) -> np.ndarray:
         """Scores float32 [B] of a validated batch by one version, within ``deadline``
-        (time.monotonic()); a call that lost its replica is sent again while time is left.
+        (time.monotonic()): filtered, then coalesced with concurrent requests of the same
+        version (:meth:`_score_batch`); it waits for its own scores until its own deadline.
 
         ``budget_s`` is the caller's whole budget (for the error message)."""
         started = time.monotonic()
         batch = p.feature_filter(batch)  # THE fading hook: on the decoded batch, before the split
+        if clock is not None:
+            clock.lap("filter")
+        budget = budget_s if budget_s is not None else deadline - started
+        waited: list = []
+        scores = await self._coalescer.submit(
+            (batch, p, app, deadline, budget), size=batch.batch_size, key=(app, p.manifest.version), deadline=deadline, waited=waited,
+            expired=lambda: DeadlineExceeded(f"deadline of {budget * 1000:.0f} ms exceeded waiting for the shards "
+                                              f"and the dense tower"))
+        if clock is not None:
+            clock.add("coalesce_wait", waited[0].queued_s)
+            clock.add("batch", waited[0].batch_s)
+        routing_module.observe_scores(p.feature_filter, batch, scores, time.monotonic() - started)  # fading guardrails
+        return scores
+
+    async def _score_batch(self, items: list[tuple]) -> list[np.ndarray]:
+        """Scores of coalesced requests of one version: one split, one call per shard, one
+        tower call, within the latest of their deadlines (each request keeps its own in
+        :meth:`score`); a call that lost its replica is sent again while time is left."""
+        _, p, app, _, _ = items[0]
+        batches = [b for b, *_ in items]
+        batch = concat_batches(batches)
+        deadline = max(it[3] for it in items)  # time.monotonic(); each request's own ends its wait
+        budget = max(it[4] for it in items)  # the caller's, for the message
         requests = p.routing.split(batch, deadline=time.time() + (deadline - time.monotonic()))
         self._fanout.observe(len(requests))
         for attempt in itertools.count():
             try:
-                scores = await self._call(batch, requests, deadline, p, app, budget_s)
+                scores = await self._call(batch, requests, deadline, p, app, budget)
                 break
             except _ReplicaDied as died:
                 pause = min(0.005 * 2**attempt, 0.1)  # the handle drops the dead replica; go again
@@ -385,8 +435,7 @@ class Router:
                     raise died.error from None
                 self._retries.inc()
                 await asyncio.sleep(pause)
-        routing_module.observe_scores(p.feature_filter, batch, scores, time.monotonic() - started)  # fading guardrails
-        return scores
+        return split_rows(scores, [b.batch_size for b in batches])
 
     async def _call(self, batch, requests: dict[int, ShardRequest], deadline: float, p: _VersionParts, app: str,
                     budget_s: float | None) -> np.ndarray:
@@ -494,6 +543,12 @@ class Router:
             grpc_context.set_code(code)
             grpc_context.set_details(message)
         return code
+
+
+def _isolate(error: BaseException) -> bool:
+    """Whether a coalesced batch that failed with ``error`` is rerun request by request (an
+    error one request may have caused), not failed as a whole (the stack's own state)."""
+    return not isinstance(_as_serving_error(error), (DeadlineExceeded, ShardUnavailable, Overloaded))
 
 
 async def _resolve(response: DeploymentResponse):

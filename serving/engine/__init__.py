@@ -11,4 +11,6 @@ unit-testable in one process.
   pooled.py        pooled embeddings between shards and tower, in their wire dtype
   local_ranker.py  the whole model in one process (LocalRanker)
   admission.py     admission control: shed at the door what cannot meet its deadline
+  coalesce.py      adaptive coalescing of concurrent requests into one batched call
+  stages.py        per-stage request times (recserve_stage_ms), read back by the bench
 """

@@ -7,7 +7,15 @@ The estimate is queueing arithmetic over the server's own recent history::
     work ahead      = examples admitted and not answered yet (in flight), + this request's
     seconds/example = the MEDIAN over recent answered requests of latency / work ahead at
                       their admission
-    estimated time  = work ahead x seconds/example
+    seconds/request = the same per request ahead (requests in flight at admission, + itself)
+    estimated time  = the smaller of  work ahead x seconds/example  and
+                                      requests ahead x seconds/request
+
+A request costs a fixed part (the calls, decoding, the hops) and a part per example; with
+requests of one size the two estimates agree, and where sizes differ the split is not known,
+so each estimate blames all of the cost on one of the two parts and the smaller is kept: a
+request is shed only when the queue is too long under both. (Small slow requests, with every
+example blamed for their fixed cost, made one estimate 8x too long for a burst of larger ones.)
 
 ``seconds/example`` is measured, not configured, so it covers whatever the server overlaps
 (worker threads, pipelined shards and tower, batching). It is built so that a few slow calls
@@ -91,6 +99,7 @@ class Ticket:
 
     examples: int
     work_ahead: int  # examples in flight at admission, its own included
+    requests_ahead: int  # requests in flight at admission, itself included
     admitted_at: float  # clock()
     idle: bool  # nothing else was in flight
 
@@ -141,19 +150,25 @@ class Admission:
         c = self.config
         # seconds per example of work ahead, loaded or not; and the same over requests admitted to an idle server
         self.per_example = RecentMedian(c.window, c.min_samples, c.max_age_s)
+        self.per_request = RecentMedian(c.window, c.min_samples, c.max_age_s)  # the same, per request ahead
         self.idle_per_example = RecentMedian(c.window, c.min_samples, c.max_age_s)
         self.stats = AdmissionStats()
 
     def seconds_per_example(self) -> float | None:
-        """The estimate now (None: too few recent samples to shed on)."""
+        """The per-example estimate now (None: too few recent samples to shed on)."""
         return self.per_example.value(self.clock())
+
+    def seconds_per_request(self) -> float | None:
+        """The per-request estimate now (None: too few recent samples to shed on)."""
+        return self.per_request.value(self.clock())
 
     def estimate_s(self, examples: int) -> float | None:
         """Estimated seconds until a request of ``examples`` admitted now is answered (None: no data yet)."""
-        per_example = self.seconds_per_example()
-        if per_example is None:
+        now = self.clock()
+        per_example, per_request = self.per_example.value(now), self.per_request.value(now)
+        if per_example is None or per_request is None:
             return None
-        return (self.in_flight_examples + examples) * per_example
+        return min((self.in_flight_examples + examples) * per_example, (self.in_flight + 1) * per_request)
 
     def admit(self, examples: int, budget_s: float | None) -> Ticket:
         """Admit a request of ``examples`` with ``budget_s`` seconds left, or raise Overloaded."""
@@ -172,7 +187,7 @@ class Admission:
                         f"overloaded: estimated {estimate * 1000:.0f} ms to answer ({self.in_flight} requests, "
                         f"{self.in_flight_examples} examples ahead) exceeds {why} of {bound * 1000:.0f} ms; retry later")
             ticket = Ticket(examples=examples, work_ahead=self.in_flight_examples + examples,
-                            admitted_at=self.clock(), idle=self.in_flight == 0)
+                            requests_ahead=self.in_flight + 1, admitted_at=self.clock(), idle=self.in_flight == 0)
             self.in_flight += 1
             self.in_flight_examples += examples
             self.stats.admitted += 1
@@ -199,7 +214,9 @@ class Admission:
             if self.stats.answered <= self.config.warmup:
                 return  # warm-up: its latency says how slow the first calls are, not the server
             now = self.clock()
-            sample = max(now - ticket.admitted_at, 0.0) / ticket.work_ahead
+            latency = max(now - ticket.admitted_at, 0.0)
+            sample = latency / ticket.work_ahead
             self.per_example.add(now, sample)
+            self.per_request.add(now, latency / ticket.requests_ahead)
             if ticket.idle:
                 self.idle_per_example.add(now, sample)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -64,6 +65,14 @@ class LocalRanker:
         shards' id flags are read after it."""
         started = time.perf_counter()
         batch = self.feature_filter(batch)  # the fading hook: before the split
+        scores = self.score_filtered(batch)
+        observe_scores(self.feature_filter, batch, scores, time.perf_counter() - started)  # fading guardrails
+        return scores
+
+    def score_filtered(self, batch: Batch, observe: Callable[[str, float], None] | None = None) -> np.ndarray:
+        """Scores float32 [B] of a batch the feature filter has seen (e.g. several requests'
+        batches, each filtered, coalesced into one); ``observe(stage, ms)`` gets the time of
+        the lookups ("lookup") and of the tower ("tower") on the CPU path."""
         requests = self.routing.split(batch)
         if self.tower.device.type == "cuda":
             pooled = {k: self.shards[k].lookup_device(r) for k, r in requests.items()}  # (pooled, flag)
@@ -72,10 +81,14 @@ class LocalRanker:
             for k, (_, flag) in pooled.items():
                 self.shards[k].check_ids(requests[k], flag)
         else:
+            t0 = time.perf_counter()
             outputs = {k: self.shards[k].lookup(r) for k, r in requests.items()}
+            t1 = time.perf_counter()
             sparse = self.routing.assemble(batch.batch_size, outputs)  # [B, F, D]
             scores = self.tower.score(batch.dense, sparse)
-        observe_scores(self.feature_filter, batch, scores, time.perf_counter() - started)  # fading guardrails
+            if observe is not None:
+                observe("lookup", (t1 - t0) * 1000)
+                observe("tower", (time.perf_counter() - t1) * 1000)
         return scores
 
     def _assemble_on_device(self, B: int, parts: dict[int, torch.Tensor]) -> torch.Tensor:

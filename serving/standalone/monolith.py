@@ -32,63 +32,84 @@ from serving.engine.admission import Admission, AdmissionConfig
 from serving.api.codec import check_model, decode_request, encode_response, model_info
 from serving.api.errors import DeadlineExceeded
 from serving.api.wire import HEALTH_SERVICES, caller_timeout_s
-from serving.config import DEFAULT_MAX_BATCH_SIZE
+from serving.config import DEFAULT_MAX_BATCH_SIZE, AppArgs
+from serving.engine.coalesce import Coalescer, concat_batches, split_rows
 from serving.engine.local_ranker import LocalRanker
+from serving.engine.stages import Stopwatch, prometheus_observer
 from serving.example_log import OFF, ExampleLog, ExampleLogConfig, NoLog, example_log_for
-from serving.engine.routing import REQUEST_ID, FeatureFilter, identity_filter
+from serving.engine.routing import REQUEST_ID, FeatureFilter, identity_filter, observe_scores
 from serving.api.status import grpc_status
 from serving.ops.server_thread import ServerThread, serve_until_signalled
 
+DEFAULT_COALESCE_EXAMPLES: int = AppArgs.model_fields["coalesce_max_examples"].default
+DEFAULT_TORCH_THREADS: int | None = AppArgs.model_fields["torch_threads"].default
+
 
 class MonolithServicer(ranker_pb2_grpc.RankerServicer):
-    """Thin: check the model, admit (or shed), decode, score on the worker threads, encode;
-    errors leave through context.abort.
+    """Thin: check the model, admit (or shed), decode, filter, score on the worker threads,
+    encode; errors leave through context.abort.
 
-    Scoring runs on ``workers`` threads; admitted requests queue for them. Admission
+    Scoring runs on ``workers`` threads. Concurrent requests are coalesced (serving/engine/coalesce.py):
+    one that finds nothing being scored goes at once; those arriving meanwhile are scored
+    together (one split, one lookup per shard, one tower call) when it returns. Admission
     (serving/engine/admission.py) sheds with RESOURCE_EXHAUSTED before decoding when a request
     cannot be answered within its deadline (or ``max_latency_factor`` x the idle latency),
-    and a request whose deadline passes while it waits for a worker is never scored."""
+    and a request whose deadline passes while it waits is never scored. Per-stage times go
+    to the ``recserve_stage_ms`` histogram (serving/engine/stages.py)."""
 
     def __init__(self, ranker: LocalRanker, *, admission: AdmissionConfig | None = None, workers: int = 1,
-                 example_log: ExampleLog | NoLog = OFF):
+                 example_log: ExampleLog | NoLog = OFF, coalesce_max_examples: int = DEFAULT_COALESCE_EXAMPLES):
         self.ranker = ranker
         self.example_log = example_log
         self.admission = Admission(admission or AdmissionConfig())
         self.workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recserve-score")
+        self.coalescer = Coalescer(self._score_many, max_examples=coalesce_max_examples)
+        self.observe = prometheus_observer()
 
-    def _score(self, batch, deadline: float | None):
+    def _filter(self, batch, deadline: float | None):
         if deadline is not None and time.monotonic() >= deadline:  # waited out its deadline in the queue
             raise DeadlineExceeded("deadline expired while the request waited for a worker")
-        return self.ranker.score(batch)
+        return self.ranker.feature_filter(batch)
 
-    def _left(self, ticket, work: asyncio.Future) -> None:
-        if not work.cancelled():
-            work.exception()  # retrieved: the caller has had its error already
-        self.admission.done(ticket, answered=False)
+    async def _score_many(self, batches: list) -> list:
+        """Filtered batches of several requests scored as one (on a worker thread)."""
+        def score():
+            merged = concat_batches(batches)
+            return split_rows(self.ranker.score_filtered(merged, self.observe), [b.batch_size for b in batches])
+
+        return await asyncio.get_running_loop().run_in_executor(self.workers, score)
 
     async def Predict(self, request, context):
         started = time.monotonic()
-        token = REQUEST_ID.set(request.request_id)  # copied into the scoring thread by contextvars
-        ticket = work = None
+        clock = Stopwatch(self.observe)
+        token = REQUEST_ID.set(request.request_id)  # copied into the filter's thread by contextvars
+        ticket = None
         answered = False
         try:
             left = caller_timeout_s(context)
             check_model(self.ranker.spec, request.model, request.version)
             examples = min(int(request.batch_size), self.ranker.spec.max_batch_size)
             ticket = self.admission.admit(examples, left)  # sheds before any decoding work
+            clock.lap("admission")
             batch = decode_request(request, self.ranker.spec)
+            clock.lap("decode")
             deadline = None if left is None else started + left
-            call = functools.partial(contextvars.copy_context().run, self._score, batch, deadline)
-            work = asyncio.get_running_loop().run_in_executor(self.workers, call)
-            if deadline is None:
-                scores = await asyncio.shield(work)
-            else:
-                try:
-                    scores = await asyncio.wait_for(asyncio.shield(work), timeout=max(deadline - time.monotonic(), 0.0))
-                except TimeoutError:
-                    raise DeadlineExceeded(f"deadline of {left * 1000:.0f} ms exceeded while scoring") from None
+            filtered = batch
+            if self.ranker.feature_filter is not identity_filter:  # on a worker: it may do I/O
+                call = functools.partial(contextvars.copy_context().run, self._filter, batch, deadline)
+                filtered = await self._within(asyncio.get_running_loop().run_in_executor(self.workers, call),
+                                              deadline, left)
+            clock.lap("filter")
+            waited: list = []
+            expired = functools.partial(DeadlineExceeded, f"deadline of {(left or 0) * 1000:.0f} ms exceeded while scoring")
+            scores = await self.coalescer.submit(filtered, size=filtered.batch_size, deadline=deadline,
+                                                 expired=expired, waited=waited)
+            clock.add("coalesce_wait", waited[0].queued_s)
+            clock.add("batch", waited[0].batch_s)
+            observe_scores(self.ranker.feature_filter, filtered, scores, time.monotonic() - started)
             m = self.ranker.package.manifest
             response = encode_response(scores, model=m.name, version=m.version, request_id=request.request_id)
+            clock.lap("encode")
             answered = True
         except Exception as e:  # noqa: BLE001  the edge: every error leaves with its code
             code, message = grpc_status(e)
@@ -96,12 +117,20 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
         finally:
             REQUEST_ID.reset(token)
             if ticket is not None:
-                if work is not None and not work.done():  # a worker cannot be interrupted: the
-                    work.add_done_callback(functools.partial(self._left, ticket))  # request is in flight until it stops
-                else:
-                    self.admission.done(ticket, answered=answered)
+                self.admission.done(ticket, answered=answered)
         self.example_log.submit(request.request_id, batch, scores, self.ranker.feature_filter)  # never blocks
         return response
+
+    @staticmethod
+    async def _within(work: asyncio.Future, deadline: float | None, left: float | None):
+        """``work``'s result, or DEADLINE_EXCEEDED at ``deadline`` (the work itself runs on)."""
+        if deadline is None:
+            return await asyncio.shield(work)
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), timeout=max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            work.add_done_callback(lambda w: w.cancelled() or w.exception())  # retrieved: the caller has its error
+            raise DeadlineExceeded(f"deadline of {left * 1000:.0f} ms exceeded while scoring") from None
 
     async def ModelInfo(self, request, context):
         try:
@@ -124,19 +153,28 @@ async def create_server(
     device: str = "cpu",
     feature_filter: FeatureFilter = identity_filter,
     example_log: ExampleLogConfig | ExampleLog | None = None,
+    coalesce_max_examples: int = DEFAULT_COALESCE_EXAMPLES,
+    torch_threads: int | None = DEFAULT_TORCH_THREADS,
 ) -> tuple[grpc.aio.Server, int]:
     """Load the package, bind ``host:port`` (0 = any free port), start; returns (server, port).
 
     ``max_in_flight`` bounds the admitted requests, ``max_latency_factor`` the estimated
     latency of an admitted request against the idle one (serving/engine/admission.py); ``workers``
-    threads score. ``example_log``: log settings (or a ready log) for the served-example log; None = off."""
+    threads score; concurrent requests are scored together up to ``coalesce_max_examples``
+    (1 = each alone). ``example_log``: log settings (or a ready log) for the served-example log; None = off.
+    ``torch_threads``: torch's intra-op threads in this process (None: leave them as they are)."""
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)  # process-wide; the scoring threads inherit it
     ranker = await asyncio.to_thread(
         LocalRanker.load, package, max_batch_size=max_batch_size, device=device, feature_filter=feature_filter
     )
     if isinstance(example_log, ExampleLogConfig):
         example_log = example_log_for(example_log, ranker.package.manifest)
     admission = AdmissionConfig(max_in_flight=max_in_flight, max_latency_factor=max_latency_factor)
-    servicer = MonolithServicer(ranker, admission=admission, workers=workers, example_log=example_log or OFF)
+    servicer = MonolithServicer(ranker, admission=admission, workers=workers, example_log=example_log or OFF,
+                                coalesce_max_examples=coalesce_max_examples)
     # so_reuseport off: a second server on a taken port fails to bind instead of sharing it.
     # Beyond max_in_flight calls, gRPC's core answers RESOURCE_EXHAUSTED itself, before this
     # process parses the request: under overload the event loop never drowns in arrivals.
@@ -164,8 +202,17 @@ class MonolithThread(ServerThread):
         super().__init__(lambda: create_server(package, port, **kwargs), name="recserve-monolith", grace_s=0.5)
 
 
-async def serve_forever(package: ModelPackage | str, port: int = 9000, **kwargs) -> None:
-    """Run a monolith until cancelled (``recserve serve --monolith``)."""
+async def serve_forever(package: ModelPackage | str, port: int = 9000, *, metrics_port: int | None = None,
+                        **kwargs) -> None:
+    """Run a monolith until cancelled (``recserve serve --monolith``); with ``metrics_port``
+    (0 = a free one), this process's Prometheus metrics (the stage histograms of
+    serving/engine/stages.py) on 127.0.0.1."""
     server, bound = await create_server(package, port, **kwargs)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        http, _ = start_http_server(metrics_port, addr="127.0.0.1")
+        print(f"recserve: metrics (Prometheus, recserve_stage_ms per stage) on "
+              f"http://127.0.0.1:{http.server_port}/metrics", flush=True)
     print(f"recserve monolith listening on {kwargs.get('host', '127.0.0.1')}:{bound}", flush=True)
     await serve_until_signalled(server, grace_s=1.0, name="recserve monolith")

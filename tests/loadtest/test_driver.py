@@ -30,7 +30,10 @@ def test_closed_loop_stops_at_the_request_cap(monolith, tiny):
 def test_missed_deadlines_are_counted_not_raised(monolith, tiny):
     trace = make_trace(tiny, 5, seed=0)
     run = asyncio.run(open_loop(monolith, trace.payloads, rate=50.0, duration_s=0.2, timeout_s=1e-6))
-    assert len(run) > 0 and set(run.codes) <= {"DEADLINE_EXCEEDED", "OK"} and "DEADLINE_EXCEEDED" in run.codes
+    # with 1 us left, a request behind another may also be shed at the door (RESOURCE_EXHAUSTED):
+    # the server's admission, counted like the rest
+    assert len(run) > 0 and set(run.codes) <= {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "OK"}
+    assert "DEADLINE_EXCEEDED" in run.codes
 
 
 def test_a_server_that_is_not_there_gives_unavailable(tiny):

@@ -116,6 +116,26 @@ def test_a_few_slow_calls_cannot_make_a_61_example_request_look_like_35_s():
     assert admission.stats.shed_slow == 0
 
 
+def test_small_requests_with_a_fixed_cost_do_not_make_a_burst_of_larger_ones_look_slow():
+    """Seen in CI at load 40: 4-example calls took 0.28 s each, almost all of it the fixed cost
+    of a call, so per example they read 70 ms; a burst of 32-example requests with 10 s left
+    was shed at "11 s" behind five others. Per request ahead the same history says 1.7 s."""
+    admission, clock = learned(AdmissionConfig(), 0.07)  # 10-example requests, 0.7 s each
+    for _ in range(5):
+        admission.admit(32, budget_s=10.0)
+    assert admission.estimate_s(32) == pytest.approx(6 * 0.7)  # not 192 examples x 70 ms = 13.4 s
+    admission.admit(32, budget_s=10.0)
+    assert admission.stats.shed_slow == 0
+
+
+def test_a_queue_too_long_both_per_request_and_per_example_is_shed():
+    admission, _ = learned(AdmissionConfig(), 0.01)  # 10-example requests, 0.1 s each
+    for _ in range(4):
+        admission.admit(10, budget_s=10.0)
+    with pytest.raises(Overloaded, match="estimated 500 ms"):
+        admission.admit(10, budget_s=0.45)  # 5 requests, 50 examples: 0.5 s both ways
+
+
 def test_a_slowdown_that_lasts_is_learned_and_sheds():
     admission, clock = learned(AdmissionConfig(window=8), 0.002)
     for _ in range(5):  # most of the newest 8 samples: the server really is slower now

@@ -179,3 +179,64 @@ def test_the_feature_filter_runs_before_the_split_and_sees_the_request_id(tiny_p
         got = client.predict(batch.dense, helpers.as_sparse(batch), request_id="req-42", timeout=30)
     assert seen == ["req-42"]
     np.testing.assert_allclose(got, reference(drop_history(batch)), atol=TOL)
+
+
+def test_a_mixed_burst_is_coalesced_and_each_request_gets_the_unbatched_scores_or_its_own_error(
+        tiny_packages, tiny, helpers):
+    """16 concurrent requests of mixed sizes, bad and short-deadline ones among them: the good
+    ones are scored in fewer batches than requests (one lookup per shard and one tower call
+    per batch: the "lookup" stage counts them), each gets the scores it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client import REGISTRY
+
+    from serving.api.wire import TIMEOUT_METADATA
+    from serving.api.codec import encode_request
+
+    def lookups() -> float:
+        return REGISTRY.get_sample_value("recserve_stage_ms_count", {"stage": "lookup"}) or 0.0
+
+    def paced(batch):  # 10 ms per request on the worker: the burst queues behind the first batch
+        time.sleep(0.01)
+        return batch
+
+    gen = TrafficGenerator(tiny, seed=12, empty_bag_fraction=0.2)
+    good = [gen.batch(b) for b in (1, 9, 3, 17, 2, 12, 5, 30, 4, 7, 1, 21)]
+    good[2] = helpers.with_weights(good[2])
+    bad = helpers.bad_requests(tiny)[:3]
+    with MonolithThread(tiny_packages("table-2"), feature_filter=paced) as srv, \
+            RankingClient(f"127.0.0.1:{srv.port}") as client:
+        alone = [client.predict(b.dense, helpers.as_sparse(b), timeout=30) for b in good]
+        before = lookups()
+
+        def send(job):
+            kind, x = job
+            try:
+                if kind == "good":
+                    return client.predict(x[0].dense, helpers.as_sparse(x[0]), timeout=30)
+                if kind == "short":  # 5 ms: cannot be scored behind 150 ms of queued work
+                    return client.stub.Predict(encode_request(x.dense, helpers.as_sparse(x)), timeout=30,
+                                               metadata=[(TIMEOUT_METADATA, "5")])
+                return client.predict_raw(x[1], timeout=30)
+            except grpc.RpcError as e:
+                return e
+
+        jobs = [("good", (b, alone[i])) for i, b in enumerate(good)]
+        for i, case in enumerate(bad):
+            jobs.insert(3 * i + 1, ("bad", case))
+        jobs.append(("short", good[0]))
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(send, jobs))
+        batches = lookups() - before
+    for (kind, x), result in zip(jobs, results):
+        if kind == "good":
+            assert not isinstance(result, Exception), result
+            np.testing.assert_allclose(result, x[1], rtol=0, atol=1e-6)
+        elif kind == "short":
+            assert isinstance(result, grpc.RpcError)
+            assert result.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        else:
+            case, _, code, text = x
+            assert isinstance(result, grpc.RpcError) and result.code() == grpc.StatusCode[code], case
+            assert text in result.details(), (case, result.details())
+    assert 1 <= batches < len(good), f"{len(good)} requests scored in {batches:.0f} batches"

@@ -75,6 +75,56 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_scores(main_app, 
         np.testing.assert_allclose(got, reference(batch), rtol=0, atol=FP16_TOL)
 
 
+def _coalesced(app: str) -> dict[str, int]:
+    from ray import serve
+
+    return serve.get_deployment_handle("Router", app_name=app).coalesced.remote().result()
+
+
+def test_a_mixed_burst_is_coalesced_and_each_request_gets_the_unbatched_scores_or_its_own_error(
+        main_app, tiny, helpers):
+    """Concurrent requests of mixed sizes, bad ones among them: the router merges the good ones
+    (one split, one call per shard, one tower call), each gets the scores it gets alone, each
+    bad one its own code."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = TrafficGenerator(tiny, seed=34, empty_bag_fraction=0.2)
+    good = [gen.batch(b) for b in (1, 9, 3, 17, 2, 12, 5, 30, 4, 7, 1, 21)]
+    good[2] = helpers.with_weights(good[2])
+    bad = helpers.bad_requests(tiny)[:6]
+    before = _coalesced("main")
+    alone = [main_app.predict(b.dense, helpers.as_sparse(b), timeout=60) for b in good]  # one at a time
+    after_alone = _coalesced("main")
+    assert after_alone["items"] - before["items"] == after_alone["batches"] - before["batches"] == len(good)
+
+    def send(job):
+        kind, x = job
+        try:
+            if kind == "good":
+                return main_app.predict(x[0].dense, helpers.as_sparse(x[0]), timeout=60)
+            return main_app.predict_raw(x[1], timeout=60)
+        except grpc.RpcError as e:
+            return e
+
+    jobs = [("good", (b, alone[i])) for i, b in enumerate(good)]
+    for i, case in enumerate(bad):
+        jobs.insert(2 * i + 1, ("bad", case))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(send, jobs))
+    got = iter(results)
+    for (kind, x), result in zip(jobs, got):
+        if kind == "good":
+            assert not isinstance(result, Exception), result
+            np.testing.assert_allclose(result, x[1], rtol=0, atol=1e-6)
+        else:
+            case, _, code, text = x
+            assert isinstance(result, grpc.RpcError), case
+            assert result.code() == grpc.StatusCode[code] and text in result.details(), (case, result.details())
+    burst = _coalesced("main")
+    items, batches = burst["items"] - after_alone["items"], burst["batches"] - after_alone["batches"]
+    assert items == len(good) and batches < items, f"{items} requests in {batches} batches: none were merged"
+
+
 def test_every_bad_input_gets_its_code_over_serve(main_app, tiny, reference, helpers):
     for case, request, code, text in helpers.bad_requests(tiny):
         with pytest.raises(grpc.RpcError) as err:
@@ -95,7 +145,8 @@ def test_the_callers_deadline_holds_end_to_end(deploy, tiny_packages, tiny, refe
     # shards that wait wait_s for their batch to fill (it never does: 8 examples of 512), so no
     # answer can come sooner on any machine, and every budget below is certain to run out first
     wait_s = 3.0
-    client = deploy(tiny_packages("table-2"), "slow", shard_batching={"max_batch_size": 512, "batch_wait_timeout_s": wait_s})
+    client = deploy(tiny_packages("table-2"), "slow", shard_batching={"max_batch_size": 512, "batch_wait_timeout_s": wait_s,
+                                                                     "fixed_wait": True})
     try:
         batch = TrafficGenerator(tiny, seed=33).batch(8)
         request = encode_request(batch.dense, helpers.as_sparse(batch))
@@ -115,6 +166,19 @@ def test_the_callers_deadline_holds_end_to_end(deploy, tiny_packages, tiny, refe
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and TIMEOUT_METADATA in err.value.details()
         got = client.predict(batch.dense, helpers.as_sparse(batch), timeout=60)  # served after the wait
         np.testing.assert_allclose(got, reference(batch), atol=FP16_TOL)
+        # a request that runs out of time fails alone: the requests coalesced behind it are served
+        from concurrent.futures import ThreadPoolExecutor
+
+        short = [("application", "slow"), (TIMEOUT_METADATA, "1000")]
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(client.stub.Predict, request, metadata=short, timeout=60)
+            time.sleep(0.2)  # in flight at the shards (their fixed 3 s wait) when the others come
+            rest = [pool.submit(client.predict, batch.dense, helpers.as_sparse(batch), timeout=60) for _ in range(3)]
+            with pytest.raises(grpc.RpcError) as err:
+                first.result()
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
+            for r in rest:
+                np.testing.assert_allclose(r.result(), reference(batch), atol=FP16_TOL)
     finally:
         serve.delete("slow", _blocking=False)
 

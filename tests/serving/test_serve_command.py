@@ -189,3 +189,37 @@ def test_every_socket_of_the_stack_listens_on_loopback(stack):
     assert len({pid for pid, *_ in sockets}) >= 8  # the driver, GCS, raylet, agents, proxy, replicas
     wide = [s for s in sockets if s[2] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert wide == [], wide
+
+
+def test_a_stop_while_the_replicas_start_shuts_down_cleanly(tiny_packages, tmp_path):
+    """Ctrl-C (here SIGTERM) while the deploy is still running: Serve and Ray stop, nothing is
+    left behind, and the exit status is 0 (the deploy's thread used to outlive Ray's shutdown,
+    and Ray then ended the process with status 1)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RECSERVE_ARTIFACTS=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")
+    argv = [sys.executable, "-m", "recserve.cli", "serve", str(tiny_packages("table-2")), "--port", str(free_port()),
+            "--dashboard-port", str(free_port()), "--http-port", str(free_port()), "--feature-filter", "none"]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        while "recserve: replicas" not in log_path.read_text():  # the deploy has begun
+            assert proc.poll() is None, f"recserve serve exited {proc.returncode}:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"no replica progress after 300 s:\n{log_path.read_text()}"
+            tree = _tree(proc.pid) or tree
+            time.sleep(0.2)
+        tree = _tree(proc.pid) or tree
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, log_path.read_text()
+        text = log_path.read_text()
+        assert "recserve: stopped" in text, text
+        _, alive = psutil.wait_procs([p for p in tree if p.is_running()], timeout=30)
+        assert not alive, f"left running: {[p.name() for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in _tree(proc.pid) + tree:
+            if p.is_running():
+                p.kill()

@@ -114,6 +114,10 @@ def stack(serve_instance, two_versions):
     client.wait_until_serving("tiny", "v1")
     yield client
     client.close()
+    import ray
+
+    if not ray.is_initialized():  # the session's Ray stopped after its last test (tests/conftest.py runs
+        return  # this module's Ray-free test after it): nothing left to delete
     from serving.app.version_store import clear_table, load_table
 
     table = load_table("swap")
@@ -137,6 +141,17 @@ def test_a_new_version_goes_live_under_load_with_no_failed_request_and_no_mixed_
             got = stack.predict(batch.dense, helpers.as_sparse(batch), version=v, timeout=30)
             np.testing.assert_allclose(got, references[v](batch), atol=TOL)
             pinned.setdefault(v, []).append("ok")
+        # a burst pinned to both versions at once: the router coalesces concurrent requests,
+        # never two versions into one batch (a mixed batch would score with one version's weights)
+        from concurrent.futures import ThreadPoolExecutor
+
+        gen = TrafficGenerator(tiny, seed=7)
+        burst = [(("v1", "v2")[i % 2], gen.batch(1 + i % 5)) for i in range(16)]
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda vb: stack.predict(vb[1].dense, helpers.as_sparse(vb[1]), version=vb[0],
+                                                         timeout=30), burst))
+        for (v, b), scores in zip(burst, got):
+            np.testing.assert_allclose(scores, references[v](b), atol=TOL, err_msg=f"pinned to {v}")
 
     with Load(stack, references, tiny, helpers) as load:
         time.sleep(2)
