@@ -277,7 +277,8 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
         print("recserve: starting Ray (127.0.0.1) ...", flush=True)
     # the hook binds Serve's gRPC proxy and the replicas' gRPC servers to 127.0.0.1 (Ray 2.60
     # binds them on every interface; serving/ops/loopback.py)
-    for attempt in ((1, 2) if address is None else ()):
+    attempts = 3
+    for attempt in (range(1, attempts + 1) if address is None else ()):
         try:
             # a retry takes a fresh dashboard port: the first try's dashboard may still hold its own
             dashboard_port = ports.ray_dashboard_port if attempt == 1 else free_port()
@@ -286,12 +287,17 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
                                configure_logging=False, log_to_driver=False,
                                runtime_env={"worker_process_setup_hook": HOOK})
             break
-        except Exception as e:  # Ray waits a fixed 30 s for its raylet: a busy machine can miss it
-            if "timed out during startup" not in str(e) or attempt == 2:
+        except Exception as e:
+            # Ray waits a fixed 30 s for its raylet: a busy machine can miss it. And Ray's own
+            # processes (GCS, raylet, agents) take ports from the same range as the free dashboard
+            # port picked before them, and can take that one first (seen in CI).
+            taken = "already occupied" in str(e) and str(dashboard_port) in str(e)
+            if not ("timed out during startup" in str(e) or taken) or attempt == attempts:
                 raise
             ray.shutdown()
-            print("recserve: Ray's node did not register within Ray's fixed 30 s (busy machine?); "
-                  "starting it once more ...", flush=True)
+            why = (f"the dashboard port {dashboard_port} was taken while Ray started" if taken else
+                   "Ray's node did not register within Ray's fixed 30 s (busy machine?)")
+            print(f"recserve: {why}; starting it once more ...", flush=True)
     dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else ""
     if dashboard:  # a cluster started without one has none
         print(f"recserve: {ports.describe_dashboard(context.dashboard_url)}; token: ~/.ray/auth_token "
