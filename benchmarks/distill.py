@@ -47,13 +47,25 @@ from recserve.synth import ExFMWorld, cross_entropy_ne, snapshot_of, world_ceili
 from recserve.train import auc, normalized_entropy  # noqa: E402
 from recserve.workloads import WorkloadConfig, load_workload  # noqa: E402
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy here); between two
+# listed ones the smaller df's (wider) value is used.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       11: 2.201, 12: 2.179, 15: 2.131, 19: 2.093}
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+       20: 2.086, 22: 2.074, 24: 2.064, 26: 2.056, 28: 2.048, 29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000,
+       120: 1.980}
+
+
+def t95(df: int) -> float:
+    return T95[max(k for k in T95 if k <= df)]
+
 
 ALONE = DistillConfig(aux_weight=0.0, adapter="none")
 VARIANTS = {
     "main": DistillConfig(aux_weight=1.0, adapter="none", distill_head="main"),
     "AH": DistillConfig(aux_weight=1.0, adapter="none"),
+    # AH+SA's two targets weigh 1 + 1: AH at weight 2 is AH+SA with the adapter frozen at the
+    # identity, the control that tells the adapter's correction from the added teacher weight
+    "AH x2": DistillConfig(aux_weight=2.0, adapter="none"),
     "AH+SA": DistillConfig(aux_weight=1.0, adapter="affine"),
     "main+SA": DistillConfig(aux_weight=1.0, adapter="affine", distill_head="main"),
 }
@@ -143,9 +155,14 @@ def eval_set(world: ExFMWorld, v: int, day: int, n: int, stream: int, teacher: S
                 times=times, end=end, age=age, teacher=teacher.score(b, end))
 
 
+def make_world(workload: WorkloadConfig, seed: int, args) -> ExFMWorld:
+    return ExFMWorld(workload, seed=seed, rotation=args.rotation, bias_trend=args.bias_trend,
+                     scale_trend=args.scale_trend)
+
+
 def run_seed(seed: int, args, work: Path, log) -> tuple[list[dict], list[dict], list[dict]]:
     student_w, teacher_w = workloads()
-    world = ExFMWorld(student_w, seed=seed)
+    world = make_world(student_w, seed, args)
     t0 = time.perf_counter()
     teacher = Snapshots(world, teacher_w, args, work / f"seed-{seed}", seed)
     log(f"seed {seed}: teacher snapshots {sorted(teacher.scorers)} in {time.perf_counter() - t0:.0f}s")
@@ -177,11 +194,15 @@ def run_seed(seed: int, args, work: Path, log) -> tuple[list[dict], list[dict], 
         for init in range(args.inits):
             record("alone", init, train(ALONE, init))
             for name, cfg in VARIANTS.items():
+                if name not in args.variants:
+                    continue
                 r = train(cfg, init)
                 record(name, init, r)
                 if name == "AH+SA" and init == 0:  # the freshness figure: raw, SA-corrected and fresh teacher by age
                     age_rows += teacher_by_age(world, v, ev, teacher, r.adapter, args, seed)
-            if init == 0:
+            if "AH tuned" not in args.variants:
+                best = None
+            elif init == 0:
                 best, best_val = None, np.inf
                 for knobs in AH_GRID:
                     cfg = DistillConfig(adapter="none", **knobs)
@@ -190,7 +211,7 @@ def run_seed(seed: int, args, work: Path, log) -> tuple[list[dict], list[dict], 
                     if val_ne < best_val:
                         best, best_val, best_r = knobs, val_ne, r
                 record("AH tuned", 0, best_r, dict(knobs=best))
-            else:
+            elif "AH tuned" in args.variants:
                 record("AH tuned", init, train(DistillConfig(adapter="none", **best), init), dict(knobs=best))
         alone = [r["ne_true"] for r in rows if r["seed"] == seed and r["vertical"] == vert.name and r["variant"] == "alone"]
         log(f"  {vert.name}: teacher NE {t_ne['ne']:.4f} (vs truth {t_ne['ne_true']:.4f}); alone NE vs truth "
@@ -219,7 +240,7 @@ def interval(x: np.ndarray) -> tuple[float, float]:
     n = len(x)
     if n < 2:
         return float(x.mean()), float("nan")
-    return float(x.mean()), float(T95.get(n - 1, 1.96) * x.std(ddof=1) / np.sqrt(n))
+    return float(x.mean()), float(t95(n - 1) * x.std(ddof=1) / np.sqrt(n))
 
 
 def paired_deltas(rows: list[dict], metric: str) -> dict[tuple[str, str], np.ndarray]:
@@ -246,9 +267,11 @@ def contrasts(rows: list[dict], metric: str, verticals: list[str]) -> dict[str, 
     seeds = sorted({r["seed"] for r in rows})
     inits = sorted({r["init"] for r in rows})
     pairs = {"AH - main": ("AH", "main"), "AH tuned - main": ("AH tuned", "main"), "AH+SA - AH": ("AH+SA", "AH"),
+             "AH+SA - AH x2": ("AH+SA", "AH x2"), "AH x2 - AH": ("AH x2", "AH"),
              "main+SA - main": ("main+SA", "main"), "AH+SA - main+SA": ("AH+SA", "main+SA")}
+    present = {r["variant"] for r in rows}
     return {name: np.array([np.mean([by[(s, v, a, i)] - by[(s, v, b, i)] for v in verticals for i in inits])
-                            for s in seeds]) for name, (a, b) in pairs.items()}
+                            for s in seeds]) for name, (a, b) in pairs.items() if {a, b} <= present}
 
 
 def tables(rows, teacher_rows, ceilings, seconds, load) -> str:
@@ -301,11 +324,11 @@ def tables(rows, teacher_rows, ceilings, seconds, load) -> str:
               "the inits of variant minus alone with the same init).",
               f"AH tuned picked (per seed and vertical): {', '.join(sorted(set(knobs)))}.",
               f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {len({r['init'] for r in rows})} inits; "
-              f"{seconds:.0f} s wall on 2 shared cores, load average {load}."]
+              f"{seconds:.0f} s wall on a machine of {os.cpu_count()} cores, load average {load}."]
     return "\n".join(lines)
 
 
-def figure(rows, age_rows, path: Path) -> None:
+def figure(rows, age_rows, path: Path, trained_ages: tuple[float, float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,7 +363,7 @@ def figure(rows, age_rows, path: Path) -> None:
         sa = [np.mean([r["sa"] for r in mine if r["snapshot_end"] == e]) for e in ends]
         ax.plot(ages, raw, "o-", color=f"C{j}", label=f"{vert} raw")
         ax.plot(ages, sa, "s--", color=f"C{j}", label=f"{vert} through SA")
-    ax.axvspan(1, 4, color="0.92", label="ages SA was trained on")
+    ax.axvspan(*trained_ages, color="0.92", label="ages SA was trained on")
     ax.set_xlabel("snapshot age on the eval day, days (youngest: the fresh teacher)")
     ax.set_ylabel("teacher NE vs truth")
     ax.set_title("teacher by snapshot age (mean over seeds)")
@@ -363,7 +386,22 @@ def main() -> None:
     p.add_argument("--eval-day", type=int, default=13)
     p.add_argument("--eval-examples", type=int, default=20_000)
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--jobs", type=int, default=1, help="seeds run at once, a process each (default 1)")
+    world = ExFMWorld.__dataclass_fields__
+    p.add_argument("--rotation", type=float, default=world["rotation"].default, help="radians a day")
+    p.add_argument("--bias-trend", type=float, default=world["bias_trend"].default, help="logit a day")
+    p.add_argument("--scale-trend", type=float, default=world["scale_trend"].default,
+                   help="log of the logit scale a day")
+    choices = ["main", "AH", "AH x2", "AH tuned", "AH+SA", "main+SA"]
+    p.add_argument("--variants", nargs="+", choices=choices, default=choices,
+                   help="variants beside alone (default: all)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="RUN_JSON",
+                   help="no training: the results of these runs' run.json together (same world and settings, "
+                        "other seeds; the variants all of them trained)")
     args = p.parse_args()
+    if args.merge:
+        merge(args)
+        return
     torch.set_num_threads(1)
     started = time.perf_counter()
     logs: list[str] = []
@@ -376,38 +414,114 @@ def main() -> None:
     ceilings = []
     for seed in args.seeds:
         ceilings += [dict(seed=seed, **c) for c in world_ceilings(
-            ExFMWorld(student_w, seed=seed), snapshot_every=args.snapshot_every, delay=args.delay,
+            make_world(student_w, seed, args), snapshot_every=args.snapshot_every, delay=args.delay,
             first_day=args.eval_day - args.student_days, days=args.student_days, n=10_000)]
     low = [c for c in ceilings if c["ah_ceiling"] < 0.01 or c["sa_ceiling"] < 0.01]
     log(f"power check: {len(ceilings) - len(low)}/{len(ceilings)} (seed, vertical) have AH and SA ceilings >= 0.01 NE")
     rows, teacher_rows, age_rows = [], [], []
+    children_cpu = 0.0
+
+    def done(seed: int, result) -> str:
+        nonlocal children_cpu
+        r, t, a, seed_logs, cpu = result
+        rows.extend(r)
+        teacher_rows.extend(t)
+        age_rows.extend(a)
+        logs.extend(seed_logs)
+        children_cpu += cpu if args.jobs > 1 else 0.0
+        log(f"seed {seed} done ({cpu:.0f}s CPU): {time.perf_counter() - started:.0f}s wall, load average "
+            f"{load_average()}")
+        return write_results(args, rows, teacher_rows, age_rows, ceilings, logs,  # a kill keeps these
+                             time.perf_counter() - started, time.process_time() + children_cpu, load_average())
+
     with tempfile.TemporaryDirectory(prefix="recserve-distill-") as work:
-        for seed in args.seeds:
-            r, t, a = run_seed(seed, args, Path(work), log)
-            rows += r
-            teacher_rows += t
-            age_rows += a
-    seconds = time.perf_counter() - started
-    cpu_seconds = time.process_time()
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    text = tables(rows, teacher_rows, ceilings, seconds, load) + f" CPU time {cpu_seconds:.0f} s (this process)."
+        if args.jobs > 1:  # a process per seed (spawned: no torch state shared with this one)
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(seed_job, seed, args, work): seed for seed in args.seeds}
+                for f in as_completed(futures):
+                    text = done(futures[f], f.result())
+        else:
+            for seed in args.seeds:
+                text = done(seed, seed_job(seed, args, work, log))
+    print(text)
+    print(f"total {time.perf_counter() - started:.0f}s wall, {time.process_time() + children_cpu:.0f}s CPU; "
+          f"written {args.out}/table.md, runs.csv, distill.png and run.json")
+
+
+def seed_job(seed: int, args, work: str, log=None):
+    """One seed's run, in this process or a pool's: (rows, teacher rows, age rows, log lines, CPU seconds)."""
+    torch.set_num_threads(1)
+    lines: list[str] = []
+
+    def child_log(s: str) -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    c0 = time.process_time()
+    r, t, a = run_seed(seed, args, Path(work), log or child_log)
+    return r, t, a, lines, time.process_time() - c0
+
+
+SEED_FREE = {"out", "seeds", "jobs", "variants", "merge"}  # the args runs to merge may differ in
+
+
+def merge(args) -> None:
+    runs = [json.loads(p.read_text()) for p in args.merge]
+    for p, r in zip(args.merge[1:], runs[1:]):
+        differ = {k for k in (set(r["args"]) | set(runs[0]["args"])) - SEED_FREE
+                  if r["args"].get(k) != runs[0]["args"].get(k)}
+        if differ:
+            sys.exit(f"--merge: {p} differs from {args.merge[0]} in {', '.join(sorted(differ))}")
+    seeds = [s for r in runs for s in {row["seed"] for row in r["rows"]}]
+    if len(seeds) != len(set(seeds)):
+        sys.exit(f"--merge: the runs share seeds {sorted({s for s in seeds if seeds.count(s) > 1})}")
+    common = set.intersection(*({row["variant"] for row in r["rows"]} for r in runs))
+    for k in set(runs[0]["args"]) - SEED_FREE:
+        setattr(args, k, runs[0]["args"][k])
+    args.seeds = sorted(seeds)
+    args.variants = sorted(common - {"alone"})
+    text = write_results(
+        args, [row for r in runs for row in r["rows"] if row["variant"] in common],
+        [t for r in runs for t in r["teacher"]], [a for r in runs for a in r["teacher_by_age"]],
+        [c for r in runs for c in r["ceilings"]], [line for r in runs for line in r["log"]],
+        sum(r["seconds"] for r in runs), sum(r.get("cpu_seconds", 0.0) for r in runs),
+        "; ".join(r["load_average"] for r in runs), merged=[str(p) for p in args.merge])
+    print(text)
+
+
+def training_ages(args) -> tuple[float, float]:
+    """The snapshot ages (days) of the students' training days: the range SA is trained on."""
+    times = np.linspace(args.eval_day - args.student_days, args.eval_day, 10_001)[:-1]
+    age = snapshot_of(times, snapshot_every=args.snapshot_every, delay=args.delay)[1]
+    return float(age.min()), float(age.max())
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def write_results(args, rows, teacher_rows, age_rows, ceilings, logs: list[str], seconds: float, cpu_seconds: float,
+                  load: str, merged: list[str] | None = None) -> str:
+    """table.md, distill.png, runs.csv and run.json of the seeds done so far; the table's text."""
+    import csv
+    text = tables(rows, teacher_rows, ceilings, seconds, load) + f" CPU time {cpu_seconds:.0f} s."
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text + "\n")
-    figure(rows, age_rows, args.out / "distill.png")
-    import csv
-
+    figure(rows, age_rows, args.out / "distill.png", training_ages(args))
     with open(args.out / "runs.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["seed", "vertical", "variant", "init", "ne", "ne_true", "auc", "knobs"])
         w.writeheader()
         for r in rows:
             w.writerow({**r, "knobs": json.dumps(r.get("knobs")) if r.get("knobs") else ""})
     (args.out / "run.json").write_text(json.dumps(dict(
-        command="nice -n 10 .venv/bin/python benchmarks/distill.py " + " ".join(sys.argv[1:]),
-        args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, seconds=seconds, cpu_seconds=cpu_seconds,
-        load_average=load, log=logs, ceilings=ceilings, teacher=teacher_rows, teacher_by_age=age_rows, rows=rows),
-        indent=1, default=str))
-    print(text)
-    print(f"total {seconds:.0f}s wall, {cpu_seconds:.0f}s CPU; written {args.out}/table.md, runs.csv, distill.png and run.json")
+        command="nice -n 10 .venv/bin/python benchmarks/distill.py " + " ".join(sys.argv[1:]), merged=merged,
+        args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, seconds=seconds,
+        cpu_seconds=cpu_seconds, load_average=load, log=logs, ceilings=ceilings, teacher=teacher_rows,
+        teacher_by_age=age_rows, rows=rows), indent=1, default=str))
+    return text
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from recserve.workloads import WorkloadConfig
 
 Adapter = Literal["mlp", "affine", "none"]
 DAY_S = 86_400.0
+MAX_WORLD_DAY = 1_000  # the ExFM world's last day a log may fall on (its logit scale is e^60 by then)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +70,7 @@ class DistillConfig:
     grad_scale: float = 1.0  # AH: its gradient into the shared layers is multiplied by this
     adapter_weight: float | None = None  # w_sa: loss weight of the adapter's target (default: aux_weight)
     adapter_lr: float = 0.01
+    aux_tower: tuple[int, ...] | None = None  # the AH tower's hidden widths (None: those of the serving tower)
 
     def __post_init__(self) -> None:
         for name in ("aux_weight", "label_scale", "grad_scale", "adapter_lr"):
@@ -80,6 +82,8 @@ class DistillConfig:
             raise ValueError(f"adapter: one of mlp, affine, none, got {self.adapter!r}")
         if self.distill_head not in ("aux", "main"):
             raise ValueError(f"distill_head: aux or main, got {self.distill_head!r}")
+        if self.aux_tower is not None and not all(isinstance(w, int) and w > 0 for w in self.aux_tower):
+            raise ValueError(f"aux_tower: hidden widths must be positive integers, got {self.aux_tower}")
 
     @property
     def sa_weight(self) -> float:
@@ -128,16 +132,17 @@ def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 class Student(torch.nn.Module):
     """A torchrec DLRM / DLRM_DCN with an auxiliary tower beside its serving tower, both on the
-    shared layers' output (the interaction)."""
+    shared layers' output (the interaction). ``aux_tower``: the auxiliary tower's hidden widths
+    (default: the serving tower's, ``top_mlp`` without its output; () = one linear layer)."""
 
-    def __init__(self, workload: WorkloadConfig, adapter: Adapter = "none"):
+    def __init__(self, workload: WorkloadConfig, adapter: Adapter = "none", aux_tower: tuple[int, ...] | None = None):
         super().__init__()
         self.model = build_model(workload)
-        if len(workload.top_mlp) < 2:
+        if aux_tower is None and len(workload.top_mlp) < 2:
             raise ValueError(f"{workload.name}: top_mlp needs a hidden layer for the auxiliary tower")
         width = next(m for m in self.model.over_arch.modules() if isinstance(m, torch.nn.Linear)).in_features
         layers: list[torch.nn.Module] = []
-        for h in workload.top_mlp[:-1]:
+        for h in workload.top_mlp[:-1] if aux_tower is None else aux_tower:
             layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
             width = h
         self.aux_tower = torch.nn.Sequential(*layers, torch.nn.Linear(width, 1))
@@ -204,7 +209,7 @@ class StudentTrainer:
         torch.manual_seed(seed)
         self.workload = workload
         self.config = config
-        self.student = Student(workload, config.adapter if config.aux_weight > 0 else "none")
+        self.student = Student(workload, config.adapter if config.aux_weight > 0 else "none", config.aux_tower)
         tables = optimizers(self.student.model, self.student.model.sparse_arch)[0]  # row-wise Adagrad, sparse grads
         sparse_ids = {id(p) for p in self.student.model.sparse_arch.parameters()}
         dense = [p for n, p in self.student.named_parameters() if not n.startswith("adapter.") and id(p) not in sparse_ids]
@@ -232,6 +237,20 @@ class StudentTrainer:
         if adapted is not None:
             parts["adapter"] = sa_loss
         return parts
+
+    def describe(self) -> str:
+        """How the teacher is used, read from the live modules and optimizers (what this trainer runs)."""
+        c = self.config
+        if c.aux_weight == 0:
+            return "no teacher (labels only)"
+        widths = [m.out_features for m in self.student.aux_tower if isinstance(m, torch.nn.Linear)][:-1]
+        head = (f"auxiliary head (tower {'-'.join(map(str, widths)) or 'linear'} -> 1), gradient scale "
+                f"{c.grad_scale:g} into the shared layers" if c.distill_head == "aux" else "the serving head (main)")
+        text = f"teacher into {head}; loss weight {c.aux_weight:g}, label scale {c.label_scale:g}"
+        if self.adapter_opt is None:
+            return text + "; no adapter"
+        return (text + f"; adapter {self.student.adapter.kind} (loss weight {c.sa_weight:g}, "
+                f"lr {self.adapter_opt.param_groups[0]['lr']:g})")
 
     def serving_model(self) -> torch.nn.Module:
         """The trained torchrec model (serving tower), dense-gradient tables, eval mode."""
@@ -294,6 +313,7 @@ class DistillResult:
     last_loss: dict[str, float]
     model: torch.nn.Module | None = None  # the serving tower, trained
     adapter: StudentAdapter | None = None  # the trained student adapter
+    setup: str = ""  # the trainer's own account of how it used the teacher (StudentTrainer.describe)
 
 
 def train_student(
@@ -338,34 +358,68 @@ def train_student(
         torch.save(model.state_dict(), out)  # the serving tower only: the package's usual tensors
     return DistillResult(examples=n, with_teacher=with_teacher, steps=trainer.steps,
                          seconds=time.perf_counter() - t0, path=out, last_loss=parts, model=model,
-                         adapter=trainer.student.adapter)
+                         adapter=trainer.student.adapter, setup=trainer.describe())
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabelReport:
+    examples: int  # logged examples labelled
+    first_day: int  # the world's days the log's examples fell on (logged_at - day_zero)
+    last_day: int
 
 
 def draw_labels(logs: str, out: str, workload: WorkloadConfig, *, world_seed: int = 0, drift: float = 0.0,
-                day_zero: float = 0.0, seed: int = 0) -> int:
+                day_zero: float = 0.0, seed: int = 0, vertical: int | str | None = None) -> LabelReport:
     """Clicks for every logged example from the synthetic world's ground truth at the day it
-    was served (``(logged_at - day_zero) / 86400``); writes the log rows plus ``label`` and
-    ``example_key`` to ``out``, one file per log file. Returns the examples labelled."""
-    from recserve.synth import ClickModel
+    was served (``floor((logged_at - day_zero) / 86400)``); writes the log rows plus ``label`` and
+    ``example_key`` to ``out``, one file per log file.
+
+    ``vertical`` None: the :class:`~recserve.synth.ClickModel` world (``drift`` radians a day).
+    A vertical (name or index): the :class:`~recserve.synth.ExFMWorld`'s truth for that vertical
+    (the log is that vertical's student's traffic), its own drift; its days must be 0 to
+    ``MAX_WORLD_DAY`` (its logit scale grows e^0.06 a day)."""
+    from recserve.synth import ClickModel, ExFMWorld
 
     fs, files = parquet_files(logs)
     if not files:
         raise FileNotFoundError(f"no Parquet files under {logs}")
+    if vertical is None:
+        click = ClickModel(workload, seed=world_seed, drift=drift)
+
+        def truth(batch: Batch, day: int, rng: np.random.Generator) -> np.ndarray:
+            return click.at(float(day)).labels(batch, rng)
+    else:
+        if drift:
+            raise ValueError("drift: the ExFM world drifts by its own trends (drop drift, or the vertical)")
+        world = ExFMWorld(workload, seed=world_seed)
+        v = world.vertical_index(vertical)
+
+        def truth(batch: Batch, day: int, rng: np.random.Generator) -> np.ndarray:
+            return world.labels(batch, v, day, rng)
+
+    def days_of(t: pa.Table) -> np.ndarray:
+        return np.floor((pc.cast(t["logged_at"], pa.int64()).to_numpy() / 1e6 - day_zero) / DAY_S).astype(np.int64)
+
+    spans = [(int(d.min()), int(d.max())) for f in files
+             if (d := days_of(pq.read_table(f, filesystem=fs, columns=["logged_at"]))).size]
+    lo, hi = (min(a for a, _ in spans), max(b for _, b in spans)) if spans else (0, 0)
+    if vertical is not None and (lo < 0 or hi > MAX_WORLD_DAY):
+        raise ValueError(f"day_zero: the log's examples fall on days {lo} to {hi} after it; the ExFM world "
+                         f"runs from day 0 to {MAX_WORLD_DAY} (set day zero a few days before the log)")
     ofs, odir = open_dir(out)
     ofs.create_dir(odir, recursive=True)
     rng = np.random.default_rng(seed)
-    world = ClickModel(workload, seed=world_seed, drift=drift)
     total = 0
     for f in files:
         t = pq.read_table(f, filesystem=fs)
+        day = days_of(t)
         batch = table_batch(t, workload.features)
-        days = (pc.cast(t["logged_at"], pa.int64()).to_numpy() / 1e6 - day_zero) / DAY_S
         labels = np.empty(t.num_rows, np.float32)
-        for d in np.unique(np.floor(days)):  # one ground truth per day
-            rows = np.flatnonzero(np.floor(days) == d)
-            labels[rows] = world.at(float(d)).labels(batch.take(rows), rng)
+        for d in np.unique(day):  # one ground truth per day
+            rows = np.flatnonzero(day == d)
+            labels[rows] = truth(batch.take(rows), int(d), rng)
         keys = example_keys(table_batch(t))
         t = t.append_column(LABEL, pa.array(labels)).append_column(KEY, pa.array(keys, pa.string()))
         write_atomic(ofs, odir, "labels-" + f.rsplit("/", 1)[-1], t)
         total += t.num_rows
-    return total
+    return LabelReport(examples=total, first_day=lo, last_day=hi)

@@ -198,6 +198,19 @@ class ExFMWorld:
                              f"{self.workload.name} ({len(self.workload.features)} features)")
         self._days: dict[int, ClickModel] = {}
 
+    def vertical_index(self, vertical: int | str) -> int:
+        """The index of a vertical given by name or index (a digit string counts as an index)."""
+        names = [v.name for v in self.verticals]
+        if isinstance(vertical, str) and vertical in names:
+            return names.index(vertical)
+        try:
+            i = int(vertical)
+        except ValueError:
+            i = -1
+        if not 0 <= i < len(names):
+            raise ValueError(f"vertical: {vertical!r} is none of {', '.join(names)} (or 0 to {len(names) - 1})")
+        return i
+
     def _base(self, day: int) -> ClickModel:
         if day not in self._days:
             self._days[day] = ClickModel(self.workload, self.seed, drift=self.rotation, day=float(day))

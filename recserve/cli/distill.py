@@ -56,14 +56,27 @@ class Teacher(Subcommand):
 class SynthLabels(Subcommand):
     name = "labels"
     help = "draw clicks for logged examples from the synthetic world's ground truth"
+    description = ("Labels each logged example with a click drawn from a synthetic world's truth on the day it was "
+                   "served (days counted from --day-zero). --world click: one click model (ClickModel), --drift "
+                   "radians a day. --world exfm: the ExFM world (recserve synth ceilings), whose verticals have "
+                   "their own click rates and item weights and whose drift moves the bias and the logit scale; "
+                   "the log is one vertical's traffic (--vertical), and its days must fall 0 to 1000 days after "
+                   "--day-zero.")
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--logs", required=True, metavar="DIR")
         p.add_argument("--out", required=True, metavar="LABELS")
         p.add_argument("--workload", required=True, help="the workload whose ground truth draws the clicks")
+        p.add_argument("--world", choices=("click", "exfm"), default="click",
+                       help="click: the single click model (default); exfm: the ExFM world's verticals")
+        p.add_argument("--vertical", default=None, metavar="NAME",
+                       help="--world exfm: the vertical whose traffic the log holds (v0-typical, v1-low, v2-high "
+                            "or 0, 1, 2)")
         p.add_argument("--world-seed", type=int, default=0, help="seed of the hidden ground truth")
-        p.add_argument("--drift", type=float, default=0.0, help="drift of the world, radians per day (0 = static)")
-        p.add_argument("--day-zero", type=_time, default=0.0, metavar="TIME", help="day 0 of a drifting world")
+        p.add_argument("--drift", type=float, default=0.0,
+                       help="--world click: drift, radians per day (0 = static)")
+        p.add_argument("--day-zero", type=_time, default=0.0, metavar="TIME",
+                       help="day 0 of a drifting world (epoch seconds or ISO date; default the epoch)")
         p.add_argument("--seed", type=int, default=0, help="seed of the click draws")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -85,6 +98,10 @@ class SynthCeilings(Subcommand):
         p.add_argument("--delay", type=float, default=1.0, help="days from a snapshot's data end to its publication")
         p.add_argument("--first-day", type=int, default=9)
         p.add_argument("--days", type=int, default=4)
+        p.add_argument("--rotation", type=float, help="the world's rotation, radians a day (default: ExFMWorld's)")
+        p.add_argument("--bias-trend", type=float, help="the world's bias trend, logit a day (default: ExFMWorld's)")
+        p.add_argument("--scale-trend", type=float,
+                       help="the world's logit-scale trend, log of the scale a day (default: ExFMWorld's)")
 
     def run(self, args: argparse.Namespace) -> int:
         return run_synth_ceilings(args)
@@ -118,10 +135,11 @@ def run_synth_ceilings(args: argparse.Namespace) -> int:
     from recserve.synth import ExFMWorld, world_ceilings
     from recserve.workloads import load_workload
 
+    drift = {k: getattr(args, k) for k in ("rotation", "bias_trend", "scale_trend") if getattr(args, k) is not None}
     try:
         workload = load_workload(args.workload)
         rows = [(seed, c) for seed in args.world_seed for c in world_ceilings(
-            ExFMWorld(workload, seed=seed), snapshot_every=args.snapshot_every, delay=args.delay,
+            ExFMWorld(workload, seed=seed, **drift), snapshot_every=args.snapshot_every, delay=args.delay,
             first_day=args.first_day, days=args.days, n=args.examples)]
     except (FileNotFoundError, ValueError) as e:
         print(f"recserve synth ceilings: {e}", file=sys.stderr)
@@ -141,11 +159,21 @@ def run_synth_labels(args: argparse.Namespace) -> int:
     from recserve.distill import draw_labels
     from recserve.workloads import load_workload
 
+    if (args.world == "exfm") != (args.vertical is not None):
+        print("recserve synth labels: --vertical: " + ("required with --world exfm" if args.world == "exfm"
+                                                       else "only with --world exfm"), file=sys.stderr)
+        return 2
+    if args.world == "exfm" and args.drift:
+        print("recserve synth labels: --drift: only with --world click (the ExFM world has its own drift)",
+              file=sys.stderr)
+        return 2
     try:
-        n = draw_labels(args.logs, args.out, load_workload(args.workload), world_seed=args.world_seed,
-                        drift=args.drift, day_zero=args.day_zero, seed=args.seed)
+        r = draw_labels(args.logs, args.out, load_workload(args.workload), world_seed=args.world_seed,
+                        drift=args.drift, day_zero=args.day_zero, seed=args.seed, vertical=args.vertical)
     except (FileNotFoundError, ValueError) as e:
         print(f"recserve synth labels: {e}", file=sys.stderr)
         return 2
-    print(f"recserve synth labels: {n:,} examples labelled into {args.out}")
+    world = f"the ExFM world's vertical {args.vertical}" if args.vertical is not None else "the click model"
+    print(f"recserve synth labels: {r.examples:,} examples labelled by {world} on days {r.first_day} to "
+          f"{r.last_day} into {args.out}")
     return 0

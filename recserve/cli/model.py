@@ -31,14 +31,36 @@ class Train(Subcommand):
         g.add_argument("--distill", default=None, metavar="SCORES", help="teacher scores (recserve teacher score)")
         g.add_argument("--aux-weight", type=float, default=1.0, metavar="A",
                        help="weight of the teacher's loss (0 = the student without the teacher)")
+        g.add_argument("--label-scale", type=float, default=1.0, metavar="S",
+                       help="the teacher's target is min(1, S x its probability) (default 1)")
+        g.add_argument("--grad-scale", type=float, default=1.0, metavar="G",
+                       help="the auxiliary head's gradient into the shared layers is multiplied by G "
+                            "(0 = the teacher trains the auxiliary tower only; default 1)")
+        g.add_argument("--aux-tower", type=_widths, default=None, metavar="W1,W2",
+                       help="hidden widths of the auxiliary head's tower ('' = one linear layer; default: those of "
+                            "the serving tower)")
         g.add_argument("--adapter", choices=("mlp", "affine", "none"), default="mlp",
-                       help="student adapter of the teacher's logit and age (none = plain distillation)")
+                       help="student adapter of the teacher's logit and age (none = no adapter)")
+        g.add_argument("--adapter-weight", type=float, default=None, metavar="A",
+                       help="loss weight of the adapter's target (default: --aux-weight)")
+        g.add_argument("--adapter-lr", type=float, default=0.01, help="the adapter's learning rate (default 0.01)")
         g.add_argument("--distill-head", choices=("aux", "main"), default="aux",
                        help="the head that takes the teacher's supervision (main = the plain-distillation baseline)")
         g.add_argument("--epochs", type=int, default=1, help="passes over --labels")
 
     def run(self, args: argparse.Namespace) -> int:
         return run_train(args)
+
+
+def _widths(value: str) -> tuple[int, ...]:
+    """'64,32' -> (64, 32); '' -> ()."""
+    try:
+        widths = tuple(int(w) for w in value.split(",") if w.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated widths: {value!r}") from None
+    if any(w <= 0 for w in widths):
+        raise argparse.ArgumentTypeError(f"widths must be positive: {value!r}")
+    return widths
 
 
 class Export(Subcommand):
@@ -108,18 +130,29 @@ def run_train(args: argparse.Namespace) -> int:
         print("recserve train: --distill needs --labels (the labelled examples the scores are joined to)",
               file=sys.stderr)
         return 2
+    unused = [flag for flag, value, default in (("--label-scale", args.label_scale, 1.0),
+                                                ("--grad-scale", args.grad_scale, 1.0),
+                                                ("--aux-tower", args.aux_tower, None),
+                                                ("--adapter-weight", args.adapter_weight, None),
+                                                ("--adapter-lr", args.adapter_lr, 0.01)) if value != default]
+    if unused and not args.distill:
+        print(f"recserve train: {', '.join(unused)}: only with --distill (the teacher's scores)", file=sys.stderr)
+        return 2
     if args.labels:
         from recserve.distill import DistillConfig, load_training_set, train_student
 
         try:
             config = DistillConfig(aux_weight=args.aux_weight if args.distill else 0.0, adapter=args.adapter,
-                                   distill_head=args.distill_head)
+                                   distill_head=args.distill_head, label_scale=args.label_scale,
+                                   grad_scale=args.grad_scale, aux_tower=args.aux_tower,
+                                   adapter_weight=args.adapter_weight, adapter_lr=args.adapter_lr)
             data = load_training_set(args.labels, args.distill, workload.features)
         except (ValueError, FileNotFoundError) as e:
             print(f"recserve train: {e}", file=sys.stderr)
             return 2
         r = train_student(workload, data, args.out, config, epochs=args.epochs, batch_size=args.batch_size,
                           seed=args.seed)
+        print(f"{workload.name} student: {r.setup}")
         print(f"trained {workload.name} on {r.examples:,} logged examples ({r.with_teacher:,} with a teacher score): "
               f"{r.steps} steps in {r.seconds:.1f}s; last loss {r.last_loss}; saved {r.path} (main head only)")
         return 0

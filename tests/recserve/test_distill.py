@@ -262,6 +262,8 @@ def test_a_bad_config_is_refused_by_name() -> None:
         DistillConfig(label_scale=-0.5)
     with pytest.raises(ValueError, match="distill_head"):
         DistillConfig(distill_head="both")
+    with pytest.raises(ValueError, match="aux_tower"):
+        DistillConfig(aux_tower=(8, 0))
     assert StudentAdapter("none")(torch.ones(2), torch.zeros(2)).tolist() == [1.0, 1.0]
 
 
@@ -273,3 +275,94 @@ def test_synth_ceilings_prints_the_power_check_and_refuses_a_bad_workload(capsys
     assert all(v in out for v in ("v0-typical", "v1-low", "v2-high")) and "AH ceil" in out
     assert main(["synth", "ceilings", "--workload", "no-such-workload"]) == 2
     assert "no-such-workload" in capsys.readouterr().err
+
+
+
+def test_synth_ceilings_takes_the_worlds_drift_from_its_flags(tiny, capsys) -> None:
+    from recserve.cli import main
+
+    assert main(["synth", "ceilings", "--examples", "1000", "--days", "1", "--first-day", "9", "--snapshot-every", "6",
+                 "--bias-trend", "0.3", "--scale-trend", "0", "--rotation", "0.05"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "v1-low" in line)
+    want = world_ceilings(ExFMWorld(tiny, seed=0, bias_trend=0.3, scale_trend=0.0, rotation=0.05), snapshot_every=6,
+                          first_day=9, days=1, n=1000)[1]
+    assert row.split()[2:5] == [f"{want[k]:.4f}" for k in ("teacher_raw", "recalibrated", "recalibrated_with_age")]
+
+
+def test_synth_labels_draws_the_exfm_worlds_clicks_for_one_verticals_log(tmp_path, tiny, capsys) -> None:
+    """A log of v1-low's traffic over days 10 and 11: each example's label is the ExFM world's
+    draw for v1-low on the day it was served; a missing or unknown vertical and a day zero that
+    leaves the log outside the world's days are refused by name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recserve.cli import main
+    from recserve.example_format import batch_table
+
+    day_zero = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+    world = ExFMWorld(tiny, seed=3)
+    served = [world.traffic(1, day, 300)[0] for day in (10, 11)]
+    log = pa.concat_tables([batch_table(b, np.zeros(b.batch_size, np.float32), request_id=f"r{day}",
+                                        logged_at=day_zero + (day + 0.4) * 86_400, model="student", version="1",
+                                        features=tiny.features) for b, day in zip(served, (10, 11))])
+    (tmp_path / "log").mkdir()
+    pq.write_table(log, tmp_path / "log" / "part-0.parquet")
+    argv = ["synth", "labels", "--logs", str(tmp_path / "log"), "--workload", "tiny", "--world", "exfm",
+            "--world-seed", "3", "--seed", "5", "--day-zero", "2026-01-01"]
+    assert main([*argv, "--out", str(tmp_path / "labels"), "--vertical", "v1-low"]) == 0
+    assert "600 examples labelled by the ExFM world's vertical v1-low on days 10 to 11" in capsys.readouterr().out
+    rng = np.random.default_rng(5)
+    want = np.concatenate([world.labels(b, 1, day, rng) for b, day in zip(served, (10, 11))])
+    got = pq.read_table(tmp_path / "labels")
+    np.testing.assert_array_equal(got["label"].to_numpy(), want)
+    assert got.num_rows == 600 and 0.02 < want.mean() < 0.5  # v1-low's clicks, not v2-high's
+    assert main([*argv, "--out", str(tmp_path / "by-index"), "--vertical", "1"]) == 0
+    np.testing.assert_array_equal(pq.read_table(tmp_path / "by-index")["label"].to_numpy(), want)
+
+    for extra, message in ((["--vertical", "v9"], "v9' is none of v0-typical, v1-low, v2-high"),
+                           ([], "--vertical: required with --world exfm"),
+                           (["--vertical", "v1-low", "--day-zero", "2026-02-01"], "fall on days -21 to -20")):
+        capsys.readouterr()
+        assert main([*argv, "--out", str(tmp_path / "bad"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_train_commands_teacher_flags_reach_the_trainer(tmp_path, tiny, capsys) -> None:
+    """`recserve train --distill` with every AH and SA knob: the trainer reports, from its own
+    modules and optimizers, the tower, weights, scales and adapter the flags asked for."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recserve.cli import main
+    from recserve.example_format import KEY, LABEL, batch_table, example_keys
+
+    batch = TrafficGenerator(tiny, seed=2).batch(64)
+    log = batch_table(batch, np.zeros(64, np.float32), request_id="r", logged_at=1_767_225_600.0, model="s",
+                      version="1", features=tiny.features)
+    keys = pa.array(example_keys(batch), pa.string())
+    labels = ClickModel(tiny).labels(batch, np.random.default_rng(0))
+    for name, table in (("labels", log.append_column(LABEL, pa.array(labels)).append_column(KEY, keys)),
+                        ("scores", pa.table({KEY: keys, "teacher_logit": pa.array(np.zeros(64, np.float32)),
+                                             "teacher_snapshot_at": log["logged_at"]}))):
+        (tmp_path / name).mkdir()
+        pq.write_table(table, tmp_path / name / "part-0.parquet")
+    argv = ["train", "--workload", "tiny", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "s.pt"),
+            "--batch-size", "32"]
+    knobs = ["--aux-weight", "0.5", "--label-scale", "0.8", "--grad-scale", "0.25", "--aux-tower", "12,6",
+             "--adapter", "affine", "--adapter-weight", "0.3", "--adapter-lr", "0.05"]
+    assert main([*argv, "--distill", str(tmp_path / "scores"), *knobs]) == 0
+    out = capsys.readouterr().out
+    assert ("tiny student: teacher into auxiliary head (tower 12-6 -> 1), gradient scale 0.25 into the shared "
+            "layers; loss weight 0.5, label scale 0.8; adapter affine (loss weight 0.3, lr 0.05)") in out, out
+    assert "64 logged examples (64 with a teacher score): 2 steps" in out
+    assert main([*argv, "--distill", str(tmp_path / "scores"), "--aux-tower", "", "--adapter", "none"]) == 0
+    assert "auxiliary head (tower linear -> 1), gradient scale 1 into the shared layers; loss weight 1, " \
+           "label scale 1; no adapter" in capsys.readouterr().out
+    assert main([*argv, "--grad-scale", "0.5"]) == 2  # no --distill: the knob would do nothing
+    assert "--grad-scale: only with --distill" in capsys.readouterr().err
+    assert main(["train", "--workload", "tiny", "--distill", str(tmp_path / "scores"), "--out", "x.pt"]) == 2
+    assert "--distill needs --labels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--distill", str(tmp_path / "scores"), "--aux-tower", "8,x"])
+    assert "not comma-separated widths: '8,x'" in capsys.readouterr().err

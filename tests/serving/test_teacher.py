@@ -85,6 +85,17 @@ def test_each_unique_example_is_scored_once_with_the_teacher_packages_scores(fir
         np.testing.assert_allclose(torch.sigmoid(torch.tensor([logit[k] for k in keys])).numpy(), want, atol=1e-6)
 
 
+def test_the_report_times_the_scoring_apart_from_the_start_up(first_run) -> None:
+    _, _, report = first_run
+    assert 0 < report.startup_s and 0 < report.scoring_s and report.startup_s + report.scoring_s <= report.seconds
+    assert report.examples_per_s == pytest.approx(report.examples / report.scoring_s)
+    assert report.overall_examples_per_s == pytest.approx(report.examples / report.seconds)
+    assert report.examples_per_s > report.overall_examples_per_s
+    text = str(report)
+    assert f"scoring {report.scoring_s:.2f}s ({report.examples_per_s:,.0f} examples/s)" in text
+    assert f"start-up of {report.startup_s:.1f}s" in text
+
+
 def test_the_jobs_logits_equal_the_in_process_teachers(first_run, teacher) -> None:
     """Experiments score in-process (no Ray start-up per run): the same logits as the job's."""
     from serving.engine.in_process_teacher import InProcessTeacher
@@ -126,17 +137,3 @@ def test_a_teacher_whose_features_the_log_lacks_is_refused_by_name(ray_local, tm
     with pytest.raises((ValueError, ray.exceptions.RayError), match="recent_items"):
         score_logs([str(tmp_path / "log")], str(teacher), str(tmp_path / "out"))
 
-
-def test_the_command_line_pipeline_labels_then_trains_a_student_that_exports(first_run, tmp_path, tiny) -> None:
-    from recserve.cli import main
-
-    root, _, _ = first_run
-    labels = tmp_path / "labels"
-    assert main(["synth", "labels", "--logs", str(root / "log-a"), "--out", str(labels), "--workload", "tiny"]) == 0
-    rows = pq.read_table(labels)
-    assert rows.num_rows == 320 and set(rows["label"].to_pylist()) <= {0.0, 1.0}
-    student = tmp_path / "student.pt"
-    assert main(["train", "--workload", "tiny", "--labels", str(labels), "--distill", str(root / "out"),
-                 "--adapter", "affine", "--aux-weight", "0.5", "--out", str(student)]) == 0
-    assert main(["export", "--workload", "tiny", "--state-dict", str(student), "--out", str(tmp_path / "pkg")]) == 0
-    assert main(["train", "--workload", "tiny", "--distill", str(root / "out"), "--out", str(student)]) == 2
