@@ -112,6 +112,14 @@ class AppArgs(BaseModel):
                                            "(with device 'cpu' the shares are reserved but unused: a placement check)")
     tower_gpu: Literal["shared", "own"] = Field(
         "shared", description="with gpus > 0: the dense tower beside the shards (a 1% share) or on a GPU of its own")
+    place_on_hosts: bool = Field(
+        False, description="place the shard replicas on the Ray nodes labelled recserve-host=NAME, each within its "
+                           "node's Ray memory (ray start --memory BYTES; serving/app/nodes.py); a package that does not "
+                           "fit is refused naming the table")
+    router_host: str = Field("", description="with place_on_hosts: the host (recserve-host label) of the router "
+                                            "replicas ('' = any node)")
+    tower_host: str = Field("", description="with place_on_hosts: the host (recserve-host label) of the dense "
+                                           "tower replicas ('' = any node)")
     coalesce_max_examples: int = Field(
         4096, gt=0, description="examples a router replica coalesces into one split, one call per shard and one "
                                 "tower call (serving/engine/coalesce.py); 1 = every request alone")
@@ -135,6 +143,8 @@ class AppArgs(BaseModel):
             raise ValueError("fanout 'router' hands shard responses to the tower by reference: it needs "
                              "transport 'reference' (with 'grpc' the pooled embeddings would pass through "
                              "the router)")
+        if (self.router_host or self.tower_host) and not self.place_on_hosts:
+            raise ValueError("router_host/tower_host: need place_on_hosts")
         return self
 
     def resolved_fanout(self) -> str:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from sharding.planners import plan
+from sharding.planners import first_plan_that_fits
 from sharding.types import PlannerError, PlannerErrorType, ShardPlan, TableSpec
 
 TowerGpu = Literal["shared", "own"]
@@ -150,15 +150,12 @@ def plan_for_gpus(
     capacity = topology.shard_gpus * topology.usable_memory
     if total * topology.shard_replicas > capacity:
         counts = counts[:1]  # no shard count can fit: one attempt names the table that does not
-    error: PlannerError | None = None
-    for n in counts:
-        try:
-            return plan(tables, strategy=strategy, num_shards=n, shard_memory=topology.shard_memory(n))
-        except PlannerError as e:
-            if e.error_type is not PlannerErrorType.INSUFFICIENT_MEMORY:
-                raise
-            error = e
-    assert error is not None
+    try:
+        return first_plan_that_fits(tables, strategy=strategy, counts=counts, shard_memory=topology.shard_memory)
+    except PlannerError as e:
+        if e.error_type is not PlannerErrorType.INSUFFICIENT_MEMORY:
+            raise
+        error = e
     tried = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}..{counts[-1]} (step {step})"
     raise PlannerError(
         f"{topology.gpus} GPU(s): cannot plan {tried} shard(s): {error.message} [GPU budget: "

@@ -14,7 +14,7 @@ then fits on neither shard whole and is split over the room that is left.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sharding.checks import check_plan
 from sharding.partitioners import PARTITIONERS
@@ -95,3 +95,20 @@ def _validate(
                     {"table": t.name, "row_bytes": per_row, "shard_memory": shard_memory},
                 )
     return dtypes[0]
+
+
+def first_plan_that_fits(tables: Sequence[TableSpec], *, strategy: str, counts: Sequence[int],
+                         shard_memory: Callable[[int], int]) -> ShardPlan:
+    """The plan for the first shard count of ``counts`` whose tables fit ``shard_memory(count)``
+    bytes a shard (the GPU and host planners). When none fits, the last count's PlannerError
+    (INSUFFICIENT_MEMORY, naming the table); any other PlannerError at once."""
+    error: PlannerError | None = None
+    for n in counts:
+        try:
+            return plan(tables, strategy=strategy, num_shards=n, shard_memory=shard_memory(n))
+        except PlannerError as e:
+            if e.error_type is not PlannerErrorType.INSUFFICIENT_MEMORY:
+                raise
+            error = e
+    assert error is not None, "counts: empty"
+    raise error

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from recserve.cli.types import Subcommand
-from recserve.planning import parse_bytes, plan_workload, plan_workload_for_gpus, tower_bytes
+from recserve.planning import parse_bytes, plan_workload, plan_workload_for_gpus, table_specs, tower_bytes
 from recserve.workloads import WorkloadConfig, WorkloadError, load_workload
-from sharding import DTYPES, STRATEGIES, TOWER_GPUS, GpuReserve, GpuTopology, PlannerError, plan_report
+from sharding import DTYPES, STRATEGIES, TOWER_GPUS, GpuReserve, GpuTopology, PlannerError, ShardPlan, plan_report
 
 EXIT_CANNOT_PLAN = 2  # bad input or a placement that is impossible
 
@@ -64,6 +64,13 @@ class Plan(Subcommand):
                        help=f"fraction of each GPU kept free (CUDA context, allocator; default {GpuReserve.fraction})")
         g.add_argument("--gpu-reserve", type=_size_arg, default=GpuReserve.fixed, metavar="BYTES",
                        help="bytes kept free on each GPU besides the fraction (CUDA graphs, buffers; default 4GiB)")
+        h = p.add_argument_group(
+            "hosts (--hosts): each shard's memory from the host's (several Ray nodes; docs/multinode.md)",
+            "per-shard cap = (host memory - 40%% (Ray's object store, the OS) - 8GiB (processes)) / shard replicas "
+            "per host; serve with recserve serve --address HEAD --place-on-hosts")
+        h.add_argument("--hosts", type=int, default=None, metavar="N", help="hosts (Ray nodes) that hold the shards")
+        h.add_argument("--host-memory", type=_size_arg, default=None, metavar="BYTES",
+                       help="memory of one host, e.g. 512GB")
 
     def run(self, args: argparse.Namespace) -> int:
         return run_plan(args)
@@ -76,6 +83,8 @@ def run_plan(args: argparse.Namespace) -> int:
     """Handler of ``recserve plan``; returns the exit code."""
     try:
         workload = load_workload(args.workload).with_max_rows(args.max_rows)
+        if args.hosts is not None:
+            return _run_host_plan(args, workload)
         topology = _topology(args, workload)
         if topology is not None:
             result = plan_workload_for_gpus(
@@ -97,11 +106,34 @@ def run_plan(args: argparse.Namespace) -> int:
     if topology is not None:
         print(f"gpus: {topology.describe(result.num_shards)}")
     print(plan_report(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result.to_json(), indent=1) + "\n")
-        print(f"wrote {args.out}")
+    _write_plan(result, args.out)
     return 0
+
+
+def _run_host_plan(args: argparse.Namespace, workload: WorkloadConfig) -> int:
+    """``recserve plan --hosts N --host-memory BYTES``: the plan and which host holds each shard."""
+    from sharding.hosts import HostTopology, assign_hosts, plan_for_hosts
+
+    if args.host_memory is None or args.gpus is not None or args.shard_memory is not None:
+        raise ValueError("--hosts: needs --host-memory, and neither --gpus nor --shard-memory")
+    topology = HostTopology(hosts=args.hosts, host_memory=args.host_memory, shard_replicas=args.shard_replicas)
+    result = plan_for_hosts(table_specs(workload, args.dtype), strategy=args.strategy, topology=topology,
+                            num_shards=args.shards)
+    assignment = assign_hosts(result, {f"h{i}": topology.usable_memory for i in range(args.hosts)},
+                              shard_replicas=args.shard_replicas)
+    print(f"workload: {workload.name}  tables: {len(workload.tables)}")
+    print(f"hosts: {topology.describe(result.num_shards)}")
+    print(plan_report(result))
+    print(assignment)
+    _write_plan(result, args.out)
+    return 0
+
+
+def _write_plan(result: ShardPlan, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        print(f"wrote {out}")
 
 
 def _topology(args: argparse.Namespace, workload: WorkloadConfig) -> GpuTopology | None:

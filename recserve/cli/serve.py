@@ -54,6 +54,11 @@ def add_app_flags(parser: argparse.ArgumentParser, *, defaults: dict | None = No
     for name, field, kind, choices, optional in _flag_fields():
         default = defaults.get(name, field.default)
         shown = f"{default}" + (f"; '{none_word}' for none" if optional else "")
+        if kind is bool:  # --flag / --no-flag
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, default=default,
+                                action=argparse.BooleanOptionalAction,
+                                help=f"{field.description} (default {shown})".replace("%", "%%"))
+            continue
         parser.add_argument(
             "--" + name.replace("_", "-"), dest=name, type=_or_none(kind, none_word) if optional else kind,
             default=default, choices=choices,
@@ -89,7 +94,8 @@ class Serve(Subcommand):
                    "With no PACKAGE it serves the default model (criteo-kaggle, tables capped at 100k rows) from "
                    "artifacts/default, which `recserve default-package` builds (serving never trains). "
                    "Everything binds 127.0.0.1: Ray, Serve's gRPC proxy and the replicas' servers "
-                   "(serving/ops/loopback.py).")
+                   "(serving/ops/loopback.py). With --address it deploys on an existing Ray cluster of several hosts "
+                   "instead, binding nothing to loopback (docs/multinode.md).")
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("package", nargs="?", default="default", help="model package directory (default: the default model)")
@@ -101,6 +107,10 @@ class Serve(Subcommand):
         p.add_argument("--http-port", type=int, default=8000,
                        help="Serve HTTP proxy port on 127.0.0.1 (default 8000; a free one if it is taken)")
         add_app_flags(p, defaults={"feature_filter": FADING_FILTER}, none_word="none")
+        p.add_argument("--address", default=None, metavar="HOST:PORT",
+                       help="deploy on this existing Ray cluster (its GCS address) instead of starting a local Ray; "
+                            "with --place-on-hosts the shards go to its nodes labelled recserve-host=NAME "
+                            "(docs/multinode.md); on exit the app is deleted and the cluster left running")
         p.add_argument("--ingress", choices=INGRESS_MODES, default=DEFAULT_INGRESS,
                        help="who answers --port: 'direct' = the Router replica itself (Serve's direct ingress, "
                             "one Router replica), 'proxy' = Serve's gRPC proxy in front of any number of them "
@@ -198,7 +208,10 @@ def run_serve(args: argparse.Namespace) -> int:
     app_args = app_args.model_copy(update={"package": str(path)})
     if args.monolith:
         return _serve_monolith(app_args, manifest, ports, metrics_port=args.metrics_port)
-    return _serve_on_ray(app_args, manifest, ports, ingress=args.ingress)
+    # on an existing cluster Serve's gRPC proxy on the head answers --port: direct ingress needs
+    # settings in the environment of Ray's processes, which the cluster's operator started
+    return _serve_on_ray(app_args, manifest, ports, ingress="proxy" if args.address else args.ingress,
+                         address=args.address)
 
 
 def _serve_monolith(app_args, manifest, ports, *, metrics_port: int) -> int:
@@ -223,23 +236,27 @@ def _serve_monolith(app_args, manifest, ports, *, metrics_port: int) -> int:
     return 0
 
 
-def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
+def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address: str | None = None) -> int:
     """Local Ray + Serve, the app deployed (progress while replicas start), served until
     SIGINT/SIGTERM; then Serve and Ray shut down."""
     import os
     import signal
+    import sys
     import threading
 
     from serving.ops.loopback import HOOK, ray_on_loopback
     from serving.ops.ports import free_port
 
-    ray_on_loopback()  # before Ray starts: its node address and servers on 127.0.0.1
+    if address is None:
+        ray_on_loopback()  # before Ray starts: its node address and servers on 127.0.0.1
     import ray
     from ray import serve
 
     from serving.api.wire import GRPC_SERVICERS, SERVICE_NAME
     from serving.ops.state import clear_state, write_state
+    from serving.app.builder import build_app
     from serving.app.rollout import start_stack
+    from sharding import PlannerError
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     for name, value in SERVE_STARTUP_ENV.items():
@@ -255,11 +272,16 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
     for line in ports.describe():
         print(f"recserve: {line}", flush=True)
-    print("recserve: starting Ray (127.0.0.1) ...", flush=True)
+    if address is not None:  # an existing cluster: its nodes' addresses, never loopback only
+        from serving.app.cluster import join_cluster
+
+        context = join_cluster(address)
+    else:
+        print("recserve: starting Ray (127.0.0.1) ...", flush=True)
     # the hook binds Serve's gRPC proxy and the replicas' gRPC servers to 127.0.0.1 (Ray 2.60
     # binds them on every interface; serving/ops/loopback.py)
     attempts = 3
-    for attempt in range(1, attempts + 1):
+    for attempt in (range(1, attempts + 1) if address is None else ()):
         try:
             # a retry takes a fresh dashboard port: the first try's dashboard may still hold its own
             dashboard_port = ports.ray_dashboard_port if attempt == 1 else free_port()
@@ -279,9 +301,10 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
             why = (f"the dashboard port {dashboard_port} was taken while Ray started" if taken else
                    "Ray's node did not register within Ray's fixed 30 s (busy machine?)")
             print(f"recserve: {why}; starting it once more ...", flush=True)
-    dashboard = f"http://{context.dashboard_url}"
-    print(f"recserve: {ports.describe_dashboard(context.dashboard_url)}; token: ~/.ray/auth_token "
-          f"(README: Dashboard)", flush=True)
+    dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else ""
+    if dashboard:  # a cluster started without one has none
+        print(f"recserve: {ports.describe_dashboard(context.dashboard_url)}; token: ~/.ray/auth_token "
+              f"(README: Dashboard)", flush=True)
     stop = threading.Event()
     serving = threading.Event()
 
@@ -296,9 +319,17 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
         signal.signal(sig, on_signal)
     deploying: list[threading.Thread] = []  # serve.run's thread, while the app starts
     try:
+        try:  # before Serve starts: a package that does not fit is refused with nothing started
+            build_app(app_args)  # (start_stack builds it again, in the layout a deploy uses)
+        except PlannerError as e:  # place_on_hosts: the package does not fit the cluster's hosts
+            print(f"recserve serve: cannot place {manifest.name} {manifest.version} on the cluster's hosts: {e}",
+                  file=sys.stderr, flush=True)
+            return 2
         serve.start(
             http_options={"host": "127.0.0.1", "port": proxy_http},
             grpc_options={"port": proxy_grpc, "grpc_servicer_functions": GRPC_SERVICERS},
+            # on a cluster: one gRPC ingress, on the head node (docs/multinode.md: ports)
+            **({"proxy_location": "HeadOnly"} if address is not None else {}),
         )
         print(f"recserve: deploying {manifest.name} {manifest.version} from {app_args.package} "
               f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "
@@ -312,7 +343,9 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
                     metrics=f"127.0.0.1:{node['MetricsExportPort']}", session_dir=context.address_info["session_dir"])
         print(f"recserve: metrics (Prometheus, recserve_stage_ms per stage) on "
               f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", flush=True)
-        print(f"recserve: serving {SERVICE_NAME} on 127.0.0.1:{ports.grpc} (gRPC; README: Network exposure). "
+        from serving.app.cluster import grpc_host
+
+        print(f"recserve: serving {SERVICE_NAME} on {grpc_host(address)}:{ports.grpc} (gRPC; README: Network exposure). "
               f"Ctrl-C to stop.", flush=True)
         print(f"recserve: try  {client_command(ports.grpc)}", flush=True)
         print(f"recserve: scale a deployment:  {_recserve()} scale shard-0 2", flush=True)
@@ -325,7 +358,10 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
     finally:
         clear_state()
         try:
-            serve.shutdown()
+            if address is None:
+                serve.shutdown()
+            elif serve.status().applications.get(ROUTER_APP) is not None:  # the operator's cluster: only our app goes
+                serve.delete(ROUTER_APP)
         finally:
             # a deploy interrupted mid-way still runs serve.run in its thread: it fails once Serve
             # is gone; Ray outlives it (a thread calling into a shut-down Ray exits the process, 1)

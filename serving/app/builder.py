@@ -17,6 +17,7 @@ from recserve.package import Manifest, ModelPackage
 from serving.config import AppArgs, replica_num_cpus
 from recserve.default_package import resolve_package
 from serving.app.deployments import DenseTower, Router, Shard, VersionFront, shard_name, transport_env
+from serving.app.nodes import NO_NODES, NodePlacement, cluster_hosts, node_placement
 from serving.app.placement import gpu_placement
 
 
@@ -37,20 +38,32 @@ def _version_deployments(args: AppArgs, manifest: Manifest) -> tuple[list[Applic
     """One package's shard deployments and dense tower, bound (``args.package`` resolved)."""
     gpus = gpu_placement(shards=manifest.plan.num_shards, gpus=args.gpus, shard_replicas=args.shard_replicas,
                          tower=args.tower_gpu, tower_replicas=args.tower_replicas)  # gpus=0: no GPU shares
+    nodes = _nodes(args, manifest)
     shards = [
         Shard.options(name=shard_name(sh.index), num_replicas=args.shard_replicas,
-                      user_config=args.shard_batching.model_dump(),
-                      ray_actor_options=_actor() | gpus.shard_options()).bind(args.package, sh.index, args)
+                      user_config=args.shard_batching.model_dump(), **nodes.shard_deployment_options(),
+                      ray_actor_options=_actor() | gpus.shard_options() | nodes.shard_options(sh.index)).bind(
+            args.package, sh.index, args)
         for sh in manifest.plan.shards
     ]
     tower = DenseTower.options(num_replicas=args.tower_replicas, user_config=args.tower_batching.model_dump(),
-                               ray_actor_options=_actor() | gpus.tower_options()).bind(
+                               ray_actor_options=_actor() | gpus.tower_options() | nodes.tower_options()).bind(
         args.package, shards if args.resolved_fanout() == "tower" else [], args)
     return shards, tower
 
 
+def _nodes(args: AppArgs, manifest: Manifest) -> NodePlacement:
+    """The placement over the cluster's hosts (place_on_hosts), or none; PlannerError naming the
+    table when the package does not fit them."""
+    if not args.place_on_hosts:
+        return NO_NODES
+    return node_placement(manifest.plan, cluster_hosts(), shard_replicas=args.shard_replicas,
+                          router_host=args.router_host, tower_host=args.tower_host)
+
+
 def _router(args: AppArgs, shards: list, tower) -> Application:
-    return Router.options(num_replicas=args.router_replicas, ray_actor_options=_actor()).bind(
+    nodes = NodePlacement(router_host=args.router_host)
+    return Router.options(num_replicas=args.router_replicas, ray_actor_options=_actor() | nodes.router_options()).bind(
         args.package, shards, tower, args)
 
 

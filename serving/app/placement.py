@@ -96,20 +96,9 @@ def actor_gpu_ids() -> dict[str, Any]:
 
 
 def replica_gpus(app: str, *, timeout_s: float = 30.0) -> dict[str, list[dict[str, Any]]]:
-    """Deployment name -> actor_gpu_ids() of each of its running replicas in Serve app ``app``.
+    """Deployment name -> actor_gpu_ids() of each of its running replicas in Serve app ``app``
+    (serving/ops/replicas.py; needs a connected Ray driver). For checks and benchmarks, never on
+    the request path."""
+    from serving.ops.replicas import ask_replicas
 
-    Asks each replica actor (found by its Serve name) through ``__ray_call__``; needs a connected
-    Ray driver. For checks and benchmarks, never on the request path.
-    """
-    import ray
-
-    found: dict[str, list[dict[str, Any]]] = {}
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        name = entry["name"]
-        parts = name.split("::", 1)[-1].split("#")  # SERVE_REPLICA::app#deployment#id
-        if not name.startswith("SERVE_REPLICA::") or len(parts) != 3 or parts[0] != app:
-            continue
-        actor = ray.get_actor(name, namespace=entry["namespace"])
-        info = ray.get(actor.__ray_call__.remote(lambda _self: actor_gpu_ids()), timeout=timeout_s)
-        found.setdefault(parts[1], []).append(info)
-    return dict(sorted(found.items()))
+    return ask_replicas(app, actor_gpu_ids, timeout_s=timeout_s)
