@@ -273,7 +273,7 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
                   "starting it once more ...", flush=True)
     dashboard = f"http://{context.dashboard_url}"
     print(f"recserve: {ports.describe_dashboard(context.dashboard_url)}; token: ~/.ray/auth_token "
-          f"(README: Dashboard)", flush=True)
+          f"(docs/operations.md: Dashboard)", flush=True)
     stop = threading.Event()
     serving = threading.Event()
 
@@ -302,7 +302,7 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy") -> int:
                     metrics=f"127.0.0.1:{node['MetricsExportPort']}", session_dir=context.address_info["session_dir"])
         print(f"recserve: metrics (Prometheus, recserve_stage_ms per stage) on "
               f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", flush=True)
-        print(f"recserve: serving {SERVICE_NAME} on 127.0.0.1:{ports.grpc} (gRPC; README: Network exposure). "
+        print(f"recserve: serving {SERVICE_NAME} on 127.0.0.1:{ports.grpc} (gRPC; docs/operations.md: Network exposure). "
               f"Ctrl-C to stop.", flush=True)
         print(f"recserve: try  {client_command(ports.grpc)}", flush=True)
         print(f"recserve: scale a deployment:  {_recserve()} scale shard-0 2", flush=True)
