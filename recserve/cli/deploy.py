@@ -43,11 +43,20 @@ def run_deploy(args: argparse.Namespace) -> int:
     except VersionRefused as e:
         print(f"recserve deploy: refused: {e}", file=sys.stderr)
         return 2
+    address = args.address or _running_address() or "auto"
+    if address.startswith(("127.0.0.1:", "localhost:")):
+        # a `recserve serve` stack runs Ray in its single-machine mode (serving/ops/loopback.py); without
+        # it this driver turns 127.0.0.1 into the machine's address, where that GCS does not listen
+        import os
+
+        from serving.ops.loopback import ray_on_loopback
+
+        ray_on_loopback()
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # its local Ray 2.60 asks every client for the token
     import ray
 
     from serving.app.rollout import deploy
 
-    address = args.address or _running_address() or "auto"
     ray.init(address=address, log_to_driver=False, configure_logging=False)
     try:
         table = deploy(args.package, router_app=args.app,

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from recserve.synth import TrafficGenerator
+from serving.api.codec import encode_request
 from serving.ops.ports import free_port
 from serving.ops.scaling import replicas, serve_details
 
@@ -223,3 +224,25 @@ def test_a_stop_while_the_replicas_start_shuts_down_cleanly(tiny_packages, tmp_p
         for p in _tree(proc.pid) + tree:
             if p.is_running():
                 p.kill()
+
+
+def test_deploy_switches_the_running_stack_to_a_new_version(stack, tiny_packages, tiny):
+    """`recserve deploy PACKAGE` as the docs show it, against the running `recserve serve` (found
+    through its state file): it must reach that stack's loopback-only, token-protected Ray.
+    Last of the tests on the shared stack: it serves another version afterwards."""
+    from recserve.package import ModelPackage
+    from serving.api.client import RankingClient
+
+    package = tiny_packages("load-2")  # the same model under another plan: another version
+    version = ModelPackage.open(package).manifest.version
+    env = {k: v for k, v in stack.env.items() if k != "RAY_AUTH_MODE"}  # as a user's shell has it
+    run = subprocess.run([sys.executable, "-m", "recserve.cli", "deploy", str(package)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"{version} is live" in run.stdout
+    batch = TrafficGenerator(tiny, seed=5).batch(4)
+    with RankingClient(f"127.0.0.1:{stack.grpc_port}") as client:
+        client.wait_until_serving("tiny", version)
+        response = client.predict_raw(encode_request(batch.dense, {f: (b.values, b.lengths)
+                                                                   for f, b in batch.sparse.items()}), timeout=20)
+    assert response.version == version and len(response.scores) == 4
