@@ -308,8 +308,11 @@ class Router:
 
     # ------------------------------------------------------------------ control (serving/app/versions.py)
 
-    def set_versions(self, table_json: str) -> str:
-        """Serve the versions of this table from now on; returns the live version."""
+    async def set_versions(self, table_json: str) -> str:
+        """Serve the versions of this table from now on; returns the live version. Async: it
+        runs on the replica's event loop, where a new version's handles must be made (with
+        direct ingress Serve's handles route on the caller's loop; a sync method runs in a
+        thread without one, and `recserve deploy` failed there)."""
         return self.versions.apply(VersionTable.from_json(table_json))
 
     def version_table(self) -> str:
