@@ -5,6 +5,7 @@ contracts, checked by `make lint`):
 
   app/          the Ray Serve app: deployments, the builder deploy/serve.yaml names, versions
   standalone/   plain grpc.aio servers, no Ray: the monolith, the TLS front
+  teacher.py    the teacher scoring job over the example log (Ray Data; recserve teacher score)
   example_log.py  served examples logged for distillation (both servers)
   fading/       feature fading: policy, schedule, store, control-plane service, router filter
   engine/       the Ray-free cores both servers share: routing, shard, tower, LocalRanker, admission

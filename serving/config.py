@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # the tower as DeploymentResponses, so the router never copies them);
 # "grpc" = Serve's inter-deployment gRPC (handle.options(_by_reference=False)); Serve resolves
 # the shard responses in the router and sends them on by value.
-# The default is the faster data path on the H200 (benchmarks/dataplane.py, dlrmv2, README "Data
-# plane"): reference, with the router fan-out. (On 2 CPU cores, when pooled embeddings still passed
+# The default is the faster data path on the H200 (benchmarks/dataplane.py, dlrmv2, docs/serving.md
+# "The data path between deployments"): reference, with the router fan-out. (On 2 CPU cores, when pooled embeddings still passed
 # through the router, grpc had been the faster: benchmarks/transports.py.)
 Transport = Literal["reference", "grpc"]
 WireDtype = Literal["float32", "float16"]

@@ -2,7 +2,7 @@
 (protos/recserve/v1/fading.proto): schedules, thresholds and feature states, both ways.
 
 The servicer (service.py) encodes states and decodes requests, the client (client.py)
-encodes requests, and reclaim / rollback over the API (runtime.py, commands.py) decode
+encodes requests, and reclaim / rollback over the API (runtime.py, recserve/cli/fade.py) decode
 states; all of them through these functions.
 """
 

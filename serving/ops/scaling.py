@@ -51,7 +51,7 @@ def _request(url: str, body: dict | None = None, *, timeout_s: float = 30.0) -> 
             return json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace")[:500]
-        hint = " (the Ray token: see README, Dashboard)" if e.code == 401 else ""
+        hint = " (the Ray token: see docs/operations.md, Dashboard)" if e.code == 401 else ""
         raise ScaleError(f"{url}: HTTP {e.code}: {detail}{hint}") from e
     except (urllib.error.URLError, OSError) as e:
         raise ScaleError(f"{url}: {e} (is the stack running? its dashboard URL is printed by recserve serve)") from e
