@@ -27,6 +27,17 @@ import os
 # model took 12 s with 2 threads, 2.5 s with 1.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402
+
+# Without a GPU the Triton kernels run in Triton's interpreter. Triton reads TRITON_INTERPRET
+# when a function is decorated, its own standard library (tl.cdiv, tl.sigmoid, ...) included,
+# and that happens when triton is first imported: torchrec imports it, so any test module that
+# imports the model (collected before tests/kernels/) would otherwise leave those helpers
+# compiled-only ("Cannot call @triton.jit'd outside of the scope of a kernel"). Set here, before
+# any test module is imported; inherited by the servers and replicas the tests start.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -46,14 +57,22 @@ RAY_FIXTURE = "serve_instance"  # tests/serving/conftest.py: the session's Ray +
 RAY_TIMEOUT_S = 600  # pytest-timeout's bound for a Ray test (others: pyproject's ``timeout``)
 
 
+def _uses_session_ray(item: pytest.Item) -> bool:
+    return RAY_FIXTURE in getattr(item, "fixturenames", ())
+
+
 def _needs_ray(item: pytest.Item) -> bool:
-    return RAY_FIXTURE in getattr(item, "fixturenames", ()) or item.get_closest_marker("ray") is not None
+    return _uses_session_ray(item) or item.get_closest_marker("ray") is not None
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     ray = [item for item in items if _needs_ray(item)]
     rest = [item for item in items if not _needs_ray(item)]
+    # the session's Ray first, every test that uses it in one block: it is stopped after the
+    # block's last test (tests/serving/conftest.py), so a test that starts its own Ray (a
+    # ``ray``-marked file sorted between two that use it) must not split the block
+    ray = [item for item in ray if _uses_session_ray(item)] + [item for item in ray if not _uses_session_ray(item)]
     items[:] = ray + rest  # the longest group first; order within each file kept
     for item in ray:
         item.add_marker(pytest.mark.xdist_group("ray"))

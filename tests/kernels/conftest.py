@@ -1,6 +1,6 @@
 """Kernel tests run the Triton kernels natively on a GPU, and in Triton's CPU interpreter
 (TRITON_INTERPRET=1) without one. Triton reads the variable when a kernel is decorated,
-so it is set here, before any test module imports kernels/."""
+so tests/conftest.py sets it before any test module imports triton; checked here."""
 
 from __future__ import annotations
 
@@ -12,9 +12,16 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
-    if "kernels.embedding_bag" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("kernels/ was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1")
+    # tests/conftest.py sets TRITON_INTERPRET=1 before any test module imports triton (torchrec
+    # does); a triton imported earlier has compiled-only helpers that no kernel can call here
     os.environ["TRITON_INTERPRET"] = "1"
+    if "triton.language" in sys.modules:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(tl.cdiv, InterpretedFunction):
+            raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it "
+                               "first): its kernels cannot run in the interpreter")
 
 DEVICE = torch.device("cuda") if HAS_CUDA else torch.device("cpu")
 

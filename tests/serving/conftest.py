@@ -173,6 +173,9 @@ def reference(tiny: WorkloadConfig, tiny_state_dict: Path):
     return score
 
 
+_SERVE_STOPPED = []  # set once the session's Ray is stopped: it is never started again
+
+
 def _stop_serve() -> None:
     import ray
     from ray import serve
@@ -180,6 +183,13 @@ def _stop_serve() -> None:
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
+    _SERVE_STOPPED.append(True)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if "serve_instance" in item.fixturenames and _SERVE_STOPPED:
+        pytest.fail("the session's Ray + Serve was already stopped after an earlier block of tests that use it: "
+                    "tests/conftest.py must run every such test in one block", pytrace=False)
 
 
 @pytest.hookimpl(wrapper=True)
