@@ -296,6 +296,7 @@ class Router:
                                                    max_latency_factor=args.max_latency_factor))
         self._status_cache: dict[str, tuple[float, dict[str, int]]] = {}
         self._status_lookup: dict[str, asyncio.Future] = {}  # per app: the look under way, if any
+        self._ready_apps: set[str] = set()  # applications Serve has reported RUNNING once
         self._requests = Counter("recserve_requests", description="Predict requests by gRPC code",
                                  tag_keys=("code",))
         self._latency = Histogram("recserve_request_ms", description="Predict time in the router, ms",
@@ -402,8 +403,12 @@ class Router:
         from recserve.v1 import ranker_pb2
 
         try:
-            p = self.versions.live.parts
+            live = self.versions.live
+            p = live.parts
             check_model(p.spec, request.model)
+            starting = await self._starting(live.app)
+            if starting:
+                raise ShardUnavailable(live.app, starting)
             return model_info(p.manifest, max_batch_size=p.spec.max_batch_size)
         except Exception as e:  # noqa: BLE001
             self._fail(grpc_context, e)
@@ -420,7 +425,30 @@ class Router:
                 grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
                 grpc_context.set_details(f"unknown service {request.service!r}")
             return health_pb2.HealthCheckResponse()
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        serving = not await self._starting(self.versions.live.app)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if serving else
+                                              health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _starting(self, app: str) -> str | None:
+        """Why the live version's application cannot score yet (None once Serve has reported it
+        RUNNING, remembered). `recserve serve` starts the router first (rollout.start_stack):
+        until then ModelInfo and health say the stack is starting, so a client that waits for
+        them never sends its first request into shards that are not up."""
+        if app in self._ready_apps:
+            return None
+
+        def look() -> str | None:
+            from ray.serve.schema import ApplicationStatus
+
+            status = serve.status().applications.get(app)
+            if status is not None and status.status == ApplicationStatus.RUNNING:
+                return None
+            return f"starting: application {app} is {status.status.value if status else 'not deployed yet'}"
+
+        reason = await asyncio.to_thread(look)
+        if reason is None:
+            self._ready_apps.add(app)
+        return reason
 
     # ------------------------------------------------------------------ the request path
 
@@ -550,9 +578,9 @@ class Router:
             from ray.serve.schema import ApplicationStatus
 
             status = serve.status().applications.get(app)
-            if status is not None and status.status == ApplicationStatus.DEPLOYING:
-                return None
-            deployments = status.deployments if status is not None else {}
+            if status is None or status.status in (ApplicationStatus.DEPLOYING, ApplicationStatus.NOT_STARTED):
+                return None  # not handed to Serve yet (the router starts first) or still starting
+            deployments = status.deployments
             alive = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
             running = {}
             for name, d in deployments.items():

@@ -74,52 +74,43 @@ def _app_failure(app: str) -> str | None:
     return None
 
 
-def serve_run(application, name: str, *, route_prefix: str | None) -> None:
+def serve_run(application, name: str, *, route_prefix: str | None, wait: bool = True) -> None:
     """``serve.run`` as every application of a stack is run: open to ``recserve scale``
     (external_scaler_enabled: one deployment's replica count set through the dashboard's REST
-    API, the others left as they are) and without the access log (one line per request)."""
+    API, the others left as they are) and without the access log (one line per request).
+
+    ``wait=False`` only hands the application to Serve's controller and returns: the caller
+    watches ``serve.status()`` itself, and no thread is left waiting on Serve (one that outlived
+    its Ray would start a fresh local Ray in this process by Ray's auto-init)."""
     from ray import serve
     from ray.serve.schema import LoggingConfig
 
-    serve.run(application, name=name, route_prefix=route_prefix, external_scaler_enabled=True,
-              logging_config=LoggingConfig(enable_access_log=False))
+    target = serve.RunTarget(target=application, name=name, route_prefix=route_prefix, external_scaler_enabled=True,
+                             logging_config=LoggingConfig(enable_access_log=False))
+    serve.run_many([target], wait_for_ingress_deployment_creation=wait, wait_for_applications_running=wait)
 
 
 def run_version_app(application, app: str, timings: DeployTimings) -> None:
     """Run ``application`` as ``app`` (not an HTTP/gRPC endpoint) and wait until it is RUNNING.
 
     A version whose replicas refuse their package is deleted again and VersionRefused
-    carries Serve's message (the PackageError naming the file)."""
-    import threading
-
+    carries Serve's message (the PackageError naming the file). Watched from the calling
+    thread: a stop (Ctrl-C) or a refusal leaves nothing behind that still calls into Serve."""
     from ray import serve
     from ray.serve.schema import ApplicationStatus
 
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            serve_run(application, app, route_prefix=None)
-        except BaseException as e:  # noqa: BLE001  reported below
-            error.append(e)
-
-    runner = threading.Thread(target=run, daemon=True)
-    runner.start()
+    serve_run(application, app, route_prefix=None, wait=False)
     deadline = time.monotonic() + timings.ready_timeout_s
-    try:
-        while runner.is_alive() and time.monotonic() < deadline:
-            failure = _app_failure(app)
-            if failure:
-                break
-            runner.join(timeout=0.5)
-    except BaseException:  # Serve went away under us (recserve serve stopped while starting)
-        runner.join(timeout=30)  # never leave serve.run calling into a Ray that is shutting down
-        raise
-    status = serve.status().applications.get(app)
-    if status is not None and status.status == ApplicationStatus.RUNNING and not error:
-        return
-    failure = _app_failure(app) or (f"{type(error[0]).__name__}: {error[0]}" if error else
-                                    f"not RUNNING after {timings.ready_timeout_s:.0f}s")
+    failure = None
+    while time.monotonic() < deadline:
+        failure = _app_failure(app)
+        if failure:
+            break
+        status = serve.status().applications.get(app)
+        if status is not None and status.status == ApplicationStatus.RUNNING:
+            return
+        time.sleep(0.5)
+    failure = failure or f"not RUNNING after {timings.ready_timeout_s:.0f}s"
     serve.delete(app, _blocking=False)
     raise VersionRefused(f"version app {app} did not start: {failure}")
 
