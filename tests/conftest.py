@@ -27,6 +27,12 @@ import os
 # model took 12 s with 2 threads, 2.5 s with 1.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# No Ray API call in a test process starts a Ray of its own (Ray's auto-init): every test that
+# needs Ray starts it or attaches. A thread left calling Serve after the session's Ray stopped
+# did (a refused version app's serve.run), and that second Ray's driver ended the xdist
+# worker 60 s later, "Not properly terminated", in the middle of an unrelated test.
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+
 import torch  # noqa: E402
 
 # Without a GPU the Triton kernels run in Triton's interpreter. Triton reads TRITON_INTERPRET

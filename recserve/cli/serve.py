@@ -244,11 +244,12 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
     import sys
     import threading
 
-    from serving.ops.loopback import HOOK, ray_on_loopback
+    from serving.ops.loopback import HOOK, no_ray_auto_init, ray_on_loopback
     from serving.ops.ports import free_port
 
     if address is None:
         ray_on_loopback()  # before Ray starts: its node address and servers on 127.0.0.1
+    no_ray_auto_init()
     import ray
     from ray import serve
 
@@ -317,7 +318,6 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
     # that exits the process. Until here, Ctrl-C interrupts the start-up (KeyboardInterrupt).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    deploying: list[threading.Thread] = []  # serve.run's thread, while the app starts
     try:
         try:  # before Serve starts: a package that does not fit is refused with nothing started
             build_app(app_args)  # (start_stack builds it again, in the layout a deploy uses)
@@ -336,8 +336,15 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
               f"transport {app_args.transport}, ingress {ingress}) ...", flush=True)
         # one layout for serve and deploy (serving/app/rollout.py): the version's shards and tower
         # in their own application, the router in its own; a swap retires the first version whole
-        if not _deploy_with_progress(lambda: start_stack(app_args, router_app=ROUTER_APP), stop, deploying):
+        # in this (the main) thread, progress printed while it polls: a stop (Ctrl-C) interrupts it,
+        # and no thread is left waiting on a Serve that is shutting down
+        progress = _ReplicaProgress()
+        try:
+            start_stack(app_args, router_app=ROUTER_APP, on_poll=progress)
+        except Exception as e:  # noqa: BLE001  refused (the message names the file) or Serve's own error
+            print(f"recserve: deploy failed: {e}", flush=True)
             return 1
+        progress(final=True)
         node = next(n for n in ray.nodes() if n["Alive"])
         write_state(dashboard=dashboard, grpc_port=ports.grpc, ray_address=context.address_info["gcs_address"],
                     metrics=f"127.0.0.1:{node['MetricsExportPort']}", session_dir=context.address_info["session_dir"])
@@ -363,45 +370,30 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
             elif serve.status().applications.get(ROUTER_APP) is not None:  # the operator's cluster: only our app goes
                 serve.delete(ROUTER_APP)
         finally:
-            # a deploy interrupted mid-way still runs serve.run in its thread: it fails once Serve
-            # is gone; Ray outlives it (a thread calling into a shut-down Ray exits the process, 1)
-            for thread in deploying:
-                thread.join(timeout=30)
             ray.shutdown()
     print("recserve: stopped", flush=True)
     return 0
 
 
-def _deploy_with_progress(start, stop, threads: list, *, every_s: float = 2.0) -> bool:
-    """``start()`` (the stack's applications) in a thread (appended to ``threads``); meanwhile,
-    each change of the replicas' states is printed (which deployments are up). False if the
-    deploy failed or a stop signal came first."""
-    import threading
+class _ReplicaProgress:
+    """start_stack's ``on_poll``: each change of the replicas' states, printed at most every
+    ``every_s`` (which deployments are up)."""
 
-    failed: list[BaseException] = []
+    def __init__(self, every_s: float = 2.0):
+        self.every_s = every_s
+        self.last_line = None
+        self.last_at = 0.0
 
-    def deploy() -> None:
-        try:
-            start()
-        except BaseException as e:  # noqa: BLE001  reported below
-            failed.append(e)
+    def __call__(self, *, final: bool = False) -> None:
+        import time
 
-    worker = threading.Thread(target=deploy, name="recserve-deploy", daemon=True)
-    threads.append(worker)
-    worker.start()
-    last = None
-    while not stop.is_set():
-        worker.join(every_s)
+        if not final and time.monotonic() - self.last_at < self.every_s:
+            return
+        self.last_at = time.monotonic()
         line = describe_replicas()
-        if line and line != last:
+        if line and line != self.last_line:
             print(f"recserve: replicas  {line}", flush=True)
-            last = line
-        if not worker.is_alive():
-            break
-    if failed:
-        print(f"recserve: deploy failed: {failed[0]}", flush=True)
-        return False
-    return not stop.is_set()
+            self.last_line = line
 
 
 def describe_replicas(router_app: str = ROUTER_APP) -> str:

@@ -90,29 +90,41 @@ def serve_run(application, name: str, *, route_prefix: str | None, wait: bool = 
     serve.run_many([target], wait_for_ingress_deployment_creation=wait, wait_for_applications_running=wait)
 
 
-def run_version_app(application, app: str, timings: DeployTimings) -> None:
-    """Run ``application`` as ``app`` (not an HTTP/gRPC endpoint) and wait until it is RUNNING.
-
-    A version whose replicas refuse their package is deleted again and VersionRefused
-    carries Serve's message (the PackageError naming the file). Watched from the calling
-    thread: a stop (Ctrl-C) or a refusal leaves nothing behind that still calls into Serve."""
+def wait_running(app: str, timeout_s: float, *, on_poll: Callable[[], None] | None = None) -> str | None:
+    """Wait, in the calling thread, until Serve reports ``app`` RUNNING: None, or why it will
+    not be (its failure, or the timeout). ``on_poll()`` runs every half second meanwhile
+    (progress). A caller that stops (Ctrl-C) leaves nothing behind that still waits on Serve."""
     from ray import serve
     from ray.serve.schema import ApplicationStatus
 
-    serve_run(application, app, route_prefix=None, wait=False)
-    deadline = time.monotonic() + timings.ready_timeout_s
-    failure = None
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout_s
+    while True:
         failure = _app_failure(app)
         if failure:
-            break
+            return failure
         status = serve.status().applications.get(app)
         if status is not None and status.status == ApplicationStatus.RUNNING:
-            return
+            return None
+        if time.monotonic() >= deadline:
+            return f"not RUNNING after {timeout_s:.0f}s"
+        if on_poll is not None:
+            on_poll()
         time.sleep(0.5)
-    failure = failure or f"not RUNNING after {timings.ready_timeout_s:.0f}s"
-    serve.delete(app, _blocking=False)
-    raise VersionRefused(f"version app {app} did not start: {failure}")
+
+
+def run_version_app(application, app: str, timings: DeployTimings, *,
+                    on_poll: Callable[[], None] | None = None) -> None:
+    """Run ``application`` as ``app`` (not an HTTP/gRPC endpoint) and wait until it is RUNNING.
+
+    A version whose replicas refuse their package is deleted again and VersionRefused
+    carries Serve's message (the PackageError naming the file)."""
+    from ray import serve
+
+    serve_run(application, app, route_prefix=None, wait=False)
+    failure = wait_running(app, timings.ready_timeout_s, on_poll=on_poll)
+    if failure:
+        serve.delete(app, _blocking=False)
+        raise VersionRefused(f"version app {app} did not start: {failure}")
 
 
 def deploy_version(
@@ -258,7 +270,7 @@ def deploy(
 
 
 def start_stack(args, *, router_app: str = ROUTER_APP, route_prefix: str = "/",
-                timings: DeployTimings = DeployTimings()) -> VersionTable:
+                timings: DeployTimings = DeployTimings(), on_poll: Callable[[], None] | None = None) -> VersionTable:
     """Start a versioned stack (``recserve serve``): the router application, then
     ``args.package``'s version application; the table and the stack's settings go to Ray's GCS
     first, where the router replicas and a later ``recserve deploy`` find them. The same layout
@@ -277,6 +289,9 @@ def start_stack(args, *, router_app: str = ROUTER_APP, route_prefix: str = "/",
     table = VersionTable(live=manifest.version, packages={manifest.version: path}, apps={manifest.version: app})
     store_table(table, router_app)
     store_args(args.model_dump_json(), router_app)
-    serve_run(build_router_app(args), router_app, route_prefix=route_prefix)
-    run_version_app(build_version_app(args), app, timings)
+    serve_run(build_router_app(args), router_app, route_prefix=route_prefix, wait=False)
+    failure = wait_running(router_app, timings.ready_timeout_s, on_poll=on_poll)
+    if failure:
+        raise VersionRefused(f"router app {router_app} did not start: {failure}")
+    run_version_app(build_version_app(args), app, timings, on_poll=on_poll)
     return table

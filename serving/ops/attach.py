@@ -53,13 +53,14 @@ def attach(address: str, *, timeout_s: float = 60.0, who: str = "recserve") -> N
     """``ray.init`` connected to the stack at ``address`` (loopback mode first). A GCS that is
     reachable but does not complete the connection within ``timeout_s`` ends the process
     (exit status 3) with a message naming the address: ``ray.init`` cannot be interrupted."""
-    from serving.ops.loopback import ray_on_loopback
+    from serving.ops.loopback import no_ray_auto_init, ray_on_loopback
 
     import os
 
     check_reachable(address)
     ray_on_loopback()  # before ray.init: keep 127.0.0.1 as 127.0.0.1
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when Ray is imported: the token in ~/.ray/auth_token
+    no_ray_auto_init()  # (imports Ray)
     import ray
 
     connected = threading.Event()

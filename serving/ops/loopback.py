@@ -36,6 +36,18 @@ def ray_on_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+def no_ray_auto_init() -> None:
+    """No second Ray in this process. Ray starts a fresh local Ray whenever one of its APIs is
+    called before ``ray.init`` or after ``ray.shutdown`` (auto-init), from any thread. A process
+    that starts or attaches to its Ray itself never wants that: a thread still calling Serve
+    while the process shuts down (a deploy interrupted by Ctrl-C) would start a second Ray,
+    and Ray then ends the process, status 1, as the first one's core worker goes. With this, that
+    call raises in its own thread instead."""
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = False
+
+
 def _host() -> str:
     return os.environ.get(HOST_ENV, "127.0.0.1")
 
