@@ -1,21 +1,23 @@
-"""Overload: offer 3x the measured maximum and check that the server sheds at the door.
+"""Overload: offer 1x, 2x, 3x and 5x the measured maximum and check that the server sheds at the door.
 
     .venv/bin/python benchmarks/overload.py --target monolith --out benchmarks/results/overload
-    .venv/bin/python benchmarks/overload.py --target serve --out benchmarks/results/overload
+    RAY_AUTH_MODE=token .venv/bin/python benchmarks/overload.py --target serve --out benchmarks/results/overload
 
 Per target (the default model: criteo-kaggle, tables capped at 100k rows), in one run:
 
 1. unloaded: open loop at ``--unloaded-rps`` -> P50/P99 (the reference latency)
 2. maximum: closed loop, ``--concurrency`` workers -> OK/s (the maximum throughput)
-3. overload: open loop at ``--factor`` x the maximum for ``--duration`` s, ``--timeout`` s
-   deadlines; at the same time a probe at ``--unloaded-rps`` that runs on for
-   ``--recovery-window`` s after the overload ends
-4. figures against issue 11's targets: OK/s >= 90% of the maximum; admitted (OK) P99 <=
+3. overload, for each of ``--factors`` in turn: open loop at that multiple of the maximum for
+   ``--duration`` s, ``--timeout`` s deadlines; at the same time a probe at ``--unloaded-rps``
+   that runs on for ``--recovery-window`` s after the overload ends
+4. figures against the targets (issue 22): OK/s >= 90% of the maximum; admitted (OK) P99 <=
    2x the unloaded P99; shed (RESOURCE_EXHAUSTED) answered within 10 ms (P99); recovery:
    time from the end of the overload until the probe's latency stays under the unloaded
    P99 (<= 2 s)
 
-Writes ``overload-<target>.md`` (the table) and ``overload-<target>.json`` under ``--out``.
+Writes ``overload-<target>.md`` (a table per factor and one summary row each),
+``overload-<target>.json`` and ``overload-<target>.png`` (goodput and admitted P99 against
+offered load) under ``--out``.
 """
 
 from __future__ import annotations
@@ -68,17 +70,10 @@ def recovery_s(probe: RunRecord, overload_end_s: float, bound_ms: float) -> floa
     return float(last_bad - overload_end_s)
 
 
-async def measure(address: str, payloads, args) -> dict:
-    await warm_up(address, payloads, 20)
-    unloaded = await open_loop(address, payloads, rate=args.unloaded_rps, duration_s=args.unloaded_duration,
-                               timeout_s=args.timeout, seed=1)
-    u50, u99 = percentiles_ms(unloaded.latency_s[np.array([c == "OK" for c in unloaded.codes])], (50, 99))
-    maximum = await closed_loop(address, payloads, concurrency=args.concurrency, duration_s=args.max_duration,
-                                timeout_s=args.timeout)
-    max_ok_s = sum(c == "OK" for c in maximum.codes) / maximum.wall_s
-    rate = args.factor * max_ok_s
-    print(f"unloaded p50 {u50:.1f} ms p99 {u99:.1f} ms; maximum {max_ok_s:.1f} OK/s; offering {rate:.1f}/s "
-          f"for {args.duration:.0f} s", flush=True)
+async def overload_at(address: str, payloads, args, factor: float, max_ok_s: float, u99: float) -> dict:
+    """``factor`` x ``max_ok_s`` offered for ``args.duration`` s beside the unloaded probe."""
+    rate = factor * max_ok_s
+    print(f"offering {factor:g}x = {rate:.1f} req/s for {args.duration:.0f} s ...", flush=True)
     overload_task = open_loop(address, payloads, rate=rate, duration_s=args.duration, timeout_s=args.timeout,
                               seed=2, max_requests=int(rate * args.duration * 2) + 10)
     probe_task = open_loop(address, payloads, rate=args.unloaded_rps, duration_s=args.duration + args.recovery_window,
@@ -88,23 +83,39 @@ async def measure(address: str, payloads, args) -> dict:
     ok_in_window = ok & (overload.scheduled_s < args.duration)
     ok_s = ok_in_window.sum() / args.duration
     return {
-        "unloaded": {"p50_ms": u50, "p99_ms": u99, "codes": _codes(unloaded), "rps": args.unloaded_rps},
-        "maximum": {"ok_per_s": max_ok_s, "concurrency": args.concurrency, "codes": _codes(maximum)},
-        "overload": {
-            "offered_rps": rate,
-            "factor": args.factor,
-            "duration_s": args.duration,
-            "timeout_s": args.timeout,
-            "codes": _codes(overload),
-            "ok_per_s": ok_s,
-            "ok_fraction_of_max": ok_s / max_ok_s if max_ok_s else float("nan"),
-            "admitted_p50_ms": _p(overload, "OK", 50),
-            "admitted_p99_ms": _p(overload, "OK", 99),
-            "shed_p50_ms": _p(overload, "RESOURCE_EXHAUSTED", 50),
-            "shed_p99_ms": _p(overload, "RESOURCE_EXHAUSTED", 99),
-        },
+        "offered_rps": rate,
+        "factor": factor,
+        "duration_s": args.duration,
+        "timeout_s": args.timeout,
+        "codes": _codes(overload),
+        "ok_per_s": ok_s,
+        "ok_fraction_of_max": ok_s / max_ok_s if max_ok_s else float("nan"),
+        "admitted_p50_ms": _p(overload, "OK", 50),
+        "admitted_p99_ms": _p(overload, "OK", 99),
+        "shed_p50_ms": _p(overload, "RESOURCE_EXHAUSTED", 50),
+        "shed_p99_ms": _p(overload, "RESOURCE_EXHAUSTED", 99),
         "recovery_s": recovery_s(probe, args.duration, u99),
         "probe_codes": _codes(probe),
+    }
+
+
+async def measure(address: str, payloads, args) -> dict:
+    await warm_up(address, payloads, 20)
+    unloaded = await open_loop(address, payloads, rate=args.unloaded_rps, duration_s=args.unloaded_duration,
+                               timeout_s=args.timeout, seed=1)
+    u50, u99 = percentiles_ms(unloaded.latency_s[np.array([c == "OK" for c in unloaded.codes])], (50, 99))
+    maximum = await closed_loop(address, payloads, concurrency=args.concurrency, duration_s=args.max_duration,
+                                timeout_s=args.timeout)
+    max_ok_s = sum(c == "OK" for c in maximum.codes) / maximum.wall_s
+    print(f"unloaded p50 {u50:.1f} ms p99 {u99:.1f} ms; maximum {max_ok_s:.1f} OK/s", flush=True)
+    sweep = []
+    for factor in args.factors:
+        sweep.append(await overload_at(address, payloads, args, factor, max_ok_s, u99))
+        await asyncio.sleep(args.recovery_window)  # the next factor starts from an idle server
+    return {
+        "unloaded": {"p50_ms": u50, "p99_ms": u99, "codes": _codes(unloaded), "rps": args.unloaded_rps},
+        "maximum": {"ok_per_s": max_ok_s, "concurrency": args.concurrency, "codes": _codes(maximum)},
+        "overload": sweep,
     }
 
 
@@ -127,33 +138,70 @@ def Monolith(package: Path, *, log_dir: Path, max_in_flight: int):
     return _Server(package, log_dir=log_dir)
 
 
-def table(target: str, r: dict) -> str:
-    o = r["overload"]
-    u99 = r["unloaded"]["p99_ms"]
-    rows = [
-        ("OK/s at overload vs maximum", f"{o['ok_per_s']:.1f} / {r['maximum']['ok_per_s']:.1f} = "
-                                        f"{o['ok_fraction_of_max'] * 100:.0f}%", ">= 90%",
-         o["ok_fraction_of_max"] >= 0.9),
+def _rows(o: dict, max_ok_s: float, u99: float) -> list[tuple[str, str, str, bool]]:
+    return [
+        ("OK/s at overload vs maximum", f"{o['ok_per_s']:.1f} / {max_ok_s:.1f} = {o['ok_fraction_of_max'] * 100:.0f}%",
+         ">= 90%", o["ok_fraction_of_max"] >= 0.9),
         ("admitted P99 vs unloaded P99", f"{_ms(o['admitted_p99_ms'])} / {_ms(u99)} ms = "
-                                         f"{o['admitted_p99_ms'] / u99:.2f}x", "<= 2x",
-         o["admitted_p99_ms"] <= 2 * u99),
+                                         f"{o['admitted_p99_ms'] / u99:.2f}x", "<= 2x", o["admitted_p99_ms"] <= 2 * u99),
         ("shed answered in (P50 / P99)", f"{_ms(o['shed_p50_ms'])} / {_ms(o['shed_p99_ms'])} ms", "<= 10 ms",
-         bool(o["shed_p99_ms"] <= 10)),
-        ("recovery to the unloaded P99", f"{r['recovery_s']:.2f} s", "<= 2 s", r["recovery_s"] <= 2),
+         not o["shed_p99_ms"] > 10),  # nothing shed: met
+        ("recovery to the unloaded P99", f"{o['recovery_s']:.2f} s", "<= 2 s", o["recovery_s"] <= 2),
     ]
+
+
+def table(target: str, r: dict) -> str:
+    u99 = r["unloaded"]["p99_ms"]
+    max_ok_s = r["maximum"]["ok_per_s"]
     lines = [
-        f"### {target}: {o['factor']:g}x the maximum ({o['offered_rps']:.1f} req/s offered for "
-        f"{o['duration_s']:.0f} s, {o['timeout_s']:g} s deadlines)",
+        f"### {target}: offered load against the maximum ({r['overload'][0]['duration_s']:.0f} s each, "
+        f"{r['overload'][0]['timeout_s']:g} s deadlines)",
         "",
         f"unloaded ({r['unloaded']['rps']:g} req/s): P50 {_ms(r['unloaded']['p50_ms'])} ms, P99 {_ms(u99)} ms; "
-        f"maximum (closed loop, {r['maximum']['concurrency']} workers): {r['maximum']['ok_per_s']:.1f} OK/s; "
-        f"overload codes: {o['codes']}; admitted P50 {_ms(o['admitted_p50_ms'])} ms",
+        f"maximum (closed loop, {r['maximum']['concurrency']} workers): {max_ok_s:.1f} OK/s",
         "",
-        "| figure | measured | target | met |",
-        "| --- | ---: | ---: | --- |",
-        *[f"| {name} | {value} | {goal} | {'yes' if met else '**no**'} |" for name, value, goal, met in rows],
+        "| offered | req/s | OK/s (of max) | admitted P50 / P99 ms | shed P99 ms | recovery s | codes |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    for o in r["overload"]:
+        lines.append(f"| {o['factor']:g}x | {o['offered_rps']:.1f} | {o['ok_per_s']:.1f} "
+                     f"({o['ok_fraction_of_max'] * 100:.0f}%) | {_ms(o['admitted_p50_ms'])} / "
+                     f"{_ms(o['admitted_p99_ms'])} | {_ms(o['shed_p99_ms'])} | {o['recovery_s']:.2f} | {o['codes']} |")
+    for o in r["overload"]:
+        lines += ["", f"{o['factor']:g}x against the targets:", "", "| figure | measured | target | met |",
+                  "| --- | ---: | ---: | --- |"]
+        lines += [f"| {name} | {value} | {goal} | {'yes' if met else '**no**'} |"
+                  for name, value, goal, met in _rows(o, max_ok_s, u99)]
     return "\n".join(lines) + "\n"
+
+
+def plot(target: str, r: dict, path: Path) -> None:
+    """Goodput (OK/s) and admitted P99 against offered load, with the targets drawn in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    o = r["overload"]
+    x = [s["factor"] for s in o]
+    max_ok_s, u99 = r["maximum"]["ok_per_s"], r["unloaded"]["p99_ms"]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+    a.plot(x, [s["ok_per_s"] for s in o], marker="o", label="OK/s")
+    a.axhline(max_ok_s, color="gray", ls="--", label="maximum (closed loop)")
+    a.axhline(0.9 * max_ok_s, color="red", ls=":", label="target: 90% of the maximum")
+    a.set_ylabel("goodput, OK/s")
+    a.legend(fontsize=8)
+    b.plot(x, [s["admitted_p99_ms"] for s in o], marker="o", label="admitted P99")
+    b.axhline(2 * u99, color="red", ls=":", label="target: 2x the unloaded P99")
+    b.set_ylabel("ms")
+    b.set_xlabel("offered load, x the maximum")
+    b.legend(fontsize=8)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"overload, {target}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", choices=("monolith", "serve"), default="monolith")
     p.add_argument("--package", default="default", help="model package (default: the default model)")
     p.add_argument("--address", default=None, help="an already running server (skips starting one)")
-    p.add_argument("--factor", type=float, default=3.0)
+    p.add_argument("--factors", default="1,2,3,5", help="offered loads, comma-separated multiples of the maximum")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of overload")
     p.add_argument("--timeout", type=float, default=1.0, help="request deadline, seconds")
     p.add_argument("--unloaded-rps", type=float, default=5.0)
@@ -174,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-arg", action="append", default=[], help="extra argument for recserve serve")
     p.add_argument("--max-in-flight", type=int, default=16, help="the monolith's admission bound")
     args = p.parse_args(argv)
+    try:
+        args.factors = [float(f) for f in args.factors.split(",")]
+    except ValueError:
+        p.error(f"--factors: comma-separated numbers, not {args.factors!r}")
+    if not args.factors or min(args.factors) <= 0:
+        p.error("--factors: every factor must be > 0")
 
     from loadtest.targets import ServeStack
     from loadtest.trace import make_trace
@@ -197,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     (args.out / f"overload-{args.target}.md").write_text(text)
     (args.out / f"overload-{args.target}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    plot(args.target, result, args.out / f"overload-{args.target}.png")
     return 0
 
 
