@@ -222,8 +222,7 @@ class DenseTower:
         try:
             done = dict(zip(calls, await asyncio.gather(*calls.values())))
         except BaseException:
-            for c in calls.values():
-                c.cancel()
+            cancel(*calls.values())
             raise
         return await self._batcher(_TowerItem(dense, tuple(done.get(k) for k in range(self.routing.num_shards))))
 
@@ -509,9 +508,7 @@ class Router:
         try:
             return await self._await(tower_call, sorted(requests), deadline, app, budget_s)
         except BaseException:
-            tower_call.cancel()
-            for c in calls.values():
-                c.cancel()
+            cancel(tower_call, *calls.values())
             raise
 
     async def _await(self, tower_call: DeploymentResponse, shards: list[int], deadline: float, app: str,
@@ -610,6 +607,18 @@ def _isolate(error: BaseException) -> bool:
     """Whether a coalesced batch that failed with ``error`` is rerun request by request (an
     error one request may have caused), not failed as a whole (the stack's own state)."""
     return not isinstance(_as_serving_error(error), (DeadlineExceeded, ShardUnavailable, Overloaded))
+
+
+def cancel(*responses: DeploymentResponse) -> None:
+    """Cancel Serve calls whose result is no longer wanted, best effort: Ray 2.60's
+    ``DeploymentResponse.cancel()`` raises the call's own error when it already failed (a shard
+    that died under it), and from a cleanup path that error would replace the one being
+    handled (a retry turned into a failed request)."""
+    for r in responses:
+        try:
+            r.cancel()
+        except Exception:  # noqa: BLE001  the call failed already: nothing left to cancel
+            pass
 
 
 async def _resolve(response: DeploymentResponse):

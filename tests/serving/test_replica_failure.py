@@ -24,6 +24,45 @@ def replica_pids(app: str, deployment: str) -> list[int]:
     return [p.pid for p in processes_titled([f"ServeReplica:{app}:{deployment}"], within=os.getpid())]
 
 
+def test_cancelling_a_call_that_lost_its_upstream_replica_keeps_the_error_being_handled(serve_instance):
+    """The cleanup path of a call whose input came from a replica that died: Serve 2.60's
+    ``DeploymentResponse.cancel()`` raises that call's own error, which, raised from the router's
+    cleanup, replaced the retry it was handling (the CI failure of the test below).
+    ``cancel`` swallows it; the error maps to UNAVAILABLE, the code a retry is decided on."""
+    import pytest
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    from serving.api.errors import ShardUnavailable
+    from serving.app.deployments import _as_serving_error, cancel
+
+    @serve.deployment
+    class Dies:
+        def __call__(self) -> int:
+            os._exit(1)  # the replica's process dies under the call, as a SIGKILL would
+
+    @serve.deployment
+    class Adds:
+        def __call__(self, x: int) -> int:
+            return x + 1
+
+    dies = serve.run(Dies.bind(), name="upstream-dies", route_prefix=None)
+    adds = serve.run(Adds.bind(), name="upstream-adds", route_prefix=None)
+    try:
+        doomed = dies.remote()
+        first, second = adds.remote(doomed), adds.remote(doomed)  # their input never comes
+        for call in (first, second):  # both failed before anything cancels them
+            with pytest.raises(RayServeException, match="upstream actor died") as raised:
+                call.result(timeout_s=60)
+            assert isinstance(_as_serving_error(raised.value), ShardUnavailable)
+        with pytest.raises(RayServeException, match="upstream actor died"):
+            first.cancel()  # the library's behaviour this guards against
+        cancel(second)  # returns: the caller's own error goes on
+    finally:
+        serve.delete("upstream-dies", _blocking=False)
+        serve.delete("upstream-adds", _blocking=False)
+
+
 def test_a_shard_replica_killed_under_load_costs_no_request_with_two_replicas(deploy, tiny_packages, reference,
                                                                                tiny, helpers):
     from ray import serve
