@@ -267,7 +267,11 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
         from serving.ops.ingress import direct_ingress_env
 
         os.environ.update(direct_ingress_env(ports.grpc, ports.http))  # the Router replica on --port
-        proxy_grpc, proxy_http = free_port(), free_port()  # Serve still starts its proxy: elsewhere
+        # Serve still starts its proxy: elsewhere, on ports none of the stack's others chose
+        # (the dashboard's is bound only when Ray starts: the kernel may offer it again)
+        taken = {ports.grpc, ports.http, ports.dashboard}
+        proxy_grpc = free_port(avoid=taken)
+        proxy_http = free_port(avoid=taken | {proxy_grpc})
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
     # silently share it. Off (inherited by the proxy actors through Ray's worker environment).
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"

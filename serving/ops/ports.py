@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass
 
 LOOPBACK = "127.0.0.1"
@@ -52,11 +53,15 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """A port nothing listens on now (the kernel's choice)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host: str = LOOPBACK, *, avoid: Collection[int] = ()) -> int:
+    """A port nothing listens on now (the kernel's choice), other than ``avoid``: ports already
+    chosen for this process's other servers but not bound yet, which the kernel may hand out again."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def require_free(port: int, *, what: str, flag: str) -> int:
@@ -92,7 +97,7 @@ class ServePorts:
         chosen_dashboard = free_or_fallback(dashboard)
         chosen_http = free_or_fallback(http)
         while chosen_http in (grpc, chosen_dashboard):
-            chosen_http = free_port()
+            chosen_http = free_port(avoid=(grpc, chosen_dashboard))
         return cls(grpc, chosen_dashboard, chosen_http, dashboard, http)
 
     @property
