@@ -163,10 +163,13 @@ def test_files_are_complete_or_absent_after_the_writer_is_killed(tmp_path) -> No
         proc.wait()
     files = [p for p in tmp_path.iterdir() if not p.name.startswith(TMP_PREFIX)]
     assert len(files) >= 6
-    for p in files:  # every visible file is whole: footer, every row group, 4096 rows
-        assert pq.read_table(p).num_rows == 4096, p.name
+    rows = []
+    for p in files:  # every visible file is whole: footer, every row group, whole requests of 512 rows
+        n = pq.read_table(p).num_rows  # 4096, or fewer when the writer fell behind and flushed on time
+        assert 0 < n <= 4096 and n % 512 == 0, (p.name, n)
+        rows.append(n)
     # a reader of the directory skips the writer's temporary file (hidden name)
-    assert pq.read_table(tmp_path).num_rows == 4096 * len(files)
+    assert pq.read_table(tmp_path).num_rows == sum(rows)
 
 
 def test_a_log_rate_without_a_log_dir_is_refused() -> None:
