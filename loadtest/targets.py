@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import psutil
 from loadtest.cpu import CpuMeter, describe, process_tree, ray_control_processes, ray_serve_processes
 from recserve.v1 import ranker_pb2
 from serving.api.wire import MODEL_INFO_METHOD
+from serving.ops.ports import free_port
 
 
 # the line both servers print (recserve serve): where their stage histograms are scraped
@@ -34,12 +34,6 @@ METRICS_LINE = r"recserve: metrics .* on http://(\S+)/metrics"
 
 class TargetError(RuntimeError):
     """A server under test failed to start; the message says which and points at its log."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_info(address: str, timeout_s: float = 5.0) -> ranker_pb2.ModelInfoResponse:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import errno
 import socket
+import threading
+from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -53,15 +55,25 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+# Ports free_port() handed out lately in this process. Its probe socket is closed before the
+# caller's server binds the port, so the kernel may hand the same port out again in between: two
+# calls for one command line (--port, --http-port, --dashboard-port) could coincide, and did.
+_HANDED_OUT: deque[int] = deque(maxlen=1024)
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port(host: str = LOOPBACK, *, avoid: Collection[int] = ()) -> int:
-    """A port nothing listens on now (the kernel's choice), other than ``avoid``: ports already
-    chosen for this process's other servers but not bound yet, which the kernel may hand out again."""
-    while True:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port not in avoid:
-            return port
+    """A port nothing listens on now (the kernel's choice), other than ``avoid`` (ports chosen
+    elsewhere and not bound yet) and other than the last 1024 this process was handed, so that
+    the ports of one command line never coincide."""
+    with _HANDED_OUT_LOCK:
+        while True:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+            if port not in avoid and port not in _HANDED_OUT:
+                _HANDED_OUT.append(port)
+                return port
 
 
 def require_free(port: int, *, what: str, flag: str) -> int:
@@ -76,9 +88,11 @@ def require_free(port: int, *, what: str, flag: str) -> int:
     return port
 
 
-def free_or_fallback(port: int) -> int:
-    """``port`` if it is free, else a free one."""
-    return port if 0 < port < 65536 and port_is_free(port) else free_port()
+def free_or_fallback(port: int, *, avoid: Collection[int] = ()) -> int:
+    """``port`` if it is free and not in ``avoid``, else a free one outside ``avoid``."""
+    if 0 < port < 65536 and port not in avoid and port_is_free(port):
+        return port
+    return free_port(avoid=avoid)
 
 
 @dataclass(frozen=True)
@@ -94,10 +108,8 @@ class ServePorts:
     @classmethod
     def choose(cls, *, grpc: int, dashboard: int, http: int) -> ServePorts:
         grpc = require_free(grpc, what="gRPC", flag="--port")
-        chosen_dashboard = free_or_fallback(dashboard)
-        chosen_http = free_or_fallback(http)
-        while chosen_http in (grpc, chosen_dashboard):
-            chosen_http = free_port(avoid=(grpc, chosen_dashboard))
+        chosen_dashboard = free_or_fallback(dashboard, avoid={grpc})
+        chosen_http = free_or_fallback(http, avoid={grpc, chosen_dashboard})
         return cls(grpc, chosen_dashboard, chosen_http, dashboard, http)
 
     @property

@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 
 from loadtest.driver import closed_loop, open_loop, warm_up
-from loadtest.targets import free_port
+from serving.ops.ports import free_port
 from loadtest.trace import make_trace
 
 

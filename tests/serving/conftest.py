@@ -5,7 +5,6 @@ conftest's tiny_packages), test requests, and ONE Ray instance + Serve for the w
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ import torch
 
 from recserve.batch import Bags, Batch
 from recserve.workloads import WorkloadConfig
+from serving.ops.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,11 +32,6 @@ def with_weights(batch: Batch, seed: int = 0) -> Batch:
               for f, b in batch.sparse.items()}
     return Batch(batch.dense, sparse, batch.unit_ids)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 MAX_BATCH = 64  # max_batch_size of the servers under test
 

@@ -68,3 +68,23 @@ def test_a_second_monolith_on_the_same_port_fails_to_bind_instead_of_sharing(tin
             await first.stop(grace=None)
 
     asyncio.run(two_servers())
+
+
+def test_the_free_ports_of_one_command_line_never_coincide():
+    """free_port() releases its probe socket, so the kernel may hand the same port out again
+    before the caller binds it: a command line with --port, --dashboard-port and --http-port each
+    from free_port() once got two equal ports. A process is never handed a port twice in a row of
+    1024, nor one it asked to avoid."""
+    handed = [free_port() for _ in range(300)]
+    assert len(set(handed)) == len(handed)
+    avoid = {free_port() for _ in range(5)}
+    assert free_port(avoid=avoid) not in avoid
+
+
+def test_serve_ports_are_distinct_even_when_the_same_port_is_asked_for_twice():
+    grpc = free_port()
+    ports = ServePorts.choose(grpc=grpc, dashboard=grpc, http=grpc)  # grpc is not bound yet: free
+    assert len({ports.grpc, ports.dashboard, ports.http}) == 3 and ports.grpc == grpc
+    spare = free_port()
+    ports = ServePorts.choose(grpc=0, dashboard=spare, http=spare)
+    assert len({ports.grpc, ports.dashboard, ports.http}) == 3
