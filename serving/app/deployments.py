@@ -310,6 +310,13 @@ class Router:
                                     max_wait_s=args.coalesce_wait_s, isolate=_isolate, cancel_abandoned=True)
         self._observe = ray_observer()
 
+    def __del__(self) -> None:
+        """Serve's graceful stop of this replica (``recserve serve`` on SIGTERM or Ctrl-C, a
+        swap that retires the router's app, a scale-down): write the rows the example logs still
+        queue. Serve ends the actor with ray.kill right after, where no atexit handler runs."""
+        for served in getattr(getattr(self, "versions", None), "served", {}).values():
+            served.parts.example_log.close()
+
     def _version_parts(self, version: str, package: str, app: str) -> ServedVersion:
         manifest = ModelPackage.open(package).manifest
         if manifest.version != version:

@@ -38,6 +38,10 @@ def direct_ingress_env(grpc_port: int, http_port: int) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_port),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_port + INGRESS_PORTS),
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        # Serve holds a stopping ingress replica open 30 s by default so that an external load
+        # balancer can deregister it; callers dial the Router here, so Ctrl-C took 30 s (and
+        # Serve's warning). The replica still waits for the requests it has in flight.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
     }
 
 
