@@ -40,7 +40,7 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def stack(two_versions, tmp_path_factory):
+def stack(two_versions, tiny, tmp_path_factory):
     held = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]  # another server's ports
     taken_dashboard, taken_http = (s.getsockname()[1] for s in held)
     grpc_port = free_port()
@@ -49,12 +49,17 @@ def stack(two_versions, tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(ROOT), RECSERVE_ARTIFACTS=str(state), RAY_USAGE_STATS_ENABLED="0",
                RECSERVE_FADE_STORE=str(state / "fading.sqlite"))  # the routers' fading store
     # as a user runs it: the default feature filter (fading, over the store in RECSERVE_ARTIFACTS)
+    # every request's examples logged, written only at the stop (an hour's flush interval): the
+    # teardown checks that Ctrl-C writes them all (the routers' graceful stop)
+    example_log = state / "example-log"
     argv = [sys.executable, "-m", "recserve.cli", "serve", str(two_versions["v1"][0]), "--port", str(grpc_port),
-            "--dashboard-port", str(taken_dashboard), "--http-port", str(taken_http)]
+            "--dashboard-port", str(taken_dashboard), "--http-port", str(taken_http),
+            "--log-rate", "1", "--log-dir", str(example_log), "--log-flush-s", "3600"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
     tree: list[psutil.Process] = []
+    served = False
     try:
         deadline = time.monotonic() + 600
         while "recserve: serving" not in log_path.read_text():
@@ -64,6 +69,14 @@ def stack(two_versions, tmp_path_factory):
             time.sleep(1)
         text = log_path.read_text()
         dashboard = re.search(r"Ray dashboard (http://127\.0\.0\.1:\d+)", text).group(1)
+        from serving.api.client import RankingClient
+
+        with RankingClient(f"127.0.0.1:{grpc_port}") as client:  # requests the stop must log, whichever tests run
+            for i, n in enumerate((3, 1, 8)):
+                batch = TrafficGenerator(tiny, seed=60 + i).batch(n)
+                client.predict(batch.dense, {f: (b.values, b.lengths) for f, b in batch.sparse.items()},
+                               request_id=f"before-stop-{i}", timeout=60)
+        served = True
         yield SimpleNamespace(proc=proc, log=log_path, grpc_port=grpc_port, dashboard=dashboard, state=state,
                               taken_dashboard=taken_dashboard, taken_http=taken_http, env=env)
     finally:
@@ -79,6 +92,30 @@ def stack(two_versions, tmp_path_factory):
             p.kill()
         for s in held:
             s.close()
+    if served:
+        _check_the_stop(proc, log_path, example_log)
+
+
+def _check_the_stop(proc: subprocess.Popen, log_path: Path, example_log: Path) -> None:
+    """After Ctrl-C: a clean exit, no stop waited out by Serve (direct ingress held the Router 30 s
+    for load balancers that are not there), and the requests served before the stop are in the
+    example log (an hour's flush interval: written by the stop), each request whole."""
+    import pyarrow.parquet as pq
+
+    text = log_path.read_text()
+    assert proc.returncode == 0 and "recserve: stopped" in text, text[-3000:]
+    assert "failed to shut down" not in text, text[-3000:]
+    files = sorted(example_log.glob("part-*.parquet"))
+    assert files, f"nothing logged in {example_log}"
+    request_ids = set()
+    for f in files:  # a request's rows lie together, example_index 0, 1, ..., its size - 1
+        rows = pq.read_table(f, columns=["request_id", "example_index"]).to_pydict()
+        request_ids.update(rows["request_id"])
+        expected = 0
+        for index in rows["example_index"]:
+            assert index in (0, expected), (f.name, index, expected)
+            expected = index + 1
+    assert {"before-stop-0", "before-stop-1", "before-stop-2"} <= request_ids, sorted(request_ids)[:20]
 
 
 def test_taken_dashboard_and_http_ports_fall_back_to_free_ones_and_are_printed(stack):
@@ -296,6 +333,29 @@ def test_deploy_from_another_shell_swaps_versions_under_load_and_retires_the_old
     while any("ServeReplica:recserve@v1:" in t for t in _process_titles(stack)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not [t for t in _process_titles(stack) if "ServeReplica:recserve@v1:" in t]
+
+
+def test_teacher_score_runs_on_the_running_stacks_ray(stack, two_versions, tiny, tmp_path):
+    """`recserve teacher score --address stack` from another shell: the job attaches to the Ray of
+    the running `recserve serve` (loopback, its token) and scores a log there; the stack serves on."""
+    import pyarrow.parquet as pq
+
+    from serving.api.client import RankingClient
+    from serving.example_log import ExampleLog, ExampleLogConfig
+
+    log = ExampleLog(ExampleLogConfig(rate=1.0, log_dir=str(tmp_path / "log")), model="tiny", version="v1",
+                     features=tiny.features)
+    for i in range(3):
+        batch = TrafficGenerator(tiny, seed=40 + i).batch(20)
+        assert log.submit(f"t{i}", batch, np.zeros(20, np.float32))
+    log.close()
+    run = _recserve(stack, "teacher", "score", "--logs", str(tmp_path / "log"), "--teacher", str(two_versions["v2"][0]),
+                    "--out", str(tmp_path / "scores"), "--address", "stack", "--batch-size", "32", timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "60 unique scored" in run.stdout, run.stdout[-2000:]
+    assert pq.read_table(tmp_path / "scores").num_rows == 60
+    with RankingClient(f"127.0.0.1:{stack.grpc_port}") as client:
+        assert client.model_info().model == "tiny"
 
 
 def test_deploy_fails_within_seconds_naming_the_address_when_no_stack_answers(two_versions, tmp_path):
