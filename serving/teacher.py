@@ -29,6 +29,7 @@ last batch is written. examples/s is over the scoring time; the whole job's rate
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -188,10 +189,10 @@ def score_logs(
     snapshot_at: float | None = None,
     with_embeddings: bool = False,
 ) -> ScoreReport:
-    """Score every unique example of ``logs`` not yet scored by this teacher version into ``out``."""
-    import ray
-    import ray.data
+    """Score every unique example of ``logs`` not yet scored by this teacher version into ``out``.
 
+    ``address``: a running stack's or cluster's Ray GCS, attached to as ``recserve deploy`` does
+    (serving/ops/attach.py: before Ray is imported, so its loopback and token settings hold)."""
     from recserve.package import ModelPackage
 
     manifest = ModelPackage.open(teacher).manifest  # a bad package fails here, before Ray starts
@@ -215,11 +216,18 @@ def score_logs(
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     t0, wall0 = time.perf_counter(), time.time()
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        env = {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}} if address else None
-        ray.init(address=address or "local", runtime_env=env, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, **({} if address else {"num_cpus": max(2, os.cpu_count() or 2)}))
+    started_ray = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    if started_ray and address:  # a running stack or cluster: loopback kept, fails within seconds naming it
+        from serving.ops.attach import attach
+
+        attach(address, who="recserve teacher score",
+               runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+    import ray
+    import ray.data
+
+    if started_ray and not address:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 num_cpus=max(2, os.cpu_count() or 2))
     try:
         ds = ray.data.read_parquet(files, filesystem=fs)
         ds = ds.map_batches(_add_keys, batch_format="pyarrow", batch_size=batch_size, num_cpus=0.5)

@@ -34,7 +34,9 @@ class TeacherScore(Subcommand):
                        help="example log directory or pyarrow URL (repeat for several)")
         p.add_argument("--teacher", required=True, metavar="PACKAGE", help="the teacher's model package")
         p.add_argument("--out", required=True, metavar="DIR", help="where the scores go (directory or pyarrow URL)")
-        p.add_argument("--address", default=None, help="an existing Ray cluster (default: a local Ray)")
+        p.add_argument("--address", default=None, metavar="HOST:PORT",
+                       help="score on the Ray of a running stack: 'stack' for the `recserve serve` of "
+                            "this machine (its state file), or a Ray GCS address; default: a Ray of its own")
         p.add_argument("--actors", type=int, default=1, help="teacher actors (default 1)")
         p.add_argument("--batch-size", type=int, default=4096, help="examples per scored batch (and per file)")
         p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -118,13 +120,16 @@ COMMANDS = (Teacher, Synth)
 
 def run_teacher_score(args: argparse.Namespace) -> int:
     from recserve.package import PackageError
+    from serving.ops.attach import AttachError, stack_address
+    from serving.ops.state import StackNotFound
     from serving.teacher import score_logs
 
     try:
-        report = score_logs(args.logs, args.teacher, args.out, address=args.address, batch_size=args.batch_size,
+        address = stack_address() if args.address == "stack" else args.address
+        report = score_logs(args.logs, args.teacher, args.out, address=address, batch_size=args.batch_size,
                             actors=args.actors, device=args.device, snapshot_at=args.snapshot_at,
                             with_embeddings=args.embeddings)
-    except (PackageError, FileNotFoundError, ValueError) as e:
+    except (PackageError, FileNotFoundError, ValueError, AttachError, StackNotFound) as e:
         print(f"recserve teacher score: {e}", file=sys.stderr)
         return 2
     print(f"recserve teacher score: {report}")

@@ -49,10 +49,11 @@ def check_reachable(address: str, *, timeout_s: float = 3.0) -> None:
         raise AttachError(f"no Ray GCS answers at {address} ({e}); is `recserve serve` running?") from None
 
 
-def attach(address: str, *, timeout_s: float = 60.0, who: str = "recserve") -> None:
-    """``ray.init`` connected to the stack at ``address`` (loopback mode first). A GCS that is
-    reachable but does not complete the connection within ``timeout_s`` ends the process
-    (exit status 3) with a message naming the address: ``ray.init`` cannot be interrupted."""
+def attach(address: str, *, timeout_s: float = 60.0, who: str = "recserve", **init_args) -> None:
+    """``ray.init`` connected to the stack at ``address`` (loopback mode first; ``init_args``
+    go to ``ray.init``, a job's ``runtime_env`` say). A GCS that is reachable but does not
+    complete the connection within ``timeout_s`` ends the process (exit status 3) with a
+    message naming the address: ``ray.init`` cannot be interrupted."""
     from serving.ops.loopback import no_ray_auto_init, ray_on_loopback
 
     import os
@@ -77,7 +78,7 @@ def attach(address: str, *, timeout_s: float = 60.0, who: str = "recserve") -> N
     try:
         host = address.rpartition(":")[0].strip("[]")
         ray.init(address=address, _node_ip_address=host if host in ("127.0.0.1", "::1") else None,
-                 log_to_driver=False, configure_logging=False)
+                 log_to_driver=False, configure_logging=False, **init_args)
     except (ConnectionError, RuntimeError) as e:  # refused (the token), or a GCS that is not Ray's
         cause = e.__cause__ or e.__context__ or e
         last = (str(cause).strip().splitlines() or [type(cause).__name__])[-1][:300]

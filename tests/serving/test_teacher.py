@@ -137,3 +137,25 @@ def test_a_teacher_whose_features_the_log_lacks_is_refused_by_name(ray_local, tm
     with pytest.raises((ValueError, ray.exceptions.RayError), match="recent_items"):
         score_logs([str(tmp_path / "log")], str(teacher), str(tmp_path / "out"))
 
+
+
+@pytest.mark.parametrize("address, says", [("127.0.0.1:{free}", "no Ray GCS answers at 127.0.0.1:{free}"),
+                                           ("stack", "recserve serve")])
+def test_teacher_score_on_a_stack_that_is_not_there_fails_at_once_naming_it(tmp_path, tiny, teacher, address, says):
+    """`recserve teacher score --address` attaches as `recserve deploy` does: a stack that does not
+    answer (or no state file for 'stack') is an error within seconds naming what it tried."""
+    import subprocess
+    import sys
+
+    from serving.ops.ports import free_port
+
+    write_log(tmp_path / "log", tiny, [TrafficGenerator(tiny, seed=6).batch(8)])
+    free = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RECSERVE_ARTIFACTS=str(tmp_path / "no-stack"))
+    run = subprocess.run([sys.executable, "-m", "recserve.cli", "teacher", "score", "--logs", str(tmp_path / "log"),
+                          "--teacher", str(teacher), "--out", str(tmp_path / "out"),
+                          "--address", address.format(free=free)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert says.format(free=free) in run.stderr, run.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
