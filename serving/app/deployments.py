@@ -289,6 +289,8 @@ class Router:
         manifest = ModelPackage.open(package).manifest  # the manifest only: the router holds no tables
         table = load_table(self.app) or VersionTable(
             live=manifest.version, packages={manifest.version: package}, apps={manifest.version: self.app})
+        self._example_logs: list = []  # every version's, until it is closed (a retired version's once drained)
+        self._retiring: set[asyncio.Task] = set()  # closing retired versions' logs
         self.versions = RouterVersions(self._version_parts, table)
         # the latency bound from 4 requests in flight on: shards and tower overlap that many
         self.admission = Admission(AdmissionConfig(max_in_flight=args.max_in_flight, min_in_flight=4,
@@ -313,9 +315,10 @@ class Router:
     def __del__(self) -> None:
         """Serve's graceful stop of this replica (``recserve serve`` on SIGTERM or Ctrl-C, a
         swap that retires the router's app, a scale-down): write the rows the example logs still
-        queue. Serve ends the actor with ray.kill right after, where no atexit handler runs."""
-        for served in getattr(getattr(self, "versions", None), "served", {}).values():
-            served.parts.example_log.close()
+        queue, retired versions' included. Serve ends the actor with ray.kill right after, where
+        no atexit handler runs."""
+        for log in getattr(self, "_example_logs", ()):
+            log.close()
 
     def _version_parts(self, version: str, package: str, app: str) -> ServedVersion:
         manifest = ModelPackage.open(package).manifest
@@ -340,6 +343,7 @@ class Router:
             feature_filter=load_feature_filter(self.args.feature_filter, manifest),
             example_log=example_log_for(config_of(self.args), manifest),  # off unless log_rate > 0
         )
+        self._example_logs.append(parts.example_log)
         return ServedVersion(version=version, app=app, manifest=manifest, parts=parts)
 
     # ------------------------------------------------------------------ control (serving/app/versions.py)
@@ -349,8 +353,24 @@ class Router:
 
         Async, so it runs on the replica's event loop: a new version's handles are made here, and
         with Serve's direct ingress (same-loop routing) a handle can only be made inside a
-        running loop (Serve runs a sync method in a thread, where making one raises)."""
-        return self.versions.apply(VersionTable.from_json(table_json))
+        running loop (Serve runs a sync method in a thread, where making one raises).
+
+        A version the table drops keeps its requests in flight to the end; then its example
+        log writes what it queues and its writer stops."""
+        before = self.versions.served
+        live = self.versions.apply(VersionTable.from_json(table_json))
+        for version, served in before.items():
+            if self.versions.served.get(version) is not served:
+                self._retiring.add(asyncio.ensure_future(self._close_log_when_drained(served)))
+        return live
+
+    async def _close_log_when_drained(self, served: ServedVersion) -> None:
+        while self.versions.in_flight.get(served.version, 0) > 0 and self.versions.served.get(served.version) is None:
+            await asyncio.sleep(0.05)
+        log = served.parts.example_log
+        await asyncio.to_thread(log.close)
+        self._example_logs.remove(log)
+        self._retiring.discard(asyncio.current_task())
 
     def version_table(self) -> str:
         """The table this replica serves (JSON)."""

@@ -96,6 +96,15 @@ def stack(two_versions, tiny, tmp_path_factory):
         _check_the_stop(proc, log_path, example_log)
 
 
+BEFORE_STOP = {f"before-stop-{i}" for i in range(3)}  # the fixture's requests, served by v1
+
+
+def _logged_ids(example_log: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return {i for f in example_log.glob("part-*.parquet") for i in pq.read_table(f, columns=["request_id"])["request_id"].to_pylist()}
+
+
 def _check_the_stop(proc: subprocess.Popen, log_path: Path, example_log: Path) -> None:
     """After Ctrl-C: a clean exit, no stop waited out by Serve (direct ingress held the Router 30 s
     for load balancers that are not there), and the requests served before the stop are in the
@@ -115,7 +124,7 @@ def _check_the_stop(proc: subprocess.Popen, log_path: Path, example_log: Path) -
         for index in rows["example_index"]:
             assert index in (0, expected), (f.name, index, expected)
             expected = index + 1
-    assert {"before-stop-0", "before-stop-1", "before-stop-2"} <= request_ids, sorted(request_ids)[:20]
+    assert BEFORE_STOP <= request_ids, sorted(request_ids)[:20]
 
 
 def test_taken_dashboard_and_http_ports_fall_back_to_free_ones_and_are_printed(stack):
@@ -333,6 +342,12 @@ def test_deploy_from_another_shell_swaps_versions_under_load_and_retires_the_old
     while any("ServeReplica:recserve@v1:" in t for t in _process_titles(stack)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not [t for t in _process_titles(stack) if "ServeReplica:recserve@v1:" in t]
+    # the router closed v1's example log once v1 drained: the rows it held (the fixture's requests,
+    # an hour before their flush) are written now, not lost at the stop or kept by a writer thread
+    deadline = time.monotonic() + 30
+    while not _logged_ids(stack.state / "example-log") >= BEFORE_STOP and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _logged_ids(stack.state / "example-log") >= BEFORE_STOP
 
 
 def test_teacher_score_runs_on_the_running_stacks_ray(stack, two_versions, tiny, tmp_path):
