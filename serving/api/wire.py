@@ -15,6 +15,7 @@ and the one deadline reader both servers use at their edge, :func:`caller_timeou
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING
 
 from serving.api.errors import InvalidRequest, quoted
@@ -27,6 +28,10 @@ HEALTH_SERVICES = ("", SERVICE_NAME)  # the grpc.health.v1 names answered SERVIN
 PREDICT_METHOD = f"/{SERVICE_NAME}/Predict"
 MODEL_INFO_METHOD = f"/{SERVICE_NAME}/ModelInfo"
 TIMEOUT_METADATA = "recserve-timeout-ms"
+# The gRPC deadline as it stood when the request reached the server (wall clock, seconds), kept
+# on Ray Serve's gRPC context (serving/app/deployments.py), which drops the deadline: the
+# header above counts from when the handler starts, after any wait in the server's queues.
+ARRIVAL_DEADLINE_ATTR = "_recserve_deadline_unix"
 # the servicers Serve's gRPC proxy registers (grpc_options.grpc_servicer_functions; deploy/*.yaml)
 GRPC_SERVICERS = [
     "recserve.v1.ranker_pb2_grpc.add_RankerServicer_to_server",
@@ -50,6 +55,9 @@ def caller_timeout_s(context: grpc.ServicerContext | None, default: float | None
     if context is None:
         return default
     left = context.time_remaining() if hasattr(context, "time_remaining") else None
+    arrived_deadline = getattr(context, ARRIVAL_DEADLINE_ATTR, None)  # Serve's context (direct ingress)
+    if left is None and arrived_deadline is not None:
+        left = arrived_deadline - time.time()
     for key, value in context.invocation_metadata() or ():
         if key == TIMEOUT_METADATA:
             try:

@@ -32,7 +32,7 @@ from ray.serve.metrics import Counter, Histogram
 
 from recserve.package import ModelPackage
 from serving.engine.admission import Admission, AdmissionConfig
-from serving.api.wire import HEALTH_SERVICES, caller_timeout_s
+from serving.api.wire import ARRIVAL_DEADLINE_ATTR, HEALTH_SERVICES, caller_timeout_s
 from serving.api.codec import ModelSpec, check_model, decode_request, encode_response, model_info
 from serving.engine.coalesce import Coalescer, concat_batches, split_rows
 from serving.config import AppArgs, BatchingConfig
@@ -129,6 +129,33 @@ def _log_start_up(name: str, constructor_started: float) -> None:
     born = psutil.Process(os.getpid()).create_time()
     logger.info("recserve start-up %s pid %d: process->constructor %.2f s, constructor %.2f s",
                 name, os.getpid(), constructor_started - born, now - constructor_started)
+
+
+def keep_grpc_deadlines() -> None:
+    """Make Ray Serve's gRPC context keep the caller's deadline (idempotent; in the Router's
+    process). Serve copies the gRPC call's metadata into its own context and drops the deadline;
+    the ``recserve-timeout-ms`` header then counts from when Predict starts, so a request that
+    waited a second in the replica's queues (an overloaded event loop) still looked fresh, was
+    admitted, scored, and answered after its caller had given up: past its maximum the stack
+    answered 6% of it. The deadline gRPC computed on the call's arrival is kept as wall-clock
+    time (``ARRIVAL_DEADLINE_ATTR``; wall clock, because Serve's proxy pickles the context to
+    another process, perhaps on another host), and caller_timeout_s reads it."""
+    from ray.serve.grpc_util import RayServegRPCContext
+
+    if getattr(RayServegRPCContext, "_recserve_keeps_deadline", False):
+        return
+    original = RayServegRPCContext.__init__
+
+    def __init__(self, grpc_context, *args, **kwargs):
+        original(self, grpc_context, *args, **kwargs)
+        try:
+            left = grpc_context.time_remaining()
+        except Exception:  # noqa: BLE001  a context without a deadline API: the header decides
+            left = None
+        setattr(self, ARRIVAL_DEADLINE_ATTR, None if left is None else time.time() + left)
+
+    RayServegRPCContext.__init__ = __init__
+    RayServegRPCContext._recserve_keeps_deadline = True
 
 
 def transport_env() -> dict[str, str]:
@@ -284,6 +311,8 @@ class Router:
 
     def __init__(self, package: str, shards: list[DeploymentHandle], tower: DeploymentHandle, args: AppArgs):
         self.args = args
+        keep_grpc_deadlines()  # before the first request: direct ingress builds its context here
+        quiet_overload_logs()
         self.app = serve.get_replica_context().app_name
         self._bound = (shards, tower)  # this app's own shards and tower (no table: a single-app stack)
         manifest = ModelPackage.open(package).manifest  # the manifest only: the router holds no tables
@@ -393,9 +422,12 @@ class Router:
         clock = Stopwatch(self._observe)
         token = routing_module.REQUEST_ID.set(request.request_id)
         ticket = served = None
-        answered = False
+        answered = expired = False
         try:
             budget = caller_timeout_s(grpc_context, self.args.default_timeout_s)
+            if budget <= 0:  # it waited out its deadline in this replica's queues: no work for it
+                raise DeadlineExceeded("the deadline passed before the router could start the request "
+                                       "(it waited in the router's queue: overloaded)")
             deadline = start + budget
             served = self.versions.pick(request.version)  # one version from here to the scores
             p = served.parts
@@ -414,15 +446,19 @@ class Router:
             answered = True
             self._requests.inc(tags={"code": "OK"})
             return response
+        except asyncio.CancelledError:  # the caller went away: its own deadline, as a rule
+            expired = True
+            raise
         except Exception as e:  # noqa: BLE001  the edge: every error leaves with its code
             code = self._fail(grpc_context, e)
+            expired = code.name == "DEADLINE_EXCEEDED"
             self._requests.inc(tags={"code": code.name})
             return ranker_pb2.PredictResponse()
         finally:
             routing_module.REQUEST_ID.reset(token)
             if ticket is not None:
                 self.versions.leave(served.version)
-                self.admission.done(ticket, answered=answered)
+                self.admission.done(ticket, answered=answered, expired=expired)
             self._latency.observe((time.monotonic() - start) * 1000)
 
     async def ModelInfo(self, request, grpc_context=None):
@@ -568,7 +604,8 @@ class Router:
                     check_at = time.monotonic() + 0.5
         finally:
             if not result.done():
-                result.cancel()
+                result.cancel()  # Serve answers it with RequestCancelledError: retrieved, never logged
+                result.add_done_callback(_retrieve)
 
     async def _check_shards_alive(self, shards: list[int], app: str, *, fresh: bool = False) -> None:
         """UNAVAILABLE if a shard this request waits on has no running replica."""
@@ -650,6 +687,35 @@ def cancel(*responses: DeploymentResponse) -> None:
 
 async def _resolve(response: DeploymentResponse):
     return await response
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Take an abandoned task's outcome, so asyncio does not log it ("Task exception was never
+    retrieved", a traceback formatted per abandoned request: under overload, a share of the
+    router's CPU spent on logs)."""
+    if not task.cancelled():
+        task.exception()
+
+
+class _QuietCancels(logging.Filter):
+    """Drops Serve's INFO line for each cancelled handle call ("Cancelling request that has
+    already been assigned to a replica."): the router cancels the calls of every request that
+    gives up, and under overload the line was written hundreds of times a second."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and isinstance(record.msg, str)
+                    and record.msg.startswith("Cancelling request that has already"))
+
+
+def quiet_overload_logs() -> None:
+    """In the router's process: no log line per abandoned call (idempotent). Also Ray's
+    "Unhandled error" report of shard results nobody read: the tower call that held them was
+    cancelled, and the error that matters reached the caller through the tower's own result."""
+    import os
+
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    if not any(isinstance(f, _QuietCancels) for f in logger.filters):
+        logger.addFilter(_QuietCancels())
 
 
 def _as_serving_error(error: BaseException) -> BaseException:

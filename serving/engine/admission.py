@@ -202,21 +202,36 @@ class Admission:
                 bound, why = cap, f"{factor:g}x the idle latency"
         return bound, why
 
-    def done(self, ticket: Ticket, *, answered: bool) -> None:
-        """The request has left. Only answered requests teach the estimate (a failed or
-        cancelled one ended early and would make the server look faster than it is)."""
+    def done(self, ticket: Ticket, *, answered: bool, expired: bool = False) -> None:
+        """The request has left. Answered requests teach the estimate; so does one that
+        ``expired`` (its deadline passed while it waited here): its time here is less than its
+        service time would have been, so it is a sample the estimate must not be faster than.
+        Without it only the requests fast enough to make their deadlines taught the estimate, and
+        a queue that made most requests miss theirs went unseen: admission kept admitting them
+        (the overload collapse of issue 22). Any other failure or cancel teaches nothing (it
+        ended early, and would make the server look faster than it is)."""
         with self._lock:
             self.in_flight -= 1
             self.in_flight_examples -= ticket.examples
-            if not answered:
+            if not (answered or expired):
                 return
-            self.stats.answered += 1
+            self.stats.answered += answered
             if self.stats.answered <= self.config.warmup:
                 return  # warm-up: its latency says how slow the first calls are, not the server
             now = self.clock()
             latency = max(now - ticket.admitted_at, 0.0)
-            sample = latency / ticket.work_ahead
+            sample, per_request = latency / ticket.work_ahead, latency / ticket.requests_ahead
+            if expired:  # "at least this": taught only where it says more than the estimate does
+                self._at_least(self.per_example, now, sample)
+                self._at_least(self.per_request, now, per_request)
+                return
             self.per_example.add(now, sample)
-            self.per_request.add(now, latency / ticket.requests_ahead)
+            self.per_request.add(now, per_request)
             if ticket.idle:
                 self.idle_per_example.add(now, sample)
+
+    @staticmethod
+    def _at_least(median: RecentMedian, now: float, sample: float) -> None:
+        current = median.value(now)
+        if current is None or sample > current:
+            median.add(now, sample)

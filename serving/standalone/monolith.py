@@ -84,7 +84,7 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
         clock = Stopwatch(self.observe)
         token = REQUEST_ID.set(request.request_id)  # copied into the filter's thread by contextvars
         ticket = None
-        answered = False
+        answered = expired = False
         try:
             left = caller_timeout_s(context)
             check_model(self.ranker.spec, request.model, request.version)
@@ -111,13 +111,17 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
             response = encode_response(scores, model=m.name, version=m.version, request_id=request.request_id)
             clock.lap("encode")
             answered = True
+        except asyncio.CancelledError:  # the caller went away: its own deadline, as a rule
+            expired = True
+            raise
         except Exception as e:  # noqa: BLE001  the edge: every error leaves with its code
             code, message = grpc_status(e)
+            expired = code == grpc.StatusCode.DEADLINE_EXCEEDED
             await context.abort(code, message)
         finally:
             REQUEST_ID.reset(token)
             if ticket is not None:
-                self.admission.done(ticket, answered=answered)
+                self.admission.done(ticket, answered=answered, expired=expired)
         self.example_log.submit(request.request_id, batch, scores, self.ranker.feature_filter)  # never blocks
         return response
 

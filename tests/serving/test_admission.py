@@ -185,3 +185,30 @@ def test_slow_calls_do_not_make_the_serve_router_shed_ordinary_requests(deploy, 
     client = deploy(tiny_packages("singular-1"), "admission", max_batch_size=helpers.max_batch, feature_filter=FILTER)
     codes = poison_then_burst(client, tiny, helpers.as_sparse)
     assert codes == ["OK"] * len(codes), codes
+
+
+def test_requests_that_expire_in_the_queue_teach_the_estimate_that_it_is_too_long():
+    """Only answered requests taught the estimate, so when a queue made most requests miss their
+    deadlines, only the few fast enough taught it, and admission kept admitting into the queue
+    (the default stack's collapse past its maximum). An expired request teaches its time in the
+    server as a lower bound: the estimate grows until the queue is shed."""
+    admission, clock = learned(AdmissionConfig(window=8), 0.01)  # 10 examples in 0.1 s
+    for _ in range(5):  # five requests waited out 1 s deadlines with 10 examples ahead each
+        ticket = admission.admit(10, budget_s=1.0)
+        clock.now += 1.0
+        admission.done(ticket, answered=False, expired=True)
+    assert admission.seconds_per_example() == pytest.approx(0.1)  # 1 s for 10 examples ahead
+    admission.admit(10, budget_s=1.0)  # nothing in flight: always admitted
+    with pytest.raises(Overloaded, match="remaining deadline"):
+        admission.admit(10, budget_s=1.0)  # 20 examples x 0.1 s = 2 s > 1 s
+
+
+def test_an_expired_request_never_makes_the_estimate_faster():
+    admission, clock = learned(AdmissionConfig(window=8), 0.01)
+    for _ in range(20):  # callers with 5 ms deadlines: their expiries say "at least 5 ms", nothing more
+        ticket = admission.admit(10, budget_s=0.005)
+        clock.now += 0.005
+        admission.done(ticket, answered=False, expired=True)
+    assert admission.seconds_per_example() == pytest.approx(0.01)
+    assert admission.stats.answered == admission.config.warmup + admission.config.min_samples
+
