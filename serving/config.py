@@ -91,9 +91,12 @@ class AppArgs(BaseModel):
     wire_dtype: WireDtype = Field(
         "float16", description="dtype of the pooled embeddings that shards hand the dense tower: float16 "
                                "halves the bytes between processes (the tower accumulates in float32)")
-    max_in_flight: int = Field(256, gt=0, description="requests a router replica admits at once; beyond it, and "
-                               "whenever a request cannot be answered within its deadline, it answers "
+    max_in_flight: int = Field(32, gt=0, description="requests a router replica (or the monolith) works on at once; "
+                               "a request that cannot be answered within its deadline is answered "
                                "RESOURCE_EXHAUSTED at once (serving/engine/admission.py)")
+    max_queued: int = Field(32, gt=0, description="requests that wait at a router replica's door for one of its "
+                            "max_in_flight slots; beyond them Serve answers RESOURCE_EXHAUSTED before any decoding, "
+                            "so an overload costs little (docs/reliability.md: past the maximum)")
     max_latency_factor: float | None = Field(
         None, ge=1.0, description="a router replica also sheds a request whose estimated latency exceeds this "
                                  "multiple of its latency on an idle stack (None: the deadline only)")

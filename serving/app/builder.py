@@ -63,7 +63,11 @@ def _nodes(args: AppArgs, manifest: Manifest) -> NodePlacement:
 
 def _router(args: AppArgs, shards: list, tower) -> Application:
     nodes = NodePlacement(router_host=args.router_host)
-    return Router.options(num_replicas=args.router_replicas, ray_actor_options=_actor() | nodes.router_options()).bind(
+    # the door: past max_in_flight working + max_queued waiting, Serve refuses a request before
+    # the router's Python runs (measured: without it, past the maximum the queue in front of the
+    # router's loop grew until most requests waited out their deadlines; docs/reliability.md)
+    return Router.options(num_replicas=args.router_replicas, ray_actor_options=_actor() | nodes.router_options(),
+                          max_ongoing_requests=args.max_in_flight, max_queued_requests=args.max_queued).bind(
         args.package, shards, tower, args)
 
 

@@ -296,8 +296,9 @@ class _ReplicaDied(Exception):
         self.error = error
 
 
-# max_queued_requests: beyond it Serve's proxy answers RESOURCE_EXHAUSTED (BackPressureError)
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, max_queued_requests=4096)
+# max_ongoing_requests/max_queued_requests: from AppArgs (max_in_flight, max_queued; builder._router);
+# beyond both, Serve answers RESOURCE_EXHAUSTED at the door (direct ingress) or in the proxy (BackPressureError)
+@serve.deployment(ray_actor_options={"num_cpus": 0})
 class Router:
     """gRPC ingress: admit (or shed) -> pick the version -> decode + validate -> feature
     filter -> split -> shards -> tower -> encode.

@@ -212,3 +212,38 @@ def test_an_expired_request_never_makes_the_estimate_faster():
     assert admission.seconds_per_example() == pytest.approx(0.01)
     assert admission.stats.answered == admission.config.warmup + admission.config.min_samples
 
+
+def test_past_its_slots_and_queue_the_router_refuses_at_the_door(deploy, tiny_packages, tiny, helpers):
+    """max_in_flight requests working (1) and max_queued waiting (1): the next are answered
+    RESOURCE_EXHAUSTED by Serve before the router's Python runs, at once, not after waiting for a
+    slot. (Without the door, past the stack's maximum the queue in front of the router grew until
+    most requests waited out their deadlines: docs/reliability.md.)"""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from recserve.synth import TrafficGenerator
+    from tests.serving.admission_calls import FILTER, SLOW_S
+
+    client = deploy(tiny_packages("singular-1"), "door", max_batch_size=helpers.max_batch, feature_filter=FILTER,
+                    max_in_flight=1, max_queued=1)
+    batch = TrafficGenerator(tiny, seed=23).batch(4)
+
+    def call(request_id: str) -> tuple[str, float]:
+        started = time.monotonic()
+        try:
+            client.predict(batch.dense, helpers.as_sparse(batch), request_id=request_id, timeout=60)
+            return "OK", time.monotonic() - started
+        except grpc.RpcError as e:
+            return e.code().name, time.monotonic() - started
+
+    assert call("warm")[0] == "OK"
+    with ThreadPoolExecutor(4) as pool:
+        slow = pool.submit(call, "slow-holds-the-slot")  # SLOW_S in the router's filter
+        time.sleep(SLOW_S / 4)
+        others = list(pool.map(call, [f"other-{i}" for i in range(3)]))
+        assert slow.result()[0] == "OK"
+    assert sorted(code for code, _ in others) == ["OK", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"], others  # one queued
+    assert all(seconds < SLOW_S / 2 for code, seconds in others if code != "OK"), others  # at the door, at once
+    assert call("after")[0] == "OK"
