@@ -10,28 +10,33 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Serve's two handle transports between router, shards and tower:
-# "reference" = Ray actor calls, results through the object store (shard results are handed to
-# the tower as DeploymentResponses, so the router never copies them);
+# How requests' data moves between router, shards and tower:
+# "direct" = the project's data plane (serving/engine/channel.py, serving/app/dataplane.py): numpy
+#            frames over a TCP connection per replica, Serve handles only as the fallback (a
+#            replica not registered yet, or none reachable); the pooled embeddings pass through the
+#            router's socket, never its pickling path;
+# "reference" = Serve handles, Ray actor calls, results through the object store (shard results
+#            are handed to the tower as DeploymentResponses, so the router never copies them);
 # "grpc" = Serve's inter-deployment gRPC (handle.options(_by_reference=False)); Serve resolves
-# the shard responses in the router and sends them on by value.
-# The default is the faster data path on the H200 (benchmarks/dataplane.py, dlrmv2, docs/serving.md
-# "The data path between deployments"): reference, with the router fan-out. (On 2 CPU cores, when pooled embeddings still passed
-# through the router, grpc had been the faster: benchmarks/transports.py.)
-Transport = Literal["reference", "grpc"]
+#            the shard responses in the router and sends them on by value.
+# The default is "direct": on 2 cores a Serve handle call cost ~1-3 ms of Python on each side, a
+# frame ~0.1 ms (docs/dataplane.md, benchmarks/results/direct-2core). On the H200 "reference" had
+# been the faster of the two handle transports (benchmarks/dataplane.py, dlrmv2).
+Transport = Literal["direct", "reference", "grpc"]
 WireDtype = Literal["float32", "float16"]
 TowerDtype = Literal["float32", "float16", "bfloat16"]
 # Who calls the shards (where the pooled embeddings flow; never through the router's pickling path):
-# "router": the router calls the shards and hands their responses to the tower by reference (shard
-#           -> node's shared-memory object store -> tower; needs transport "reference");
+# "router": the router calls the shards and hands their responses to the tower (transport
+#           "reference": by reference, shard -> node's shared-memory object store -> tower;
+#           "direct": through the router's data-plane sockets);
 # "tower":  the router sends the split ids to the dense tower, which calls the shards (Lui et al.'s
 #           main shard); works over either transport;
-# "auto":   "router" with the "reference" transport, "tower" with "grpc".
+# "auto":   "router" with the "direct" and "reference" transports, "tower" with "grpc".
 # On the H200 (dlrmv2, 2 shards, benchmarks/dataplane.py) router + reference served 62k examples/s
 # at p99 43 ms against 40-43k for the tower fan-out, whose single process became the hub of every
 # shard response (82% of a core in Serve's handle and serialization code).
 Fanout = Literal["auto", "router", "tower"]
-DEFAULT_TRANSPORT: Transport = "reference"
+DEFAULT_TRANSPORT: Transport = "direct"
 
 
 class BatchingConfig(BaseModel):
@@ -66,7 +71,9 @@ class AppArgs(BaseModel):
 
     package: str = Field("default", description="model package directory, or 'default' for artifacts/default "
                                                 "(built by `recserve default-package`)")
-    transport: Transport = Field(DEFAULT_TRANSPORT, description="handle transport between deployments")
+    transport: Transport = Field(DEFAULT_TRANSPORT, description="how request data moves between deployments: 'direct' "
+                                      "(the data plane's frames; Serve handles as the fallback), 'reference' or "
+                                      "'grpc' (Serve handles)")
     max_batch_size: int = Field(4096, gt=0, description="largest batch (examples) one request may carry")
     default_timeout_s: float = Field(10.0, gt=0, description="deadline for requests that carry none, seconds")
     shard_down_after_s: float = Field(
@@ -87,7 +94,7 @@ class AppArgs(BaseModel):
                                                           "requests are served but not logged (counted as dropped)")
     fanout: Fanout = Field("auto", description="who calls the shards: 'router' (shard responses passed to the "
                                                "tower by reference), 'tower' (the router sends it the ids), or "
-                                               "'auto' (router with transport reference, tower with grpc)")
+                                               "'auto' (router with transport direct or reference, tower with grpc)")
     wire_dtype: WireDtype = Field(
         "float16", description="dtype of the pooled embeddings that shards hand the dense tower: float16 "
                                "halves the bytes between processes (the tower accumulates in float32)")
@@ -130,6 +137,10 @@ class AppArgs(BaseModel):
         0.05, ge=0, description="longest a request waits in the router for the batch in flight before its own "
                                 "batch goes, seconds ('none': until it returns); an idle router sends at once "
                                 "(2 cores, criteo-kaggle closed loop: 0.005 s gave 44.9 req/s, none 57.9)")
+    coalesce_pipeline: int = Field(
+        1, ge=1, description="coalesced batches a router replica keeps in flight per version before requests wait "
+                             "for one to return (2: the shards look up the next batch while the tower scores this "
+                             "one)")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads of each serving process (the monolith, each shard and "
                                 "tower replica); none: as each starts (the monolith: torch's one per core; a Ray "
@@ -142,10 +153,10 @@ class AppArgs(BaseModel):
     def _log_dir_when_logging(self) -> AppArgs:
         if self.log_rate > 0 and not self.log_dir:
             raise ValueError("log_dir: required when log_rate > 0")
-        if self.fanout == "router" and self.transport != "reference":
-            raise ValueError("fanout 'router' hands shard responses to the tower by reference: it needs "
-                             "transport 'reference' (with 'grpc' the pooled embeddings would pass through "
-                             "the router)")
+        if self.fanout == "router" and self.transport == "grpc":
+            raise ValueError("fanout 'router' hands shard responses to the tower by reference or over the data "
+                             "plane: it needs transport 'direct' or 'reference' (with 'grpc' the pooled "
+                             "embeddings would pass through the router's pickling path)")
         if (self.router_host or self.tower_host) and not self.place_on_hosts:
             raise ValueError("router_host/tower_host: need place_on_hosts")
         return self
@@ -154,7 +165,7 @@ class AppArgs(BaseModel):
         """``fanout`` with "auto" decided by the transport."""
         if self.fanout != "auto":
             return self.fanout
-        return "router" if self.transport == "reference" else "tower"
+        return "tower" if self.transport == "grpc" else "router"
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -44,6 +44,7 @@ from serving.engine.shard import ShardCore
 from serving.engine.stages import BOUNDARIES_MS, STAGE_DESCRIPTION, STAGE_METRIC, Observe, Stopwatch
 from serving.api.status import grpc_status
 from serving.engine.tower import TowerCore
+from serving.app.dataplane import DirectPlane, NoReplica, ReplicaEndpoint
 from serving.app.version_store import load_table
 from serving.app.versions import RouterVersions, ServedVersion, VersionTable
 
@@ -182,9 +183,19 @@ class Shard:
         self._batch = Histogram("recserve_shard_batch_examples", description="examples per batched lookup",
                                 boundaries=_SIZES)
         self._latency = Histogram("recserve_shard_lookup_ms", description="batched lookup time, ms", boundaries=_MS)
+        self._endpoint = ReplicaEndpoint({"lookup": self._lookup_frame}) if args.transport == "direct" else None
+
+    def __del__(self) -> None:
+        if getattr(self, "_endpoint", None) is not None:
+            self._endpoint.close()
 
     def reconfigure(self, config: dict) -> None:
         self._batcher.reconfigure(config)
+
+    async def _lookup_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
+        """The data plane's lookup: [lengths, values, weights | None] -> [pooled]."""
+        lengths, values, weights = arrays
+        return [await self.lookup(ShardRequest(lengths=lengths, values=values, weights=weights, deadline=deadline))]
 
     async def lookup(self, request: ShardRequest) -> np.ndarray:
         """Pooled embeddings [B, columns x D] (the app's wire dtype) of one request
@@ -228,12 +239,21 @@ class DenseTower:
         self.core = TowerCore.from_package(pkg, device=args.resolved_device(), dtype=args.tower_dtype,
                                            input_dtype=args.wire_dtype, max_batch_size=args.max_batch_size)
         # fanout "tower": this deployment calls the shards itself (the router sends it the ids)
-        by_reference = args.transport == "reference"
+        by_reference = args.transport != "grpc"
         self.shards = [h.options(method_name="lookup", _by_reference=by_reference) for h in shards]
         self._batcher = _Batcher(self._score_many, name="tower", work="score")
         self._batch = Histogram("recserve_tower_batch_examples", description="examples per batched tower call",
                                 boundaries=_SIZES)
+        self._endpoint = ReplicaEndpoint({"score": self._score_frame}) if args.transport == "direct" else None
         _log_start_up("DenseTower", started)
+
+    def __del__(self) -> None:
+        if getattr(self, "_endpoint", None) is not None:
+            self._endpoint.close()
+
+    async def _score_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
+        """The data plane's score: [dense, part of shard 0 | None, ...] -> [scores]."""
+        return [await self.score(arrays[0], *arrays[1:])]
 
     def reconfigure(self, config: dict) -> None:
         self._batcher.reconfigure(config)
@@ -337,9 +357,15 @@ class Router:
         self._examples = Histogram("recserve_request_examples", description="examples per request",
                                    boundaries=_SIZES)
         self._retries = Counter("recserve_replica_retries", description="calls retried after a replica died")
+        # transport "direct": shards and tower over the data plane; Serve handles when it cannot reach them
+        self._plane = DirectPlane() if args.transport == "direct" else None
+        self._sent = {"direct": 0, "serve": 0}  # coalesced batches by path
+        self._fallbacks = Counter("recserve_dataplane_fallbacks",
+                                  description="batches sent through Serve handles: no replica reachable on the data plane")
         # concurrent requests of one version: one split, one call per shard, one tower call
         self._coalescer = Coalescer(self._score_batch, max_examples=args.coalesce_max_examples,
-                                    max_wait_s=args.coalesce_wait_s, isolate=_isolate, cancel_abandoned=True)
+                                    max_wait_s=args.coalesce_wait_s, isolate=_isolate, cancel_abandoned=True,
+                                    pipeline=args.coalesce_pipeline)
         self._observe = ray_observer()
 
     def __del__(self) -> None:
@@ -362,7 +388,7 @@ class Router:
             shards = [serve.get_deployment_handle(shard_name(sh.index), app_name=app, _check_exists=False)
                       for sh in manifest.plan.shards]
             tower = serve.get_deployment_handle("DenseTower", app_name=app, _check_exists=False)
-        by_reference = self.args.transport == "reference"
+        by_reference = self.args.transport != "grpc"
         parts = _VersionParts(
             manifest=manifest,
             spec=ModelSpec.of(manifest, max_batch_size=self.args.max_batch_size),
@@ -409,6 +435,10 @@ class Router:
     def coalesced(self) -> dict[str, int]:
         """Batches this replica has sent and the requests they carried (coalescing at work)."""
         return {"batches": self._coalescer.batches, "items": self._coalescer.items}
+
+    def data_plane(self) -> dict[str, int]:
+        """Batches this replica sent over the data plane ("direct") and through Serve handles ("serve")."""
+        return dict(self._sent)
 
     def in_flight(self, version: str) -> int:
         """Requests on ``version`` in this replica now (the old version drains to 0)."""
@@ -564,6 +594,14 @@ class Router:
     async def _call(self, batch, requests: dict[int, ShardRequest], deadline: float, p: _VersionParts, app: str,
                     budget_s: float | None) -> np.ndarray:
         calls: dict[int, DeploymentResponse] = {}
+        if self._plane is not None and self.args.resolved_fanout() == "router":
+            try:
+                scores = await self._call_direct(batch, requests, deadline, p, app, budget_s)
+                self._sent["direct"] += 1
+                return scores
+            except NoReplica:
+                self._fallbacks.inc()  # not registered yet, or none reachable: Serve's path (it knows who died)
+        self._sent["serve"] += 1
         if self.args.resolved_fanout() == "tower":  # the tower calls the shards: pooled embeddings never come here
             tower_call = p.tower_predict.remote(batch.dense, requests)
         else:  # shard responses handed on to the tower (by reference: through the object store)
@@ -574,6 +612,28 @@ class Router:
         except BaseException:
             cancel(tower_call, *calls.values())
             raise
+
+    async def _call_direct(self, batch, requests: dict[int, ShardRequest], deadline: float, p: _VersionParts,
+                           app: str, budget_s: float | None) -> np.ndarray:
+        """The shards, then the tower, over the data plane, within ``deadline``; NoReplica when a
+        deployment cannot be reached there."""
+        async def lookup(k: int, r: ShardRequest) -> np.ndarray:
+            out = await self._plane.call(app, shard_name(k), "lookup", [r.lengths, r.values, r.weights],
+                                         deadline=r.deadline)
+            return out[0]
+
+        async def chain() -> np.ndarray:
+            looked = dict(zip(requests, await asyncio.gather(*(lookup(k, r) for k, r in requests.items()))))
+            parts = [looked.get(k) for k in range(p.routing.num_shards)]
+            return (await self._plane.call(app, "DenseTower", "score", [batch.dense, *parts]))[0]
+
+        budget = budget_s if budget_s is not None else deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(chain(), timeout=max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"deadline of {budget * 1000:.0f} ms exceeded waiting for "
+                f"{', '.join(shard_name(k) for k in sorted(requests)) or 'no shard'} and the dense tower") from None
 
     async def _await(self, tower_call: DeploymentResponse, shards: list[int], deadline: float, app: str,
                      budget_s: float | None = None):

@@ -6,7 +6,9 @@ and the tower (several routers' batches merge there).
 
 When a batch goes (per key; keys never mix in a batch, e.g. the model version)::
 
-    submit, nothing of this key in flight      -> at once (an idle stack adds no wait)
+    submit, fewer than ``pipeline`` batches    -> at once (an idle stack adds no wait; pipeline
+      of this key in flight                       2 lets the shards take the next batch while
+                                                  the tower scores this one)
     a batch of this key returns                -> everything pending goes
     pending examples reach ``max_examples``    -> those go
     the oldest pending waited ``max_wait_s``   -> everything pending goes (None: no timer)
@@ -98,6 +100,7 @@ class Coalescer(Generic[T, R]):
         isolate: Callable[[BaseException], bool] = lambda error: True,
         cancel_abandoned: bool = False,
         fixed_wait: bool = False,
+        pipeline: int = 1,
     ):
         if max_examples <= 0:
             raise ValueError(f"max_examples: must be positive, got {max_examples}")
@@ -105,7 +108,10 @@ class Coalescer(Generic[T, R]):
             raise ValueError(f"max_wait_s: must be >= 0 or None, got {max_wait_s}")
         if fixed_wait and max_wait_s is None:
             raise ValueError("fixed_wait: needs a max_wait_s")
+        if pipeline < 1:
+            raise ValueError(f"pipeline: must be >= 1, got {pipeline}")
         self.run = run
+        self.pipeline = pipeline  # batches of a key in flight before requests wait for one to return
         self.max_examples = max_examples
         self.max_wait_s = max_wait_s
         self.isolate = isolate
@@ -145,7 +151,7 @@ class Coalescer(Generic[T, R]):
         k = self._keys.setdefault(key, _Key())
         k.pending.append(entry)
         k.pending_examples += entry.size
-        idle = k.in_flight == 0 and not self.fixed_wait
+        idle = k.in_flight < self.pipeline and not self.fixed_wait
         if idle or k.pending_examples >= self.max_examples or not self._can_wait(entry, now):
             self._flush(key, k)
         elif self.max_wait_s is not None and k.timer is None:

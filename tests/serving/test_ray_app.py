@@ -75,6 +75,22 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_scores(main_app, 
         np.testing.assert_allclose(got, reference(batch), rtol=0, atol=FP16_TOL)
 
 
+def test_the_default_transport_sends_every_batch_over_the_data_plane(main_app, tiny, helpers):
+    """transport "direct" (the default): shards and tower answer on their own sockets; Serve's
+    handles are only the fallback, and a healthy stack never needs it."""
+    from ray import serve
+
+    router = serve.get_deployment_handle("Router", app_name="main")
+    before = router.data_plane.remote().result()
+    gen = TrafficGenerator(tiny, seed=35)
+    for b in (1, 6, 40):
+        batch = gen.batch(b)
+        assert np.isfinite(main_app.predict(batch.dense, helpers.as_sparse(batch), timeout=60)).all()
+    after = router.data_plane.remote().result()
+    assert after["direct"] - before["direct"] == 3
+    assert after["serve"] == before["serve"] == 0
+
+
 def _coalesced(app: str) -> dict[str, int]:
     from ray import serve
 

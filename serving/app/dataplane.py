@@ -1,0 +1,172 @@
+"""The direct data plane in the Serve app (``AppArgs.transport == "direct"``, the default):
+shard and tower replicas answer frames (serving/engine/channel.py) on a port of their node, and
+the router calls them there instead of through Serve handles.
+
+Serve still runs everything else: it starts, places, scales, health-checks and replaces the
+replicas, and the handle path stays as the fallback (a replica not registered yet, or every
+replica of a deployment unreachable: the request goes through Serve, whose dead-replica
+handling answers it).
+
+Where the replicas are: each registers a key in Ray's GCS key-value store when it starts and
+deletes it when Serve stops it::
+
+    dataplane/<app>/<deployment>/<replica id>@<host>:<port>
+
+The caller lists its app's keys (one GCS call) at most every ``refresh_s`` and in the
+background; a replica that refuses or drops its connection is left out until a listing
+without it or ``retry_after_s``. The key of a replica that was killed stays until the router
+finds its port closed and deletes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import ray
+
+from serving.engine.channel import Channel, ChannelBroken, ChannelServer, Handler
+
+_KV_NAMESPACE = "recserve"
+
+
+class NoReplica(ConnectionError):
+    """No replica of a deployment can be reached on the data plane (none registered yet, or all
+    refused): the caller sends the call through Serve instead."""
+
+
+def _prefix(app: str, deployment: str = "") -> bytes:
+    return f"dataplane/{app}/{deployment}".encode()
+
+
+def _key(app: str, deployment: str, replica: str, host: str, port: int) -> bytes:
+    return _prefix(app, deployment) + f"/{replica}@{host}:{port}".encode()
+
+
+def list_endpoints(app: str) -> dict[str, list[tuple[str, str, int]]]:
+    """deployment -> [(replica id, host, port)] of ``app``'s registered replicas."""
+    from ray.experimental import internal_kv
+
+    out: dict[str, list[tuple[str, str, int]]] = {}
+    for key in internal_kv._internal_kv_list(_prefix(app), namespace=_KV_NAMESPACE):
+        deployment, _, rest = key.decode()[len(_prefix(app)):].partition("/")
+        replica, _, address = rest.rpartition("@")
+        host, _, port = address.rpartition(":")
+        out.setdefault(deployment, []).append((replica, host, int(port)))
+    return out
+
+
+def _forget(app: str, deployment: str, replica: str, host: str, port: int) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(_key(app, deployment, replica, host, port), namespace=_KV_NAMESPACE)
+
+
+class ReplicaEndpoint:
+    """A shard's or the tower's end: serves ``handlers`` on its node's address and registers it.
+    Made in the replica's constructor (Serve runs it on the replica's event loop, where the
+    calls then run beside the handle path's: both meet in the replica's batcher)."""
+
+    def __init__(self, handlers: dict[str, Handler]):
+        from ray import serve
+
+        replica_id = serve.get_replica_context().replica_id
+        self.app, self.deployment = replica_id.deployment_id.app_name, replica_id.deployment_id.name
+        self.replica = replica_id.unique_id
+        self.server = ChannelServer(handlers, ray.util.get_node_ip_address())
+        self._started = asyncio.get_running_loop().create_task(self.server.start())  # listening already
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(self._key(), b"", overwrite=True, namespace=_KV_NAMESPACE)
+
+    def _key(self) -> bytes:
+        return _key(self.app, self.deployment, self.replica, self.server.host, self.server.port)
+
+    def close(self) -> None:
+        """Unregister, then drop the connections (callers in flight retry on other replicas or
+        through Serve)."""
+        try:
+            _forget(self.app, self.deployment, self.replica, self.server.host, self.server.port)
+        except Exception:  # noqa: BLE001  Ray is shutting down: the key goes with the cluster
+            pass
+        self.server.close()
+
+
+class DirectPlane:
+    """The router's (or any caller's) side: one :class:`Channel` per replica, the replica with
+    fewer calls in flight of two drawn at random (all of them when there are few)."""
+
+    def __init__(self, *, refresh_s: float = 1.0, retry_after_s: float = 5.0):
+        self.refresh_s, self.retry_after_s = refresh_s, retry_after_s
+        self._endpoints: dict[str, tuple[float, dict[str, list[tuple[str, str, int]]]]] = {}
+        self._listing: dict[str, asyncio.Future] = {}
+        self._channels: dict[tuple[str, int], Channel] = {}
+        self._refused: dict[tuple[str, int], float] = {}  # address -> until when it is left out
+
+    async def call(self, app: str, deployment: str, method: str, arrays, *, deadline: float | None = None) -> list:
+        """``method``'s arrays from a replica of ``deployment``; raises what the method raised,
+        or NoReplica when no replica can be reached."""
+        tried: set[tuple[str, int]] = set()
+        while True:
+            channel = await self._pick(app, deployment, tried)
+            try:
+                return await channel.call(method, arrays, deadline=deadline)
+            except ChannelBroken:
+                address = (channel.host, channel.port)
+                tried.add(address)
+                self._drop(app, deployment, address)
+
+    async def _pick(self, app: str, deployment: str, tried: set) -> Channel:
+        endpoints = (await self._listed(app)).get(deployment, ())
+        now = time.monotonic()
+        usable = [(h, p) for _, h, p in endpoints if (h, p) not in tried and self._refused.get((h, p), 0) <= now]
+        if not usable:
+            raise NoReplica(f"{app}/{deployment}: no replica reachable on the data plane "
+                            f"({len(endpoints)} registered, {len(tried)} failed just now)")
+        if len(usable) > 2:
+            usable = random.sample(usable, 2)
+        channels = [self._channel(a) for a in usable]
+        return min(channels, key=lambda c: c.in_flight)
+
+    def _channel(self, address: tuple[str, int]) -> Channel:
+        channel = self._channels.get(address)
+        if channel is None or channel.broken is not None:
+            channel = self._channels[address] = Channel(*address)
+        return channel
+
+    def _drop(self, app: str, deployment: str, address: tuple[str, int]) -> None:
+        """A replica that broke its connection or refused one: out until retry_after_s, its key
+        deleted if its port is closed (a killed replica never deletes its own)."""
+        self._refused[address] = time.monotonic() + self.retry_after_s
+        channel = self._channels.pop(address, None)
+        if channel is not None and isinstance(channel.broken, ConnectionRefusedError):
+            for replica, host, port in self._endpoints.get(app, (0, {}))[1].get(deployment, ()):
+                if (host, port) == address:
+                    asyncio.ensure_future(asyncio.to_thread(_forget, app, deployment, replica, host, port))
+
+    async def _listed(self, app: str) -> dict[str, list[tuple[str, str, int]]]:
+        at, endpoints = self._endpoints.get(app, (None, {}))
+        stale = at is None or time.monotonic() - at > self.refresh_s
+        if stale:
+            listing = self._listing.get(app)
+            if listing is None or listing.done():
+                listing = self._listing[app] = asyncio.ensure_future(self._list(app))
+            if at is None or not endpoints:  # nothing to go on yet: wait for the listing
+                return await asyncio.shield(listing)
+        return endpoints
+
+    async def _list(self, app: str) -> dict[str, list[tuple[str, str, int]]]:
+        endpoints = await asyncio.to_thread(list_endpoints, app)
+        self._endpoints[app] = (time.monotonic(), endpoints)
+        registered = {(h, p) for _, known in self._endpoints.values() for eps in known.values() for _, h, p in eps}
+        for address in [a for a in self._refused if a not in registered]:
+            self._refused.pop(address)
+        for address in [a for a in self._channels if a not in registered]:  # scaled down: its key is gone
+            self._channels.pop(address).close()
+        return endpoints
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()

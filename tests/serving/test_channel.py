@@ -1,0 +1,133 @@
+"""The data plane's frames (serving/engine/channel.py) over real TCP on 127.0.0.1: arrays come
+back bit for bit, errors keep their class, replies out of order reach their callers, a caller
+that gives up leaves the connection usable, a replica that goes away fails its calls at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from serving.api.errors import DeadlineExceeded, InvalidRequest
+from serving.engine.channel import Channel, ChannelBroken, ChannelServer
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def _served(handlers):
+    server = ChannelServer(handlers, "127.0.0.1")
+    await server.start()
+    return server, Channel("127.0.0.1", server.port)
+
+
+async def _echo(arrays, deadline):
+    return list(arrays)
+
+
+def test_arrays_of_every_dtype_and_shape_come_back_bit_for_bit_with_none_kept():
+    rng = np.random.default_rng(0)
+    sent = [rng.integers(-2**40, 2**40, size=(3, 5)).astype(np.int64), None,
+            rng.standard_normal((7, 26 * 16)).astype(np.float16), np.zeros((0, 4), np.float32),
+            np.arange(12, dtype=np.int32)[::3],  # not contiguous: sent as a copy
+            rng.standard_normal(9).astype(np.float32).reshape(3, 3).T, np.float64(2.5) * np.ones(())]
+
+    async def main():
+        server, channel = await _served({"echo": _echo})
+        try:
+            return await channel.call("echo", sent)
+        finally:
+            channel.close()
+            server.close()
+
+    got = _run(main())
+    assert len(got) == len(sent)
+    for want, out in zip(sent, got):
+        if want is None:
+            assert out is None
+            continue
+        assert out.dtype == want.dtype and out.shape == want.shape
+        np.testing.assert_array_equal(out, want)
+
+
+def test_a_largest_request_s_pooled_embeddings_pass_intact():
+    pooled = np.random.default_rng(1).standard_normal((4096, 26 * 128)).astype(np.float32)  # 54 MB
+
+    async def main():
+        server, channel = await _served({"echo": _echo})
+        try:
+            return await channel.call("echo", [pooled])
+        finally:
+            channel.close()
+            server.close()
+
+    np.testing.assert_array_equal(_run(main())[0], pooled)
+
+
+def test_errors_keep_their_class_and_message_and_an_unknown_method_is_named():
+    async def fail(arrays, deadline):
+        if arrays[0][0] == 0:
+            raise InvalidRequest("sparse['item_id'].values", "id 99 out of range")
+        raise DeadlineExceeded(f"late by {deadline}")
+
+    async def main():
+        server, channel = await _served({"fail": fail, "echo": _echo})
+        try:
+            with pytest.raises(InvalidRequest) as bad:
+                await channel.call("fail", [np.zeros(1)])
+            assert bad.value.field == "sparse['item_id'].values"
+            with pytest.raises(DeadlineExceeded, match="late by 12.5"):
+                await channel.call("fail", [np.ones(1)], deadline=12.5)
+            with pytest.raises(LookupError, match="no method 'lookup'"):
+                await channel.call("lookup", [])
+            return (await channel.call("echo", [np.arange(3)]))[0].tolist()  # the connection survives errors
+        finally:
+            channel.close()
+            server.close()
+
+    assert _run(main()) == [0, 1, 2]
+
+
+def test_concurrent_calls_get_their_own_replies_in_any_order_and_a_caller_that_gives_up_does_not_break_others():
+    async def slow(arrays, deadline):
+        await asyncio.sleep(float(arrays[0][0]))
+        return [arrays[0] * 10]
+
+    async def main():
+        server, channel = await _served({"slow": slow})
+        try:
+            delays = [0.3, 0.0, 0.2, 0.05, 0.1]
+            got = await asyncio.gather(*(channel.call("slow", [np.array([d])]) for d in delays))
+            assert [float(g[0][0]) for g in got] == [d * 10 for d in delays]
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(channel.call("slow", [np.array([0.5])]), 0.05)
+            assert channel.in_flight == 0
+            after = await channel.call("slow", [np.array([0.0])])
+            await asyncio.sleep(0.6)  # the abandoned reply arrives and is dropped
+            return float(after[0][0]), channel.broken
+        finally:
+            channel.close()
+            server.close()
+
+    assert _run(main()) == (0.0, None)
+
+
+def test_a_replica_that_goes_away_fails_calls_in_flight_and_later_ones_at_once():
+    async def hang(arrays, deadline):
+        await asyncio.sleep(60)
+
+    async def main():
+        server, channel = await _served({"hang": hang})
+        call = asyncio.ensure_future(channel.call("hang", [np.zeros(1)]))
+        await asyncio.sleep(0.1)
+        server.close()
+        with pytest.raises(ChannelBroken):
+            await asyncio.wait_for(call, 5)
+        with pytest.raises(ChannelBroken):
+            await channel.call("hang", [np.zeros(1)])
+        with pytest.raises(ChannelBroken, match="127.0.0.1"):  # nobody listens there any more
+            await Channel("127.0.0.1", server.port).call("hang", [np.zeros(1)])
+
+    _run(main())
