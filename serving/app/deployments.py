@@ -282,18 +282,6 @@ class DenseTower:
         return np.split(scores, np.cumsum([it.batch_size for it in items])[:-1])
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
-class VersionFront:
-    """Ingress of a version application (serving/app/versions.py): the version's shards and tower
-    are bound to it so that they belong to its app; requests reach them from the router."""
-
-    def __init__(self, version: str, shards: list[DeploymentHandle], tower: DeploymentHandle):
-        self.version = version
-
-    def check(self) -> str:
-        return self.version
-
-
 @dataclass(frozen=True)
 class _VersionParts:
     """A router's handles and edge state for one version (its shards and tower live in ``app``)."""

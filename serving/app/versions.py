@@ -3,7 +3,7 @@
 A running stack is one router application plus one application per model version::
 
     "recserve"            Router (gRPC ingress; holds no tables)
-    "recserve@<version>"  VersionFront (ingress, idle) + shard-0..N + DenseTower of one package
+    "recserve@<version>"  DenseTower (the ingress) + shard-0..N of one package
 
 The :class:`VersionTable` (plain data) says which versions are up, where their package
 is, and which one is live. It lives in Ray's GCS key-value store under the router app's

@@ -59,6 +59,26 @@ def test_an_idle_coalescer_sends_at_once_and_a_burst_behind_a_batch_goes_togethe
     run(main())
 
 
+def test_a_pipeline_of_two_sends_a_second_batch_while_the_first_is_in_flight_and_holds_the_third():
+    async def main():
+        gate = Gate()
+        c = Coalescer(gate, max_examples=100, pipeline=2)
+        first = await gate.first_in_flight(c)
+        second = asyncio.ensure_future(c.submit(2, size=1))
+        await asyncio.sleep(0.01)
+        assert gate.batches == [[1], [2]]  # one in flight: the next still went at once
+        rest = [asyncio.ensure_future(c.submit(x, size=1)) for x in (3, 4)]
+        await asyncio.sleep(0.05)
+        assert gate.batches == [[1], [2]]  # two in flight: held
+        gate.open()
+        assert await asyncio.gather(first, second, *rest) == [10, 20, 30, 40]
+        assert gate.batches == [[1], [2], [3, 4]]
+        with pytest.raises(ValueError, match="pipeline"):
+            Coalescer(gate, max_examples=1, pipeline=0)
+
+    run(main())
+
+
 def test_the_example_cap_splits_batches_and_a_larger_request_runs_alone():
     async def main():
         gate = Gate()
