@@ -244,7 +244,10 @@ class DenseTower:
         self._batcher = _Batcher(self._score_many, name="tower", work="score")
         self._batch = Histogram("recserve_tower_batch_examples", description="examples per batched tower call",
                                 boundaries=_SIZES)
-        self._endpoint = ReplicaEndpoint({"score": self._score_frame}) if args.transport == "direct" else None
+        self._endpoint = self._plane = None
+        if args.transport == "direct":  # answers the router over the data plane; with fanout "tower" calls the shards there
+            self._endpoint = ReplicaEndpoint({"score": self._score_frame, "predict": self._predict_frame})
+            self._plane, self._app = DirectPlane(), serve.get_replica_context().app_name
         _log_start_up("DenseTower", started)
 
     def __del__(self) -> None:
@@ -262,9 +265,28 @@ class DenseTower:
         """Scores float32 [B]; ``parts[k]`` is shard k's output (Serve resolved the responses)."""
         return await self._batcher(_TowerItem(dense, parts))
 
+    async def _predict_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
+        """The data plane's predict: [dense, then per shard lengths, values, weights (None x 3:
+        no ids for it)] -> [scores]."""
+        dense, rest = arrays[0], arrays[1:]
+        requests = {k: ShardRequest(lengths=rest[3 * k], values=rest[3 * k + 1], weights=rest[3 * k + 2],
+                                    deadline=deadline)
+                    for k in range(len(rest) // 3) if rest[3 * k] is not None}
+        return [await self.predict(dense, requests)]
+
     async def predict(self, dense: np.ndarray, requests: dict[int, ShardRequest]) -> np.ndarray:
         """Scores float32 [B] of a split batch: the shards' lookups, then the dense model.
-        A shard without ids in the batch is not called (its part stays zero)."""
+        A shard without ids in the batch is not called (its part stays zero). Over the data
+        plane when the transport is "direct" (Serve handles when a shard cannot be reached there)."""
+        if self._plane is not None:
+            try:
+                looked = await asyncio.gather(*(self._plane.call(self._app, shard_name(k), "lookup",
+                                                                 [r.lengths, r.values, r.weights], deadline=r.deadline)
+                                                for k, r in requests.items()))
+                done = {k: out[0] for k, out in zip(requests, looked)}
+                return await self._batcher(_TowerItem(dense, tuple(done.get(k) for k in range(self.routing.num_shards))))
+            except NoReplica:
+                pass  # Serve's path below (it knows which replicas died)
         calls = {k: self.shards[k].remote(r) for k, r in requests.items()}
         try:
             done = dict(zip(calls, await asyncio.gather(*calls.values())))
@@ -582,7 +604,7 @@ class Router:
     async def _call(self, batch, requests: dict[int, ShardRequest], deadline: float, p: _VersionParts, app: str,
                     budget_s: float | None) -> np.ndarray:
         calls: dict[int, DeploymentResponse] = {}
-        if self._plane is not None and self.args.resolved_fanout() == "router":
+        if self._plane is not None:
             try:
                 scores = await self._call_direct(batch, requests, deadline, p, app, budget_s)
                 self._sent["direct"] += 1
@@ -615,9 +637,19 @@ class Router:
             parts = [looked.get(k) for k in range(p.routing.num_shards)]
             return (await self._plane.call(app, "DenseTower", "score", [batch.dense, *parts]))[0]
 
+        async def via_tower() -> np.ndarray:  # fanout "tower": the pooled embeddings never come here
+            ids = []
+            for k in range(p.routing.num_shards):
+                r = requests.get(k)
+                ids += [None, None, None] if r is None else [r.lengths, r.values, r.weights]
+            sent_deadline = next(iter(requests.values())).deadline if requests else None
+            return (await self._plane.call(app, "DenseTower", "predict", [batch.dense, *ids],
+                                           deadline=sent_deadline))[0]
+
         budget = budget_s if budget_s is not None else deadline - time.monotonic()
         try:
-            return await asyncio.wait_for(chain(), timeout=max(deadline - time.monotonic(), 0.0))
+            work = via_tower() if self.args.resolved_fanout() == "tower" else chain()
+            return await asyncio.wait_for(work, timeout=max(deadline - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
             raise DeadlineExceeded(
                 f"deadline of {budget * 1000:.0f} ms exceeded waiting for "

@@ -39,7 +39,7 @@ def main_app(deploy, tiny_packages, helpers):
 @pytest.mark.parametrize(
     "layout,transport,fanout,wire",
     [("singular-1", "reference", "router", "float32"), ("table-2", "grpc", "tower", "float32"),
-     ("load-2", "reference", "tower", "float16"), ("capacity-3", "grpc", "tower", "float16")],
+     ("load-2", "direct", "tower", "float16"), ("capacity-3", "grpc", "tower", "float16")],
 )
 def test_served_scores_equal_torchrec_for_every_strategy(layout, transport, fanout, wire, deploy, tiny_packages,
                                                          reference, tiny, helpers):
@@ -54,6 +54,8 @@ def test_served_scores_equal_torchrec_for_every_strategy(layout, transport, fano
             want = reference(batch)
             np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=f"{name}: {case}")
             print(f"{name} {case}: max |served - torchrec| = {np.abs(got - want).max():.2e}")
+        sent = serve.get_deployment_handle("Router", app_name=name).data_plane.remote().result()
+        assert (sent["direct"] > 0, sent["serve"] > 0) == (transport == "direct", transport != "direct"), sent
     finally:
         serve.delete(name)
 
