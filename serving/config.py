@@ -31,7 +31,10 @@ TowerDtype = Literal["float32", "float16", "bfloat16"]
 #           "direct": through the router's data-plane sockets);
 # "tower":  the router sends the split ids to the dense tower, which calls the shards (Lui et al.'s
 #           main shard); works over either transport;
-# "auto":   "router" with the "direct" and "reference" transports, "tower" with "grpc".
+# "auto":   "tower" with the "direct" and "grpc" transports, "router" with "reference".
+# With "direct", "tower" keeps the pooled embeddings out of the router (one hop, shard -> tower):
+# 2 cores, criteo-kaggle, 2 shards: closed loop 149.7 req/s against 114.6 with "router"; H100,
+# dlrmv2: P99 at 100 req/s 84 ms against 91-124 ms (docs/dataplane.md).
 # On the H200 (dlrmv2, 2 shards, benchmarks/dataplane.py) router + reference served 62k examples/s
 # at p99 43 ms against 40-43k for the tower fan-out, whose single process became the hub of every
 # shard response (82% of a core in Serve's handle and serialization code).
@@ -94,7 +97,7 @@ class AppArgs(BaseModel):
                                                           "requests are served but not logged (counted as dropped)")
     fanout: Fanout = Field("auto", description="who calls the shards: 'router' (shard responses passed to the "
                                                "tower by reference), 'tower' (the router sends it the ids), or "
-                                               "'auto' (router with transport direct or reference, tower with grpc)")
+                                               "'auto' (tower with transport direct or grpc, router with reference)")
     wire_dtype: WireDtype = Field(
         "float16", description="dtype of the pooled embeddings that shards hand the dense tower: float16 "
                                "halves the bytes between processes (the tower accumulates in float32)")
@@ -165,7 +168,7 @@ class AppArgs(BaseModel):
         """``fanout`` with "auto" decided by the transport."""
         if self.fanout != "auto":
             return self.fanout
-        return "tower" if self.transport == "grpc" else "router"
+        return "router" if self.transport == "reference" else "tower"
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -618,7 +618,8 @@ class Router:
             calls = {k: p.shards[k].remote(r) for k, r in requests.items()}
             tower_call = p.tower.remote(batch.dense, *[calls.get(k) for k in range(p.routing.num_shards)])
         try:
-            return await self._await(tower_call, sorted(requests), deadline, app, budget_s)
+            return await self._await(asyncio.ensure_future(_resolve(tower_call)), sorted(requests), deadline, app,
+                                     budget_s)
         except BaseException:
             cancel(tower_call, *calls.values())
             raise
@@ -646,21 +647,16 @@ class Router:
             return (await self._plane.call(app, "DenseTower", "predict", [batch.dense, *ids],
                                            deadline=sent_deadline))[0]
 
-        budget = budget_s if budget_s is not None else deadline - time.monotonic()
-        try:
-            work = via_tower() if self.args.resolved_fanout() == "tower" else chain()
-            return await asyncio.wait_for(work, timeout=max(deadline - time.monotonic(), 0.0))
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(
-                f"deadline of {budget * 1000:.0f} ms exceeded waiting for "
-                f"{', '.join(shard_name(k) for k in sorted(requests)) or 'no shard'} and the dense tower") from None
+        work = via_tower() if self.args.resolved_fanout() == "tower" else chain()
+        return await self._await(asyncio.ensure_future(work), sorted(requests), deadline, app, budget_s)
 
-    async def _await(self, tower_call: DeploymentResponse, shards: list[int], deadline: float, app: str,
+    async def _await(self, result: asyncio.Future, shards: list[int], deadline: float, app: str,
                      budget_s: float | None = None):
-        """The tower's result, or DEADLINE_EXCEEDED, or UNAVAILABLE as soon as a shard it
-        waits on is known to be down (checked once the call has taken shard_down_after_s);
-        _ReplicaDied when a replica died under the call but its deployment has others."""
-        result = asyncio.ensure_future(_resolve(tower_call))
+        """The tower's result (``result``: the Serve call, or the data plane's calls), or
+        DEADLINE_EXCEEDED, or UNAVAILABLE as soon as a shard it waits on is known to be down
+        (checked once the call has taken shard_down_after_s: a shard with no replica leaves a
+        Serve handle call waiting, and the tower's with it); _ReplicaDied when a replica died
+        under the call but its deployment has others; NoReplica from the data plane as it is."""
         budget = budget_s if budget_s is not None else deadline - time.monotonic()
         check_at = time.monotonic() + self.args.shard_down_after_s
         try:

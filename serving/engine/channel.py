@@ -17,7 +17,8 @@ Frame (little-endian)::
             meta {"e": 1} + a pickled exception       the method raised (a ServingError keeps its class)
 
 Replies come in any order (matched by call id); a caller that gives up drops its call and the
-late reply is discarded. A broken connection fails every call in flight on it with
+late reply is discarded; a call's work is cancelled on the replica when the deadline it carries
+passes (DeadlineExceeded). A broken connection fails every call in flight on it with
 :class:`ChannelBroken` (the replica died or is stopping): the caller retries elsewhere.
 """
 
@@ -29,9 +30,12 @@ import json
 import pickle
 import socket
 import struct
+import time
 from typing import Awaitable, Callable, Sequence
 
 import numpy as np
+
+from serving.api.errors import DeadlineExceeded
 
 _HEAD = struct.Struct("<QQI")  # bytes after this header (meta + arrays), call id, meta bytes
 Arrays = Sequence[np.ndarray | None]
@@ -177,7 +181,15 @@ class ChannelServer:
             handler = self.handlers.get(meta.get("m"))
             if handler is None:
                 raise LookupError(f"no method {meta.get('m')!r} on this replica's data plane")
-            out = await handler(_arrays(meta["a"], body, offset), meta.get("d"))
+            deadline = meta.get("d")
+            work = handler(_arrays(meta["a"], body, offset), deadline)
+            if deadline is None:
+                out = await work
+            else:  # the caller stops waiting then: so does the work (and what it waits on)
+                try:
+                    out = await asyncio.wait_for(work, max(deadline - time.time(), 0.0))
+                except asyncio.TimeoutError:
+                    raise DeadlineExceeded(f"{meta.get('m')}: the caller's deadline passed") from None
             specs, buffers = _describe(out)
             frame = _frame(call_id, {"a": specs}, buffers)
         except Exception as e:  # noqa: BLE001  every error goes back to the caller, typed

@@ -78,8 +78,8 @@ def test_errors_keep_their_class_and_message_and_an_unknown_method_is_named():
             with pytest.raises(InvalidRequest) as bad:
                 await channel.call("fail", [np.zeros(1)])
             assert bad.value.field == "sparse['item_id'].values"
-            with pytest.raises(DeadlineExceeded, match="late by 12.5"):
-                await channel.call("fail", [np.ones(1)], deadline=12.5)
+            with pytest.raises(DeadlineExceeded, match="late by 4102444800"):
+                await channel.call("fail", [np.ones(1)], deadline=4102444800.0)  # the deadline reaches the method
             with pytest.raises(LookupError, match="no method 'lookup'"):
                 await channel.call("lookup", [])
             return (await channel.call("echo", [np.arange(3)]))[0].tolist()  # the connection survives errors
@@ -112,6 +112,34 @@ def test_concurrent_calls_get_their_own_replies_in_any_order_and_a_caller_that_g
             server.close()
 
     assert _run(main()) == (0.0, None)
+
+
+def test_work_past_the_deadline_the_call_carries_is_cancelled_on_the_replica():
+    import time
+
+    cancelled = []
+
+    async def slow(arrays, deadline):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    async def main():
+        server, channel = await _served({"slow": slow, "echo": _echo})
+        try:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match="slow: the caller's deadline passed"):
+                await channel.call("slow", [], deadline=time.time() + 0.2)
+            took = time.monotonic() - started
+            return took, cancelled, (await channel.call("echo", [np.ones(2)], deadline=time.time() + 5))[0].tolist()
+        finally:
+            channel.close()
+            server.close()
+
+    took, was_cancelled, after = _run(main())
+    assert 0.15 < took < 5 and was_cancelled == [True] and after == [1.0, 1.0]
 
 
 def test_a_replica_that_goes_away_fails_calls_in_flight_and_later_ones_at_once():
