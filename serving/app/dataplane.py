@@ -75,7 +75,8 @@ class ReplicaEndpoint:
         self.app, self.deployment = replica_id.deployment_id.app_name, replica_id.deployment_id.name
         self.replica = replica_id.unique_id
         self.server = ChannelServer(handlers, ray.util.get_node_ip_address())
-        self._started = asyncio.get_running_loop().create_task(self.server.start())  # listening already
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.create_task(self.server.start())  # listening already
         from ray.experimental import internal_kv
 
         internal_kv._internal_kv_put(self._key(), b"", overwrite=True, namespace=_KV_NAMESPACE)
@@ -90,7 +91,17 @@ class ReplicaEndpoint:
             _forget(self.app, self.deployment, self.replica, self.server.host, self.server.port)
         except Exception:  # noqa: BLE001  Ray is shutting down: the key goes with the cluster
             pass
-        self.server.close()
+        try:
+            in_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            in_loop = False
+        try:
+            if in_loop:
+                self.server.close()
+            else:  # Serve may run the destructor on another thread: the server belongs to its loop
+                self._loop.call_soon_threadsafe(self.server.close)
+        except RuntimeError:  # the loop is closed: the process is ending, its sockets with it
+            pass
 
 
 class DirectPlane:
