@@ -658,20 +658,22 @@ class Router:
         Serve handle call waiting, and the tower's with it); _ReplicaDied when a replica died
         under the call but its deployment has others; NoReplica from the data plane as it is."""
         budget = budget_s if budget_s is not None else deadline - time.monotonic()
+        late = (f"deadline of {budget * 1000:.0f} ms exceeded waiting for "
+                f"{', '.join(shard_name(k) for k in shards) or 'no shard'} and the dense tower")
         check_at = time.monotonic() + self.args.shard_down_after_s
         try:
             while True:
                 now = time.monotonic()
                 if now >= deadline:
-                    raise DeadlineExceeded(
-                        f"deadline of {budget * 1000:.0f} ms exceeded waiting for "
-                        f"{', '.join(shard_name(k) for k in shards) or 'no shard'} and the dense tower")
+                    raise DeadlineExceeded(late)
                 done, _ = await asyncio.wait({result}, timeout=max(min(deadline, check_at) - now, 0.0))
                 if done:
                     try:
                         return result.result()
                     except Exception as e:  # noqa: BLE001
                         error = _as_serving_error(e)
+                        if isinstance(error, DeadlineExceeded):  # a replica's, as the deadline came: the caller's words
+                            raise DeadlineExceeded(f"{late} ({error.message})") from e
                         if isinstance(error, ShardUnavailable):  # down for good (named), or retry elsewhere
                             await self._check_shards_alive(shards, app, fresh=True)
                             raise _ReplicaDied(error) from e
