@@ -38,6 +38,8 @@ import numpy as np
 from serving.api.errors import DeadlineExceeded
 
 _HEAD = struct.Struct("<QQI")  # bytes after this header (meta + arrays), call id, meta bytes
+MAX_FRAME_BYTES = 8 << 30  # larger than any batch's arrays (dlrmv2's 4096-example pooled output: 54 MB); a
+# header beyond it is not this protocol (a port scan, a stray client): the connection is dropped
 Arrays = Sequence[np.ndarray | None]
 Handler = Callable[[list, float | None], Awaitable[Arrays]]  # (arrays, deadline) -> arrays
 
@@ -110,12 +112,27 @@ class _Frames(asyncio.BufferedProtocol):
             return
         if self._frame is None:  # a header: its body next
             rest, call_id, meta_len = _HEAD.unpack(self._head)
+            if rest > MAX_FRAME_BYTES or meta_len > rest:
+                return self._refuse(f"a frame header that says {rest} bytes with {meta_len} of meta")
             self._frame, self._buf, self._got = (call_id, meta_len), bytearray(rest), 0
             if rest:
                 return
         (call_id, meta_len), body = self._frame, self._buf
         self._frame, self._buf, self._got = None, self._head, 0
-        self.on_frame(call_id, json.loads(bytes(body[:meta_len])), body, meta_len)
+        try:
+            meta = json.loads(bytes(body[:meta_len]))
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            return self._refuse(f"a frame whose meta is not a JSON object ({e})")
+        self.on_frame(call_id, meta, body, meta_len)
+
+    def _refuse(self, what: str) -> None:
+        """Not this protocol: drop the connection (its calls fail with ChannelBroken), read nothing more."""
+        self.lost = ConnectionAbortedError(f"the peer sent {what}")
+        self._buf, self._got, self._frame = bytearray(_HEAD.size), 0, None
+        if self.transport is not None:
+            self.transport.abort()
 
     def send(self, frame: list) -> Awaitable[None] | None:
         """Writes a frame; returns something to await when the write buffer is full."""
@@ -139,7 +156,7 @@ class _Frames(asyncio.BufferedProtocol):
             waiter.set_result(None)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.lost = exc or ConnectionResetError("connection closed")
+        self.lost = self.lost or exc or ConnectionResetError("connection closed")
         waiter, self._can_write = self._can_write, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError(str(self.lost)))

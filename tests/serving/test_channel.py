@@ -142,6 +142,50 @@ def test_work_past_the_deadline_the_call_carries_is_cancelled_on_the_replica():
     assert 0.15 < took < 5 and was_cancelled == [True] and after == [1.0, 1.0]
 
 
+def test_a_peer_that_does_not_speak_the_protocol_is_dropped_and_others_are_served():
+    import socket
+    import struct
+
+    async def main():
+        server, channel = await _served({"echo": _echo})
+        try:
+            loop = asyncio.get_running_loop()
+            for garbage in (struct.pack("<QQI", 1 << 62, 1, 0),  # a length no frame has
+                            struct.pack("<QQI", 4, 1, 9),  # meta longer than the frame
+                            struct.pack("<QQI", 3, 1, 3) + b"[1]",  # meta not an object
+                            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(garbage)
+                await writer.drain()
+                try:  # dropped (a reset or an end of stream), nothing answered
+                    assert await asyncio.wait_for(reader.read(), 5) == b""
+                except ConnectionResetError:
+                    pass
+                writer.close()
+            # a replica that answers garbage: the caller's call fails, it does not hang
+            liar = socket.create_server(("127.0.0.1", 0))
+            liar.setblocking(False)
+
+            async def lie():
+                conn, _ = await loop.sock_accept(liar)
+                await loop.sock_recv(conn, 1 << 16)
+                await loop.sock_sendall(conn, struct.pack("<QQI", 1 << 62, 1, 0))
+                await asyncio.sleep(1)
+                conn.close()
+
+            lying = asyncio.ensure_future(lie())
+            with pytest.raises(ChannelBroken, match="frame header"):
+                await Channel("127.0.0.1", liar.getsockname()[1]).call("echo", [np.ones(1)])
+            await lying
+            liar.close()
+            return (await channel.call("echo", [np.arange(4)]))[0].tolist()
+        finally:
+            channel.close()
+            server.close()
+
+    assert _run(main()) == [0, 1, 2, 3]
+
+
 def test_a_replica_that_goes_away_fails_calls_in_flight_and_later_ones_at_once():
     async def hang(arrays, deadline):
         await asyncio.sleep(60)
