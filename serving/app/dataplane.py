@@ -31,6 +31,11 @@ from serving.engine.channel import Channel, ChannelBroken, ChannelServer, Handle
 _KV_NAMESPACE = "recserve"
 
 
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class NoReplica(ConnectionError):
     """No replica of a deployment can be reached on the data plane (none registered yet, or all
     refused): the caller sends the call through Serve instead."""
@@ -154,7 +159,8 @@ class DirectPlane:
         if channel is not None and isinstance(channel.broken, ConnectionRefusedError):
             for replica, host, port in self._endpoints.get(app, (0, {}))[1].get(deployment, ()):
                 if (host, port) == address:
-                    asyncio.ensure_future(asyncio.to_thread(_forget, app, deployment, replica, host, port))
+                    asyncio.ensure_future(asyncio.to_thread(_forget, app, deployment, replica, host, port)
+                                          ).add_done_callback(_retrieved)
 
     async def _listed(self, app: str) -> dict[str, list[tuple[str, str, int]]]:
         at, endpoints = self._endpoints.get(app, (None, {}))
@@ -163,12 +169,20 @@ class DirectPlane:
             listing = self._listing.get(app)
             if listing is None or listing.done():
                 listing = self._listing[app] = asyncio.ensure_future(self._list(app))
+                listing.add_done_callback(_retrieved)  # a background listing's failure is no one's error
             if at is None or not endpoints:  # nothing to go on yet: wait for the listing
                 return await asyncio.shield(listing)
         return endpoints
 
     async def _list(self, app: str) -> dict[str, list[tuple[str, str, int]]]:
-        endpoints = await asyncio.to_thread(list_endpoints, app)
+        try:
+            endpoints = await asyncio.to_thread(list_endpoints, app)
+        except Exception as e:  # noqa: BLE001  the GCS did not answer: keep what is known, or go through Serve
+            at, known = self._endpoints.get(app, (None, {}))
+            if not known:
+                raise NoReplica(f"{app}: the data plane's replica list could not be read ({e})") from e
+            self._endpoints[app] = (time.monotonic(), known)  # tried again after refresh_s
+            return known
         self._endpoints[app] = (time.monotonic(), endpoints)
         registered = {(h, p) for _, known in self._endpoints.values() for eps in known.values() for _, h, p in eps}
         for address in [a for a in self._refused if a not in registered]:
