@@ -73,6 +73,26 @@ def _examples(items: list) -> int:
     return sum(int(getattr(x, "batch_size", None) or len(x.dense)) for x in items)
 
 
+def _shard_frame(request: ShardRequest) -> list:
+    """A shard's request on the data plane: [lengths, values, weights | None] (its deadline
+    travels in the frame's meta)."""
+    return [request.lengths, request.values, request.weights]
+
+
+def _shard_request(arrays: list, deadline: float | None) -> ShardRequest:
+    """The inverse of :func:`_shard_frame`."""
+    lengths, values, weights = arrays
+    return ShardRequest(lengths=lengths, values=values, weights=weights, deadline=deadline)
+
+
+async def _lookups_direct(plane: DirectPlane, app: str, requests: dict[int, ShardRequest]) -> dict[int, np.ndarray]:
+    """Each shard's pooled embeddings for its request, over the data plane, concurrently
+    (NoReplica when a shard cannot be reached there)."""
+    looked = await asyncio.gather(*(plane.call(app, shard_name(k), "lookup", _shard_frame(r), deadline=r.deadline)
+                                    for k, r in requests.items()))
+    return {k: out[0] for k, out in zip(requests, looked)}
+
+
 def _expired(request: ShardRequest) -> bool:
     return request.deadline is not None and time.time() > request.deadline
 
@@ -194,8 +214,7 @@ class Shard:
 
     async def _lookup_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
         """The data plane's lookup: [lengths, values, weights | None] -> [pooled]."""
-        lengths, values, weights = arrays
-        return [await self.lookup(ShardRequest(lengths=lengths, values=values, weights=weights, deadline=deadline))]
+        return [await self.lookup(_shard_request(arrays, deadline))]
 
     async def lookup(self, request: ShardRequest) -> np.ndarray:
         """Pooled embeddings [B, columns x D] (the app's wire dtype) of one request
@@ -269,8 +288,7 @@ class DenseTower:
         """The data plane's predict: [dense, then per shard lengths, values, weights (None x 3:
         no ids for it)] -> [scores]."""
         dense, rest = arrays[0], arrays[1:]
-        requests = {k: ShardRequest(lengths=rest[3 * k], values=rest[3 * k + 1], weights=rest[3 * k + 2],
-                                    deadline=deadline)
+        requests = {k: _shard_request(rest[3 * k:3 * k + 3], deadline)
                     for k in range(len(rest) // 3) if rest[3 * k] is not None}
         return [await self.predict(dense, requests)]
 
@@ -280,10 +298,7 @@ class DenseTower:
         plane when the transport is "direct" (Serve handles when a shard cannot be reached there)."""
         if self._plane is not None:
             try:
-                looked = await asyncio.gather(*(self._plane.call(self._app, shard_name(k), "lookup",
-                                                                 [r.lengths, r.values, r.weights], deadline=r.deadline)
-                                                for k, r in requests.items()))
-                done = {k: out[0] for k, out in zip(requests, looked)}
+                done = await _lookups_direct(self._plane, self._app, requests)
                 return await self._batcher(_TowerItem(dense, tuple(done.get(k) for k in range(self.routing.num_shards))))
             except NoReplica:
                 pass  # Serve's path below (it knows which replicas died)
@@ -628,13 +643,8 @@ class Router:
                            app: str, budget_s: float | None) -> np.ndarray:
         """The shards, then the tower, over the data plane, within ``deadline``; NoReplica when a
         deployment cannot be reached there."""
-        async def lookup(k: int, r: ShardRequest) -> np.ndarray:
-            out = await self._plane.call(app, shard_name(k), "lookup", [r.lengths, r.values, r.weights],
-                                         deadline=r.deadline)
-            return out[0]
-
         async def chain() -> np.ndarray:
-            looked = dict(zip(requests, await asyncio.gather(*(lookup(k, r) for k, r in requests.items()))))
+            looked = await _lookups_direct(self._plane, app, requests)
             parts = [looked.get(k) for k in range(p.routing.num_shards)]
             return (await self._plane.call(app, "DenseTower", "score", [batch.dense, *parts]))[0]
 
@@ -642,7 +652,7 @@ class Router:
             ids = []
             for k in range(p.routing.num_shards):
                 r = requests.get(k)
-                ids += [None, None, None] if r is None else [r.lengths, r.values, r.weights]
+                ids += [None, None, None] if r is None else _shard_frame(r)
             sent_deadline = next(iter(requests.values())).deadline if requests else None
             return (await self._plane.call(app, "DenseTower", "predict", [batch.dense, *ids],
                                            deadline=sent_deadline))[0]

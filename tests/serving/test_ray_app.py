@@ -38,7 +38,7 @@ def main_app(deploy, tiny_packages, helpers):
 
 @pytest.mark.parametrize(
     "layout,transport,fanout,wire",
-    [("singular-1", "reference", "router", "float32"), ("table-2", "grpc", "tower", "float32"),
+    [("singular-1", "reference", "router", "float32"), ("table-2", "direct", "router", "float32"),
      ("load-2", "direct", "tower", "float16"), ("capacity-3", "grpc", "tower", "float16")],
 )
 def test_served_scores_equal_torchrec_for_every_strategy(layout, transport, fanout, wire, deploy, tiny_packages,
