@@ -4,6 +4,7 @@ every strategy at least once, both transports, every bad input, a deadline, a sh
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 
 import grpc
@@ -12,10 +13,19 @@ import pytest
 
 from recserve.batch import Bags, Batch
 from recserve.synth import TrafficGenerator
+from serving.app.dataplane import list_endpoints
 
 TOL = 1e-5  # float32 on the wire
 FP16_TOL = 5e-4  # float16 pooled embeddings on the wire (the default): each pooled value rounded to
 # half precision (relative 2^-11) moved the scores by at most 4.2e-5 here; 10x that is the bound
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def _batches(tiny, with_weights):
@@ -230,10 +240,14 @@ def test_a_shard_that_is_down_gives_unavailable_and_the_rest_keeps_serving(deplo
             return [a for a in ray.util.list_named_actors(all_namespaces=True)
                     if f"down#shard-{down.index}#" in a["name"]]
 
+        ports = list_endpoints("down").get(f"shard-{down.index}", [])
+        assert ports, "the shard serves the direct data plane"
         for a in replicas():
             ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+        # ray.kill returns before the actor is gone, and the GCS forgets its name before its process
+        # ends: until then the process still answers on its data-plane port
         deadline = time.monotonic() + 30
-        while replicas() and time.monotonic() < deadline:  # ray.kill returns before the actor is gone
+        while (replicas() or any(_listening(host, port) for _, host, port in ports)) and time.monotonic() < deadline:
             time.sleep(0.1)
         with pytest.raises(grpc.RpcError) as err:
             client.predict(batch.dense, helpers.as_sparse(batch), timeout=30)
