@@ -28,6 +28,7 @@ last batch is written. examples/s is over the scoring time; the whole job's rate
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -172,6 +173,21 @@ class _Teacher(InProcessTeacher):
                          "started": [started], "finished": [time.time()]})
 
 
+def gpus_per_actor(device: str, actors: int, cluster_gpus: float) -> float:
+    """The GPU share each teacher actor asks Ray for: a whole GPU each while there are enough,
+    else an equal share, so that every actor of the fixed pool fits (3 actors on 2 GPUs: 0.5
+    each) and the pool never waits for GPUs that are not there."""
+    if not device.startswith("cuda"):
+        return 0.0
+    if actors < 1:
+        raise ValueError(f"actors: at least 1, got {actors}")
+    whole = int(cluster_gpus)
+    if whole < 1:
+        raise ValueError(f"device {device!r}: the Ray cluster has no GPU (resources: {cluster_gpus:g} GPU); "
+                         "score with --device cpu, or on a cluster with a GPU node (--address)")
+    return 1.0 if actors <= whole else 1.0 / math.ceil(actors / whole)
+
+
 def snapshot_time(package: str) -> float:
     """Default snapshot time of a package: when its manifest was written."""
     return os.stat(os.path.join(package, "manifest.json")).st_mtime
@@ -229,6 +245,7 @@ def score_logs(
         ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                  num_cpus=max(2, os.cpu_count() or 2))
     try:
+        gpus = gpus_per_actor(device, actors, ray.cluster_resources().get("GPU", 0.0))
         ds = ray.data.read_parquet(files, filesystem=fs)
         ds = ds.map_batches(_add_keys, batch_format="pyarrow", batch_size=batch_size, num_cpus=0.5)
         ds = ds.map_batches(_Dedupe, batch_format="pyarrow", batch_size=batch_size, num_cpus=0.25,
@@ -239,7 +256,7 @@ def score_logs(
                                    "out": out, "device": device, "with_embeddings": with_embeddings,
                                    "snapshot_at": snapshot_time(teacher) if snapshot_at is None else snapshot_at},
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5,
-            **({"num_gpus": 1} if device.startswith("cuda") else {}))
+            **({"num_gpus": gpus} if gpus else {}))
         stats = ds.to_arrow_refs()
         tables = [t for t in ray.get(stats) if t.num_rows]
     finally:

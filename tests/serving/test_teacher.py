@@ -139,6 +139,28 @@ def test_a_teacher_whose_features_the_log_lacks_is_refused_by_name(ray_local, tm
 
 
 
+@pytest.mark.parametrize("actors, gpus, share", [(1, 1, 1.0), (2, 4, 1.0), (2, 1, 0.5), (3, 2, 0.5), (5, 2, 1 / 3)])
+def test_teacher_actors_share_the_gpus_so_that_the_whole_pool_fits(actors, gpus, share) -> None:
+    from serving.teacher import gpus_per_actor
+
+    assert gpus_per_actor("cuda", actors, gpus) == pytest.approx(share)
+    per_gpu = int(1 / share + 1e-9)
+    assert per_gpu * gpus >= actors, "every actor of the fixed pool finds room"
+    assert gpus_per_actor("cpu", actors, gpus) == 0.0
+
+
+def test_a_cuda_teacher_on_a_ray_without_gpus_is_refused_not_left_waiting(first_run, teacher) -> None:
+    import ray
+
+    from serving.teacher import score_logs
+
+    if ray.cluster_resources().get("GPU"):
+        pytest.skip("this Ray has a GPU")
+    root = first_run[0]
+    with pytest.raises(ValueError, match="the Ray cluster has no GPU"):
+        score_logs([str(root / "log-a")], str(teacher), str(root / "out-cuda"), device="cuda")
+
+
 @pytest.mark.parametrize("address, says", [("127.0.0.1:{free}", "no Ray GCS answers at 127.0.0.1:{free}"),
                                            ("stack", "recserve serve")])
 def test_teacher_score_on_a_stack_that_is_not_there_fails_at_once_naming_it(tmp_path, tiny, teacher, address, says):
