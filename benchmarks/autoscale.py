@@ -4,9 +4,10 @@
 
 Starts a local Ray (127.0.0.1, token auth), deploys deploy/serve.yaml with `serve deploy` (the
 documented path) with three changes for a short run on a small machine: the package is the
-tiny model in 2 shards (exported here), autoscaling reacts in seconds (target 2 ongoing
-requests per replica, upscale after 2 s, downscale after 10 s, at most 3 replicas), and the
-gRPC/HTTP ports are free ones. Then it offers the load of each phase (requests/s : seconds)
+tiny model in 2 shards (exported here) or --package, autoscaling reacts in seconds (upscale
+after 2 s, downscale after 10 s, at most 3 replicas; the Router at 2 requests in flight per
+replica, shards and tower by the yaml's BusyPolicy, --target-busy to change its target), and
+the gRPC/HTTP ports are free ones. Then it offers the load of each phase (requests/s : seconds)
 open-loop from a thread pool, records every request's latency and outcome, and polls each
 deployment's running replicas every second. Outputs: autoscale.csv (per second: offered
 rate, completed, errors, P99 ms, replicas per deployment), autoscale.png (P99 and replicas
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 DEPLOYMENTS = ("shard-0", "shard-1", "DenseTower", "Router")
 FAST = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 2,
-        "downscale_delay_s": 10}
+        "downscale_delay_s": 10}  # shards and tower keep the yaml's BusyPolicy (target_busy: --target-busy)
 
 
 def tiny_package(out: Path) -> Path:
@@ -53,7 +54,7 @@ def tiny_package(out: Path) -> Path:
     return pkg
 
 
-def config_for(package: Path, grpc_port: int, http_port: int) -> dict:
+def config_for(package: Path, grpc_port: int, http_port: int, target_busy: float | None = None) -> dict:
     config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
     config["grpc_options"]["port"], config["http_options"]["port"] = grpc_port, http_port
     [app] = config["applications"]
@@ -61,6 +62,8 @@ def config_for(package: Path, grpc_port: int, http_port: int) -> dict:
     app["args"]["feature_filter"] = None
     for d in app["deployments"]:
         d["autoscaling_config"].update(FAST)
+        if target_busy is not None and "policy" in d["autoscaling_config"]:
+            d["autoscaling_config"]["policy"]["policy_kwargs"]["target_busy"] = target_busy
     return config
 
 
@@ -69,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases", default="4:30,40:45,4:60", help="RATE:SECONDS,... offered requests/s per phase")
     p.add_argument("--batch", type=int, default=64, help="examples per request")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "autoscale")
+    p.add_argument("--package", type=Path, default=None,
+                   help="a package of 2 shards to serve (default: the tiny model, exported here)")
+    p.add_argument("--target-busy", type=float, default=None,
+                   help="the shards' and tower's BusyPolicy target (default: the yaml's)")
     args = p.parse_args(argv)
     phases = [(float(r), float(s)) for r, s in (ph.split(":") for ph in args.phases.split(","))]
 
@@ -79,14 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from recserve.synth import TrafficGenerator
-    from recserve.workloads import load_workload
     from serving.api.client import RankingClient
     from serving.ops.loopback import HOOK
     from serving.ops.ports import free_port
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="recserve-autoscale-"))
-    package = tiny_package(work)
+    package = args.package.resolve() if args.package else tiny_package(work)
+    from recserve.package import ModelPackage
+
+    manifest = ModelPackage.open(package).manifest
     grpc_port = free_port()
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -95,18 +104,17 @@ def main(argv: list[str] | None = None) -> int:
                    runtime_env={"worker_process_setup_hook": HOOK})
     rows: list[dict] = []
     try:
-        config = config_for(package, grpc_port, free_port())
+        config = config_for(package, grpc_port, free_port(), args.target_busy)
         (work / "serve.yaml").write_text(yaml.safe_dump(config))
         env = dict(os.environ, RAY_AUTH_MODE="token")
         subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(work / "serve.yaml"),
                         "-a", f"http://{ctx.dashboard_url}"], check=True, env=env, cwd=ROOT)
         client = RankingClient(f"127.0.0.1:{grpc_port}")
         print("autoscale: deployed; waiting for the replicas ...", flush=True)
-        client.wait_until_serving("tiny", timeout=600)
+        client.wait_until_serving(manifest.name, timeout=600)
         while any(n == 0 for n in replicas_running(serve).values()):
             time.sleep(1)
-        tiny = load_workload("tiny")
-        batches = [TrafficGenerator(tiny, seed=s).batch(args.batch) for s in range(16)]
+        batches = [TrafficGenerator(manifest.workload, seed=s).batch(args.batch) for s in range(16)]
         requests = [(b.dense, {f: (x.values, x.lengths) for f, x in b.sparse.items()}) for b in batches]
         records: list[tuple[float, float, bool]] = []  # (start s, latency ms, ok)
         lock = threading.Lock()
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    write(rows, args.out, phases, args.batch)
+    write(rows, args.out, phases, args.batch, manifest.name)
     return 0
 
 
@@ -179,7 +187,7 @@ def per_second(records, replicas_log, offered) -> list[dict]:
     return rows
 
 
-def write(rows: list[dict], out: Path, phases, batch: int) -> None:
+def write(rows: list[dict], out: Path, phases, batch: int, model: str = "tiny") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,7 +211,7 @@ def write(rows: list[dict], out: Path, phases, batch: int) -> None:
     ax2.set_ylabel("running replicas")
     ax2.set_xlabel("seconds")
     ax2.legend(loc="upper left")
-    fig.suptitle(f"recserve autoscaling per deployment (tiny, 2 shards, {batch} examples/request; "
+    fig.suptitle(f"recserve autoscaling per deployment ({model}, 2 shards, {batch} examples/request; "
                  f"phases {', '.join(f'{r:g}/s x {s:g}s' for r, s in phases)})")
     fig.tight_layout()
     fig.savefig(out / "autoscale.png", dpi=110)

@@ -44,6 +44,7 @@ from serving.engine.shard import ShardCore
 from serving.engine.stages import BOUNDARIES_MS, STAGE_DESCRIPTION, STAGE_METRIC, Observe, Stopwatch
 from serving.api.status import grpc_status
 from serving.engine.tower import TowerCore
+from serving.app.autoscaling import BUSY_METRIC
 from serving.app.dataplane import DirectPlane, NoReplica, ReplicaEndpoint
 from serving.app.version_store import load_table
 from serving.app.versions import RouterVersions, ServedVersion, VersionTable
@@ -111,6 +112,9 @@ class _Batcher:
                                    max_wait_s=self.config.batch_wait_timeout_s)
         self.stages = (f"{name}.wait", f"{name}.{work}")
         self.observe = ray_observer()
+        self.busy_s = 0.0  # seconds the core has spent on calls, the running one up to its start
+        self._running_since: float | None = None
+        self._read = (time.monotonic(), 0.0)  # (when, busy seconds) at the last utilization()
 
     def reconfigure(self, config: dict | None) -> None:
         self.config = BatchingConfig(**(config or {}))
@@ -119,7 +123,22 @@ class _Batcher:
 
     async def _run(self, items: list) -> list:
         async with self.lock:
-            return await asyncio.to_thread(self.run_many, items)
+            self._running_since = start = time.monotonic()
+            try:
+                return await asyncio.to_thread(self.run_many, items)
+            finally:
+                self.busy_s += time.monotonic() - start
+                self._running_since = None
+
+    def utilization(self) -> float:
+        """The fraction of the time since the last reading that the core was busy (0-1), the
+        call running now counted up to now: what this replica's autoscaling reports. Calls in
+        flight do not measure load here: the router coalesces, so a saturated replica may
+        have one call in flight at a time (serving/app/autoscaling.py)."""
+        now = time.monotonic()
+        busy = self.busy_s + (now - self._running_since if self._running_since is not None else 0.0)
+        (then, before), self._read = self._read, (now, busy)
+        return 0.0 if now <= then else min(1.0, max(0.0, (busy - before) / (now - then)))
 
     async def __call__(self, item, *, deadline: float | None = None, expired=TimeoutError):
         """``item``'s result; ``deadline`` (time.time()) as the caller sent it."""
@@ -212,6 +231,10 @@ class Shard:
     def reconfigure(self, config: dict) -> None:
         self._batcher.reconfigure(config)
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (serving/app/autoscaling.py's BusyPolicy reads it)."""
+        return {BUSY_METRIC: self._batcher.utilization()}
+
     async def _lookup_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
         """The data plane's lookup: [lengths, values, weights | None] -> [pooled]."""
         return [await self.lookup(_shard_request(arrays, deadline))]
@@ -279,6 +302,10 @@ class DenseTower:
 
     def reconfigure(self, config: dict) -> None:
         self._batcher.reconfigure(config)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (serving/app/autoscaling.py's BusyPolicy reads it)."""
+        return {BUSY_METRIC: self._batcher.utilization()}
 
     async def score(self, dense: np.ndarray, *parts: np.ndarray | None) -> np.ndarray:
         """Scores float32 [B]; ``parts[k]`` is shard k's output (Serve resolved the responses)."""

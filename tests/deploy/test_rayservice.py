@@ -74,3 +74,23 @@ def test_routers_on_the_workers_follow_the_fading_control_sidecar_of_the_head():
             env = {e["name"]: e for e in container["env"]}
             assert env["RECSERVE_FADE_ADDR"]["value"] == address
             assert "RECSERVE_FADE_TOKEN" in env
+
+
+def test_shards_and_tower_autoscale_on_how_busy_they_are_in_both_files():
+    """The router coalesces requests, so calls in flight never reach a shard's target: both files
+    scale shards and tower with BusyPolicy, and Serve accepts each autoscaling_config as written."""
+    from ray.serve.config import AutoscalingConfig
+
+    from serving.app.autoscaling import BusyPolicy
+
+    local, cluster, _ = _configs()
+    for config in (local, cluster):
+        [app] = config["applications"]
+        assert app["args"]["transport"] == "direct"
+        for d in app["deployments"]:
+            parsed = AutoscalingConfig(**d["autoscaling_config"])
+            if d["name"] == "Router":
+                assert parsed.policy.is_default_policy_function()
+                continue
+            assert parsed.policy.policy_function == "serving.app.autoscaling:BusyPolicy", d["name"]
+            BusyPolicy(**parsed.policy.policy_kwargs)  # the kwargs the controller will pass

@@ -1,0 +1,112 @@
+"""Shards and towers autoscale by how busy they are (serving/app/autoscaling.py): the policy's
+arithmetic on Serve's own context, the replicas' busy fraction, and a shard that Serve's real
+controller scales up under load and back down when it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from recserve.synth import TrafficGenerator
+from serving.app.autoscaling import BUSY_METRIC, BusyPolicy
+
+
+def _context(busy: dict, requests: float, target_ongoing: float = 2.0, replicas: int = 2):
+    from ray.serve._private.common import DeploymentID, ReplicaID
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+    dep = DeploymentID(name="shard-0", app_name="app")
+    running = [ReplicaID(f"r{i}", deployment_id=dep) for i in range(replicas)]
+    return AutoscalingContext(
+        deployment_id=dep, deployment_name=dep.name, app_name=dep.app_name, current_num_replicas=replicas,
+        target_num_replicas=replicas, running_replicas=running, total_num_requests=requests,
+        total_queued_requests=0.0, aggregated_metrics={BUSY_METRIC: {running[i]: b for i, b in busy.items()}},
+        raw_metrics={}, capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=8, policy_state={},
+        last_scale_up_time=None, last_scale_down_time=None, current_time=time.time(),
+        config=AutoscalingConfig(min_replicas=1, max_replicas=8, target_ongoing_requests=target_ongoing))
+
+
+@pytest.mark.parametrize("busy, requests, wanted", [
+    ({0: 0.9, 1: 0.6}, 1.0, 2.5),   # 1.5 busy replicas at a 0.6 target: two and a half
+    ({0: 0.1, 1: 0.2}, 0.0, 0.5),   # mostly idle: fewer
+    ({0: 1.0}, 0.0, 1 / 0.6),       # one replica has not reported yet: counted idle
+    ({0: 0.1, 1: 0.1}, 8.0, 4.0),   # uncoalesced calls queue up: Serve's own count is higher
+])
+def test_the_policy_wants_the_summed_busy_fraction_over_the_target(busy, requests, wanted) -> None:
+    assert BusyPolicy(target_busy=0.6)(_context(busy, requests)) == (pytest.approx(wanted), {})
+
+
+@pytest.mark.parametrize("target", [0, -0.5, 1.5])
+def test_a_target_outside_zero_to_one_is_refused_by_name(target) -> None:
+    with pytest.raises(ValueError, match="target_busy"):
+        BusyPolicy(target_busy=target)
+
+
+def test_the_busy_fraction_is_the_share_of_time_the_core_ran() -> None:
+    from serving.app.deployments import _Batcher, _TowerItem
+
+    async def main() -> tuple[float, float]:
+        batcher = _Batcher(lambda items: (time.sleep(0.02), items)[1], name="t", work="w")
+        batcher.utilization()
+        for i in range(15):  # back to back: busy nearly all the time
+            await batcher(_TowerItem(np.zeros((1, 1), np.float32), ()))
+        busy = batcher.utilization()
+        await asyncio.sleep(0.1)  # nothing ran since
+        return busy, batcher.utilization()
+
+    busy, idle = asyncio.run(main())
+    assert 0.5 < busy <= 1.0
+    assert idle == 0.0
+
+
+def test_serve_scales_a_busy_shard_up_and_an_idle_one_back_down(serve_instance, tiny_packages, tiny) -> None:
+    """The real controller with the policy as deploy/serve.yaml names it: load adds a replica,
+    quiet takes it away again."""
+    from ray import serve
+
+    from recserve.package import ModelPackage
+    from serving.app.deployments import Shard
+    from serving.config import AppArgs
+    from serving.engine.routing import Routing
+
+    package = str(tiny_packages("table-2"))
+    app = Shard.options(name="shard-0", num_replicas="auto", autoscaling_config={
+        "min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1, "downscale_delay_s": 2,
+        "look_back_period_s": 2, "metrics_interval_s": 0.5,
+        "policy": {"policy_function": "serving.app.autoscaling:BusyPolicy", "policy_kwargs": {"target_busy": 0.2}},
+    }).bind(package, 0, AppArgs(package=package, transport="reference"))
+    handle = serve.run(app, name="autoscaled", route_prefix="/autoscaled")
+    request = Routing(ModelPackage.open(package).manifest).split(TrafficGenerator(tiny, seed=3).batch(4096))[0]
+
+    def replicas() -> int:
+        return serve.status().applications["autoscaled"].deployments["shard-0"].replica_states.get("RUNNING", 0)
+
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            handle.lookup.remote(request).result(timeout_s=60)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    try:
+        assert replicas() == 1
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 90
+        while replicas() < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert replicas() == 2, "a busy shard got a second replica"
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        deadline = time.monotonic() + 90
+        while replicas() > 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert replicas() == 1, "an idle shard went back to one replica"
+    finally:
+        stop.set()
+        serve.delete("autoscaled", _blocking=False)
