@@ -146,9 +146,10 @@ class AppArgs(BaseModel):
                              "one)")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads of each serving process (the monolith, each shard and "
-                                "tower replica); none: as each starts (the monolith: torch's one per core; a Ray "
-                                "replica: Ray's OMP_NUM_THREADS=1). 1 keeps the monolith's tail steady on a busy "
-                                "machine, 2 gave it +46% closed-loop throughput on a quiet one (docs/dataplane.md)")
+                                "tower replica); none: the monolith keeps torch's one per core, a tower replica "
+                                "takes the node's cores over the tower replicas, a shard Ray's OMP_NUM_THREADS=1. "
+                                "1 keeps the monolith's tail steady on a busy machine, 2 gave it +46% closed-loop "
+                                "throughput on a quiet one (docs/dataplane.md)")
     shard_batching: BatchingConfig = BatchingConfig()
     tower_batching: BatchingConfig = BatchingConfig()
 
@@ -169,6 +170,16 @@ class AppArgs(BaseModel):
         if self.fanout != "auto":
             return self.fanout
         return "router" if self.transport == "reference" else "tower"
+
+    def tower_threads(self, cores: int | None = None) -> int:
+        """torch intra-op threads of a tower replica: ``torch_threads``, else the node's cores
+        shared by the tower replicas (the tower's MLPs are the compute that threads speed up,
+        as the monolith, which keeps torch's one per core; a shard's gathers stay at Ray's 1)."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        import os
+
+        return max(1, (cores or os.cpu_count() or 1) // max(1, self.tower_replicas))
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -274,8 +274,7 @@ class DenseTower:
 
     def __init__(self, package: str, shards: list[DeploymentHandle], args: AppArgs):
         started = time.time()
-        if args.torch_threads is not None:
-            torch.set_num_threads(args.torch_threads)
+        torch.set_num_threads(args.tower_threads())
         pkg = ModelPackage.open(package)
         self.routing = Routing(pkg.manifest)
         self.core = TowerCore.from_package(pkg, device=args.resolved_device(), dtype=args.tower_dtype,

@@ -52,3 +52,13 @@ def test_a_rule_across_fields_is_reported_too(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RECSERVE_ARTIFACTS", str(tmp_path))
     assert main(["serve", "--log-rate", "0.5"]) == 2  # no --log-dir
     assert "log_dir: required when log_rate > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, cores, threads", [
+    ((), 16, 16),                                   # one tower: the node's cores, as the monolith
+    (("--tower-replicas", "4"), 16, 4),             # replicas share them
+    (("--tower-replicas", "3"), 2, 1),              # never below one
+    (("--torch-threads", "2", "--tower-replicas", "4"), 16, 2),  # the flag wins
+])
+def test_a_tower_replica_takes_the_nodes_cores_over_the_tower_replicas(flags, cores, threads):
+    assert app_args_from(parse(*flags), package="p").tower_threads(cores) == threads
