@@ -94,3 +94,49 @@ def test_shards_and_tower_autoscale_on_how_busy_they_are_in_both_files():
                 continue
             assert parsed.policy.policy_function == "serving.app.autoscaling:BusyPolicy", d["name"]
             BusyPolicy(**parsed.policy.policy_kwargs)  # the kwargs the controller will pass
+
+
+def _hosts_docs() -> list[dict]:
+    return list(yaml.safe_load_all((DEPLOY / "rayservice-hosts.yaml").read_text()))
+
+
+def test_the_hosts_variant_is_rayservice_yaml_plus_placement_only():
+    _, cluster, docs = _configs()
+    hosts_docs = _hosts_docs()
+    ray_service, hosts_service = (next(d for d in ds if d["kind"] == "RayService") for ds in (docs, hosts_docs))
+    placed = yaml.safe_load(hosts_service["spec"]["serveConfigV2"])
+    args = placed["applications"][0].pop("args")
+    assert {k: v for k, v in args.items() if k not in ("place_on_hosts", "router_host", "tower_host")} == \
+        cluster["applications"][0].pop("args")
+    assert placed == cluster, "serveConfigV2 differs only in the placement args"
+    assert args["place_on_hosts"] is True
+    AppArgs(**args)
+    one, other = ray_service["spec"]["rayClusterConfig"], hosts_service["spec"]["rayClusterConfig"]
+    assert other["headGroupSpec"] == one["headGroupSpec"]
+    worker = one["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    for group in other["workerGroupSpecs"]:
+        container = group["template"]["spec"]["containers"][0]
+        assert container["env"] == worker["env"] and container["image"] == worker["image"], group["groupName"]
+    assert [d for d in hosts_docs if d["kind"] != "RayService"] == [d for d in docs if d["kind"] != "RayService"]
+
+
+def test_each_host_group_is_one_labelled_node_and_the_placement_code_fills_the_shard_hosts():
+    """The hosts the file starts, as serving/app/nodes.py reads them from Ray (label -> memory), take
+    criteo-kaggle's full tables in 2 shards: the shards go to h1/h2, nothing to h0, router and
+    tower to h0."""
+    from recserve.planning import plan_workload
+    from recserve.workloads import load_workload
+    from serving.app.nodes import HOST_LABEL, node_placement
+
+    hosts_service = next(d for d in _hosts_docs() if d["kind"] == "RayService")
+    args = yaml.safe_load(hosts_service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    hosts = {}
+    for group in hosts_service["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 1, group["groupName"]
+        hosts[group["labels"][HOST_LABEL]] = int(group["rayStartParams"]["memory"])
+    assert {args["router_host"], args["tower_host"]} <= set(hosts)
+    plan = plan_workload(load_workload("criteo-kaggle"), strategy="load", num_shards=2)
+    placed = node_placement(plan, hosts, router_host=args["router_host"], tower_host=args["tower_host"])
+    shard_hosts = {h for sh in placed.assignment.shards for h in sh}
+    assert shard_hosts <= set(hosts) - {args["router_host"]} and shard_hosts, placed.assignment
+    assert placed.router_options() == {"label_selector": {HOST_LABEL: f"in({args['router_host']})"}}
