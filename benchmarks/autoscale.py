@@ -4,8 +4,8 @@
 
 Starts a local Ray (127.0.0.1, token auth), deploys deploy/serve.yaml with `serve deploy` (the
 documented path) with three changes for a short run on a small machine: the package is the
-tiny model in 2 shards (exported here) or --package, autoscaling reacts in seconds (upscale
-after 2 s, downscale after 10 s, at most 3 replicas; the Router at 2 requests in flight per
+tiny model in 2 shards (exported here) or --package, autoscaling reacts in seconds (metrics
+averaged over 5 s, upscale after 2 s, downscale after 10 s, at most 3 replicas; the Router at 2 requests in flight per
 replica, shards and tower by the yaml's BusyPolicy, --target-busy to change its target), and
 the gRPC/HTTP ports are free ones. Then it offers the load of each phase (requests/s : seconds)
 open-loop from a thread pool, records every request's latency and outcome, and polls each
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 DEPLOYMENTS = ("shard-0", "shard-1", "DenseTower", "Router")
 FAST = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 2,
-        "downscale_delay_s": 10}  # shards and tower keep the yaml's BusyPolicy (target_busy: --target-busy)
+        "downscale_delay_s": 10, "look_back_period_s": 5}  # shards and tower keep the yaml's BusyPolicy (target_busy: --target-busy)
 
 
 def tiny_package(out: Path) -> Path:
