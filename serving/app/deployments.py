@@ -80,18 +80,29 @@ def _shard_frame(request: ShardRequest) -> list:
     return [request.lengths, request.values, request.weights]
 
 
-def _shard_request(arrays: list, deadline: float | None) -> ShardRequest:
+def _shard_request(arrays: list, deadline: float | None, version: str | None = None) -> ShardRequest:
     """The inverse of :func:`_shard_frame`."""
     lengths, values, weights = arrays
-    return ShardRequest(lengths=lengths, values=values, weights=weights, deadline=deadline)
+    return ShardRequest(lengths=lengths, values=values, weights=weights, deadline=deadline, version=version)
 
 
-async def _lookups_direct(plane: DirectPlane, app: str, requests: dict[int, ShardRequest]) -> dict[int, np.ndarray]:
-    """Each shard's pooled embeddings for its request, over the data plane, concurrently
-    (NoReplica when a shard cannot be reached there)."""
-    looked = await asyncio.gather(*(plane.call(app, shard_name(k), "lookup", _shard_frame(r), deadline=r.deadline)
+async def _lookups_direct(plane: DirectPlane, app: str, requests: dict[int, ShardRequest],
+                          version: str) -> dict[int, np.ndarray]:
+    """Each shard's pooled embeddings for its request from a replica of model ``version``, over
+    the data plane, concurrently (NoReplica when a shard cannot be reached there)."""
+    looked = await asyncio.gather(*(plane.call(app, shard_name(k), "lookup", _shard_frame(r), version=version,
+                                               deadline=r.deadline)
                                     for k, r in requests.items()))
     return {k: out[0] for k, out in zip(requests, looked)}
+
+
+def _same_version(component: str, serves: str, wanted: str | None) -> None:
+    """A call split by another model version is refused, never answered with this version's
+    weights: while Serve updates an application in place (a new package in deploy/serve.yaml)
+    old and new replicas share the deployment names and Serve's handles route to either."""
+    if wanted is not None and wanted != serves:
+        raise ShardUnavailable(component, f"it serves model version {serves!r}, the request was split by version "
+                                          f"{wanted!r} (the application is being updated; send it again)")
 
 
 def _expired(request: ShardRequest) -> bool:
@@ -214,7 +225,9 @@ class Shard:
         if args.torch_threads is not None:  # else Ray's OMP_NUM_THREADS=1
             torch.set_num_threads(args.torch_threads)
         self.name = shard_name(index)
-        self.core = ShardCore(ModelPackage.open(package), index, device=args.resolved_device(),
+        pkg = ModelPackage.open(package)
+        self.version = pkg.manifest.version
+        self.core = ShardCore(pkg, index, device=args.resolved_device(),
                               output_dtype=args.wire_dtype, max_batch_size=args.max_batch_size)
         _log_start_up(self.name, started)
         self._batcher = _Batcher(self._lookup_many, name=self.name, work="lookup")
@@ -222,7 +235,8 @@ class Shard:
         self._batch = Histogram("recserve_shard_batch_examples", description="examples per batched lookup",
                                 boundaries=_SIZES)
         self._latency = Histogram("recserve_shard_lookup_ms", description="batched lookup time, ms", boundaries=_MS)
-        self._endpoint = ReplicaEndpoint({"lookup": self._lookup_frame}) if args.transport == "direct" else None
+        self._endpoint = (ReplicaEndpoint({"lookup": self._lookup_frame}, version=self.version)
+                          if args.transport == "direct" else None)
 
     def __del__(self) -> None:
         if getattr(self, "_endpoint", None) is not None:
@@ -242,6 +256,7 @@ class Shard:
     async def lookup(self, request: ShardRequest) -> np.ndarray:
         """Pooled embeddings [B, columns x D] (the app's wire dtype) of one request
         (DEADLINE_EXCEEDED if the router's deadline passed before the lookup ran: the work is skipped)."""
+        _same_version(self.name, self.version, request.version)
         if _expired(request):
             raise self._late()
         return await self._batcher(request, deadline=request.deadline, expired=self._late)
@@ -276,6 +291,7 @@ class DenseTower:
         started = time.time()
         torch.set_num_threads(args.tower_threads())
         pkg = ModelPackage.open(package)
+        self.version = pkg.manifest.version
         self.routing = Routing(pkg.manifest)
         self.core = TowerCore.from_package(pkg, device=args.resolved_device(), dtype=args.tower_dtype,
                                            input_dtype=args.wire_dtype, max_batch_size=args.max_batch_size)
@@ -287,7 +303,8 @@ class DenseTower:
                                 boundaries=_SIZES)
         self._endpoint = self._plane = None
         if args.transport == "direct":  # answers the router over the data plane; with fanout "tower" calls the shards there
-            self._endpoint = ReplicaEndpoint({"score": self._score_frame, "predict": self._predict_frame})
+            self._endpoint = ReplicaEndpoint({"score": self._score_frame, "predict": self._predict_frame},
+                                             version=self.version)
             self._plane, self._app = DirectPlane(), serve.get_replica_context().app_name
         _log_start_up("DenseTower", started)
 
@@ -306,15 +323,18 @@ class DenseTower:
         """Serve's custom autoscaling metric (serving/app/autoscaling.py's BusyPolicy reads it)."""
         return {BUSY_METRIC: self._batcher.utilization()}
 
-    async def score(self, dense: np.ndarray, *parts: np.ndarray | None) -> np.ndarray:
-        """Scores float32 [B]; ``parts[k]`` is shard k's output (Serve resolved the responses)."""
+    async def score(self, dense: np.ndarray, *parts: np.ndarray | None, version: str | None = None) -> np.ndarray:
+        """Scores float32 [B]; ``parts[k]`` is shard k's output (Serve resolved the responses),
+        looked up by model ``version`` (refused when it is not this tower's)."""
+        _same_version("DenseTower", self.version, version)
         return await self._batcher(_TowerItem(dense, parts))
 
     async def _predict_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
         """The data plane's predict: [dense, then per shard lengths, values, weights (None x 3:
         no ids for it)] -> [scores]."""
         dense, rest = arrays[0], arrays[1:]
-        requests = {k: _shard_request(rest[3 * k:3 * k + 3], deadline)
+        # the caller found this replica under its own version's key: the ids are this version's
+        requests = {k: _shard_request(rest[3 * k:3 * k + 3], deadline, self.version)
                     for k in range(len(rest) // 3) if rest[3 * k] is not None}
         return [await self.predict(dense, requests)]
 
@@ -322,9 +342,11 @@ class DenseTower:
         """Scores float32 [B] of a split batch: the shards' lookups, then the dense model.
         A shard without ids in the batch is not called (its part stays zero). Over the data
         plane when the transport is "direct" (Serve handles when a shard cannot be reached there)."""
+        for r in requests.values():
+            _same_version("DenseTower", self.version, r.version)
         if self._plane is not None:
             try:
-                done = await _lookups_direct(self._plane, self._app, requests)
+                done = await _lookups_direct(self._plane, self._app, requests, self.version)
                 return await self._batcher(_TowerItem(dense, tuple(done.get(k) for k in range(self.routing.num_shards))))
             except NoReplica:
                 pass  # Serve's path below (it knows which replicas died)
@@ -657,7 +679,8 @@ class Router:
             tower_call = p.tower_predict.remote(batch.dense, requests)
         else:  # shard responses handed on to the tower (by reference: through the object store)
             calls = {k: p.shards[k].remote(r) for k, r in requests.items()}
-            tower_call = p.tower.remote(batch.dense, *[calls.get(k) for k in range(p.routing.num_shards)])
+            tower_call = p.tower.remote(batch.dense, *[calls.get(k) for k in range(p.routing.num_shards)],
+                                        version=p.manifest.version)
         try:
             return await self._await(asyncio.ensure_future(_resolve(tower_call)), sorted(requests), deadline, app,
                                      budget_s)
@@ -669,10 +692,12 @@ class Router:
                            app: str, budget_s: float | None) -> np.ndarray:
         """The shards, then the tower, over the data plane, within ``deadline``; NoReplica when a
         deployment cannot be reached there."""
+        version = p.manifest.version
+
         async def chain() -> np.ndarray:
-            looked = await _lookups_direct(self._plane, app, requests)
+            looked = await _lookups_direct(self._plane, app, requests, version)
             parts = [looked.get(k) for k in range(p.routing.num_shards)]
-            return (await self._plane.call(app, "DenseTower", "score", [batch.dense, *parts]))[0]
+            return (await self._plane.call(app, "DenseTower", "score", [batch.dense, *parts], version=version))[0]
 
         async def via_tower() -> np.ndarray:  # fanout "tower": the pooled embeddings never come here
             ids = []
@@ -680,7 +705,7 @@ class Router:
                 r = requests.get(k)
                 ids += [None, None, None] if r is None else _shard_frame(r)
             sent_deadline = next(iter(requests.values())).deadline if requests else None
-            return (await self._plane.call(app, "DenseTower", "predict", [batch.dense, *ids],
+            return (await self._plane.call(app, "DenseTower", "predict", [batch.dense, *ids], version=version,
                                            deadline=sent_deadline))[0]
 
         work = via_tower() if self.args.resolved_fanout() == "tower" else chain()

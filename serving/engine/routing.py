@@ -95,6 +95,7 @@ class ShardRequest:
     values: np.ndarray  # int32 or int64 [N] global ids
     weights: np.ndarray | None = None  # float32 [N]
     deadline: float | None = None  # time.time() after which the caller no longer wants the result
+    version: str | None = None  # the model version that split it: a shard of another version refuses it
 
     @property
     def batch_size(self) -> int:
@@ -127,6 +128,7 @@ class Routing:
 
     def __init__(self, manifest: Manifest):
         w = manifest.workload
+        self.version = manifest.version
         self.features = w.features  # the tower's F axis: every model feature, model order
         self.dim = w.embedding_dim  # D
         served = set(manifest.served_features)
@@ -197,6 +199,7 @@ class Routing:
                 values=np.concatenate(values).astype(self.id_dtype, copy=False),
                 weights=np.concatenate(weights).astype(np.float32, copy=False) if weighted else None,
                 deadline=deadline,
+                version=self.version,
             )
         return out
 

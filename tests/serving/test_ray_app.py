@@ -247,7 +247,7 @@ def test_a_shard_that_is_down_gives_unavailable_and_the_rest_keeps_serving(deplo
         # ray.kill returns before the actor is gone, and the GCS forgets its name before its process
         # ends: until then the process still answers on its data-plane port
         deadline = time.monotonic() + 30
-        while (replicas() or any(_listening(host, port) for _, host, port in ports)) and time.monotonic() < deadline:
+        while (replicas() or any(_listening(host, port) for _, host, port, _ in ports)) and time.monotonic() < deadline:
             time.sleep(0.1)
         with pytest.raises(grpc.RpcError) as err:
             client.predict(batch.dense, helpers.as_sparse(batch), timeout=30)

@@ -131,3 +131,4 @@ def test_a_corrupt_package_is_refused_and_the_running_version_keeps_answering(st
     assert load.errors == [], load.errors[:5]
     assert load.results and all(ok and v == live for v, ok in load.results)
     assert load_table("swap").live == live and set(load_table("swap").packages) == {live}
+
