@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from sharding.planners import first_plan_that_fits
+from sharding.planners import plan_within_budget
 from sharding.types import PlannerError, PlannerErrorType, ShardPlan, TableSpec
 
 TowerGpu = Literal["shared", "own"]
@@ -146,22 +146,18 @@ def plan_for_gpus(
     else:
         first = step * math.ceil(len(tables) / step) if strategy == "table" else step
         counts = list(range(first, max(first, MAX_AUTO_SHARDS) + 1, step))
-    total = sum(t.bytes for t in tables)
     capacity = topology.shard_gpus * topology.usable_memory
-    if total * topology.shard_replicas > capacity:
-        counts = counts[:1]  # no shard count can fit: one attempt names the table that does not
-    try:
-        return first_plan_that_fits(tables, strategy=strategy, counts=counts, shard_memory=topology.shard_memory)
-    except PlannerError as e:
-        if e.error_type is not PlannerErrorType.INSUFFICIENT_MEMORY:
-            raise
-        error = e
-    tried = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}..{counts[-1]} (step {step})"
-    raise PlannerError(
-        f"{topology.gpus} GPU(s): cannot plan {tried} shard(s): {error.message} [GPU budget: "
-        f"{topology.describe(counts[-1])}; the tables take {total:,} bytes x {topology.shard_replicas} "
-        f"replica(s), the GPUs hold {capacity:,} for shard replicas]",
-        PlannerErrorType.INSUFFICIENT_MEMORY,
-        {**error.details, "gpus": topology.gpus, "shard_counts_tried": counts, "tables_bytes": total,
-         "gpu_capacity": capacity},
-    )
+
+    def over_budget(error: PlannerError, counts: Sequence[int], total: int) -> PlannerError:
+        tried = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}..{counts[-1]} (step {step})"
+        return PlannerError(
+            f"{topology.gpus} GPU(s): cannot plan {tried} shard(s): {error.message} [GPU budget: "
+            f"{topology.describe(counts[-1])}; the tables take {total:,} bytes x {topology.shard_replicas} "
+            f"replica(s), the GPUs hold {capacity:,} for shard replicas]",
+            PlannerErrorType.INSUFFICIENT_MEMORY,
+            {**error.details, "gpus": topology.gpus, "shard_counts_tried": list(counts), "tables_bytes": total,
+             "gpu_capacity": capacity},
+        )
+
+    return plan_within_budget(tables, strategy=strategy, counts=counts, shard_memory=topology.shard_memory,
+                              replicas=topology.shard_replicas, capacity=capacity, over_budget=over_budget)

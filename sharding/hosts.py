@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sharding.gpus import MAX_AUTO_SHARDS, GpuReserve
-from sharding.planners import first_plan_that_fits
+from sharding.planners import plan_within_budget
 from sharding.types import PlannerError, PlannerErrorType, ShardPlan, TableSpec
 
 HOST_LABEL = "recserve-host"  # Ray node label naming a host (ray start --labels recserve-host=NAME)
@@ -88,24 +88,20 @@ def plan_for_hosts(
     else:
         first = len(tables) if strategy == "table" else 1
         counts = list(range(first, max(first, MAX_AUTO_SHARDS) + 1))
-    total = sum(t.bytes for t in tables)
     capacity = topology.hosts * topology.usable_memory
-    if total * topology.shard_replicas > capacity:
-        counts = counts[:1]  # no count fits: one attempt names the table that does not
-    try:
-        return first_plan_that_fits(tables, strategy=strategy, counts=counts, shard_memory=topology.shard_memory)
-    except PlannerError as e:
-        if e.error_type is not PlannerErrorType.INSUFFICIENT_MEMORY:
-            raise
-        error = e
-    tried = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}..{counts[-1]}"
-    raise PlannerError(
-        f"{topology.hosts} host(s): cannot plan {tried} shard(s): {error.message} [host budget: "
-        f"{topology.describe(counts[-1])}; the tables take {total:,} bytes x {topology.shard_replicas} "
-        f"replica(s), the hosts hold {capacity:,}]",
-        PlannerErrorType.INSUFFICIENT_MEMORY,
-        {**error.details, "hosts": topology.hosts, "tables_bytes": total, "host_capacity": capacity},
-    )
+
+    def over_budget(error: PlannerError, counts: Sequence[int], total: int) -> PlannerError:
+        tried = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}..{counts[-1]}"
+        return PlannerError(
+            f"{topology.hosts} host(s): cannot plan {tried} shard(s): {error.message} [host budget: "
+            f"{topology.describe(counts[-1])}; the tables take {total:,} bytes x {topology.shard_replicas} "
+            f"replica(s), the hosts hold {capacity:,}]",
+            PlannerErrorType.INSUFFICIENT_MEMORY,
+            {**error.details, "hosts": topology.hosts, "tables_bytes": total, "host_capacity": capacity},
+        )
+
+    return plan_within_budget(tables, strategy=strategy, counts=counts, shard_memory=topology.shard_memory,
+                              replicas=topology.shard_replicas, capacity=capacity, over_budget=over_budget)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -112,3 +112,21 @@ def first_plan_that_fits(tables: Sequence[TableSpec], *, strategy: str, counts: 
             error = e
     assert error is not None, "counts: empty"
     raise error
+
+
+def plan_within_budget(tables: Sequence[TableSpec], *, strategy: str, counts: Sequence[int],
+                       shard_memory: Callable[[int], int], replicas: int, capacity: int,
+                       over_budget: Callable[[PlannerError, Sequence[int], int], PlannerError]) -> ShardPlan:
+    """:func:`first_plan_that_fits` over a device budget (the GPUs', the hosts'): when the tables x
+    ``replicas`` exceed ``capacity`` bytes no count can fit, and only the first is tried (its error
+    names the table); when none fits, ``over_budget(error, counts tried, tables' bytes)`` is
+    raised: the error in the budget's own terms."""
+    total = sum(t.bytes for t in tables)
+    if total * replicas > capacity:
+        counts = counts[:1]
+    try:
+        return first_plan_that_fits(tables, strategy=strategy, counts=counts, shard_memory=shard_memory)
+    except PlannerError as e:
+        if e.error_type is not PlannerErrorType.INSUFFICIENT_MEMORY:
+            raise
+        raise over_budget(e, counts, total) from None
