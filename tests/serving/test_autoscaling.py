@@ -79,7 +79,7 @@ def test_serve_scales_a_busy_shard_up_and_an_idle_one_back_down(serve_instance, 
         "look_back_period_s": 2, "metrics_interval_s": 0.5,
         "policy": {"policy_function": "serving.app.autoscaling:BusyPolicy", "policy_kwargs": {"target_busy": 0.2}},
     }).bind(package, 0, AppArgs(package=package, transport="reference"))
-    handle = serve.run(app, name="autoscaled", route_prefix="/autoscaled")
+    lookup = serve.run(app, name="autoscaled", route_prefix="/autoscaled").options(method_name="lookup")
     request = Routing(ModelPackage.open(package).manifest).split(TrafficGenerator(tiny, seed=3).batch(4096))[0]
 
     def replicas() -> int:
@@ -89,7 +89,7 @@ def test_serve_scales_a_busy_shard_up_and_an_idle_one_back_down(serve_instance, 
 
     def load() -> None:
         while not stop.is_set():
-            handle.lookup.remote(request).result(timeout_s=60)
+            lookup.remote(request).result(timeout_s=60)
 
     threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
     try:
@@ -109,4 +109,5 @@ def test_serve_scales_a_busy_shard_up_and_an_idle_one_back_down(serve_instance, 
         assert replicas() == 1, "an idle shard went back to one replica"
     finally:
         stop.set()
+        lookup.shutdown()  # its router pushes this process's autoscaling metrics until shut down
         serve.delete("autoscaled", _blocking=False)
