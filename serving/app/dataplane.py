@@ -21,11 +21,19 @@ The caller lists its app's keys (one GCS call) at most every ``refresh_s`` and i
 background; a replica that refuses or drops its connection is left out until a listing
 without it or ``retry_after_s``. The key of a replica that was killed stays until the router
 finds its port closed and deletes it.
+
+A replica that stops answering without closing its connection (a host gone from the network,
+a stopped process, a long pause) would hold its calls until their deadlines. So a call that
+takes ``hedge_factor`` x the recent 90th percentile of its (deployment, method) -- at least
+``hedge_floor_s`` -- is sent to a second replica as well, the first answer wins, and the slow
+replica is passed over for ``slow_out_s`` (unless no other is left). At most ``hedge_budget``
+of the calls are sent twice, so an overload that slows every call does not double it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import time
 from urllib.parse import quote, unquote
@@ -40,6 +48,16 @@ _KV_NAMESPACE = "recserve"
 def _retrieved(task: asyncio.Future) -> None:
     if not task.cancelled():
         task.exception()
+
+
+async def _on(channel: Channel, method: str, arrays, deadline: float | None) -> list:
+    """``channel.call``, its ChannelBroken naming the replica's address (a hedged call's error
+    may come from either replica)."""
+    try:
+        return await channel.call(method, arrays, deadline=deadline)
+    except ChannelBroken as e:
+        e.address = (channel.host, channel.port)
+        raise
 
 
 class NoReplica(ConnectionError):
@@ -123,36 +141,110 @@ class ReplicaEndpoint:
             pass
 
 
+class _Timings:
+    """Recent answer times of one (app, deployment, method) and how many calls went twice."""
+
+    MIN_SAMPLES = 32
+
+    def __init__(self, size: int = 256):
+        self.times: collections.deque[float] = collections.deque(maxlen=size)
+        self.p90: float | None = None
+        self.calls = self.hedged = 0
+
+    def record(self, seconds: float) -> None:
+        self.times.append(seconds)
+        if len(self.times) >= self.MIN_SAMPLES and len(self.times) % 16 == 0:
+            self.p90 = sorted(self.times)[int(0.9 * len(self.times))]
+
+    def counted(self) -> None:
+        self.calls += 1
+        if self.calls > 10_000:  # a sliding share: the older half forgotten
+            self.calls, self.hedged = self.calls // 2, self.hedged // 2
+
+
 class DirectPlane:
     """The router's (or any caller's) side: one :class:`Channel` per replica, the replica with
     fewer calls in flight of two drawn at random (all of them when there are few), among the
-    replicas of the caller's model version."""
+    replicas of the caller's model version; a call a replica is slow to answer also goes to
+    another (the module docstring)."""
 
-    def __init__(self, *, refresh_s: float = 1.0, retry_after_s: float = 5.0):
+    def __init__(self, *, refresh_s: float = 1.0, retry_after_s: float = 5.0, hedge_factor: float = 3.0,
+                 hedge_floor_s: float = 0.02, hedge_budget: float = 0.05, slow_out_s: float = 1.0):
         self.refresh_s, self.retry_after_s = refresh_s, retry_after_s
+        self.hedge_factor, self.hedge_floor_s, self.hedge_budget = hedge_factor, hedge_floor_s, hedge_budget
+        self.slow_out_s = slow_out_s
         self._endpoints: dict[str, tuple[float, dict[str, list[Endpoint]]]] = {}
         self._listing: dict[str, asyncio.Future] = {}
         self._channels: dict[tuple[str, int], Channel] = {}
         self._refused: dict[tuple[str, int], float] = {}  # address -> until when it is left out
+        self._slow: dict[tuple[str, int], float] = {}  # address -> until when it is passed over if others are there
+        self._timings: dict[tuple[str, str, str], _Timings] = collections.defaultdict(_Timings)
+        self.hedges = 0  # calls sent to a second replica, and ...
+        self.hedges_won = 0  # ... those the second replica answered first
 
     async def call(self, app: str, deployment: str, method: str, arrays, *, version: str,
                    deadline: float | None = None) -> list:
         """``method``'s arrays from a replica of ``deployment`` serving model ``version``; raises
         what the method raised, or NoReplica when no such replica can be reached."""
         tried: set[tuple[str, int]] = set()
+        timings = self._timings[(app, deployment, method)]
+        timings.counted()
         while True:
             channel = await self._pick(app, deployment, version, tried)
             try:
-                return await channel.call(method, arrays, deadline=deadline)
-            except ChannelBroken:
-                address = (channel.host, channel.port)
+                return await self._answer(channel, timings, app, deployment, method, arrays, version, deadline, tried)
+            except ChannelBroken as e:
+                address = getattr(e, "address", None) or (channel.host, channel.port)
                 tried.add(address)
                 self._drop(app, deployment, address)
 
-    async def _pick(self, app: str, deployment: str, version: str, tried: set) -> Channel:
+    async def _answer(self, channel: Channel, timings: _Timings, app: str, deployment: str, method: str, arrays,
+                      version: str, deadline: float | None, tried: set) -> list:
+        """The first answer to the call on ``channel``, or on a second replica once the first is slow."""
+        started = time.monotonic()
+        first = asyncio.ensure_future(_on(channel, method, arrays, deadline))
+        try:
+            after = None if timings.p90 is None else max(self.hedge_floor_s, self.hedge_factor * timings.p90)
+            if after is not None:
+                await asyncio.wait([first], timeout=after)
+            if first.done() or after is None or timings.hedged >= self.hedge_budget * timings.calls:
+                out = await first
+                timings.record(time.monotonic() - started)
+                return out
+            try:
+                other = await self._pick(app, deployment, version, tried | {(channel.host, channel.port)},
+                                         passing_over=(channel.host, channel.port))
+            except NoReplica:
+                return await first
+            timings.hedged += 1
+            self.hedges += 1
+            second = asyncio.ensure_future(_on(other, method, arrays, deadline))
+            try:
+                racing = {first, second}
+                while racing:
+                    done, racing = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+                    for call in done:
+                        if call.exception() is None or not racing:  # an answer, or the last one's error
+                            if call is second:
+                                self.hedges_won += 1
+                                self._slow[(channel.host, channel.port)] = time.monotonic() + self.slow_out_s
+                            return call.result()
+            finally:
+                second.cancel()
+        finally:
+            first.cancel()
+        raise AssertionError("unreachable")
+
+    async def _pick(self, app: str, deployment: str, version: str, tried: set,
+                    passing_over: tuple[str, int] | None = None) -> Channel:
         endpoints = [e for e in (await self._listed(app)).get(deployment, ()) if e[3] == version]
         now = time.monotonic()
         usable = [(h, p) for _, h, p, _ in endpoints if (h, p) not in tried and self._refused.get((h, p), 0) <= now]
+        brisk = [a for a in usable if self._slow.get(a, 0) <= now]
+        if brisk:  # a replica that was slow just now only when no other is left
+            usable = brisk
+        if passing_over is not None and not usable:
+            raise NoReplica(f"{app}/{deployment}: no second replica")
         if not usable:
             raise NoReplica(f"{app}/{deployment}: no replica of version {version!r} reachable on the data plane "
                             f"({len(endpoints)} registered, {len(tried)} failed just now)")
@@ -202,6 +294,8 @@ class DirectPlane:
         registered = {(h, p) for _, known in self._endpoints.values() for eps in known.values() for _, h, p, _ in eps}
         for address in [a for a in self._refused if a not in registered]:
             self._refused.pop(address)
+        for address in [a for a in self._slow if a not in registered]:
+            self._slow.pop(address)
         for address in [a for a in self._channels if a not in registered]:  # scaled down: its key is gone
             self._channels.pop(address).close()
         return endpoints

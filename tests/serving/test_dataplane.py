@@ -6,6 +6,7 @@ replica left is NoReplica, never another version's answer."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -82,3 +83,50 @@ def test_a_shard_or_tower_of_another_version_refuses_the_call_through_serve_too(
 
     pooled, scores = asyncio.run(asyncio.wait_for(main(), 60))
     assert pooled.shape[0] == 4 and np.isfinite(scores).all()
+
+
+def test_a_replica_that_stops_answering_costs_a_hedge_not_a_deadline(serve_instance) -> None:
+    """A replica whose process stops (SIGSTOP, a host gone from the network) keeps its connection
+    open and answers nothing. Once the plane knows how long calls take, a call it is slow to
+    answer goes to the other replica too; the silent one is passed over for a while."""
+    from ray.experimental import internal_kv
+
+    app = APP + "-silent"
+    silent = asyncio.Event()
+
+    def answering(tag: int):
+        async def lookup(arrays, deadline):
+            if tag == 0 and silent.is_set():
+                await asyncio.sleep(3600)
+            return [np.full(2, tag, np.int32)]
+        return {"lookup": lookup}
+
+    async def main():
+        servers = [ChannelServer(answering(tag), "127.0.0.1") for tag in range(2)]
+        endpoints = []
+        for i, server in enumerate(servers):
+            await server.start()
+            endpoints.append((f"r{i}", "127.0.0.1", server.port, "v1"))
+            internal_kv._internal_kv_put(_key(app, "shard-0", endpoints[-1]), b"", overwrite=True,
+                                         namespace="recserve")
+        plane = DirectPlane(hedge_floor_s=0.05, slow_out_s=30)
+        call = lambda: plane.call(app, "shard-0", "lookup", [np.zeros(1)], version="v1", deadline=None)
+        try:
+            warm = [int((await call())[0][0]) for _ in range(80)]  # both answer: the plane learns their times
+            silent.set()
+            t = time.monotonic()
+            after = [int((await asyncio.wait_for(call(), 5))[0][0]) for _ in range(30)]
+            return warm, after, time.monotonic() - t, plane.hedges, plane.hedges_won
+        finally:
+            plane.close()
+            for endpoint in endpoints:
+                _forget(app, "shard-0", endpoint)
+            for server in servers:
+                server.close()
+
+    warm, after, took, hedges, won = asyncio.run(asyncio.wait_for(main(), 120))
+    assert set(warm) == {0, 1}, "both replicas served before"
+    assert after == [1] * 30, "every call was answered, by the replica that still answers"
+    assert hedges == won >= 1, "the silent replica's call went to the other and that one answered"
+    assert hedges <= 2, f"the silent replica was passed over after its first miss ({hedges} hedges)"
+    assert took < 5, f"30 calls took {took:.1f} s: some waited on the silent replica"
