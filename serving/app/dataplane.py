@@ -36,6 +36,7 @@ import asyncio
 import collections
 import random
 import time
+from collections.abc import Callable
 from urllib.parse import quote, unquote
 
 import ray
@@ -169,8 +170,11 @@ class DirectPlane:
     another (the module docstring)."""
 
     def __init__(self, *, refresh_s: float = 1.0, retry_after_s: float = 5.0, hedge_factor: float = 3.0,
-                 hedge_floor_s: float = 0.02, hedge_budget: float = 0.05, slow_out_s: float = 1.0):
+                 hedge_floor_s: float = 0.02, hedge_budget: float = 0.05, slow_out_s: float = 1.0,
+                 on_hedge: Callable[[str], None] | None = None):
+        """``on_hedge(deployment)``: called for each call sent to a second replica (a metric)."""
         self.refresh_s, self.retry_after_s = refresh_s, retry_after_s
+        self.on_hedge = on_hedge
         self.hedge_factor, self.hedge_floor_s, self.hedge_budget = hedge_factor, hedge_floor_s, hedge_budget
         self.slow_out_s = slow_out_s
         self._endpoints: dict[str, tuple[float, dict[str, list[Endpoint]]]] = {}
@@ -218,6 +222,8 @@ class DirectPlane:
                 return await first
             timings.hedged += 1
             self.hedges += 1
+            if self.on_hedge is not None:
+                self.on_hedge(deployment)
             second = asyncio.ensure_future(_on(other, method, arrays, deadline))
             try:
                 racing = {first, second}

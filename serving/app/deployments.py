@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,6 +95,13 @@ async def _lookups_direct(plane: DirectPlane, app: str, requests: dict[int, Shar
                                                deadline=r.deadline)
                                     for k, r in requests.items()))
     return {k: out[0] for k, out in zip(requests, looked)}
+
+
+def _hedges_counted() -> Callable[[str], None]:
+    """DirectPlane's ``on_hedge``: a Prometheus counter of calls sent to a second replica."""
+    hedges = Counter("recserve_dataplane_hedges", tag_keys=("deployment",),
+                     description="data-plane calls also sent to a second replica: the first was slow to answer")
+    return lambda deployment: hedges.inc(tags={"deployment": deployment})
 
 
 def _same_version(component: str, serves: str, wanted: str | None) -> None:
@@ -305,7 +313,7 @@ class DenseTower:
         if args.transport == "direct":  # answers the router over the data plane; with fanout "tower" calls the shards there
             self._endpoint = ReplicaEndpoint({"score": self._score_frame, "predict": self._predict_frame},
                                              version=self.version)
-            self._plane, self._app = DirectPlane(), serve.get_replica_context().app_name
+            self._plane, self._app = DirectPlane(on_hedge=_hedges_counted()), serve.get_replica_context().app_name
         _log_start_up("DenseTower", started)
 
     def __del__(self) -> None:
@@ -431,7 +439,7 @@ class Router:
                                    boundaries=_SIZES)
         self._retries = Counter("recserve_replica_retries", description="calls retried after a replica died")
         # transport "direct": shards and tower over the data plane; Serve handles when it cannot reach them
-        self._plane = DirectPlane() if args.transport == "direct" else None
+        self._plane = DirectPlane(on_hedge=_hedges_counted()) if args.transport == "direct" else None
         self._sent = {"direct": 0, "serve": 0}  # coalesced batches by path
         self._fallbacks = Counter("recserve_dataplane_fallbacks",
                                   description="batches sent through Serve handles: no replica reachable on the data plane")
@@ -510,8 +518,10 @@ class Router:
         return {"batches": self._coalescer.batches, "items": self._coalescer.items}
 
     def data_plane(self) -> dict[str, int]:
-        """Batches this replica sent over the data plane ("direct") and through Serve handles ("serve")."""
-        return dict(self._sent)
+        """Batches this replica sent over the data plane ("direct") and through Serve handles ("serve"),
+        and its data-plane calls sent to a second replica ("hedged") and answered there first ("hedges_won")."""
+        plane = self._plane
+        return {**self._sent, "hedged": plane.hedges if plane else 0, "hedges_won": plane.hedges_won if plane else 0}
 
     def in_flight(self, version: str) -> int:
         """Requests on ``version`` in this replica now (the old version drains to 0)."""
