@@ -99,9 +99,10 @@ async def _lookups_direct(plane: DirectPlane, app: str, requests: dict[int, Shar
 
 def _hedges_counted() -> Callable[[str], None]:
     """DirectPlane's ``on_hedge``: a Prometheus counter of calls sent to a second replica."""
-    hedges = Counter("recserve_dataplane_hedges", tag_keys=("deployment",),
+    # Serve reserves the tag "deployment" (it tags every metric with the caller's own deployment)
+    hedges = Counter("recserve_dataplane_hedges", tag_keys=("callee",),
                      description="data-plane calls also sent to a second replica: the first was slow to answer")
-    return lambda deployment: hedges.inc(tags={"deployment": deployment})
+    return lambda deployment: hedges.inc(tags={"callee": deployment})
 
 
 def _same_version(component: str, serves: str, wanted: str | None) -> None:
