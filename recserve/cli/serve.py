@@ -368,6 +368,7 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
         print("recserve: interrupted while starting; shutting down ...", flush=True)
     finally:
         clear_state()
+        ours = _descendants() if address is None else []  # the local Ray we started: raylet, GCS, agents
         try:
             if address is None:
                 serve.shutdown()
@@ -375,8 +376,41 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
                 serve.delete(ROUTER_APP)
         finally:
             ray.shutdown()
+            _reap(ours + _descendants())
     print("recserve: stopped", flush=True)
     return 0
+
+
+def _descendants() -> list:
+    import psutil
+
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _reap(processes: list, grace_s: float = 15.0) -> None:
+    """Wait for the local Ray's processes to end after ``ray.shutdown()``, then end what is left.
+    A stop while Ray still starts its agents can leave one running (seen: ray::RuntimeEnvAgent,
+    started by the raylet as it was stopping, on a machine at load 15): the stack must not
+    outlive its command. Listed before the shutdown, since an orphan is no longer our child."""
+    import psutil
+
+    alive = [p for p in processes if p.is_running()]
+    _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    for p in alive:
+        try:
+            print(f"recserve: ending {p.name()} (pid {p.pid}), still running after Ray's shutdown", flush=True)
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 class _ReplicaProgress:
