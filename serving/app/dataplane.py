@@ -216,9 +216,8 @@ class DirectPlane:
                 timings.record(time.monotonic() - started)
                 return out
             try:
-                other = await self._pick(app, deployment, version, tried | {(channel.host, channel.port)},
-                                         passing_over=(channel.host, channel.port))
-            except NoReplica:
+                other = await self._pick(app, deployment, version, tried | {(channel.host, channel.port)})
+            except NoReplica:  # no second replica: the first answers or fails
                 return await first
             timings.hedged += 1
             self.hedges += 1
@@ -241,16 +240,13 @@ class DirectPlane:
             first.cancel()
         raise AssertionError("unreachable")
 
-    async def _pick(self, app: str, deployment: str, version: str, tried: set,
-                    passing_over: tuple[str, int] | None = None) -> Channel:
+    async def _pick(self, app: str, deployment: str, version: str, tried: set) -> Channel:
         endpoints = [e for e in (await self._listed(app)).get(deployment, ()) if e[3] == version]
         now = time.monotonic()
         usable = [(h, p) for _, h, p, _ in endpoints if (h, p) not in tried and self._refused.get((h, p), 0) <= now]
         brisk = [a for a in usable if self._slow.get(a, 0) <= now]
         if brisk:  # a replica that was slow just now only when no other is left
             usable = brisk
-        if passing_over is not None and not usable:
-            raise NoReplica(f"{app}/{deployment}: no second replica")
         if not usable:
             raise NoReplica(f"{app}/{deployment}: no replica of version {version!r} reachable on the data plane "
                             f"({len(endpoints)} registered, {len(tried)} failed just now)")

@@ -224,9 +224,29 @@ def transport_env() -> dict[str, str]:
     return {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}
 
 
+class _BatchedReplica:
+    """What Shard and DenseTower share: their calls run through ``self._batcher`` (Serve's
+    user_config sets its batching, their autoscaling reports its busy fraction), and with the
+    direct transport they answer on ``self._endpoint``, closed at Serve's graceful stop."""
+
+    _batcher: _Batcher
+    _endpoint: ReplicaEndpoint | None = None
+
+    def __del__(self) -> None:
+        if self._endpoint is not None:
+            self._endpoint.close()
+
+    def reconfigure(self, config: dict) -> None:
+        self._batcher.reconfigure(config)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (serving/app/autoscaling.py's BusyPolicy reads it)."""
+        return {BUSY_METRIC: self._batcher.utilization()}
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
                   health_check_period_s=HEALTH_CHECK_PERIOD_S)
-class Shard:
+class Shard(_BatchedReplica):
     """Shard K of the package: loads only shards/shard-K.safetensors."""
 
     def __init__(self, package: str, index: int, args: AppArgs):
@@ -246,17 +266,6 @@ class Shard:
         self._latency = Histogram("recserve_shard_lookup_ms", description="batched lookup time, ms", boundaries=_MS)
         self._endpoint = (ReplicaEndpoint({"lookup": self._lookup_frame}, version=self.version)
                           if args.transport == "direct" else None)
-
-    def __del__(self) -> None:
-        if getattr(self, "_endpoint", None) is not None:
-            self._endpoint.close()
-
-    def reconfigure(self, config: dict) -> None:
-        self._batcher.reconfigure(config)
-
-    async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metric (serving/app/autoscaling.py's BusyPolicy reads it)."""
-        return {BUSY_METRIC: self._batcher.utilization()}
 
     async def _lookup_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
         """The data plane's lookup: [lengths, values, weights | None] -> [pooled]."""
@@ -293,7 +302,7 @@ class _TowerItem:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
                   health_check_period_s=HEALTH_CHECK_PERIOD_S)
-class DenseTower:
+class DenseTower(_BatchedReplica):
     """Assembles shard outputs into [B, F, D] and runs the dense model."""
 
     def __init__(self, package: str, shards: list[DeploymentHandle], args: AppArgs):
@@ -317,20 +326,9 @@ class DenseTower:
             self._plane, self._app = DirectPlane(on_hedge=_hedges_counted()), serve.get_replica_context().app_name
         _log_start_up("DenseTower", started)
 
-    def __del__(self) -> None:
-        if getattr(self, "_endpoint", None) is not None:
-            self._endpoint.close()
-
     async def _score_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
         """The data plane's score: [dense, part of shard 0 | None, ...] -> [scores]."""
         return [await self.score(arrays[0], *arrays[1:])]
-
-    def reconfigure(self, config: dict) -> None:
-        self._batcher.reconfigure(config)
-
-    async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metric (serving/app/autoscaling.py's BusyPolicy reads it)."""
-        return {BUSY_METRIC: self._batcher.utilization()}
 
     async def score(self, dense: np.ndarray, *parts: np.ndarray | None, version: str | None = None) -> np.ndarray:
         """Scores float32 [B]; ``parts[k]`` is shard k's output (Serve resolved the responses),
