@@ -111,7 +111,10 @@ class AppArgs(BaseModel):
         None, ge=1.0, description="a router replica also sheds a request whose estimated latency exceeds this "
                                  "multiple of its latency on an idle stack (None: the deadline only)")
     router_replicas: int = Field(1, ge=1, description="replicas of the Router (the gRPC ingress); the proxy "
-                                                      "spreads requests over them")
+                                                      "or the shared port spreads requests over them")
+    grpc_listen: str = Field("", description="HOST:PORT every Router replica serves gRPC on itself, the port "
+                                             "shared (SO_REUSEPORT: the kernel spreads connections over them; "
+                                             "serving/app/grpc_ingress.py); '' = Serve's ingress answers")
     shard_replicas: int = Field(1, ge=1, description="replicas of every shard deployment at start "
                                                      "(recserve scale changes one shard's later)")
     tower_replicas: int = Field(1, ge=1, description="replicas of the DenseTower at start")

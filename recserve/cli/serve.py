@@ -112,8 +112,9 @@ class Serve(Subcommand):
                             "with --place-on-hosts the shards go to its nodes labelled recserve-host=NAME "
                             "(docs/multinode.md); on exit the app is deleted and the cluster left running")
         p.add_argument("--ingress", choices=INGRESS_MODES, default=DEFAULT_INGRESS,
-                       help="who answers --port: 'direct' = the Router replica itself (Serve's direct ingress, "
-                            "one Router replica), 'proxy' = Serve's gRPC proxy in front of any number of them "
+                       help="who answers --port: 'shared' = every Router replica itself, sharing the port "
+                            "(SO_REUSEPORT; any number of them), 'direct' = the Router replica through Serve's "
+                            "direct ingress (one), 'proxy' = Serve's gRPC proxy in front of any number of them "
                             f"(default {DEFAULT_INGRESS}; serving/ops/ingress.py)")
         p.add_argument("--monolith", action="store_true",
                        help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
@@ -263,15 +264,19 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
     for name, value in SERVE_STARTUP_ENV.items():
         os.environ.setdefault(name, value)
     proxy_grpc, proxy_http = ports.grpc, ports.http
-    if ingress == "direct" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+    if ingress in ("direct", "shared") and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         from serving.ops.ingress import direct_ingress_env
 
-        os.environ.update(direct_ingress_env(ports.grpc, ports.http))  # the Router replica on --port
         # Serve still starts its proxy: elsewhere, on ports none of the stack's others chose
         # (the dashboard's is bound only when Ray starts: the kernel may offer it again)
         taken = {ports.grpc, ports.http, ports.dashboard}
         proxy_grpc = free_port(avoid=taken)
         proxy_http = free_port(avoid=taken | {proxy_grpc})
+        # "direct": the Router replica on --port; "shared": Serve's gRPC stays off (no servicers
+        # below), the Router replicas bind --port themselves
+        os.environ.update(direct_ingress_env(ports.grpc if ingress == "direct" else proxy_grpc, ports.http))
+    if ingress == "shared":
+        app_args = app_args.model_copy(update={"grpc_listen": f"127.0.0.1:{ports.grpc}"})
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
     # silently share it. Off (inherited by the proxy actors through Ray's worker environment).
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
@@ -331,7 +336,7 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
             return 2
         serve.start(
             http_options={"host": "127.0.0.1", "port": proxy_http},
-            grpc_options={"port": proxy_grpc, "grpc_servicer_functions": GRPC_SERVICERS},
+            grpc_options={"port": proxy_grpc, "grpc_servicer_functions": [] if ingress == "shared" else GRPC_SERVICERS},
             # on a cluster: one gRPC ingress, on the head node (docs/multinode.md: ports)
             **({"proxy_location": "HeadOnly"} if address is not None else {}),
         )

@@ -47,6 +47,7 @@ from serving.api.status import grpc_status
 from serving.engine.tower import TowerCore
 from serving.app.autoscaling import BUSY_METRIC
 from serving.app.dataplane import DirectPlane, NoReplica, ReplicaEndpoint
+from serving.app.grpc_ingress import start_ingress
 from serving.app.version_store import load_table
 from serving.app.versions import RouterVersions, ServedVersion, VersionTable
 
@@ -65,6 +66,8 @@ _DOWN_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError, Deployment
 def shard_name(index: int) -> str:
     return f"shard-{index}"
 
+
+INGRESS_GRACE_S = 10.0  # a stopping Router replica's calls in flight on the shared port get this long
 
 _MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 _SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
@@ -447,12 +450,20 @@ class Router:
                                     max_wait_s=args.coalesce_wait_s, isolate=_isolate, cancel_abandoned=True,
                                     pipeline=args.coalesce_pipeline)
         self._observe = ray_observer()
+        # --ingress shared: this replica answers the stack's one address itself (serving/app/grpc_ingress.py);
+        # Serve runs __init__ on the replica's event loop, where the server's handlers then run
+        self._ingress = start_ingress(args.grpc_listen, predict=self.Predict, model_info=self.ModelInfo,
+                                      check=self.Check, max_in_flight=args.max_in_flight,
+                                      max_queued=args.max_queued) if args.grpc_listen else None
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
         """Serve's graceful stop of this replica (``recserve serve`` on SIGTERM or Ctrl-C, a
-        swap that retires the router's app, a scale-down): write the rows the example logs still
-        queue, retired versions' included. Serve ends the actor with ray.kill right after, where
-        no atexit handler runs."""
+        swap that retires the router's app, a scale-down): stop taking calls on the shared port
+        and let those in flight finish (Serve's own drain does not see them), then write the rows
+        the example logs still queue, retired versions' included. Serve ends the actor with
+        ray.kill right after, where no atexit handler runs."""
+        if getattr(self, "_ingress", None) is not None:
+            await self._ingress.stop(grace=INGRESS_GRACE_S)
         for log in getattr(self, "_example_logs", ()):
             log.close()
 

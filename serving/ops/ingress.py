@@ -1,16 +1,20 @@
 """Which process answers ``recserve serve``'s gRPC port.
 
-    "direct"  the Router replica serves gRPC itself (Serve's direct ingress, turned on by
-              ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``: also same-loop routing and gRPC between
-              deployments by default); Serve hands each ingress replica the lowest free port of
-              a range, which starts here at ``--port``: the Router, deployed first, gets it, so
-              callers dial the same one address (the ports above go to version apps' fronts,
-              serving/app/versions.py). One Router replica.
+    "shared"  every Router replica serves gRPC itself on ``--port``, the port shared
+              (SO_REUSEPORT): the kernel spreads callers' connections over the replicas
+              (serving/app/grpc_ingress.py). Any number of Router replicas behind one address,
+              no proxy, and a door in gRPC's core (RESOURCE_EXHAUSTED before any parsing).
+              Serve's own gRPC servers stay off. The default.
+    "direct"  the Router replica serves gRPC through Serve's direct ingress (Serve hands each
+              ingress replica the lowest free port of a range, which starts here at ``--port``:
+              the Router, deployed first, gets it). One Router replica.
     "proxy"   Serve's per-node gRPC proxy on ``--port`` parses each request and passes it
               to a Router replica (any number of them).
 
-Measured on 2 cores (criteo-kaggle capped at 100k rows, load-2, README "Load tests"): direct
-ingress cut the stack's CPU per request by the proxy's share (~6 ms of ~40 at 10 req/s).
+All three run Serve with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` but the proxy (user code on the
+replica's own loop, no thread hop; gRPC between deployments on the handle path). Measured on 2
+cores (criteo-kaggle capped at 100k rows, load-2, README "Load tests"): direct ingress cut the
+stack's CPU per request by the proxy's share (~6 ms of ~40 at 10 req/s).
 Read from Ray 2.60's source (ray/serve/_private/constants.py, node_port_manager.py): the range
 is [MIN, MAX) and a freed port is quarantined for ``RAY_SERVE_PORT_QUARANTINE_S`` (for
 HAProxy's sake; 0 here, so a restarted Router replica gets the port back at once).
@@ -20,9 +24,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-Ingress = Literal["direct", "proxy"]
-INGRESS_MODES: tuple[str, ...] = ("direct", "proxy")
-DEFAULT_INGRESS: Ingress = "direct"
+Ingress = Literal["shared", "direct", "proxy"]
+INGRESS_MODES: tuple[str, ...] = ("shared", "direct", "proxy")
+DEFAULT_INGRESS: Ingress = "shared"
 
 
 INGRESS_PORTS = 16  # ports of the range: the Router's, then one per version app's front
@@ -49,5 +53,5 @@ def check_ingress(ingress: str, router_replicas: int) -> str | None:
     """Why ``ingress`` cannot serve ``router_replicas`` on one address, or None."""
     if ingress == "direct" and router_replicas > 1:
         return (f"--ingress direct serves --port from one Router replica; --router-replicas {router_replicas} "
-                f"needs --ingress proxy (Serve's proxy spreads requests over them)")
+                f"needs --ingress shared (they share the port) or proxy (Serve's proxy spreads requests over them)")
     return None

@@ -54,7 +54,8 @@ def stack(two_versions, tiny, tmp_path_factory):
     example_log = state / "example-log"
     argv = [sys.executable, "-m", "recserve.cli", "serve", str(two_versions["v1"][0]), "--port", str(grpc_port),
             "--dashboard-port", str(taken_dashboard), "--http-port", str(taken_http),
-            "--log-rate", "1", "--log-dir", str(example_log), "--log-flush-s", "3600"]
+            "--log-rate", "1", "--log-dir", str(example_log), "--log-flush-s", "3600",
+            "--router-replicas", "2"]  # both on --port (the default ingress, "shared")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
@@ -166,7 +167,7 @@ def test_scaling_one_shard_keeps_the_other_replica_processes_and_fails_no_reques
                     if r["state"] == "RUNNING"} for d in DEPLOYMENTS}
 
     before = snapshot()
-    assert all(len(v) == 1 for v in before.values()), before
+    assert {d: len(v) for d, v in before.items()} == {"shard-0": 1, "shard-1": 1, "DenseTower": 1, "Router": 2}, before
     batch = TrafficGenerator(tiny, seed=3).batch(4)
     sparse = {f: (b.values, b.lengths) for f, b in batch.sparse.items()}
     outcomes: list[str] = []
@@ -253,6 +254,38 @@ def test_every_socket_of_the_stack_listens_on_loopback(stack):
     assert len({pid for pid, *_ in sockets}) >= 8  # the driver, GCS, raylet, agents, proxy, replicas
     wide = [s for s in sockets if s[2] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert wide == [], wide
+
+
+def test_both_routers_answer_the_one_port_each_over_its_own_connections(stack, two_versions, tiny):
+    """`--router-replicas 2` with the default ingress: both Router processes listen on --port
+    (read from the OS), and callers' connections reach both, every score right."""
+    import grpc
+
+    from recserve.v1 import ranker_pb2_grpc
+    from serving.api.codec import encode_request
+    from serving.engine.local_ranker import LocalRanker
+
+    routers = {pid for pid, title, _, port in _listening(stack.proc.pid) if port == stack.grpc_port}
+    titles = {title for pid, title, _, port in _listening(stack.proc.pid) if port == stack.grpc_port}
+    assert len(routers) == 2 and all("Router" in t for t in titles), titles
+    batch = TrafficGenerator(tiny, seed=81).batch(32)
+    request = encode_request(batch.dense, {f: (b.values, b.lengths) for f, b in batch.sparse.items()},
+                             unit_ids=batch.unit_ids)
+    served_by: dict[int, int] = {}
+    expected = {v: LocalRanker.load(pkg).score(batch) for v, (pkg, *_) in two_versions.items()}
+    for _ in range(16):  # all on one router: 2 in 2^16
+        with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}",
+                                   options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            reply = ranker_pb2_grpc.RankerStub(ch).Predict(request, timeout=60)
+            local_port = next(c.laddr.port for c in psutil.Process().net_connections(kind="inet")
+                              if c.raddr and c.raddr.port == stack.grpc_port and c.status == psutil.CONN_ESTABLISHED)
+            pid = next(pid for pid in routers for c in psutil.Process(pid).net_connections(kind="inet")
+                       if c.raddr and c.raddr.port == local_port)
+            served_by[pid] = served_by.get(pid, 0) + 1
+            scores = np.asarray(reply.scores, dtype=np.float32)
+            want = expected[reply.version]
+            assert np.allclose(scores, want, atol=FP16_TOL), np.abs(scores - want).max()
+    assert set(served_by) == routers, served_by
 
 
 def test_a_stop_while_the_replicas_start_shuts_down_cleanly(tiny_packages, tmp_path):

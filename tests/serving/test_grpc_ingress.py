@@ -1,0 +1,140 @@
+"""The Router's own gRPC server (serving/app/grpc_ingress.py), with real gRPC on 127.0.0.1 and
+no Ray: servers share one port and the kernel spreads connections over them; the door
+holds max_in_flight calls, queues max_queued, refuses the rest at once; a stopping server
+finishes its calls in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from recserve.v1 import ranker_pb2, ranker_pb2_grpc
+from serving.app.grpc_ingress import start_ingress
+from serving.ops.ports import free_port
+
+
+def _handlers(name: str, *, hold: asyncio.Event | None = None, started: list | None = None):
+    async def predict(request, context):
+        if started is not None:
+            started.append(request.request_id)
+        if hold is not None:
+            await hold.wait()
+        return ranker_pb2.PredictResponse(request_id=request.request_id, version=name)
+
+    async def model_info(request, context):
+        return ranker_pb2.ModelInfoResponse(version=name)
+
+    async def check(request, context):
+        from grpc_health.v1 import health_pb2
+
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    return {"predict": predict, "model_info": model_info, "check": check}
+
+
+def _channel(address: str) -> grpc.aio.Channel:
+    # a pool of its own: channels to one address otherwise share one connection
+    return grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def test_routers_share_one_port_and_the_kernel_spreads_connections_over_them():
+    async def run() -> set[str]:
+        address = f"127.0.0.1:{free_port()}"
+        servers = [start_ingress(address, **_handlers(f"router-{i}"), max_in_flight=4, max_queued=4) for i in range(2)]
+        answered = set()
+        try:
+            for i in range(24):  # each connection lands on one of the two: all on one is 2 in 2^24
+                async with _channel(address) as ch:
+                    reply = await ranker_pb2_grpc.RankerStub(ch).Predict(
+                        ranker_pb2.PredictRequest(request_id=str(i)), timeout=10)
+                    answered.add(reply.version)
+        finally:
+            await asyncio.gather(*(s.stop(None) for s in servers))
+        return answered
+
+    assert asyncio.run(run()) == {"router-0", "router-1"}
+
+
+def test_a_port_held_without_so_reuseport_is_refused_naming_it():
+    import socket
+
+    async def run(port: int) -> None:
+        start_ingress(f"127.0.0.1:{port}", **_handlers("r"), max_in_flight=1, max_queued=1)
+
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
+            asyncio.run(run(port))
+
+
+def test_the_door_works_max_in_flight_queues_max_queued_and_refuses_the_rest_at_once():
+    in_flight, queued, extra = 2, 3, 6
+
+    async def run():
+        address = f"127.0.0.1:{free_port()}"
+        hold, started = asyncio.Event(), []
+        server = start_ingress(address, **_handlers("r", hold=hold, started=started),
+                               max_in_flight=in_flight, max_queued=queued)
+        try:
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = ranker_pb2_grpc.RankerStub(ch)
+                await ch.channel_ready()
+                waiting = [asyncio.ensure_future(stub.Predict(ranker_pb2.PredictRequest(request_id=f"w{i}"), timeout=30))
+                           for i in range(in_flight + queued)]
+                while len(started) < in_flight:
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.2)  # the queued ones reach the door
+                refused_at = time.monotonic()
+                codes = []
+                for i in range(extra):
+                    try:
+                        await stub.Predict(ranker_pb2.PredictRequest(request_id=f"x{i}"), timeout=30)
+                        codes.append("OK")
+                    except grpc.aio.AioRpcError as e:
+                        codes.append(e.code().name)
+                refused_s = time.monotonic() - refused_at
+                health = await stub.ModelInfo(ranker_pb2.ModelInfoRequest(), timeout=5)  # control calls still pass
+                running = len(started)
+                hold.set()
+                replies = await asyncio.gather(*waiting)
+        finally:
+            await server.stop(None)
+        return codes, refused_s, health.version, running, [r.request_id for r in replies]
+
+    codes, refused_s, info, running, replies = asyncio.run(run())
+    assert codes == ["RESOURCE_EXHAUSTED"] * extra
+    assert refused_s < 2.0  # never held: refused as they arrive
+    assert info == "r"
+    assert running == in_flight  # the queued ones waited for a slot
+    assert sorted(replies) == sorted(f"w{i}" for i in range(in_flight + queued))
+
+
+def test_a_stopping_router_finishes_its_calls_in_flight_and_takes_no_new_ones():
+    async def run():
+        address = f"127.0.0.1:{free_port()}"
+        hold, started = asyncio.Event(), []
+        server = start_ingress(address, **_handlers("r", hold=hold, started=started), max_in_flight=4, max_queued=4)
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = ranker_pb2_grpc.RankerStub(ch)
+            call = asyncio.ensure_future(stub.Predict(ranker_pb2.PredictRequest(request_id="a"), timeout=30))
+            while not started:
+                await asyncio.sleep(0.01)
+            stopping = asyncio.ensure_future(server.stop(10))
+            await asyncio.sleep(0.2)
+            hold.set()
+            reply = await call
+            await stopping
+        async with grpc.aio.insecure_channel(address) as ch:
+            try:
+                await ranker_pb2_grpc.RankerStub(ch).Predict(ranker_pb2.PredictRequest(request_id="b"), timeout=2)
+                after = "OK"
+            except grpc.aio.AioRpcError as e:
+                after = e.code().name
+        return reply.request_id, after
+
+    first, after = asyncio.run(run())
+    assert first == "a"
+    assert after in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
