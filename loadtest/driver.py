@@ -31,6 +31,26 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
 ]
+# connections a run spreads its requests over (round robin), as a fleet of callers would: with
+# --ingress shared the kernel balances Router replicas per connection, so one connection would
+# reach one router whatever their number
+CONNECTIONS = 8
+
+
+class _Connections:
+    """``n`` channels to one address, each its own connection (a subchannel pool of its own)."""
+
+    def __init__(self, address: str, n: int = CONNECTIONS):
+        options = _CHANNEL_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]
+        self.channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(n)]
+        self.calls = [ch.unary_unary(PREDICT_METHOD) for ch in self.channels]
+
+    async def __aenter__(self) -> list:
+        await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in self.channels)), 30.0)
+        return self.calls
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.gather(*(ch.close() for ch in self.channels))
 
 
 @dataclass(frozen=True)
@@ -165,9 +185,7 @@ async def open_loop(
     (``keep_responses``: the OK answers' bytes in the record, to check their scores)."""
     offsets = arrival_offsets(rate, duration_s, max_requests, arrivals=arrivals, seed=seed)
     rec = _Recorder(len(offsets), keep_responses=keep_responses)
-    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as ch:
-        call = ch.unary_unary(PREDICT_METHOD)
-        await asyncio.wait_for(ch.channel_ready(), 30.0)
+    async with _Connections(address) as calls:
         tasks = []
         t0 = time.perf_counter() + 0.01
         for slot, off in enumerate(offsets):
@@ -177,6 +195,7 @@ async def open_loop(
                 await asyncio.sleep(delay)
             k = (start_index + slot) % len(payloads)
             rec.count = slot + 1
+            call = calls[slot % len(calls)]
             tasks.append(asyncio.create_task(rec.send(call, slot, k, payloads[k], due, t0, timeout_s)))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
@@ -199,19 +218,17 @@ async def closed_loop(
     if duration_s <= 0 or max_requests <= 0:
         raise ValueError("duration_s and max_requests: must be positive")
     rec = _Recorder(max_requests)
-    async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as ch:
-        call = ch.unary_unary(PREDICT_METHOD)
-        await asyncio.wait_for(ch.channel_ready(), 30.0)
+    async with _Connections(address) as calls:
         t0 = time.perf_counter()
         end = t0 + duration_s
 
-        async def worker() -> None:
+        async def worker(call) -> None:
             while time.perf_counter() < end and rec.count < max_requests:
                 slot = rec.count
                 rec.count += 1
                 k = (start_index + slot) % len(payloads)
                 await rec.send(call, slot, k, payloads[k], time.perf_counter(), t0, timeout_s)
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(calls[i % len(calls)]) for i in range(concurrency)))
         wall = time.perf_counter() - t0
     return rec.record(mode="closed", rate=None, concurrency=concurrency, wall_s=wall)
