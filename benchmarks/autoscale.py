@@ -58,11 +58,13 @@ def config_for(package: Path, grpc_port: int, http_port: int, target_busy: float
     config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
     config["grpc_options"]["port"], config["http_options"]["port"] = grpc_port, http_port
     [app] = config["applications"]
+    if app["args"].get("grpc_listen"):  # the routers answer gRPC themselves (the yaml's default)
+        app["args"]["grpc_listen"] = f"127.0.0.1:{grpc_port}"
     app["args"]["package"] = str(package)
     app["args"]["feature_filter"] = None
     for d in app["deployments"]:
         d["autoscaling_config"].update(FAST)
-        if target_busy is not None and "policy" in d["autoscaling_config"]:
+        if target_busy is not None and "target_busy" in d["autoscaling_config"].get("policy", {}).get("policy_kwargs", {}):
             d["autoscaling_config"]["policy"]["policy_kwargs"]["target_busy"] = target_busy
     return config
 

@@ -112,6 +112,10 @@ class AppArgs(BaseModel):
                                  "multiple of its latency on an idle stack (None: the deadline only)")
     router_replicas: int = Field(1, ge=1, description="replicas of the Router (the gRPC ingress); the proxy "
                                                       "or the shared port spreads requests over them")
+    router_max_replicas: int = Field(0, ge=0, description="above router_replicas: the Router autoscales between "
+                                     "the two by requests in flight, max_in_flight / 2 per replica (Serve's "
+                                     "autoscaler; with grpc_listen the replicas report their own, "
+                                     "serving/app/autoscaling.py's InFlightPolicy); 0 = fixed at router_replicas")
     grpc_listen: str = Field("", description="HOST:PORT every Router replica serves gRPC on itself, the port "
                                              "shared (SO_REUSEPORT: the kernel spreads connections over them; "
                                              "serving/app/grpc_ingress.py); '' = Serve's ingress answers")
@@ -166,7 +170,19 @@ class AppArgs(BaseModel):
                              "embeddings would pass through the router's pickling path)")
         if (self.router_host or self.tower_host) and not self.place_on_hosts:
             raise ValueError("router_host/tower_host: need place_on_hosts")
+        if 0 < self.router_max_replicas < self.router_replicas:
+            raise ValueError(f"router_max_replicas: {self.router_max_replicas} is below router_replicas "
+                             f"{self.router_replicas} (the fewest the Router scales down to); 0 = fixed")
         return self
+
+    def router_autoscaling(self) -> dict | None:
+        """Serve's autoscaling_config of the Router, or None (router_replicas, fixed)."""
+        if self.router_max_replicas <= self.router_replicas:
+            return None
+        return {"min_replicas": self.router_replicas, "max_replicas": self.router_max_replicas,
+                "target_ongoing_requests": max(1, self.max_in_flight // 2),
+                "upscale_delay_s": 5, "downscale_delay_s": 60,
+                "policy": {"policy_function": "serving.app.autoscaling:InFlightPolicy"}}
 
     def resolved_fanout(self) -> str:
         """``fanout`` with "auto" decided by the transport."""

@@ -191,7 +191,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     from serving.ops.ingress import check_ingress
 
-    problem = None if args.monolith else check_ingress(args.ingress, app_args.router_replicas)
+    problem = None if args.monolith else check_ingress(args.ingress, app_args.router_replicas, app_args.router_max_replicas)
     if problem:
         print(f"recserve serve: {problem}", file=sys.stderr)
         return 2

@@ -68,7 +68,11 @@ def _router(args: AppArgs, shards: list, tower) -> Application:
     # the door: past max_in_flight working + max_queued waiting, Serve refuses a request before
     # the router's Python runs (measured: without it, past the maximum the queue in front of the
     # router's loop grew until most requests waited out their deadlines; docs/reliability.md)
-    return Router.options(num_replicas=args.router_replicas, ray_actor_options=_actor() | nodes.router_options(),
+    # router_max_replicas: Serve's autoscaler between the two, by requests in flight (InFlightPolicy)
+    autoscaling = args.router_autoscaling()
+    replicas = {"num_replicas": args.router_replicas} if autoscaling is None else {
+        "num_replicas": "auto", "autoscaling_config": autoscaling}
+    return Router.options(**replicas, ray_actor_options=_actor() | nodes.router_options(),
                           max_ongoing_requests=args.max_in_flight, max_queued_requests=args.max_queued).bind(
         args.package, shards, tower, args)
 

@@ -45,7 +45,7 @@ from serving.engine.shard import ShardCore
 from serving.engine.stages import BOUNDARIES_MS, STAGE_DESCRIPTION, STAGE_METRIC, Observe, Stopwatch
 from serving.api.status import grpc_status
 from serving.engine.tower import TowerCore
-from serving.app.autoscaling import BUSY_METRIC
+from serving.app.autoscaling import BUSY_METRIC, IN_FLIGHT_METRIC
 from serving.app.dataplane import DirectPlane, NoReplica, ReplicaEndpoint
 from serving.app.grpc_ingress import start_ingress
 from serving.app.version_store import load_table
@@ -455,6 +455,12 @@ class Router:
         self._ingress = start_ingress(args.grpc_listen, predict=self.Predict, model_info=self.ModelInfo,
                                       check=self.Check, max_in_flight=args.max_in_flight,
                                       max_queued=args.max_queued) if args.grpc_listen else None
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """With its own gRPC server (--ingress shared) Serve sees none of this replica's requests:
+        the mean in its door since the last report, for serving/app/autoscaling.py's InFlightPolicy
+        (nothing otherwise: Serve counts them itself)."""
+        return {IN_FLIGHT_METRIC: self._ingress.load()} if self._ingress is not None else {}
 
     async def __del__(self) -> None:
         """Serve's graceful stop of this replica (``recserve serve`` on SIGTERM or Ctrl-C, a

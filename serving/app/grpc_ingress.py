@@ -16,11 +16,16 @@ under overload a refused request costs the router almost nothing and learns it a
 Balancing is per connection: one caller's channel reaches one router. A client that wants
 more than one router's throughput opens several connections (a fleet of callers does; so does
 ``recserve bench``'s driver).
+
+Serve does not see these requests, so its default autoscaling policy (requests in flight on
+its handles and proxies) would count none: :meth:`Ingress.load` is the mean number of Predict
+calls in the door, which the Router reports to Serve (serving/app/autoscaling.py's InFlightPolicy).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -40,23 +45,60 @@ class _Door:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._max_queued = max_queued
         self.waiting = 0
+        self.working = 0
+        self._area = 0.0  # calls in the door x seconds, since the last load()
+        self._since = self._at = time.monotonic()
+
+    def _count(self, waiting: int = 0, working: int = 0) -> None:
+        now = time.monotonic()
+        self._area += (self.waiting + self.working) * (now - self._at)
+        self._at = now
+        self.waiting += waiting
+        self.working += working
+
+    def load(self) -> float:
+        """The mean number of Predict calls in the door (working and waiting) since the last
+        call of this method (or since the door opened)."""
+        self._count()
+        span = self._at - self._since
+        mean = self._area / span if span > 0 else float(self.waiting + self.working)
+        self._area, self._since = 0.0, self._at
+        return mean
 
     def guard(self, handler: Handler) -> Handler:
         async def guarded(request, context):
             if self._slots.locked() and self.waiting >= self._max_queued:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"overloaded: {self._max_queued} requests already wait for this router")
-            self.waiting += 1
+            self._count(waiting=1)
             try:
                 await self._slots.acquire()
             finally:
-                self.waiting -= 1
+                self._count(waiting=-1)
+            self._count(working=1)
             try:
                 return await handler(request, context)
             finally:
+                self._count(working=-1)
                 self._slots.release()
 
         return guarded
+
+
+class Ingress:
+    """A started ingress: its gRPC server and its door."""
+
+    def __init__(self, server: grpc.aio.Server, door: _Door):
+        self.server = server
+        self._door = door
+
+    def load(self) -> float:
+        """Mean Predict calls in the door (working + waiting) since the previous call."""
+        return self._door.load()
+
+    async def stop(self, grace: float | None) -> None:
+        """Take no new calls; those in flight get ``grace`` seconds (None: cancelled at once)."""
+        await self.server.stop(grace)
 
 
 def _ranker_servicer(predict: Handler, model_info: Handler):
@@ -83,9 +125,9 @@ def _health_servicer(check: Handler):
 
 
 def start_ingress(address: str, *, predict: Handler, model_info: Handler, check: Handler,
-                  max_in_flight: int, max_queued: int, max_message_bytes: int = 256 << 20) -> grpc.aio.Server:
+                  max_in_flight: int, max_queued: int, max_message_bytes: int = 256 << 20) -> Ingress:
     """Bind ``address`` (HOST:PORT, shared with the other routers) and start serving on the
-    running event loop; returns the server (``await server.stop(grace)`` to stop). Raises
+    running event loop; returns the :class:`Ingress` (``await ingress.stop(grace)`` to stop). Raises
     OSError naming the address when it cannot be bound (a server without SO_REUSEPORT holds it)."""
     from grpc_health.v1 import health_pb2_grpc
     from recserve.v1 import ranker_pb2_grpc
@@ -105,4 +147,4 @@ def start_ingress(address: str, *, predict: Handler, model_info: Handler, check:
     if bound == 0:
         raise OSError(f"cannot bind {address} for the Router's gRPC")
     asyncio.get_running_loop().create_task(server.start())
-    return server
+    return Ingress(server, door)

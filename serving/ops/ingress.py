@@ -49,9 +49,12 @@ def direct_ingress_env(grpc_port: int, http_port: int) -> dict[str, str]:
     }
 
 
-def check_ingress(ingress: str, router_replicas: int) -> str | None:
-    """Why ``ingress`` cannot serve ``router_replicas`` on one address, or None."""
-    if ingress == "direct" and router_replicas > 1:
-        return (f"--ingress direct serves --port from one Router replica; --router-replicas {router_replicas} "
+def check_ingress(ingress: str, router_replicas: int, router_max_replicas: int = 0) -> str | None:
+    """Why ``ingress`` cannot serve ``router_replicas`` (up to ``router_max_replicas``) on one
+    address, or None."""
+    if ingress == "direct" and max(router_replicas, router_max_replicas) > 1:
+        flag = (f"--router-replicas {router_replicas}" if router_replicas > 1
+                else f"--router-max-replicas {router_max_replicas}")
+        return (f"--ingress direct serves --port from one Router replica; {flag} "
                 f"needs --ingress shared (they share the port) or proxy (Serve's proxy spreads requests over them)")
     return None

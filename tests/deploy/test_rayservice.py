@@ -13,6 +13,7 @@ from serving.config import AppArgs, BatchingConfig
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 # args a cluster sets differently: the package on its volume, the device of its nodes
 CLUSTER_ARGS = {"package", "device"}
+LOCAL_ARGS = {"grpc_listen"}  # the local file's routers serve gRPC themselves; the cluster's proxy does
 
 
 def _configs() -> tuple[dict, dict, list[dict]]:
@@ -23,10 +24,13 @@ def _configs() -> tuple[dict, dict, list[dict]]:
 
 
 def test_both_serve_the_same_application_over_the_same_grpc_services():
+    """The cluster's Serve proxy (its Service points at it) and the local file's routers, which
+    serve the same services themselves on the proxy's port (--ingress shared: Serve's proxy off)."""
     local, cluster, _ = _configs()
-    for config in (local, cluster):
-        assert config["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICERS
-    assert cluster["grpc_options"]["port"] == local["grpc_options"]["port"]
+    assert cluster["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICERS
+    assert local["grpc_options"]["grpc_servicer_functions"] == []
+    listen = AppArgs(**local["applications"][0]["args"]).grpc_listen
+    assert listen.rsplit(":", 1) == ["127.0.0.1", str(cluster["grpc_options"]["port"])]
     [app], [cluster_app] = local["applications"], cluster["applications"]
     for key in ("name", "route_prefix", "import_path"):
         assert cluster_app[key] == app[key], key
@@ -35,9 +39,9 @@ def test_both_serve_the_same_application_over_the_same_grpc_services():
 def test_the_args_are_the_same_keys_and_values_except_package_and_device():
     local, cluster, _ = _configs()
     args, cluster_args = local["applications"][0]["args"], cluster["applications"][0]["args"]
-    assert set(cluster_args) == set(args)
+    assert set(cluster_args) == set(args) - LOCAL_ARGS
     assert {k: v for k, v in cluster_args.items() if k not in CLUSTER_ARGS} == \
-        {k: v for k, v in args.items() if k not in CLUSTER_ARGS}
+        {k: v for k, v in args.items() if k not in CLUSTER_ARGS | LOCAL_ARGS}
     AppArgs(**cluster_args)  # valid: unknown keys or bad values would raise
     assert cluster_args["feature_filter"] == "serving.fading.runtime:router_filter"
 
@@ -50,7 +54,8 @@ def test_every_deployment_has_the_same_settings_only_its_scale_differs():
     for name, d in deployments.items():
         c = cluster_deployments[name]
         assert set(c) == set(d), name
-        assert set(c["autoscaling_config"]) == set(d["autoscaling_config"]), name
+        # the local Router counts its requests itself (InFlightPolicy): the cluster's pass Serve's proxy
+        assert set(c["autoscaling_config"]) == set(d["autoscaling_config"]) - ({"policy"} if name == "Router" else set()), name
         for key in ("max_ongoing_requests", "max_queued_requests", "health_check_period_s"):
             assert c.get(key) == d.get(key), (name, key)
         if "user_config" in d:
@@ -89,8 +94,9 @@ def test_shards_and_tower_autoscale_on_how_busy_they_are_in_both_files():
         assert app["args"]["transport"] == "direct"
         for d in app["deployments"]:
             parsed = AutoscalingConfig(**d["autoscaling_config"])
-            if d["name"] == "Router":
-                assert parsed.policy.is_default_policy_function()
+            if d["name"] == "Router":  # the local file: the routers serve gRPC themselves and count their requests
+                wanted = "serving.app.autoscaling:InFlightPolicy" if config is local else None
+                assert (None if parsed.policy.is_default_policy_function() else parsed.policy.policy_function) == wanted
                 continue
             assert parsed.policy.policy_function == "serving.app.autoscaling:BusyPolicy", d["name"]
             BusyPolicy(**parsed.policy.policy_kwargs)  # the kwargs the controller will pass

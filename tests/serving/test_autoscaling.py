@@ -1,6 +1,7 @@
-"""Shards and towers autoscale by how busy they are (serving/app/autoscaling.py): the policy's
-arithmetic on Serve's own context, the replicas' busy fraction, and a shard that Serve's real
-controller scales up under load and back down when it stops."""
+"""Shards and towers autoscale by how busy they are, the Router by requests in flight
+(serving/app/autoscaling.py): the policies' arithmetic on Serve's own context, the replicas' busy
+fraction, and a shard and a Router serving gRPC itself (--ingress shared, which Serve never
+sees a request of) that Serve's real controller scales up under load and back down when it stops."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import numpy as np
 import pytest
 
 from recserve.synth import TrafficGenerator
-from serving.app.autoscaling import BUSY_METRIC, BusyPolicy
+from serving.app.autoscaling import BUSY_METRIC, IN_FLIGHT_METRIC, BusyPolicy, InFlightPolicy
 
 
-def _context(busy: dict, requests: float, target_ongoing: float = 2.0, replicas: int = 2):
+def _context(busy: dict, requests: float, target_ongoing: float = 2.0, replicas: int = 2, metric: str = BUSY_METRIC):
     from ray.serve._private.common import DeploymentID, ReplicaID
     from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
@@ -24,7 +25,7 @@ def _context(busy: dict, requests: float, target_ongoing: float = 2.0, replicas:
     return AutoscalingContext(
         deployment_id=dep, deployment_name=dep.name, app_name=dep.app_name, current_num_replicas=replicas,
         target_num_replicas=replicas, running_replicas=running, total_num_requests=requests,
-        total_queued_requests=0.0, aggregated_metrics={BUSY_METRIC: {running[i]: b for i, b in busy.items()}},
+        total_queued_requests=0.0, aggregated_metrics={metric: {running[i]: b for i, b in busy.items()}},
         raw_metrics={}, capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=8, policy_state={},
         last_scale_up_time=None, last_scale_down_time=None, current_time=time.time(),
         config=AutoscalingConfig(min_replicas=1, max_replicas=8, target_ongoing_requests=target_ongoing))
@@ -38,6 +39,32 @@ def _context(busy: dict, requests: float, target_ongoing: float = 2.0, replicas:
 ])
 def test_the_policy_wants_the_summed_busy_fraction_over_the_target(busy, requests, wanted) -> None:
     assert BusyPolicy(target_busy=0.6)(_context(busy, requests)) == (pytest.approx(wanted), {})
+
+
+@pytest.mark.parametrize("in_flight, requests, wanted", [
+    ({0: 6.0, 1: 2.0}, 0.0, 2.0),   # the routers' own count (Serve saw none): 8 in flight at 4 each
+    ({0: 1.0}, 0.0, 0.25),          # one reported, one not yet: counted as none
+    ({}, 12.0, 3.0),                # Serve's ingress: its own count
+    ({0: 1.0, 1: 1.0}, 12.0, 3.0),  # whichever is higher
+])
+def test_the_router_policy_wants_its_requests_in_flight_over_the_target(in_flight, requests, wanted) -> None:
+    ctx = _context(in_flight, requests, target_ongoing=4.0, metric=IN_FLIGHT_METRIC)
+    assert InFlightPolicy()(ctx) == (pytest.approx(wanted), {})
+
+
+def test_router_max_replicas_becomes_serves_autoscaling_config_or_is_refused_by_name() -> None:
+    from pydantic import ValidationError
+    from ray.serve.config import AutoscalingConfig
+
+    from serving.config import AppArgs
+
+    assert AppArgs(package="p").router_autoscaling() is None  # fixed at router_replicas
+    config = AutoscalingConfig(**AppArgs(package="p", router_replicas=2, router_max_replicas=6,
+                                         max_in_flight=32).router_autoscaling())
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (2, 6, 16)
+    assert config.policy.policy_function == "serving.app.autoscaling:InFlightPolicy"
+    with pytest.raises(ValidationError, match="router_max_replicas"):
+        AppArgs(package="p", router_replicas=3, router_max_replicas=2)
 
 
 @pytest.mark.parametrize("target", [0, -0.5, 1.5])
@@ -111,3 +138,62 @@ def test_serve_scales_a_busy_shard_up_and_an_idle_one_back_down(serve_instance, 
         stop.set()
         lookup.shutdown()  # its router pushes this process's autoscaling metrics until shut down
         serve.delete("autoscaled", _blocking=False)
+
+
+def test_serve_scales_a_router_that_serves_grpc_itself_by_its_requests_in_flight(serve_instance, tiny_packages,
+                                                                                  tiny) -> None:
+    """--ingress shared: Serve never sees these requests, its own count stays 0; the routers'
+    reported requests in flight (InFlightPolicy) add a replica under load and take it away after."""
+    import grpc
+    from ray import serve
+
+    from recserve.v1 import ranker_pb2_grpc
+    from serving.app.builder import _resolved, _version_deployments
+    from serving.app.deployments import Router
+    from serving.config import AppArgs
+    from serving.ops.ports import free_port
+    from loadtest.trace import encode_request
+
+    address = f"127.0.0.1:{free_port()}"
+    args, manifest = _resolved(AppArgs(package=str(tiny_packages("table-2")), grpc_listen=address))
+    shards, tower = _version_deployments(args, manifest)
+    app = Router.options(name="Router", num_replicas="auto", max_ongoing_requests=32, autoscaling_config={
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
+        "downscale_delay_s": 2, "look_back_period_s": 2, "metrics_interval_s": 0.5,
+        "policy": {"policy_function": "serving.app.autoscaling:InFlightPolicy"},
+    }).bind(args.package, shards, tower, args)
+    serve.run(app, name="router-scaled", route_prefix="/router-scaled")
+    request = encode_request(TrafficGenerator(tiny, seed=3).batch(256), model=manifest.name)
+
+    def replicas() -> int:
+        return serve.status().applications["router-scaled"].deployments["Router"].replica_states.get("RUNNING", 0)
+
+    stop = threading.Event()
+    answered = []
+
+    def load(i: int) -> None:  # a connection of its own per caller: the kernel balances connections
+        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            predict = ranker_pb2_grpc.RankerStub(ch).Predict
+            while not stop.is_set():
+                answered.append(len(predict(request, timeout=30).scores))
+
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(8)]
+    try:
+        assert replicas() == 1
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 90
+        while replicas() < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert replicas() == 2, "8 callers at a target of 2 in flight got the Router a second replica"
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert answered and set(answered) == {256}
+        deadline = time.monotonic() + 90
+        while replicas() > 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert replicas() == 1, "an idle Router went back to one replica"
+    finally:
+        stop.set()
+        serve.delete("router-scaled", _blocking=True)

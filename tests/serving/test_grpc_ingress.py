@@ -138,3 +138,34 @@ def test_a_stopping_router_finishes_its_calls_in_flight_and_takes_no_new_ones():
     first, after = asyncio.run(run())
     assert first == "a"
     assert after in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def test_the_door_reports_the_mean_of_its_calls_working_and_waiting_since_the_last_report():
+    async def run() -> tuple[float, float]:
+        address = f"127.0.0.1:{free_port()}"
+        hold, started = asyncio.Event(), []
+        ingress = start_ingress(address, **_handlers("r", hold=hold, started=started), max_in_flight=2, max_queued=4)
+        try:
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = ranker_pb2_grpc.RankerStub(ch)
+                calls = [asyncio.ensure_future(stub.Predict(ranker_pb2.PredictRequest(request_id=str(i)), timeout=30))
+                         for i in range(3)]  # 2 working, 1 waiting
+                while len(started) < 2:
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.1)
+                ingress.load()  # a new window, all three in the door
+                await asyncio.sleep(0.5)
+                busy = ingress.load()
+                hold.set()
+                await asyncio.gather(*calls)
+                await asyncio.sleep(0.3)
+                ingress.load()
+                await asyncio.sleep(0.2)
+                idle = ingress.load()
+        finally:
+            await ingress.stop(None)
+        return busy, idle
+
+    busy, idle = asyncio.run(run())
+    assert busy == pytest.approx(3.0, abs=0.05)
+    assert idle == 0.0
