@@ -54,6 +54,21 @@ def test_a_rule_across_fields_is_reported_too(tmp_path, monkeypatch, capsys):
     assert "log_dir: required when log_rate > 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (("--router-replicas", "3", "--router-max-replicas", "2"), "router_max_replicas: 2 is below router_replicas 3"),
+    (("--ingress", "direct", "--router-max-replicas", "4"), "--ingress direct serves --port from one Router replica; "
+                                                            "--router-max-replicas 4 needs --ingress shared"),
+])
+def test_router_autoscaling_that_cannot_work_is_refused_by_name_before_anything_starts(flags, message, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from recserve.cli import main
+
+    monkeypatch.setenv("RECSERVE_ARTIFACTS", str(tmp_path))
+    assert main(["serve", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flags, cores, threads", [
     ((), 16, 16),                                   # one tower: the node's cores, as the monolith
     (("--tower-replicas", "4"), 16, 4),             # replicas share them
