@@ -11,7 +11,8 @@ The server is plain ``grpc.aio`` on the replica's event loop: the Router's metho
 handlers, with gRPC's own context (its deadline included). Its door: at most ``max_in_flight``
 Predict calls work at once, ``max_queued`` more wait for a slot, and beyond both gRPC's core
 answers RESOURCE_EXHAUSTED before this process parses the request (``maximum_concurrent_rpcs``):
-under overload a refused request costs the router almost nothing and learns it at once.
+under overload a refused request costs the router almost nothing and learns it at once. A call
+that would wait but could not be answered before its deadline is refused at once too.
 
 Balancing is per connection: one caller's channel reaches one router. A client that wants
 more than one router's throughput opens several connections (a fleet of callers does; so does
@@ -25,7 +26,9 @@ calls in the door, which the Router reports to Serve (serving/app/autoscaling.py
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
+from collections import deque
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -35,15 +38,26 @@ Handler = Callable[[Any, Any], Awaitable[Any]]
 # requests beyond the door's slots (max_in_flight + max_queued) that health checks and
 # ModelInfo may still use: a probe is not refused because Predict calls fill the door
 _CONTROL_SLACK = 8
+# a call's time in a slot: the median of the newest _SERVED_WINDOW, once _SERVED_MIN are known
+_SERVED_WINDOW = 32
+_SERVED_MIN = 4
 
 
 class _Door:
     """Predict's slots: ``max_in_flight`` at once, ``max_queued`` more wait for one, the rest
-    are refused (gRPC's core refuses most of them before this; the control slack ends here)."""
+    are refused (gRPC's core refuses most of them before this; the control slack ends here).
+
+    A call that would have to wait is also refused at once when it cannot be answered before its
+    deadline: the queue ahead of it (``waiting + 1`` calls over ``max_in_flight`` slots) and its
+    own time in a slot, each slot's time the median of the newest calls', exceed the time it has
+    left. Without this it waited in the queue and was then shed by the router's admission (or
+    expired): told late, at the cost of a queue place."""
 
     def __init__(self, max_in_flight: int, max_queued: int):
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
         self._max_queued = max_queued
+        self._served: deque[float] = deque(maxlen=_SERVED_WINDOW)  # seconds in a slot, newest last
         self.waiting = 0
         self.working = 0
         self._area = 0.0  # calls in the door x seconds, since the last load()
@@ -65,20 +79,37 @@ class _Door:
         self._area, self._since = 0.0, self._at
         return mean
 
+    def too_late(self, left_s: float | None) -> str | None:
+        """Why a call with ``left_s`` seconds to its deadline cannot wait its turn, or None."""
+        if left_s is None or len(self._served) < _SERVED_MIN:
+            return None
+        slot = statistics.median(self._served)
+        wait = (self.waiting + 1) * slot / self._max_in_flight
+        if wait + slot <= left_s:
+            return None
+        return (f"overloaded: ~{wait * 1000:.0f} ms of queue ahead and ~{slot * 1000:.0f} ms to answer "
+                f"exceed the {left_s * 1000:.0f} ms left before the deadline")
+
     def guard(self, handler: Handler) -> Handler:
         async def guarded(request, context):
-            if self._slots.locked() and self.waiting >= self._max_queued:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"overloaded: {self._max_queued} requests already wait for this router")
+            if self._slots.locked():
+                if self.waiting >= self._max_queued:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"overloaded: {self._max_queued} requests already wait for this router")
+                late = self.too_late(context.time_remaining())
+                if late:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, late)
             self._count(waiting=1)
             try:
                 await self._slots.acquire()
             finally:
                 self._count(waiting=-1)
             self._count(working=1)
+            started = time.monotonic()
             try:
                 return await handler(request, context)
             finally:
+                self._served.append(time.monotonic() - started)
                 self._count(working=-1)
                 self._slots.release()
 

@@ -169,3 +169,39 @@ def test_the_door_reports_the_mean_of_its_calls_working_and_waiting_since_the_la
     busy, idle = asyncio.run(run())
     assert busy == pytest.approx(3.0, abs=0.05)
     assert idle == 0.0
+
+
+def test_a_call_that_would_wait_past_its_deadline_is_refused_at_once_and_one_with_time_waits_its_turn():
+    async def run():
+        address = f"127.0.0.1:{free_port()}"
+
+        async def predict(request, context):
+            await asyncio.sleep(0.2)  # every call takes 200 ms in its slot
+            return ranker_pb2.PredictResponse(request_id=request.request_id)
+
+        ingress = start_ingress(address, predict=predict, **{k: v for k, v in _handlers("r").items() if k != "predict"},
+                                max_in_flight=1, max_queued=8)
+        try:
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = ranker_pb2_grpc.RankerStub(ch)
+                for i in range(4):  # the door learns a slot's time
+                    await stub.Predict(ranker_pb2.PredictRequest(request_id=f"learn{i}"), timeout=5)
+                busy = asyncio.ensure_future(stub.Predict(ranker_pb2.PredictRequest(request_id="busy"), timeout=5))
+                await asyncio.sleep(0.05)  # it holds the one slot
+                asked = time.monotonic()
+                try:  # 200 ms ahead + 200 ms its own > 300 ms
+                    await stub.Predict(ranker_pb2.PredictRequest(request_id="late"), timeout=0.3)
+                    late = ("OK", "")
+                except grpc.aio.AioRpcError as e:
+                    late = (e.code().name, e.details())
+                told_s = time.monotonic() - asked
+                patient = await stub.Predict(ranker_pb2.PredictRequest(request_id="patient"), timeout=2)
+                await busy
+        finally:
+            await ingress.stop(None)
+        return late, told_s, patient.request_id
+
+    (code, details), told_s, patient = asyncio.run(run())
+    assert code == "RESOURCE_EXHAUSTED" and "left before the deadline" in details
+    assert told_s < 0.1  # told at once, not after waiting
+    assert patient == "patient"
