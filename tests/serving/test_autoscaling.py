@@ -112,30 +112,14 @@ def test_serve_scales_a_busy_shard_up_and_an_idle_one_back_down(serve_instance, 
     def replicas() -> int:
         return serve.status().applications["autoscaled"].deployments["shard-0"].replica_states.get("RUNNING", 0)
 
-    stop = threading.Event()
-
-    def load() -> None:
+    def load(stop: threading.Event) -> None:
         while not stop.is_set():
             lookup.remote(request).result(timeout_s=60)
 
-    threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
     try:
-        assert replicas() == 1
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 90
-        while replicas() < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert replicas() == 2, "a busy shard got a second replica"
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
-        deadline = time.monotonic() + 90
-        while replicas() > 1 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert replicas() == 1, "an idle shard went back to one replica"
+        # 1 at first, 2 under load (a busy shard), 1 again once idle
+        assert _replicas_before_during_and_after_load(replicas, load, callers=4) == (1, 2, 1)
     finally:
-        stop.set()
         lookup.shutdown()  # its router pushes this process's autoscaling metrics until shut down
         serve.delete("autoscaled", _blocking=False)
 
@@ -168,32 +152,41 @@ def test_serve_scales_a_router_that_serves_grpc_itself_by_its_requests_in_flight
     def replicas() -> int:
         return serve.status().applications["router-scaled"].deployments["Router"].replica_states.get("RUNNING", 0)
 
-    stop = threading.Event()
     answered = []
 
-    def load(i: int) -> None:  # a connection of its own per caller: the kernel balances connections
+    def load(stop: threading.Event) -> None:  # a connection of its own per caller: the kernel balances connections
         with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
             predict = ranker_pb2_grpc.RankerStub(ch).Predict
             while not stop.is_set():
                 answered.append(len(predict(request, timeout=30).scores))
 
-    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(8)]
     try:
-        assert replicas() == 1
+        # 8 callers at a target of 2 in flight: a second Router replica, gone again once idle
+        assert _replicas_before_during_and_after_load(replicas, load, callers=8) == (1, 2, 1)
+        assert answered and set(answered) == {256}
+    finally:
+        serve.delete("router-scaled", _blocking=True)
+
+
+def _replicas_until(replicas, wanted: int, timeout_s: float = 90.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while replicas() != wanted and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return replicas()
+
+
+def _replicas_before_during_and_after_load(replicas, load, *, callers: int) -> tuple[int, int, int]:
+    """Running replicas before, under ``callers`` threads of ``load(stop)`` (once 2 run, or 90 s),
+    and after they stop (once 1 runs, or 90 s)."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=load, args=(stop,), daemon=True) for _ in range(callers)]
+    before = replicas()
+    try:
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 90
-        while replicas() < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert replicas() == 2, "8 callers at a target of 2 in flight got the Router a second replica"
+        during = _replicas_until(replicas, 2)
+    finally:
         stop.set()
         for t in threads:
             t.join(timeout=60)
-        assert answered and set(answered) == {256}
-        deadline = time.monotonic() + 90
-        while replicas() > 1 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert replicas() == 1, "an idle Router went back to one replica"
-    finally:
-        stop.set()
-        serve.delete("router-scaled", _blocking=True)
+    return before, during, _replicas_until(replicas, 1)
