@@ -36,6 +36,7 @@ from serving.engine.admission import Admission, AdmissionConfig
 from serving.api.wire import ARRIVAL_DEADLINE_ATTR, HEALTH_SERVICES, caller_timeout_s
 from serving.api.codec import ModelSpec, check_model, decode_request, encode_response, model_info
 from serving.engine.coalesce import Coalescer, concat_batches, split_rows
+from serving.engine.occupancy import TimeAverage
 from serving.config import AppArgs, BatchingConfig
 from serving.api.errors import DeadlineExceeded, Overloaded, ServingError, ShardUnavailable
 from serving.example_log import config_of, example_log_for
@@ -135,9 +136,7 @@ class _Batcher:
                                    max_wait_s=self.config.batch_wait_timeout_s)
         self.stages = (f"{name}.wait", f"{name}.{work}")
         self.observe = ray_observer()
-        self.busy_s = 0.0  # seconds the core has spent on calls, the running one up to its start
-        self._running_since: float | None = None
-        self._read = (time.monotonic(), 0.0)  # (when, busy seconds) at the last utilization()
+        self._busy = TimeAverage()  # 1 while the core runs a call
 
     def reconfigure(self, config: dict | None) -> None:
         self.config = BatchingConfig(**(config or {}))
@@ -146,22 +145,18 @@ class _Batcher:
 
     async def _run(self, items: list) -> list:
         async with self.lock:
-            self._running_since = start = time.monotonic()
+            self._busy.add(1)
             try:
                 return await asyncio.to_thread(self.run_many, items)
             finally:
-                self.busy_s += time.monotonic() - start
-                self._running_since = None
+                self._busy.add(-1)
 
     def utilization(self) -> float:
         """The fraction of the time since the last reading that the core was busy (0-1), the
         call running now counted up to now: what this replica's autoscaling reports. Calls in
         flight do not measure load here: the router coalesces, so a saturated replica may
         have one call in flight at a time (serving/app/autoscaling.py)."""
-        now = time.monotonic()
-        busy = self.busy_s + (now - self._running_since if self._running_since is not None else 0.0)
-        (then, before), self._read = self._read, (now, busy)
-        return 0.0 if now <= then else min(1.0, max(0.0, (busy - before) / (now - then)))
+        return self._busy.mean()
 
     async def __call__(self, item, *, deadline: float | None = None, expired=TimeoutError):
         """``item``'s result; ``deadline`` (time.time()) as the caller sent it."""

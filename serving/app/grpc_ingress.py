@@ -33,6 +33,8 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
+from serving.engine.occupancy import TimeAverage
+
 Handler = Callable[[Any, Any], Awaitable[Any]]
 
 # requests beyond the door's slots (max_in_flight + max_queued) that health checks and
@@ -59,25 +61,12 @@ class _Door:
         self._max_queued = max_queued
         self._served: deque[float] = deque(maxlen=_SERVED_WINDOW)  # seconds in a slot, newest last
         self.waiting = 0
-        self.working = 0
-        self._area = 0.0  # calls in the door x seconds, since the last load()
-        self._since = self._at = time.monotonic()
-
-    def _count(self, waiting: int = 0, working: int = 0) -> None:
-        now = time.monotonic()
-        self._area += (self.waiting + self.working) * (now - self._at)
-        self._at = now
-        self.waiting += waiting
-        self.working += working
+        self._in_door = TimeAverage()  # calls working and waiting
 
     def load(self) -> float:
         """The mean number of Predict calls in the door (working and waiting) since the last
         call of this method (or since the door opened)."""
-        self._count()
-        span = self._at - self._since
-        mean = self._area / span if span > 0 else float(self.waiting + self.working)
-        self._area, self._since = 0.0, self._at
-        return mean
+        return self._in_door.mean()
 
     def too_late(self, left_s: float | None) -> str | None:
         """Why a call with ``left_s`` seconds to its deadline cannot wait its turn, or None."""
@@ -99,19 +88,21 @@ class _Door:
                 late = self.too_late(context.time_remaining())
                 if late:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, late)
-            self._count(waiting=1)
+            self._in_door.add(1)
             try:
-                await self._slots.acquire()
+                self.waiting += 1
+                try:
+                    await self._slots.acquire()
+                finally:
+                    self.waiting -= 1
+                started = time.monotonic()
+                try:
+                    return await handler(request, context)
+                finally:
+                    self._served.append(time.monotonic() - started)
+                    self._slots.release()
             finally:
-                self._count(waiting=-1)
-            self._count(working=1)
-            started = time.monotonic()
-            try:
-                return await handler(request, context)
-            finally:
-                self._served.append(time.monotonic() - started)
-                self._count(working=-1)
-                self._slots.release()
+                self._in_door.add(-1)
 
         return guarded
 

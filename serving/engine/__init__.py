@@ -13,4 +13,5 @@ unit-testable in one process.
   admission.py     admission control: shed at the door what cannot meet its deadline
   coalesce.py      adaptive coalescing of concurrent requests into one batched call
   stages.py        per-stage request times (recserve_stage_ms), read back by the bench
+  occupancy.py     the time-weighted mean of a level (calls in a door, a busy core) since the last reading
 """
