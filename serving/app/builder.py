@@ -67,7 +67,9 @@ def _router(args: AppArgs, shards: list, tower) -> Application:
     nodes = NodePlacement(router_host=args.router_host)
     # the door: past max_in_flight working + max_queued waiting, Serve refuses a request before
     # the router's Python runs (measured: without it, past the maximum the queue in front of the
-    # router's loop grew until most requests waited out their deadlines; docs/reliability.md)
+    # router's loop grew until most requests waited out their deadlines; docs/reliability.md);
+    # with grpc_listen Serve sees no request and the Router's own server keeps the same door
+    # (serving/app/grpc_ingress.py)
     # router_max_replicas: Serve's autoscaler between the two, by requests in flight (InFlightPolicy)
     autoscaling = args.router_autoscaling()
     replicas = {"num_replicas": args.router_replicas} if autoscaling is None else {
