@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from recserve.synth import TrafficGenerator
+from serving.config import AppArgs
 from serving.ops.ports import free_port
 from serving.ops.scaling import app_of, replicas, serve_details
 
@@ -55,7 +56,7 @@ def stack(two_versions, tiny, tmp_path_factory):
     argv = [sys.executable, "-m", "recserve.cli", "serve", str(two_versions["v1"][0]), "--port", str(grpc_port),
             "--dashboard-port", str(taken_dashboard), "--http-port", str(taken_http),
             "--log-rate", "1", "--log-dir", str(example_log), "--log-flush-s", "3600",
-            "--router-replicas", "2"]  # both on --port (the default ingress, "shared")
+            "--router-replicas", "2", "--router-max-replicas", "3"]  # both on --port (the default ingress, "shared")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
@@ -286,6 +287,16 @@ def test_both_routers_answer_the_one_port_each_over_its_own_connections(stack, t
             want = expected[reply.version]
             assert np.allclose(scores, want, atol=FP16_TOL), np.abs(scores - want).max()
     assert set(served_by) == routers, served_by
+
+
+def test_router_max_replicas_autoscales_the_router_on_its_requests_in_flight(stack):
+    """`--router-replicas 2 --router-max-replicas 3`: Serve runs the Router between 2 and 3 replicas
+    on InFlightPolicy (tests/serving/test_autoscaling.py has the controller add one under load)."""
+    router = serve_details(stack.dashboard)["applications"]["recserve"]["deployments"]["Router"]
+    scaling = router["deployment_config"]["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"]) == (2, 3), scaling
+    assert scaling["policy"]["policy_function"] == "serving.app.autoscaling:InFlightPolicy", scaling
+    assert scaling["target_ongoing_requests"] == AppArgs.model_fields["max_in_flight"].default // 2, scaling
 
 
 def test_a_stop_while_the_replicas_start_shuts_down_cleanly(tiny_packages, tmp_path):
