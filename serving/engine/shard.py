@@ -59,7 +59,7 @@ class ShardCore:
     or "fused" (tests and benchmarks).
 
     Thread safety: one lookup at a time (a lock: the staging buffers and graphs are shared);
-    the Serve deployment calls :meth:`lookup_many` from ``asyncio.to_thread``.
+    the Serve deployment calls :meth:`lookup_many` from one thread of its own.
 
     The id check: the router and the monolith already validate every id against its table
     at decode (serving/api/codec.py), so the shard must not pay a host sync per request for a
