@@ -264,6 +264,7 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
     for name, value in SERVE_STARTUP_ENV.items():
         os.environ.setdefault(name, value)
     proxy_grpc, proxy_http = ports.grpc, ports.http
+    held = None  # the gRPC port, held from here to the stop with --ingress shared
     if ingress in ("direct", "shared") and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         from serving.ops.ingress import direct_ingress_env
 
@@ -277,6 +278,9 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
         os.environ.update(direct_ingress_env(ports.grpc if ingress == "direct" else proxy_grpc, ports.http))
     if ingress == "shared":
         app_args = app_args.model_copy(update={"grpc_listen": f"127.0.0.1:{ports.grpc}"})
+        from serving.ops.ports import hold_for_reuseport
+
+        held = hold_for_reuseport(ports.grpc)  # the Routers bind it beside this socket (SO_REUSEPORT)
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
     # silently share it. Off (inherited by the proxy actors through Ray's worker environment).
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
@@ -382,6 +386,8 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
         finally:
             ray.shutdown()
             _reap(ours + _descendants())
+            if held is not None:
+                held.close()
     print("recserve: stopped", flush=True)
     return 0
 

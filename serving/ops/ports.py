@@ -88,6 +88,22 @@ def require_free(port: int, *, what: str, flag: str) -> int:
     return port
 
 
+def hold_for_reuseport(port: int, host: str = LOOPBACK) -> socket.socket:
+    """``host:port`` bound (not listening) with SO_REUSEPORT: until the returned socket is closed
+    no other process can take the port, except servers that share it with SO_REUSEPORT as the
+    Router replicas do (``--ingress shared``). ``recserve serve`` holds its gRPC port so while
+    Ray starts: Ray's processes bind ports of their own meanwhile, and one of them took a free
+    --port before the Router could bind it (seen in a benchmark: the start failed)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, port))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
 def free_or_fallback(port: int, *, avoid: Collection[int] = ()) -> int:
     """``port`` if it is free and not in ``avoid``, else a free one outside ``avoid``."""
     if 0 < port < 65536 and port not in avoid and port_is_free(port):

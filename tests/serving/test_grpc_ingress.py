@@ -70,6 +70,31 @@ def test_a_port_held_without_so_reuseport_is_refused_naming_it():
             asyncio.run(run(port))
 
 
+def test_a_port_held_for_the_routers_keeps_others_out_and_lets_the_routers_in():
+    """recserve serve holds its --port while Ray starts (serving/ops/ports.py hold_for_reuseport):
+    a server binding without SO_REUSEPORT, or the kernel's choice of a free port, cannot take it;
+    the Routers' servers (SO_REUSEPORT) bind beside it and answer."""
+    import socket
+
+    from serving.ops.ports import hold_for_reuseport, port_is_free
+
+    async def run(address: str) -> str:
+        server = start_ingress(address, **_handlers("router"), max_in_flight=1, max_queued=1)
+        try:
+            async with _channel(address) as ch:
+                return (await ranker_pb2_grpc.RankerStub(ch).Predict(ranker_pb2.PredictRequest(), timeout=10)).version
+        finally:
+            await server.stop(None)
+
+    port = free_port()
+    with hold_for_reuseport(port):
+        assert not port_is_free(port)
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
+        assert asyncio.run(run(f"127.0.0.1:{port}")) == "router"
+    assert port_is_free(port)
+
+
 def test_the_door_works_max_in_flight_queues_max_queued_and_refuses_the_rest_at_once():
     in_flight, queued, extra = 2, 3, 6
 
