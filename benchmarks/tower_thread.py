@@ -35,15 +35,20 @@ from serving.engine.tower import TowerCore  # noqa: E402
 PACKAGES = ROOT / "artifacts" / "bench" / "criteo-kaggle-rows100000-fp32" / "packages"
 
 
-def _timed(run: Callable[[], object], calls: int) -> tuple[float, float]:
-    for _ in range(5):  # warm-up
-        run()
-    ms = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        run()
-        ms.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(ms)), float(np.percentile(ms, 90))
+def _timed(runs: dict[str, Callable[[], object]], calls: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median and P90 ms per run, the runs interleaved in ``rounds`` rounds of ``calls // rounds``
+    calls each, so that the machine's drift falls on all of them alike."""
+    for run in runs.values():
+        for _ in range(5):  # warm-up
+            run()
+    ms: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            for _ in range(max(1, calls // rounds)):
+                t0 = time.perf_counter()
+                run()
+                ms[name].append((time.perf_counter() - t0) * 1000)
+    return {name: (float(np.median(v)), float(np.percentile(v, 90))) for name, v in ms.items()}
 
 
 def main() -> int:
@@ -52,7 +57,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="64,400,1000", help="examples per call, comma-separated")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--pool", type=int, default=6, help="threads of the pool (asyncio.to_thread's on 2 cores: 6)")
-    ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--calls", type=int, default=200, help="calls per path and place")
+    ap.add_argument("--rounds", type=int, default=10, help="the places and paths take turns this many times")
     args = ap.parse_args()
     for name in ("singular-1", "load-2"):
         if not (Path(args.packages) / name / "manifest.json").exists():
@@ -67,7 +73,7 @@ def main() -> int:
     gen = TrafficGenerator(pkg.manifest.workload, seed=1)
     places = {"main thread": None, "one thread, always the same": ThreadPoolExecutor(1),
               f"a pool of {args.pool} threads": ThreadPoolExecutor(args.pool)}
-    print(f"torch threads {args.threads}; median / P90 ms of {args.calls} calls")
+    print(f"torch threads {args.threads}; median / P90 ms of {args.calls} calls, in {args.rounds} interleaved rounds")
     print(f"{'examples':>8}  {'where':<30}  {'monolith tower':>16}  {'stack tower':>16}")
     for size in (int(s) for s in args.sizes.split(",")):
         batch = gen.batch(size)
@@ -82,11 +88,13 @@ def main() -> int:
 
         gap = float(np.abs(monolith() - stack()).max())
         assert gap < 1e-2, f"the two paths disagree by {gap}"  # float16 parts against float32 outputs
+        runs = {}
         for where, pool in places.items():
-            row = []
-            for fn in (monolith, stack):
-                call = fn if pool is None else (lambda f=fn, ex=pool: ex.submit(f).result())
-                row.append("%.2f / %.2f" % _timed(call, args.calls))
+            for path, fn in (("monolith", monolith), ("stack", stack)):
+                runs[(where, path)] = fn if pool is None else (lambda f=fn, ex=pool: ex.submit(f).result())
+        figures = _timed(runs, args.calls, args.rounds)
+        for where in places:
+            row = ["%.2f / %.2f" % figures[(where, path)] for path in ("monolith", "stack")]
             print(f"{size:>8}  {where:<30}  {row[0]:>16}  {row[1]:>16}")
     return 0
 

@@ -129,11 +129,9 @@ class _Batcher:
     a time); a call larger than a batch runs alone. Records each call's wait and batch time
     as stages ``{name}.wait`` and ``{name}.{work}``.
 
-    The core runs on one thread of its own, always the same: torch's OpenMP team stays with it.
-    Through ``asyncio.to_thread`` successive calls landed on different threads of the loop's
-    default pool, each with a team of its own to wake: a criteo-kaggle tower call of 400
-    examples took 5.1-5.4 ms there against 4.1 ms on one thread (benchmarks/results/dataplane-2core/
-    one-thread-README.md)."""
+    The core runs on one thread of its own, as the monolith's scoring does: never behind other
+    blocking work sent to the event loop's default pool (the fading store, log closes). Timed
+    apart, one thread and a pool cost the same per call (benchmarks/tower_thread.py)."""
 
     def __init__(self, run_many, *, name: str, work: str):
         self.run_many = run_many  # items -> results, on self._thread
