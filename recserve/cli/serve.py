@@ -11,10 +11,17 @@ from recserve.cli.types import Subcommand
 from serving.app.versions import ROUTER_APP
 from serving.ops.ingress import DEFAULT_INGRESS, INGRESS_MODES
 
-# Serve gives its proxy 5 s to start (and 10 s per health check) before its controller kills
-# it, and serve.start then fails (ActorDiedError, "killed by ray.kill"): a busy 2-core machine
-# misses that (seen in CI). Set before Ray starts: its processes inherit the environment.
-SERVE_STARTUP_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+# Set before Ray starts (its processes inherit the environment), unless the operator set them:
+# - Serve gives its proxy 5 s to start (and 10 s per health check) before its controller kills
+#   it, and serve.start then fails (ActorDiedError, "killed by ray.kill"): a busy 2-core machine
+#   misses that (seen in CI).
+# - What an idle stack costs: Serve's controller loops every 0.1 s and every replica and proxy
+#   exports Serve's cached metrics every 0.1 s. At 0.25 s and 1 s, an idle 2-shard stack's 27
+#   processes take 178 ms of CPU a second instead of 259. At 10 req/s that idle cost is most of
+#   a request's CPU (docs/dataplane.md). The cost: the controller reacts up to 0.15 s later (a
+#   lost replica's replacement, a deploy's next step); Prometheus scrapes far less often than 1 s.
+SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.25", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
 
 
 # Fading is on by default in `recserve serve` (AppArgs' own default is no filter, for callers
@@ -261,7 +268,7 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
     from sharding import PlannerError
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
-    for name, value in SERVE_STARTUP_ENV.items():
+    for name, value in SERVE_ENV.items():
         os.environ.setdefault(name, value)
     proxy_grpc, proxy_http = ports.grpc, ports.http
     held = None  # the gRPC port, held from here to the stop with --ingress shared

@@ -205,12 +205,12 @@ def serve_instance():
     import ray
     from ray import serve
 
-    from recserve.cli.serve import SERVE_STARTUP_ENV
+    from recserve.cli.serve import SERVE_ENV
     from serving.api.wire import GRPC_SERVICERS
 
     # replicas import serving/, kernels/, recserve/ from this checkout
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    for name, value in SERVE_STARTUP_ENV.items():  # Serve's proxy: time to start on a busy machine
+    for name, value in SERVE_ENV.items():  # as recserve serve runs Serve
         os.environ.setdefault(name, value)
     port = free_port()
     for attempt in range(3):
