@@ -15,13 +15,14 @@ from serving.ops.ingress import DEFAULT_INGRESS, INGRESS_MODES
 # - Serve gives its proxy 5 s to start (and 10 s per health check) before its controller kills
 #   it, and serve.start then fails (ActorDiedError, "killed by ray.kill"): a busy 2-core machine
 #   misses that (seen in CI).
-# - What an idle stack costs: Serve's controller loops every 0.1 s and every replica and proxy
-#   exports Serve's cached metrics every 0.1 s. At 0.25 s and 1 s, an idle 2-shard stack's 27
-#   processes take 178 ms of CPU a second instead of 259. At 10 req/s that idle cost is most of
-#   a request's CPU (docs/dataplane.md). The cost: the controller reacts up to 0.15 s later (a
-#   lost replica's replacement, a deploy's next step); Prometheus scrapes far less often than 1 s.
+# - What an idle stack costs: every replica and proxy exports Serve's cached metrics every
+#   0.1 s. At 1 s, an idle 2-shard stack's 27 processes take 216 ms of CPU a second instead of 259
+#   (benchmarks/idle_cpu.py); at 10 req/s that idle cost is most of a request's CPU
+#   (docs/dataplane.md). Prometheus scrapes far less often than once a second. Serve's controller
+#   loop (0.1 s) would save as much again at 0.25 s, but a lost shard replica's replacement then
+#   came 0.6-0.8 s later (benchmarks/replica_loss.py: 5.67 s against 4.88-5.03): it stays.
 SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
-             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.25", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+             "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
 
 
 # Fading is on by default in `recserve serve` (AppArgs' own default is no filter, for callers

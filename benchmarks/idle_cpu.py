@@ -1,0 +1,90 @@
+"""What a `recserve serve` stack costs with no request at all: CPU ms per second of every process
+of its tree (Ray's GCS, raylet, dashboard, Serve's controller and proxy, the replicas), measured
+over ``--seconds`` once it serves. At a low request rate this idle cost is most of a request's
+CPU (docs/dataplane.md: CPU per request at 10 req/s).
+
+    RAY_AUTH_MODE=token .venv/bin/python benchmarks/idle_cpu.py \\
+        artifacts/bench/criteo-kaggle-rows100000-fp32/packages/load-2 --seconds 30 [-- SERVE FLAGS]
+
+Serve's own settings come from the environment (recserve serve sets RAY_SERVE_METRICS_EXPORT_INTERVAL_MS
+unless it is set): set them here to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serving.ops.ports import free_port  # noqa: E402
+
+
+def _cpu_s(root: psutil.Process) -> dict[int, tuple[str, float]]:
+    out = {}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (" ".join(p.cmdline())[:80] or p.name(), t.user + t.system)
+        except psutil.Error:
+            pass
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("package")
+    ap.add_argument("--seconds", type=float, default=30.0, help="the measured idle window")
+    ap.add_argument("--settle", type=float, default=20.0, help="seconds to wait after the stack serves")
+    ap.add_argument("serve_args", nargs="*", help="more `recserve serve` flags (after --)")
+    args = ap.parse_args()
+    state = Path(tempfile.mkdtemp(prefix="idle-cpu-"))
+    log_path = state / "serve.log"
+    env = dict(os.environ, RAY_AUTH_MODE="token", RECSERVE_ARTIFACTS=str(state))
+    argv = [sys.executable, "-m", "recserve.cli", "serve", args.package, "--port", str(free_port()),
+            "--feature-filter", "none", *args.serve_args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)
+    try:
+        started = time.monotonic()
+        while "recserve: serving" not in log_path.read_text():
+            if proc.poll() is not None:
+                sys.exit(f"recserve serve exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() - started > 600:
+                sys.exit(f"not serving after 600 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        print(f"serving after {time.monotonic() - started:.0f} s; settling {args.settle:.0f} s, "
+              f"then measuring {args.seconds:.0f} s", flush=True)
+        time.sleep(args.settle)
+        root = psutil.Process(proc.pid)
+        before = _cpu_s(root)
+        time.sleep(args.seconds)
+        after = _cpu_s(root)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    rows = sorted(((after[pid][1] - before[pid][1]) / args.seconds * 1000, after[pid][0])
+                  for pid in after if pid in before)
+    print(f"{'CPU ms/s':>9}  process")
+    for ms, name in reversed(rows):
+        print(f"{ms:9.1f}  {name}")
+    print(f"{sum(ms for ms, _ in rows):9.1f}  total over {len(rows)} processes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
