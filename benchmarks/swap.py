@@ -1,0 +1,348 @@
+"""A version swap as an operator runs it, under load (issue 22 §3): `recserve serve v1`, then from
+other processes `recserve deploy v2`, a corrupt package (refused), and `recserve deploy v3`, while
+an open-loop caller sends requests with deadlines. Every OK answer is checked against the
+in-process model of the version it names (serving/engine/local_ranker.py), so a mixed or wrong
+answer is counted, not just a failed one.
+
+    RAY_AUTH_MODE=token .venv/bin/python benchmarks/swap.py --out benchmarks/results/swap-shared
+
+The packages: criteo-kaggle with seeded random weights (`recserve export --init random`, tables
+capped at ``--max-rows``), one seed per version, 2 shards; the corrupt one is v2 with bytes
+appended to a shard file. The stack: `recserve serve` with its defaults (``--serve-arg`` adds
+flags). Writes ``swap.md`` (a table per phase and one per command), ``swap.json`` and
+``swap.png`` (each request's latency against time, coloured by the version that answered, the
+commands' spans shaded) under ``--out``. The CPU of every process of the stack and of the deploy
+commands is sampled every 0.25 s and averaged per phase by group (the serving replicas by version,
+Serve's controller, Ray's own processes, workers still starting), so a phase's latency can be put
+beside what ran on the cores meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serving.ops.ports import free_port  # noqa: E402
+
+TOL = 1e-3  # float16 pooled embeddings on the wire (the default) against the float32 model
+
+
+@dataclass
+class Outcome:
+    sent_s: float  # since the load started
+    latency_ms: float
+    code: str  # OK or the gRPC status name
+    version: str = ""
+    right: bool = True  # scores equal the named version's model
+
+
+@dataclass
+class Command:
+    name: str
+    argv: list
+    start_s: float = 0.0
+    end_s: float = 0.0
+    returncode: int | None = None
+    tail: str = ""
+    lines: list = field(default_factory=list)  # (s on the load's clock, a line it printed)
+
+
+@dataclass
+class Run:
+    outcomes: list = field(default_factory=list)
+    commands: list = field(default_factory=list)
+    cpu: list = field(default_factory=list)  # (s on the load's clock, {process group: % of one core})
+
+
+# what each process of the stack is, for the CPU table (first match of its command line)
+_GROUPS = (("Router", "Router"), ("ServeController", "Serve controller"), ("ProxyActor", "Serve proxy"),
+           ("gcs_server", "Ray GCS"), ("raylet", "raylet"), ("RuntimeEnvAgent", "runtime-env agent"),
+           ("runtime_env", "runtime-env agent"), ("Agent", "dashboard agent"), ("dashboard", "Ray dashboard"),
+           ("recserve.cli deploy", "recserve deploy"), ("recserve.cli serve", "recserve serve"))
+
+
+def _group(cmdline: str) -> str:
+    if "ServeReplica:recserve@" in cmdline:  # a version's shard or tower: by version
+        return "replicas of " + cmdline.split("ServeReplica:recserve@", 1)[1].split(":", 1)[0]
+    for key, name in _GROUPS:
+        if key in cmdline:
+            return name
+    return "other Ray workers (starting: ray::IDLE, setup)"
+
+
+def _sample_cpu(root_pid: int, started: float, stop: threading.Event, run: Run, period_s: float = 0.25) -> None:
+    """Every ``period_s``: each group's CPU over the period, in % of one core, for the stack's
+    process tree and the deploy commands (children of this process)."""
+    import psutil
+
+    me, last = psutil.Process(), {}
+    while not stop.wait(period_s):
+        now, groups = {}, {}
+        try:
+            procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True),
+                     *me.children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                now[p.pid] = (_group(" ".join(p.cmdline())), t.user + t.system)
+            except psutil.Error:
+                continue
+        for pid, (group, cpu) in now.items():
+            if pid in last:
+                groups[group] = groups.get(group, 0.0) + (cpu - last[pid][1]) / period_s * 100
+        last = now
+        if groups:
+            run.cpu.append((round(time.monotonic() - started, 2), {g: round(v, 1) for g, v in groups.items()}))
+
+
+def _export(workload: str, max_rows: int, seed: int, version: str, out: Path) -> Path:
+    if (out / "manifest.json").exists():
+        return out
+    run = subprocess.run([sys.executable, "-m", "recserve.cli", "export", "--workload", workload,
+                          "--max-rows", str(max_rows), "--init", "random", "--seed", str(seed), "--out", str(out),
+                          "--strategy", "load", "--shards", "2", "--name", "swap-bench", "--model-version", version],
+                         cwd=ROOT, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"export of {version} failed:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
+    print(f"  packaged {version} -> {out}", flush=True)
+    return out
+
+
+def _load(address: str, requests: list, expected: dict, rate: float, stop: threading.Event, run: Run,
+          timeout_s: float) -> None:
+    """Open loop at ``rate`` req/s over 8 connections until ``stop``."""
+    import grpc
+
+    from recserve.v1 import ranker_pb2_grpc
+
+    channels = [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(8)]
+    stubs = [ranker_pb2_grpc.RankerStub(ch).Predict for ch in channels]
+    start = time.monotonic()
+    lock = threading.Lock()
+
+    def call(i: int, sent: float) -> None:
+        message, key = requests[i % len(requests)]
+        t0 = time.monotonic()
+        try:
+            reply = stubs[i % len(stubs)](message, timeout=timeout_s)
+            out = Outcome(sent, (time.monotonic() - t0) * 1000, "OK", reply.version)
+            want = expected.get((reply.version, key))
+            got = np.asarray(reply.scores, dtype=np.float32)
+            out.right = want is not None and got.shape == want.shape and bool(np.allclose(got, want, atol=TOL))
+        except grpc.RpcError as e:
+            out = Outcome(sent, (time.monotonic() - t0) * 1000, e.code().name)
+        with lock:
+            run.outcomes.append(out)
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        i = 0
+        while not stop.is_set():
+            due = start + i / rate
+            now = time.monotonic()
+            if due > now:
+                time.sleep(due - now)
+            pool.submit(call, i, due - start)
+            i += 1
+    for ch in channels:
+        ch.close()
+
+
+def _phases(run: Run) -> list[tuple[str, float, float]]:
+    """(name, from, to) on the load's clock: before, each command's span, and between them."""
+    out, t = [], 0.0
+    for c in run.commands:
+        out.append((f"before {c.name}" if t == 0.0 else "between", t, c.start_s))
+        out.append((c.name, c.start_s, c.end_s))
+        t = c.end_s
+    out.append(("after", t, float("inf")))
+    return out
+
+
+def _summary(rows: list[Outcome]) -> dict:
+    ok = [r for r in rows if r.code == "OK"]
+    lat = np.array([r.latency_ms for r in ok]) if ok else np.array([np.nan])
+    codes: dict[str, int] = {}
+    for r in rows:
+        if r.code != "OK":
+            codes[r.code] = codes.get(r.code, 0) + 1
+    return {"sent": len(rows), "ok": len(ok), "failed": codes, "wrong": sum(not r.right for r in ok),
+            "versions": sorted({r.version for r in ok}), "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99))}
+
+
+def _report(run: Run, out: Path, header: str) -> str:
+    lines = [header, "", "| phase | from s | to s | sent | OK | failed | wrong | versions answering | P50 / P99 ms |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |"]
+    for name, lo, hi in _phases(run):
+        s = _summary([r for r in run.outcomes if lo <= r.sent_s < hi])
+        hi_text = "end" if hi == float("inf") else f"{hi:.1f}"
+        lines.append(f"| {name} | {lo:.1f} | {hi_text} | {s['sent']} | {s['ok']} | {s['failed'] or '-'} | {s['wrong']} | "
+                     f"{', '.join(s['versions']) or '-'} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} |")
+    total = _summary(run.outcomes)
+    lines.append(f"| **all** | | | {total['sent']} | {total['ok']} | {total['failed'] or '-'} | {total['wrong']} | "
+                 f"{', '.join(total['versions'])} | {total['p50_ms']:.1f} / {total['p99_ms']:.1f} |")
+    lines += ["", "| command | took s | exit | its last line |", "| --- | ---: | ---: | --- |"]
+    for c in run.commands:
+        last = (c.tail.strip().splitlines() or [""])[-1].replace("|", "/")[:160]
+        lines.append(f"| `{c.name}` | {c.end_s - c.start_s:.1f} | {c.returncode} | {last} |")
+    groups = sorted({g for _, sample in run.cpu for g in sample})
+    if groups:
+        lines += ["", "Mean CPU per phase, % of one core (2 cores = 200%), sampled every 0.25 s:", "",
+                  "| phase | " + " | ".join(groups) + " | all |", "| --- |" + " ---: |" * (len(groups) + 1)]
+        for name, lo, hi in _phases(run):
+            samples = [sample for t, sample in run.cpu if lo <= t < hi]
+            if not samples:
+                continue
+            means = [sum(smp.get(g, 0.0) for smp in samples) / len(samples) for g in groups]
+            lines.append(f"| {name} | " + " | ".join(f"{m:.0f}" for m in means) + f" | {sum(means):.0f} |")
+    for c in run.commands:
+        steps = [f"{t:.1f} {line}" for t, line in c.lines if line.startswith("recserve deploy:")]
+        lines += ["", f"`{c.name}`'s steps (s on the load's clock):", "", *(f"    {step}" for step in steps)]
+    text = "\n".join(lines) + "\n"
+    (out / "swap.md").write_text(text)
+    (out / "swap.json").write_text(json.dumps({"outcomes": [asdict(o) for o in run.outcomes],
+                                               "commands": [asdict(c) for c in run.commands], "cpu": run.cpu}, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(11, 4))
+        for c in run.commands:
+            ax.axvspan(c.start_s, c.end_s, alpha=0.15, color="red" if c.returncode else "grey")
+            ax.text(c.start_s, 1, c.name, fontsize=7, rotation=90, va="bottom", transform=ax.get_xaxis_transform())
+        for version in sorted({r.version for r in run.outcomes if r.code == "OK"}):
+            rows = [r for r in run.outcomes if r.code == "OK" and r.version == version]
+            ax.scatter([r.sent_s for r in rows], [r.latency_ms for r in rows], s=4, label=version)
+        failed = [r for r in run.outcomes if r.code != "OK"]
+        if failed:
+            ax.scatter([r.sent_s for r in failed], [r.latency_ms for r in failed], s=12, marker="x", c="k",
+                       label="failed")
+        ax.set_xlabel("s since the load started")
+        ax.set_ylabel("latency ms")
+        ax.set_yscale("log")
+        ax.legend(loc="upper right", markerscale=3)
+        fig.tight_layout()
+        fig.savefig(out / "swap.png", dpi=120)
+    except ImportError:
+        pass
+    return text
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workload", default="criteo-kaggle")
+    ap.add_argument("--max-rows", type=int, default=20_000)
+    ap.add_argument("--rate", type=float, default=20.0, help="requests per second, open loop")
+    ap.add_argument("--batch", type=int, default=64, help="examples per request")
+    ap.add_argument("--timeout", type=float, default=1.0, help="each request's deadline, s")
+    ap.add_argument("--settle", type=float, default=10.0, help="seconds of load before, between and after")
+    ap.add_argument("--serve-arg", action="append", default=[], help="one more `recserve serve` flag")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "packages"
+    print("packages ...", flush=True)
+    packages = {v: _export(args.workload, args.max_rows, seed, v, work / v)
+                for v, seed in (("v1", 1), ("v2", 2), ("v3", 3))}
+    bad = work / "v2-corrupt"
+    if not bad.exists():
+        shutil.copytree(packages["v2"], bad)
+        with open(bad / "shards" / "shard-1.safetensors", "ab") as f:
+            f.write(b"corrupt")
+
+    from recserve.package import ModelPackage
+    from recserve.synth import TrafficGenerator
+    from serving.api.codec import encode_request
+    from serving.engine.local_ranker import LocalRanker
+
+    workload = ModelPackage.open(str(packages["v1"])).manifest.workload
+    batches = [TrafficGenerator(workload, seed=100 + i).batch(args.batch) for i in range(16)]
+    requests = []
+    for i, b in enumerate(batches):
+        requests.append((encode_request(b.dense, {f: (x.values, x.lengths) for f, x in b.sparse.items()},
+                                        model="swap-bench"), i))
+    expected = {}
+    for v, pkg in packages.items():
+        ranker = LocalRanker.load(str(pkg))
+        for i, b in enumerate(batches):
+            expected[(v, i)] = ranker.score(b)
+
+    state = out / "state"
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir()
+    env = dict(os.environ, RAY_AUTH_MODE="token", RECSERVE_ARTIFACTS=str(state), PYTHONPATH=str(ROOT))
+    port = free_port()
+    log_path = out / "serve.log"
+    print(f"recserve serve v1 on 127.0.0.1:{port} ...", flush=True)
+    with open(log_path, "w") as log:
+        serve = subprocess.Popen([sys.executable, "-m", "recserve.cli", "serve", str(packages["v1"]), "--port", str(port),
+                                  *args.serve_arg], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                 start_new_session=True)
+    run, stop = Run(), threading.Event()
+    try:
+        deadline = time.monotonic() + 600
+        while "recserve: serving" not in log_path.read_text():
+            if serve.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"recserve serve did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        load = threading.Thread(target=_load, args=(f"127.0.0.1:{port}", requests, expected, args.rate, stop, run,
+                                                    args.timeout))
+        started = time.monotonic()
+        load.start()
+        sampler = threading.Thread(target=_sample_cpu, args=(serve.pid, started, stop, run), daemon=True)
+        sampler.start()
+        steps = [("deploy v2", packages["v2"]), ("deploy v2-corrupt", bad), ("deploy v3", packages["v3"])]
+        for name, pkg in steps:
+            time.sleep(args.settle)
+            command = Command(name, [sys.executable, "-m", "recserve.cli", "deploy", str(pkg)])
+            print(f"{name} ...", flush=True)
+            command.start_s = time.monotonic() - started
+            with subprocess.Popen(command.argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) as proc:
+                for line in proc.stdout:  # each step's time, to line up with the load's
+                    command.lines.append((round(time.monotonic() - started, 2), line.rstrip()))
+            command.end_s = time.monotonic() - started
+            command.returncode = proc.returncode
+            command.tail = "\n".join(line for _, line in command.lines)[-4000:]
+            run.commands.append(command)
+            print(f"  exit {proc.returncode} after {command.end_s - command.start_s:.1f} s", flush=True)
+        time.sleep(args.settle)
+        stop.set()
+        load.join()
+    finally:
+        stop.set()
+        if serve.poll() is None:
+            serve.send_signal(signal.SIGINT)
+            try:
+                serve.wait(120)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+    header = (f"### `recserve serve` v1, then `recserve deploy` v2, a corrupt v2, v3 from other processes; "
+              f"open loop {args.rate:g} req/s of {args.batch} examples, {args.timeout:g} s deadlines, "
+              f"{args.workload} capped at {args.max_rows} rows, serve flags: {' '.join(args.serve_arg) or 'defaults'}")
+    print(_report(run, out, header))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
