@@ -21,8 +21,13 @@ from serving.ops.ingress import DEFAULT_INGRESS, INGRESS_MODES
 #   (docs/dataplane.md). Prometheus scrapes far less often than once a second. Serve's controller
 #   loop (0.1 s) would save as much again at 0.25 s, but a lost shard replica's replacement then
 #   came 0.6-0.8 s later (benchmarks/replica_loss.py: 5.67 s against 4.88-5.03): it stays.
+# - Ray starts its workers, and so every replica, at nice 15, below its own GCS, raylet and
+#   dashboard (nice 0). A deploy's raylet then took both of 2 cores for ~1 s to start the new
+#   version's workers, and the serving replicas, 28 times lighter for the scheduler, stalled
+#   behind it: requests waited ~1 s (benchmarks/results/swap-shared). At 0, as the monolith runs
+#   and as every benchmark's stack has run (loadtest/targets.py), they share the cores evenly.
 SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
-             "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+             "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000", "RAY_worker_niceness": "0"}
 
 
 # Fading is on by default in `recserve serve` (AppArgs' own default is no filter, for callers
