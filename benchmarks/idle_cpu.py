@@ -13,9 +13,6 @@ unless it is set): set them here to compare.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +23,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.ops.ports import free_port  # noqa: E402
+from loadtest.targets import ServeStack  # noqa: E402
 
 
 def _cpu_s(root: psutil.Process) -> dict[int, tuple[str, float]]:
@@ -45,38 +42,23 @@ def main() -> int:
     ap.add_argument("package")
     ap.add_argument("--seconds", type=float, default=30.0, help="the measured idle window")
     ap.add_argument("--settle", type=float, default=20.0, help="seconds to wait after the stack serves")
-    ap.add_argument("serve_args", nargs="*", help="more `recserve serve` flags (after --)")
+    ap.add_argument("serve_args", nargs="*", help="more `recserve serve` flags (after --; the feature filter is "
+                                                  "none unless one is named, as in the bench)")
     args = ap.parse_args()
     state = Path(tempfile.mkdtemp(prefix="idle-cpu-"))
-    log_path = state / "serve.log"
-    env = dict(os.environ, RAY_AUTH_MODE="token", RECSERVE_ARTIFACTS=str(state))
-    argv = [sys.executable, "-m", "recserve.cli", "serve", args.package, "--port", str(free_port()),
-            "--feature-filter", "none", *args.serve_args]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True)
-    try:
-        started = time.monotonic()
-        while "recserve: serving" not in log_path.read_text():
-            if proc.poll() is not None:
-                sys.exit(f"recserve serve exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() - started > 600:
-                sys.exit(f"not serving after 600 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        print(f"serving after {time.monotonic() - started:.0f} s; settling {args.settle:.0f} s, "
-              f"then measuring {args.seconds:.0f} s", flush=True)
+    # the user's `recserve serve`: Ray's own metrics report interval, 10 s (ServeStack shortens it
+    # for the bench's stage histograms), its state file apart from any running stack's
+    env = {"RECSERVE_ARTIFACTS": str(state), "RAY_metrics_report_interval_ms": "10000"}
+    started = time.monotonic()
+    with ServeStack(Path(args.package), name="idle", log_dir=state, env=env, extra_args=tuple(args.serve_args),
+                    ready_timeout_s=600) as stack:
+        print(f"serving after {time.monotonic() - started:.0f} s (log {stack.log_path}); settling "
+              f"{args.settle:.0f} s, then measuring {args.seconds:.0f} s", flush=True)
         time.sleep(args.settle)
-        root = psutil.Process(proc.pid)
+        root = psutil.Process(stack.proc.pid)
         before = _cpu_s(root)
         time.sleep(args.seconds)
         after = _cpu_s(root)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     rows = sorted(((after[pid][1] - before[pid][1]) / args.seconds * 1000, after[pid][0])
                   for pid in after if pid in before)
     print(f"{'CPU ms/s':>9}  process")

@@ -8,8 +8,8 @@ answer is counted, not just a failed one.
 
 The packages: criteo-kaggle with seeded random weights (`recserve export --init random`, tables
 capped at ``--max-rows``), one seed per version, 2 shards; the corrupt one is v2 with bytes
-appended to a shard file. The stack: `recserve serve` with its defaults (``--serve-arg`` adds
-flags). Writes ``swap.md`` (a table per phase and one per command), ``swap.json`` and
+appended to a shard file. The stack: `recserve serve` with its defaults, the fading filter included
+(``--serve-arg`` adds flags), started and stopped as the bench's stacks are (loadtest/targets.py). Writes ``swap.md`` (a table per phase and one per command), ``swap.json`` and
 ``swap.png`` (each request's latency against time, coloured by the version that answered, the
 commands' spans shaded) under ``--out``. The CPU of every process of the stack and of the deploy
 commands is sampled every 0.25 s and averaged per phase by group (the serving replicas by version,
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -37,7 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.ops.ports import free_port  # noqa: E402
+from loadtest.targets import ServeStack  # noqa: E402
+from recserve.cli.serve import FADING_FILTER  # noqa: E402
 
 TOL = 1e-3  # float16 pooled embeddings on the wire (the default) against the float32 model
 
@@ -290,56 +290,46 @@ def main() -> int:
     state = out / "state"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir()
-    env = dict(os.environ, RAY_AUTH_MODE="token", RECSERVE_ARTIFACTS=str(state), PYTHONPATH=str(ROOT))
-    port = free_port()
-    log_path = out / "serve.log"
-    print(f"recserve serve v1 on 127.0.0.1:{port} ...", flush=True)
-    with open(log_path, "w") as log:
-        serve = subprocess.Popen([sys.executable, "-m", "recserve.cli", "serve", str(packages["v1"]), "--port", str(port),
-                                  *args.serve_arg], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                 start_new_session=True)
+    # `recserve deploy` finds the stack through the state file under RECSERVE_ARTIFACTS; Ray's own
+    # metrics report interval (10 s) and recserve serve's own feature filter (fading), as a user runs it
+    env = {"RECSERVE_ARTIFACTS": str(state), "RAY_metrics_report_interval_ms": "10000"}
+    serve_args = tuple(args.serve_arg)
+    if not any(a.startswith("--feature-filter") for a in serve_args):
+        serve_args += ("--feature-filter", FADING_FILTER)
     run, stop = Run(), threading.Event()
-    try:
-        deadline = time.monotonic() + 600
-        while "recserve: serving" not in log_path.read_text():
-            if serve.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"recserve serve did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        load = threading.Thread(target=_load, args=(f"127.0.0.1:{port}", requests, expected, args.rate, stop, run,
+    print("recserve serve v1 ...", flush=True)
+    with ServeStack(packages["v1"], name="swap", log_dir=out, env=env, extra_args=serve_args,
+                    ready_timeout_s=600) as stack:
+        deploy_env = dict(os.environ, RAY_AUTH_MODE="token", PYTHONPATH=str(ROOT), **env)
+        load = threading.Thread(target=_load, args=(stack.address, requests, expected, args.rate, stop, run,
                                                     args.timeout))
         started = time.monotonic()
         load.start()
-        sampler = threading.Thread(target=_sample_cpu, args=(serve.pid, started, stop, run), daemon=True)
+        sampler = threading.Thread(target=_sample_cpu, args=(stack.proc.pid, started, stop, run), daemon=True)
         sampler.start()
-        steps = [("deploy v2", packages["v2"]), ("deploy v2-corrupt", bad), ("deploy v3", packages["v3"])]
-        for name, pkg in steps:
+        try:
+            steps = [("deploy v2", packages["v2"]), ("deploy v2-corrupt", bad), ("deploy v3", packages["v3"])]
+            for name, pkg in steps:
+                time.sleep(args.settle)
+                command = Command(name, [sys.executable, "-m", "recserve.cli", "deploy", str(pkg)])
+                print(f"{name} ...", flush=True)
+                command.start_s = time.monotonic() - started
+                with subprocess.Popen(command.argv, cwd=ROOT, env=deploy_env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True) as proc:
+                    for line in proc.stdout:  # each step's time, to line up with the load's
+                        command.lines.append((round(time.monotonic() - started, 2), line.rstrip()))
+                command.end_s = time.monotonic() - started
+                command.returncode = proc.returncode
+                command.tail = "\n".join(line for _, line in command.lines)[-4000:]
+                run.commands.append(command)
+                print(f"  exit {proc.returncode} after {command.end_s - command.start_s:.1f} s", flush=True)
             time.sleep(args.settle)
-            command = Command(name, [sys.executable, "-m", "recserve.cli", "deploy", str(pkg)])
-            print(f"{name} ...", flush=True)
-            command.start_s = time.monotonic() - started
-            with subprocess.Popen(command.argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) as proc:
-                for line in proc.stdout:  # each step's time, to line up with the load's
-                    command.lines.append((round(time.monotonic() - started, 2), line.rstrip()))
-            command.end_s = time.monotonic() - started
-            command.returncode = proc.returncode
-            command.tail = "\n".join(line for _, line in command.lines)[-4000:]
-            run.commands.append(command)
-            print(f"  exit {proc.returncode} after {command.end_s - command.start_s:.1f} s", flush=True)
-        time.sleep(args.settle)
-        stop.set()
-        load.join()
-    finally:
-        stop.set()
-        if serve.poll() is None:
-            serve.send_signal(signal.SIGINT)
-            try:
-                serve.wait(120)
-            except subprocess.TimeoutExpired:
-                serve.kill()
+        finally:
+            stop.set()
+            load.join()
     header = (f"### `recserve serve` v1, then `recserve deploy` v2, a corrupt v2, v3 from other processes; "
               f"open loop {args.rate:g} req/s of {args.batch} examples, {args.timeout:g} s deadlines, "
-              f"{args.workload} capped at {args.max_rows} rows, serve flags: {' '.join(args.serve_arg) or 'defaults'}")
+              f"{args.workload} capped at {args.max_rows} rows, serve flags: {' '.join(serve_args)}")
     print(_report(run, out, header))
     return 0
 
