@@ -18,23 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtest.cpu import cpu_by_process, process_tree  # noqa: E402
 from loadtest.targets import ServeStack  # noqa: E402
-
-
-def _cpu_s(root: psutil.Process) -> dict[int, tuple[str, float]]:
-    out = {}
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            out[p.pid] = (" ".join(p.cmdline())[:80] or p.name(), t.user + t.system)
-        except psutil.Error:
-            pass
-    return out
 
 
 def main() -> int:
@@ -55,11 +43,10 @@ def main() -> int:
         print(f"serving after {time.monotonic() - started:.0f} s (log {stack.log_path}); settling "
               f"{args.settle:.0f} s, then measuring {args.seconds:.0f} s", flush=True)
         time.sleep(args.settle)
-        root = psutil.Process(stack.proc.pid)
-        before = _cpu_s(root)
+        before = cpu_by_process(process_tree(stack.proc.pid))
         time.sleep(args.seconds)
-        after = _cpu_s(root)
-    rows = sorted(((after[pid][1] - before[pid][1]) / args.seconds * 1000, after[pid][0])
+        after = cpu_by_process(process_tree(stack.proc.pid))
+    rows = sorted(((after[pid][1] - before[pid][1]) / args.seconds * 1000, after[pid][0][:80])
                   for pid in after if pid in before)
     print(f"{'CPU ms/s':>9}  process")
     for ms, name in reversed(rows):

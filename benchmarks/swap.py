@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtest.cpu import cpu_by_process, process_tree  # noqa: E402
 from loadtest.targets import ServeStack  # noqa: E402
 from recserve.cli.serve import FADING_FILTER  # noqa: E402
 
@@ -85,25 +86,13 @@ def _group(cmdline: str) -> str:
     return "other Ray workers (starting: ray::IDLE, setup)"
 
 
-def _sample_cpu(root_pid: int, started: float, stop: threading.Event, run: Run, period_s: float = 0.25) -> None:
-    """Every ``period_s``: each group's CPU over the period, in % of one core, for the stack's
-    process tree and the deploy commands (children of this process)."""
-    import psutil
-
-    me, last = psutil.Process(), {}
+def _sample_cpu(started: float, stop: threading.Event, run: Run, period_s: float = 0.25) -> None:
+    """Every ``period_s``: each group's CPU over the period, in % of one core, over this process's
+    descendants: the stack (``recserve serve`` and the Ray it started) and the deploy commands."""
+    me, last = os.getpid(), {}
     while not stop.wait(period_s):
-        now, groups = {}, {}
-        try:
-            procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True),
-                     *me.children(recursive=True)]
-        except psutil.Error:
-            return
-        for p in procs:
-            try:
-                t = p.cpu_times()
-                now[p.pid] = (_group(" ".join(p.cmdline())), t.user + t.system)
-            except psutil.Error:
-                continue
+        now = {pid: (_group(title), cpu) for pid, (title, cpu) in cpu_by_process(process_tree(me)[1:]).items()}
+        groups: dict[str, float] = {}
         for pid, (group, cpu) in now.items():
             if pid in last:
                 groups[group] = groups.get(group, 0.0) + (cpu - last[pid][1]) / period_s * 100
@@ -305,7 +294,7 @@ def main() -> int:
                                                     args.timeout))
         started = time.monotonic()
         load.start()
-        sampler = threading.Thread(target=_sample_cpu, args=(stack.proc.pid, started, stop, run), daemon=True)
+        sampler = threading.Thread(target=_sample_cpu, args=(started, stop, run), daemon=True)
         sampler.start()
         try:
             steps = [("deploy v2", packages["v2"]), ("deploy v2-corrupt", bad), ("deploy v3", packages["v3"])]

@@ -83,6 +83,19 @@ def role_of(p: psutil.Process) -> str:
     return "server"
 
 
+def cpu_by_process(procs: Iterable[psutil.Process]) -> dict[int, tuple[str, float]]:
+    """pid -> (title, CPU seconds user + system) of each of ``procs`` still alive: a reading of
+    every process apart (benchmarks/idle_cpu.py, benchmarks/swap.py)."""
+    out = {}
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (_cmdline(p), t.user + t.system)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
 def describe(procs: list[psutil.Process]) -> list[str]:
     """``pid title`` of each process (for logs and for py-spy)."""
     return [f"{p.pid} {_cmdline(p)[:80]}" for p in procs]

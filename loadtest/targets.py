@@ -222,9 +222,7 @@ class ServeStack(_Target):
         env = dict(os.environ)
         env.update(self.env)
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        # Ray starts workers at nice 15; the monolith runs at 0. On a busy machine that alone
-        # would hand the monolith the CPU, so the replicas run at the monolith's priority.
-        env.setdefault("RAY_worker_niceness", "0")
+        # the replicas run at the monolith's priority, nice 0: recserve serve sets it (SERVE_ENV)
         env.setdefault("RAY_metrics_report_interval_ms", "1000")  # stage histograms in ~2 s, not ~20 s
         if _on(env, "RAY_SERVE_ENABLE_HA_PROXY"):
             # HAProxy's frontend takes --port; the router replica's own ports (direct ingress,
