@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import grpc
 import numpy as np
@@ -180,9 +180,14 @@ async def open_loop(
     seed: int = 0,
     start_index: int = 0,
     keep_responses: bool = False,
+    until: Callable[[], bool] | None = None,
 ) -> RunRecord:
     """Send trace requests (cycling from ``start_index``) at ``rate``/s for ``duration_s``
-    (``keep_responses``: the OK answers' bytes in the record, to check their scores)."""
+    (``keep_responses``: the OK answers' bytes in the record, to check their scores).
+
+    ``until``: also stop sending as soon as it returns True (checked before each request; a
+    run whose end another thread decides, ``duration_s`` then its longest); the requests
+    already sent are answered and recorded."""
     offsets = arrival_offsets(rate, duration_s, max_requests, arrivals=arrivals, seed=seed)
     rec = _Recorder(len(offsets), keep_responses=keep_responses)
     async with _Connections(address) as calls:
@@ -193,6 +198,8 @@ async def open_loop(
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if until is not None and until():
+                break
             k = (start_index + slot) % len(payloads)
             rec.count = slot + 1
             call = calls[slot % len(calls)]

@@ -20,6 +20,20 @@ def test_open_loop_sends_at_the_offered_rate_and_every_request_is_answered(monol
     np.testing.assert_array_equal(run.trace_index, np.arange(60) % 30)
 
 
+def test_open_loop_stops_when_another_thread_says_so_and_keeps_every_answer(monolith, tiny):
+    import threading
+
+    trace = make_trace(tiny, 10, seed=0)
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    # an hour at most: the run ends because of ``until``, whatever the machine's speed
+    run = asyncio.run(open_loop(monolith, trace.payloads, rate=40.0, duration_s=3600.0, arrivals="uniform",
+                                keep_responses=True, until=stop.is_set))
+    assert 0 < len(run) < 200 and set(run.codes) == {"OK"}
+    assert run.scheduled_s.max() < 5.0
+    assert all(r is not None and len(r) > 0 for r in run.responses)
+
+
 def test_closed_loop_stops_at_the_request_cap(monolith, tiny):
     trace = make_trace(tiny, 10, seed=0)
     # a duration no run here comes near: the run ends because of the cap, whatever the machine's speed
