@@ -11,8 +11,10 @@ The server is plain ``grpc.aio`` on the replica's event loop: the Router's metho
 handlers, with gRPC's own context (its deadline included). Its door: at most ``max_in_flight``
 Predict calls work at once, ``max_queued`` more wait for a slot, and beyond both gRPC's core
 answers RESOURCE_EXHAUSTED before this process parses the request (``maximum_concurrent_rpcs``):
-under overload a refused request costs the router almost nothing and learns it at once. A call
-that would wait but could not be answered before its deadline is refused at once too.
+no handler runs for a refused request, but grpc.aio still takes each arrival through the event
+loop (a few hundred microseconds), so past ~1,000 arrivals/s on one core the refusals themselves
+queue (benchmarks/results/overload-pinned). A call that would wait but could not be answered
+before its deadline is refused at once too.
 
 Balancing is per connection: one caller's channel reaches one router. A client that wants
 more than one router's throughput opens several connections (a fleet of callers does; so does

@@ -180,8 +180,9 @@ async def create_server(
     servicer = MonolithServicer(ranker, admission=admission, workers=workers, example_log=example_log or OFF,
                                 coalesce_max_examples=coalesce_max_examples)
     # so_reuseport off: a second server on a taken port fails to bind instead of sharing it.
-    # Beyond max_in_flight calls, gRPC's core answers RESOURCE_EXHAUSTED itself, before this
-    # process parses the request: under overload the event loop never drowns in arrivals.
+    # Beyond max_in_flight calls, gRPC answers RESOURCE_EXHAUSTED before the request is parsed or
+    # a handler runs; grpc.aio still takes each arrival through the event loop, so at ~1,000
+    # arrivals/s on one core the refusals themselves can queue (benchmarks/results/overload-pinned).
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.so_reuseport", 0)],
                              maximum_concurrent_rpcs=max_in_flight)
     ranker_pb2_grpc.add_RankerServicer_to_server(servicer, server)
