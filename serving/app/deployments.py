@@ -803,17 +803,21 @@ class Router:
     async def _look_up_replicas(self, app: str) -> dict[str, int] | None:
         def look() -> dict[str, int] | None:
             import ray
-            from ray.serve.schema import ApplicationStatus
+            from ray.serve.context import _get_global_client
 
-            status = serve.status().applications.get(app)
-            if status is None or status.status in (ApplicationStatus.DEPLOYING, ApplicationStatus.NOT_STARTED):
+            # the controller's details as it sends them (JSON-ready), not serve.status(): that parses
+            # them into pydantic models, cloudpickling every deployment's request-router config, 95%
+            # of this look's CPU (benchmarks/results/profile-dlrmv2-2core) on a router whose calls are slow
+            client = _get_global_client(raise_if_no_controller_running=False)
+            details = client.get_serve_details().get("applications", {}).get(app) if client is not None else None
+            if details is None or details["status"] in ("DEPLOYING", "NOT_STARTED"):
                 return None  # not handed to Serve yet (the router starts first) or still starting
-            deployments = status.deployments
             alive = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
             running = {}
-            for name, d in deployments.items():
+            for name, d in details.get("deployments", {}).items():
                 actors = sum(1 for a in alive if f"{app}#{name}#" in a)
-                running[name] = min(int(d.replica_states.get("RUNNING", 0)), actors)
+                states = [r["state"] for r in d.get("replicas", [])]
+                running[name] = min(states.count("RUNNING"), actors)
             return running
 
         running = await asyncio.to_thread(look)
