@@ -52,9 +52,7 @@ def _p(rec: RunRecord, code: str, q: float, *, sent: bool = False) -> float:
     """The ``q`` percentile (ms) of the ``code`` answers' latency: from each request's scheduled
     time, or (``sent``) from its actual send, which leaves out the load generator's own lag."""
     mask = np.array([c == code for c in rec.codes], bool)
-    if not mask.any():
-        return float("nan")
-    return float(np.percentile((rec.service_s if sent else rec.latency_s)[mask], q) * 1000)
+    return percentiles_ms((rec.service_s if sent else rec.latency_s)[mask], (q,))[0]
 
 
 def recovery_s(probe: RunRecord, overload_end_s: float, bound_ms: float) -> float:
@@ -100,7 +98,7 @@ async def overload_at(address: str, payloads, args, factor: float, max_ok_s: flo
         # makes every answer look late; these are the server's own share
         "admitted_p99_sent_ms": _p(overload, "OK", 99, sent=True),
         "shed_p99_sent_ms": _p(overload, "RESOURCE_EXHAUSTED", 99, sent=True),
-        "sender_lag_p99_ms": float(np.percentile(overload.latency_s - overload.service_s, 99) * 1000),
+        "sender_lag_p99_ms": percentiles_ms(overload.latency_s - overload.service_s, (99,))[0],
         "recovery_s": recovery_s(probe, args.duration, u99),
         "probe_codes": _codes(probe),
     }

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtest.cpu import cpu_by_process, process_tree  # noqa: E402
+from loadtest.stats import percentiles_ms  # noqa: E402
 from loadtest.targets import ServeStack  # noqa: E402
 from recserve.cli.serve import FADING_FILTER  # noqa: E402
 
@@ -153,15 +154,15 @@ def _phases(run: Run) -> list[tuple[str, float, float]]:
 
 def _summary(rows: list[Outcome]) -> dict:
     ok = [r for r in rows if r.code == "OK"]
-    lat = np.array([r.latency_ms for r in ok]) if ok else np.array([np.nan])
-    service = np.array([r.service_ms for r in ok]) if ok else np.array([np.nan])
+    p50, p99 = percentiles_ms(np.array([r.latency_ms for r in ok]) / 1000, (50, 99))
+    (p99_service,) = percentiles_ms(np.array([r.service_ms for r in ok]) / 1000, (99,))
     codes: dict[str, int] = {}
     for r in rows:
         if r.code != "OK":
             codes[r.code] = codes.get(r.code, 0) + 1
     return {"sent": len(rows), "ok": len(ok), "failed": codes, "wrong": sum(not r.right for r in ok),
-            "versions": sorted({r.version for r in ok}), "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "p99_service_ms": float(np.percentile(service, 99))}
+            "versions": sorted({r.version for r in ok}), "p50_ms": p50, "p99_ms": p99,
+            "p99_service_ms": p99_service}
 
 
 def _report(run: Run, out: Path, header: str) -> str:
