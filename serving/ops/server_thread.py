@@ -58,8 +58,10 @@ class ServerThread:
         self.stop()
 
 
-async def serve_until_signalled(server: grpc.aio.Server, *, grace_s: float, name: str) -> None:
-    """Serve until SIGINT or SIGTERM, then stop gracefully (in-flight calls get ``grace_s``).
+async def serve_until_signalled(server: grpc.aio.Server, *, grace_s: float, name: str,
+                                before_stop: Callable[[], None] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully (in-flight calls get ``grace_s``);
+    ``before_stop`` runs first (a front that stops taking calls, in a thread).
 
     Explicit handlers, so a server started in the background (where a shell leaves SIGINT
     ignored) or by a supervisor (SIGTERM) still stops cleanly."""
@@ -75,5 +77,7 @@ async def serve_until_signalled(server: grpc.aio.Server, *, grace_s: float, name
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if before_stop is not None:
+            await asyncio.to_thread(before_stop)
         await server.stop(grace=grace_s)
         print(f"{name}: stopped", flush=True)

@@ -159,6 +159,7 @@ async def create_server(
     example_log: ExampleLogConfig | ExampleLog | None = None,
     coalesce_max_examples: int = DEFAULT_COALESCE_EXAMPLES,
     torch_threads: int | None = DEFAULT_TORCH_THREADS,
+    control_slack: int = 0,
 ) -> tuple[grpc.aio.Server, int]:
     """Load the package, bind ``host:port`` (0 = any free port), start; returns (server, port).
 
@@ -166,7 +167,9 @@ async def create_server(
     latency of an admitted request against the idle one (serving/engine/admission.py); ``workers``
     threads score; concurrent requests are scored together up to ``coalesce_max_examples``
     (1 = each alone). ``example_log``: log settings (or a ready log) for the served-example log; None = off.
-    ``torch_threads``: torch's intra-op threads in this process (None: leave them as they are)."""
+    ``torch_threads``: torch's intra-op threads in this process (None: leave them as they are).
+    ``control_slack``: calls beyond ``max_in_flight`` gRPC still takes (behind a front, which
+    bounds Predict itself, so that health checks and ModelInfo are never refused)."""
     if torch_threads is not None:
         import torch
 
@@ -182,9 +185,10 @@ async def create_server(
     # so_reuseport off: a second server on a taken port fails to bind instead of sharing it.
     # Beyond max_in_flight calls, gRPC answers RESOURCE_EXHAUSTED before the request is parsed or
     # a handler runs; grpc.aio still takes each arrival through the event loop, so at ~1,000
-    # arrivals/s on one core the refusals themselves can queue (benchmarks/results/overload-pinned).
+    # arrivals/s on one core the refusals themselves can queue (benchmarks/results/overload-pinned):
+    # serve_forever's front (serving/standalone/haproxy_front.py) refuses them in native code instead.
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.so_reuseport", 0)],
-                             maximum_concurrent_rpcs=max_in_flight)
+                             maximum_concurrent_rpcs=max_in_flight + control_slack)
     ranker_pb2_grpc.add_RankerServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -200,6 +204,10 @@ async def create_server(
     return server, bound
 
 
+# calls beyond max_in_flight the server takes behind a front: health checks and ModelInfo
+_FRONT_CONTROL_SLACK = 8
+
+
 class MonolithThread(ServerThread):
     """A monolith server on its own event loop in a background thread (for sync callers)."""
 
@@ -208,11 +216,33 @@ class MonolithThread(ServerThread):
 
 
 async def serve_forever(package: ModelPackage | str, port: int = 9000, *, metrics_port: int | None = None,
-                        **kwargs) -> None:
+                        front: str = "none", **kwargs) -> None:
     """Run a monolith until cancelled (``recserve serve --monolith``); with ``metrics_port``
     (0 = a free one), this process's Prometheus metrics (the stage histograms of
-    serving/engine/stages.py) on 127.0.0.1."""
-    server, bound = await create_server(package, port, **kwargs)
+    serving/engine/stages.py) on 127.0.0.1. ``front="haproxy"``: HAProxy answers ``port`` and
+    refuses beyond ``max_in_flight`` calls in native code (serving/standalone/haproxy_front.py);
+    this server then listens on a loopback port of its own."""
+    if front == "none":
+        server, bound = await create_server(package, port, **kwargs)
+        stop_front = None
+    elif front == "haproxy":
+        from serving.ops.ports import free_port
+        from serving.standalone.haproxy_front import Front
+
+        host = kwargs.pop("host", "127.0.0.1")
+        server, inner = await create_server(package, 0, host="127.0.0.1", control_slack=_FRONT_CONTROL_SLACK,
+                                            **kwargs)
+        door = Front(host, port or free_port(host), f"127.0.0.1:{inner}", max_in_flight=kwargs.get("max_in_flight", 16))
+        try:
+            await asyncio.to_thread(door.start)
+        except BaseException:
+            await server.stop(grace=None)
+            raise
+        bound, stop_front = door.port, door.stop
+        print(f"recserve: the front (HAProxy) on {host}:{bound} refuses beyond "
+              f"{kwargs.get('max_in_flight', 16)} requests in flight", flush=True)
+    else:
+        raise ValueError(f"front must be 'none' or 'haproxy', not {front!r}")
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -220,4 +250,8 @@ async def serve_forever(package: ModelPackage | str, port: int = 9000, *, metric
         print(f"recserve: metrics (Prometheus, recserve_stage_ms per stage) on "
               f"http://127.0.0.1:{http.server_port}/metrics", flush=True)
     print(f"recserve monolith listening on {kwargs.get('host', '127.0.0.1')}:{bound}", flush=True)
-    await serve_until_signalled(server, grace_s=1.0, name="recserve monolith")
+    try:
+        await serve_until_signalled(server, grace_s=1.0, name="recserve monolith", before_stop=stop_front)
+    finally:
+        if stop_front is not None:
+            stop_front()
