@@ -124,8 +124,9 @@ async def measure(address: str, payloads, args) -> dict:
     }
 
 
-def Monolith(package: Path, *, log_dir: Path, max_in_flight: int):
-    """loadtest's MonolithServer with the admission bound given (the load test runs 256)."""
+def Monolith(package: Path, *, log_dir: Path, max_in_flight: int, front: str = "auto"):
+    """loadtest's MonolithServer with the admission bound and the front given (the load test runs
+    256 and no front)."""
     import os
 
     from loadtest.cpu import CpuMeter, process_tree
@@ -134,7 +135,8 @@ def Monolith(package: Path, *, log_dir: Path, max_in_flight: int):
     class _Server(MonolithServer):
         def __enter__(self):
             argv = [sys.executable, "-m", "recserve.cli", "serve", "--monolith", str(self.package), "--port",
-                    str(self.port), "--max-in-flight", str(max_in_flight), "--feature-filter", "none"]
+                    str(self.port), "--max-in-flight", str(max_in_flight), "--feature-filter", "none",
+                    "--front", front]
             self._spawn(argv, dict(os.environ))
             self.cpu = CpuMeter(lambda: process_tree(self.proc.pid) if self.proc else [])
             self.info = self._wait_ready(self.ready_timeout_s)
@@ -229,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overload")
     p.add_argument("--serve-arg", action="append", default=[], help="extra argument for recserve serve")
     p.add_argument("--max-in-flight", type=int, default=16, help="the monolith's admission bound")
+    p.add_argument("--front", choices=("auto", "haproxy", "none"), default="auto",
+                   help="the monolith's --front (default auto: HAProxy where installed, as recserve serve)")
     args = p.parse_args(argv)
     try:
         args.factors = [float(f) for f in args.factors.split(",")]
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.address:
         result = asyncio.run(measure(args.address, trace.payloads, args))
     else:
-        server = (Monolith(package, log_dir=args.out, max_in_flight=args.max_in_flight) if args.target == "monolith"
+        server = (Monolith(package, log_dir=args.out, max_in_flight=args.max_in_flight, front=args.front) if args.target == "monolith"
                   else ServeStack(package, name="overload", log_dir=args.out, extra_args=tuple(args.serve_arg)))
         with server:
             result = asyncio.run(measure(server.address, trace.payloads, args))

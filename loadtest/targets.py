@@ -1,7 +1,10 @@
 """The servers under test, each started in its own process group and stopped afterwards.
 
 - :class:`MonolithServer`: the whole model in one process behind a plain grpc.aio server
-  (``serving.standalone.monolith``), started with ``recserve serve --monolith PACKAGE --port P``.
+  (``serving.standalone.monolith``), started with ``recserve serve --monolith PACKAGE --port P
+  --front none``: the bench compares data paths, so the monolith runs without the HAProxy front
+  that `recserve serve --monolith` puts on its port by default (the sharded stack's door is in
+  gRPC's core); the front under overload is benchmarks/overload.py's subject.
 - :class:`ServeStack`: the sharded Ray Serve stack, started with ``recserve serve PACKAGE
   --port P`` (a local Ray instance, the gRPC proxy on P); stopped with SIGINT so it shuts
   Serve and Ray down, then anything of its process tree still alive is ended by pid.
@@ -169,7 +172,7 @@ class MonolithServer(_Target):
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "recserve.cli", "serve", "--monolith", str(self.package), "--port", str(self.port),
                 "--device", self.device, "--feature-filter", self.feature_filter, "--metrics-port", "0",
-                *self.extra_args]
+                "--front", "none", *self.extra_args]
 
     def __enter__(self) -> MonolithServer:
         self._spawn(self.argv(), {**os.environ, **self.env})

