@@ -13,12 +13,19 @@ expired, and the server slides into a state where even a refusal takes ~1 s
   Predict's sake.
 
 Nothing ever waits in HAProxy's queue (its queue would be the natural place for ``max_queued``):
-over HTTP/2, a queued call whose body is larger than HAProxy's buffer (16 KiB; a 64-example
-criteo request is ~17 KB) stops HAProxy reading the caller's whole connection, so every other
-call on it stalls until deadlines cancel them (measured: 24 concurrent calls of 1,024 examples,
-all queued: 23 DEADLINE_EXCEEDED). So the refusal rule counts the calls at the server and no
-server line has a ``maxconn``; the server's own queue (its admission) stays where it is. Bodies
-stream through once forwarded: request size is not capped.
+over HTTP/2, a queued call whose body is larger than HAProxy's buffer stops HAProxy reading the
+caller's whole connection, so every other call on it stalls until deadlines cancel them
+(measured: 24 concurrent calls of 1,024 examples, all queued: 23 DEADLINE_EXCEEDED), and a
+request's size has no cap to size the buffer by. So the refusal rule counts the calls at the
+server and no server line has a ``maxconn``; the server's own queue (its admission) stays where it
+is. Bodies stream through once forwarded. The buffer is 64 KiB (a 64-example criteo request,
+~17 KB, in one; HAProxy's CPU per request 0.20-0.27 ms against 0.27-0.44 at its default 16 KiB:
+benchmarks/front_cpu.py, benchmarks/results/overload-front/cpu*.txt).
+
+What it costs on 2 cores: one more process and hop. At 10-50 req/s the latency is the same within
+noise; at 100 req/s (~65% of the maximum, nothing pinned) the P99 was 15-94 ms higher in four runs,
+HAProxy waiting for a core behind torch's threads. ``--front none`` where that matters more than
+overload.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ global
     nbthread 1
     noreuseport
     tune.h2.fe.max-concurrent-streams 100000
+    tune.bufsize 65536
 defaults
     mode http
     timeout connect 5s
