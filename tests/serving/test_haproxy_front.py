@@ -48,6 +48,18 @@ def _wait_listening(server: subprocess.Popen, timeout: float = 120.0) -> list[st
     raise AssertionError("the server did not start:\n" + "".join(lines) + server.stdout.read())
 
 
+def _all_at_once(client: RankingClient, batches) -> list:
+    """Every batch sent at once, each on its own thread: [(scores or None, RpcError or None)]."""
+    def call(batch):
+        try:
+            return client.predict(batch.dense, _sparse(batch), timeout=60), None
+        except grpc.RpcError as e:
+            return None, e
+
+    with ThreadPoolExecutor(len(batches)) as pool:
+        return list(pool.map(call, batches))
+
+
 def _haproxies_of(server: subprocess.Popen) -> list[psutil.Process]:
     return [p for p in psutil.Process(server.pid).children(recursive=True) if "haproxy" in p.name()]
 
@@ -95,15 +107,7 @@ def test_the_front_refuses_beyond_its_slots_with_resource_exhausted_and_what_it_
         batches = [gen.batch(4096) for _ in range(24)]
         with RankingClient(f"127.0.0.1:{port}") as client:
             client.predict(batches[0].dense, _sparse(batches[0]), timeout=60)  # warm
-
-            def call(batch):
-                try:
-                    return client.predict(batch.dense, _sparse(batch), timeout=60), None
-                except grpc.RpcError as e:
-                    return None, e
-
-            with ThreadPoolExecutor(len(batches)) as pool:
-                results = list(pool.map(call, batches))
+            results = _all_at_once(client, batches)
             assert client.health_check() == "SERVING"  # a probe is never queued behind Predict
     finally:
         server.send_signal(signal.SIGINT)
@@ -228,15 +232,7 @@ def test_the_stack_behind_the_front_spreads_one_callers_calls_over_the_routers_a
             assert len(routers) == 2 and all("Router" in t for t in titles), titles
 
             batches = [gen.batch(4096) for _ in range(24)]
-
-            def call(batch):
-                try:
-                    return client.predict(batch.dense, _sparse(batch), timeout=60), None
-                except grpc.RpcError as e:
-                    return None, e
-
-            with ThreadPoolExecutor(len(batches)) as pool:
-                results = list(pool.map(call, batches))
+            results = _all_at_once(client, batches)
         refused = [e for _, e in results if e is not None]
         assert refused, "nothing was refused past 2 routers x 2 calls"
         for e in refused:
