@@ -6,7 +6,8 @@
 For each front (``--front none`` and ``--front haproxy``) one ``recserve serve --monolith`` is
 started (the benchmark's own processes, not pinned), and for each rate an open loop runs for
 ``--duration`` s (the default package's trace, 1 s deadlines). Per row: OK answers, P50/P99 ms,
-and CPU ms per OK answer of the Python server, of HAProxy and of both (psutil, the process tree).
+and CPU ms per OK answer of the Python server, of HAProxy and of both (loadtest.cpu's meter of the
+process tree, split by its roles "server" and "haproxy").
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,17 +23,6 @@ sys.path.insert(0, str(ROOT))
 
 from loadtest.driver import open_loop, warm_up  # noqa: E402
 from loadtest.stats import percentiles_ms  # noqa: E402
-
-
-def _cpu(procs) -> dict[str, float]:
-    out = {"server": 0.0, "haproxy": 0.0}
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            out["haproxy" if "haproxy" in p.name() else "server"] += t.user + t.system
-        except Exception:  # noqa: BLE001 - a process that ended
-            pass
-    return out
 
 
 def main() -> int:
@@ -44,7 +35,6 @@ def main() -> int:
     args = p.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
 
-    from loadtest.cpu import process_tree
     from loadtest.trace import make_trace
     from loadtest.targets import MonolithServer
     from recserve.default_package import resolve_package
@@ -57,21 +47,19 @@ def main() -> int:
              f"{'haproxy ms/req':>15} {'total ms/req':>13}"]
     print("\n".join(lines), flush=True)
     for front in ("none", "haproxy"):
-        log_dir = Path(f"/tmp/front-cpu-{front}")
-        log_dir.mkdir(exist_ok=True)
+        log_dir = Path(tempfile.mkdtemp(prefix=f"front-cpu-{front}-"))
         # MonolithServer's argv says --front none; a later --front wins
         with MonolithServer(package, log_dir=log_dir, extra_args=("--front", front)) as server:
             asyncio.run(warm_up(server.address, trace.payloads, 20))
             for rate in rates:
-                procs = process_tree(server.proc.pid)
-                before = _cpu(procs)
+                before = server.cpu.read_by_role()
                 rec = asyncio.run(open_loop(server.address, trace.payloads, rate=rate, duration_s=args.duration,
                                             timeout_s=1.0))
-                after = _cpu(procs)
+                after = server.cpu.read_by_role()
                 ok = max(1, sum(c == "OK" for c in rec.codes))
                 lat = rec.latency_s[[c == "OK" for c in rec.codes]]
                 p50, p99 = percentiles_ms(lat, (50, 99))
-                srv, hap = ((after[k] - before[k]) * 1e3 / ok for k in ("server", "haproxy"))
+                srv, hap = ((after.get(k, 0.0) - before.get(k, 0.0)) * 1e3 / ok for k in ("server", "haproxy"))
                 line = (f"{front:>8} {rate:>7g} {ok:>6} {p50:>7.1f} {p99:>7.1f} {srv:>14.2f} {hap:>15.2f} "
                         f"{srv + hap:>13.2f}")
                 lines.append(line)

@@ -78,8 +78,9 @@ def role_of(p: psutil.Process) -> str:
         return title.split("#")[1]  # ray::SERVE_REPLICA::<app>#<deployment>#<id>:...
     if "ProxyActor" in title:
         return "proxy"
-    if "haproxy" in title.lower():
-        return "haproxy"
+    exe = title.split(" ", 1)[0].rsplit("/", 1)[-1]
+    if exe == "haproxy" or (title.startswith("ray::") and "haproxy" in title.lower()):
+        return "haproxy"  # the binary (Serve's HAProxy ingress, recserve's front), not "--front haproxy"
     return "server"
 
 

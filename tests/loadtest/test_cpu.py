@@ -63,3 +63,22 @@ def test_cpu_is_also_read_per_serving_role():
     meter = CpuMeter(lambda: [me])
     by_role = meter.read_by_role()
     assert set(by_role) == {"server"} and by_role["server"] == pytest.approx(meter.read(), abs=0.05)
+
+
+def test_a_server_started_with_front_haproxy_is_not_taken_for_haproxy():
+    """role_of looks at the executable: a process whose arguments say `--front haproxy` (as
+    `recserve serve --monolith --front haproxy` does) is a server, the HAProxy it starts is "haproxy"."""
+    import psutil
+
+    from serving.ops.ports import free_port
+    from serving.standalone.haproxy_front import Front
+
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "--front", "haproxy"])
+    try:
+        with Front("127.0.0.1", free_port(), f"127.0.0.1:{free_port()}", max_in_flight=1):
+            front = [p for p in psutil.Process().children(recursive=True) if p.pid != server.pid]
+            assert [role_of(p) for p in front] == ["haproxy"]
+        assert role_of(psutil.Process(server.pid)) == "server"
+    finally:
+        server.kill()
+        server.wait()
