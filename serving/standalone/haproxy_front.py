@@ -142,9 +142,6 @@ class Front:
             time.sleep(0.05)
         return self
 
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def stop(self, grace_s: float = 1.0) -> None:
         """Stop taking calls; those in flight get ``grace_s`` (HAProxy's soft stop), then it is killed."""
         with self._lock:

@@ -222,35 +222,36 @@ async def serve_forever(package: ModelPackage | str, port: int = 9000, *, metric
     serving/engine/stages.py) on 127.0.0.1. ``front="haproxy"``: HAProxy answers ``port`` and
     refuses beyond ``max_in_flight`` calls in native code (serving/standalone/haproxy_front.py);
     this server then listens on a loopback port of its own."""
+    host = kwargs.pop("host", "127.0.0.1")
     if front == "none":
-        server, bound = await create_server(package, port, **kwargs)
+        server, bound = await create_server(package, port, host=host, **kwargs)
         stop_front = None
     elif front == "haproxy":
         from serving.ops.ports import free_port
         from serving.standalone.haproxy_front import Front
 
-        host = kwargs.pop("host", "127.0.0.1")
+        max_in_flight = kwargs.get("max_in_flight", 16)
         server, inner = await create_server(package, 0, host="127.0.0.1", control_slack=_FRONT_CONTROL_SLACK,
                                             **kwargs)
-        door = Front(host, port or free_port(host), f"127.0.0.1:{inner}", max_in_flight=kwargs.get("max_in_flight", 16))
+        door = Front(host, port or free_port(host), f"127.0.0.1:{inner}", max_in_flight=max_in_flight)
         try:
             await asyncio.to_thread(door.start)
         except BaseException:
             await server.stop(grace=None)
             raise
         bound, stop_front = door.port, door.stop
-        print(f"recserve: the front (HAProxy) on {host}:{bound} refuses beyond "
-              f"{kwargs.get('max_in_flight', 16)} requests in flight", flush=True)
+        print(f"recserve: the front (HAProxy) on {host}:{bound} refuses beyond {max_in_flight} requests in flight",
+              flush=True)
     else:
         raise ValueError(f"front must be 'none' or 'haproxy', not {front!r}")
-    if metrics_port is not None:
-        from prometheus_client import start_http_server
+    try:  # from here on, whatever ends this stops the front too (its own stop is idempotent)
+        if metrics_port is not None:
+            from prometheus_client import start_http_server
 
-        http, _ = start_http_server(metrics_port, addr="127.0.0.1")
-        print(f"recserve: metrics (Prometheus, recserve_stage_ms per stage) on "
-              f"http://127.0.0.1:{http.server_port}/metrics", flush=True)
-    print(f"recserve monolith listening on {kwargs.get('host', '127.0.0.1')}:{bound}", flush=True)
-    try:
+            http, _ = start_http_server(metrics_port, addr="127.0.0.1")
+            print(f"recserve: metrics (Prometheus, recserve_stage_ms per stage) on "
+                  f"http://127.0.0.1:{http.server_port}/metrics", flush=True)
+        print(f"recserve monolith listening on {host}:{bound}", flush=True)
         await serve_until_signalled(server, grace_s=1.0, name="recserve monolith", before_stop=stop_front)
     finally:
         if stop_front is not None:
