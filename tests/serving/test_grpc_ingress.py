@@ -58,6 +58,35 @@ def test_routers_share_one_port_and_the_kernel_spreads_connections_over_them():
     assert asyncio.run(run()) == {"router-0", "router-1"}
 
 
+def test_routers_on_own_addresses_each_take_a_free_one_beside_the_held_port_and_the_last_is_refused():
+    """Behind a front each router takes the first free of 127.0.1.1..N on one port (held by
+    `recserve serve` on 127.0.0.1 meanwhile) and answers there alone; with all N taken the next
+    is refused naming every address it tried."""
+    from serving.app.grpc_ingress import own_addresses
+    from serving.ops.ports import hold_for_reuseport
+
+    port = free_port()
+    candidates = own_addresses(port, 2)
+
+    async def run() -> list[str]:
+        servers = [start_ingress(candidates, **_handlers(f"router-{i}"), max_in_flight=1, max_queued=1)
+                   for i in range(2)]
+        try:
+            with pytest.raises(OSError, match=", ".join(candidates)):
+                start_ingress(candidates, **_handlers("third"), max_in_flight=1, max_queued=1)
+            answered = []
+            for address in candidates:
+                async with _channel(address) as ch:
+                    answered.append((await ranker_pb2_grpc.RankerStub(ch).Predict(
+                        ranker_pb2.PredictRequest(), timeout=10)).version)
+            return answered
+        finally:
+            await asyncio.gather(*(s.stop(None) for s in servers))
+
+    with hold_for_reuseport(port):
+        assert asyncio.run(run()) == ["router-0", "router-1"]
+
+
 def test_a_port_held_without_so_reuseport_is_refused_naming_it():
     import socket
 

@@ -168,6 +168,22 @@ def test_the_front_names_the_port_it_cannot_bind():
             front.start(timeout_s=5)
 
 
+def test_a_checked_front_with_no_server_up_answers_unavailable_and_sees_every_line_down(tiny):
+    """Behind a checked front (the Ray stack's), a line nobody listens on is down after the first
+    probes; with none up a Predict call is answered UNAVAILABLE, not refused as overload."""
+    from serving.app.grpc_ingress import own_addresses
+    from serving.standalone.haproxy_front import Front
+
+    port = free_port()
+    with Front("127.0.0.1", port, own_addresses(free_port(), 3), max_in_flight=2, checked=True) as front:
+        assert [line["status"] for line in front.servers_stats()] == ["DOWN"] * 3
+        batch = TrafficGenerator(tiny, seed=1).batch(4)
+        with RankingClient(f"127.0.0.1:{port}") as client, pytest.raises(grpc.RpcError) as e:
+            client.predict(batch.dense, _sparse(batch), timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+    assert "no server is up behind the front" in e.value.details()
+
+
 @pytest.mark.parametrize("ingress", ["direct", "proxy"])
 def test_front_is_refused_where_serve_answers_the_port_before_anything_starts(ingress):
     r = subprocess.run([sys.executable, "-m", "recserve.cli", "serve", "--front", "haproxy", "--ingress", ingress,
@@ -177,27 +193,34 @@ def test_front_is_refused_where_serve_answers_the_port_before_anything_starts(in
     assert "--front haproxy needs --ingress shared" in r.stderr
 
 
-def _connected_pids(pid: int, port: int) -> set[int]:
-    """The processes whose TCP connections from process ``pid`` reach ``port``'s listeners."""
-    local = {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp")
-             if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}
-    found = set()
+def _listeners(port: int) -> dict[str, int]:
+    """Which process listens on ``port`` at each address ({"127.0.1.1": pid, ...})."""
+    found = {}
     for p in psutil.process_iter():
         try:
-            if any(c.raddr and c.raddr.port in local and c.laddr.port == port
-                   for c in p.net_connections(kind="tcp")):
-                found.add(p.pid)
+            for c in p.net_connections(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
+                    found[c.laddr.ip.removeprefix("::ffff:")] = p.pid  # gRPC's dual-stack sockets
         except psutil.Error:
             pass
     return found
 
 
+def _stats(front: psutil.Process) -> list[dict]:
+    """HAProxy's Predict server lines, through the stats socket its configuration names."""
+    from serving.standalone.haproxy_front import servers_stats
+
+    cfg = Path(front.cmdline()[front.cmdline().index("-f") + 1]).read_text()
+    return servers_stats(next(line.split()[2] for line in cfg.splitlines() if "stats socket" in line))
+
+
 @pytest.mark.slow
 def test_the_stack_behind_the_front_spreads_one_callers_calls_over_the_routers_and_refuses_natively(
         tiny_packages, tiny, reference, tmp_path):
-    """`recserve serve --front haproxy --router-replicas 2`: HAProxy on --port, the two Routers on a
-    shared loopback port behind it. One caller's channel reaches both routers; past 2 routers x
-    (1 + 1) calls HAProxy refuses; what is admitted is right; Ctrl-C leaves nothing running."""
+    """`recserve serve --front haproxy --router-replicas 2`: HAProxy on --port, the two Routers
+    behind it, each on a loopback address of its own. One caller's channel reaches both routers;
+    past 2 routers x (1 + 1) calls HAProxy refuses; what is admitted is right; Ctrl-C leaves nothing
+    running."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), RECSERVE_ARTIFACTS=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")
     log_path = tmp_path / "serve.log"
@@ -214,7 +237,7 @@ def test_the_stack_behind_the_front_spreads_one_callers_calls_over_the_routers_a
             assert proc.poll() is None, f"recserve serve exited {proc.returncode}:\n{log_path.read_text()}"
             assert time.monotonic() < deadline, f"not serving after 600 s:\n{log_path.read_text()}"
             time.sleep(1)
-        assert "the front (HAProxy) on 127.0.0.1:%d refuses beyond 2 router(s) x 2 requests" % port \
+        assert "the front (HAProxy) on 127.0.0.1:%d refuses beyond the running routers x 2 requests" % port \
             in log_path.read_text()
         front = _haproxies_of(proc)
         assert len(front) == 1
@@ -224,12 +247,18 @@ def test_the_stack_behind_the_front_spreads_one_callers_calls_over_the_routers_a
                 batch = gen.batch(32)
                 got = client.predict(batch.dense, _sparse(batch), timeout=60)
                 np.testing.assert_allclose(got, reference(batch), rtol=0, atol=1e-3)  # float16 on the wire
-            behind = {c.raddr.port for c in front[0].net_connections(kind="tcp")
-                      if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.laddr.port != port}
-            assert len(behind) == 1, behind  # the routers' one shared port
-            routers = _connected_pids(front[0].pid, behind.pop())
+            lines = {line["server"]: line for line in _stats(front[0])}
+            assert len(lines) == 4, lines  # twice the routers: a replacement may start before its predecessor ends
+            up = {address for address, line in lines.items() if line["status"] == "UP"}
+            assert len(up) == 2, lines
+            routers_port = int(next(iter(up)).rsplit(":", 1)[1])
+            listening = _listeners(routers_port)
+            assert {f"{ip}:{routers_port}" for ip in listening if ip.startswith("127.0.1.")} == up, listening
+            routers = {listening[address.rsplit(":", 1)[0]] for address in up}
             titles = [" ".join(psutil.Process(p).cmdline()) for p in routers]
             assert len(routers) == 2 and all("Router" in t for t in titles), titles
+            # one caller's calls, one at a time: each router answered half (the fewest in flight, in turn)
+            assert sorted(lines[address]["calls"] for address in up) == [8, 8], lines
 
             batches = [gen.batch(4096) for _ in range(24)]
             results = _all_at_once(client, batches)
@@ -237,7 +266,7 @@ def test_the_stack_behind_the_front_spreads_one_callers_calls_over_the_routers_a
         assert refused, "nothing was refused past 2 routers x 2 calls"
         for e in refused:
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
-        assert any("already in flight at this server" in e.details() for e in refused)
+        assert any("already in flight at each server behind the front" in e.details() for e in refused)
         for batch, (got, _) in zip(batches, results):
             if got is not None:
                 np.testing.assert_allclose(got, reference(batch), rtol=0, atol=1e-3)
