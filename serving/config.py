@@ -67,6 +67,15 @@ class BatchingConfig(BaseModel):
         return self
 
 
+def own_addresses(port: int, count: int) -> list[str]:
+    """The loopback addresses a Router replica picks its own from (``127.0.1.1:PORT`` ..
+    ``127.0.1.COUNT:PORT``; Linux routes all of 127/8 to the loopback device), in the order it
+    tries them. A front balances over these lines; one nobody holds is simply down there."""
+    if not 1 <= count <= 254:
+        raise ValueError(f"own addresses: 1 to 254 of them (got {count})")
+    return [f"127.0.1.{i}:{port}" for i in range(1, count + 1)]
+
+
 class AppArgs(BaseModel):
     """Arguments of :func:`serving.app.builder.build_app` (the ``args:`` of deploy/serve.yaml)."""
 
@@ -189,8 +198,6 @@ class AppArgs(BaseModel):
         picks its own from."""
         if not self.grpc_own_addresses:
             return self.grpc_listen
-        from serving.app.grpc_ingress import own_addresses
-
         return own_addresses(int(self.grpc_listen.rsplit(":", 1)[1]), self.grpc_own_addresses)
 
     def router_autoscaling(self) -> dict | None:

@@ -151,15 +151,6 @@ def _health_servicer(check: Handler):
     return Health()
 
 
-def own_addresses(port: int, count: int) -> list[str]:
-    """The loopback addresses a Router replica picks its own from (``127.0.1.1:PORT`` ..
-    ``127.0.1.COUNT:PORT``; Linux routes all of 127/8 to the loopback device), in the order it
-    tries them. A front balances over these lines; one nobody holds is simply down there."""
-    if not 1 <= count <= 254:
-        raise ValueError(f"own addresses: 1 to 254 of them (got {count})")
-    return [f"127.0.1.{i}:{port}" for i in range(1, count + 1)]
-
-
 def start_ingress(address: str | list[str], *, predict: Handler, model_info: Handler, check: Handler,
                   max_in_flight: int, max_queued: int, max_message_bytes: int = 256 << 20) -> Ingress:
     """Bind ``address`` (HOST:PORT, shared with the other routers) and start serving on the
@@ -167,7 +158,7 @@ def start_ingress(address: str | list[str], *, predict: Handler, model_info: Han
     OSError naming the address when it cannot be bound (a server without SO_REUSEPORT holds it).
 
     A list of addresses instead: this replica takes the first one nobody holds (no SO_REUSEPORT),
-    so each router has one of its own (:func:`own_addresses`); OSError naming them all when every
+    so each router has one of its own (serving.config.own_addresses); OSError naming them all when every
     one is taken."""
     from grpc_health.v1 import health_pb2_grpc
     from recserve.v1 import ranker_pb2_grpc

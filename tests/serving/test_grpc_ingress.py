@@ -62,7 +62,7 @@ def test_routers_on_own_addresses_each_take_a_free_one_beside_the_held_port_and_
     """Behind a front each router takes the first free of 127.0.1.1..N on one port (held by
     `recserve serve` on 127.0.0.1 meanwhile) and answers there alone; with all N taken the next
     is refused naming every address it tried."""
-    from serving.app.grpc_ingress import own_addresses
+    from serving.config import own_addresses
     from serving.ops.ports import hold_for_reuseport
 
     port = free_port()

@@ -171,7 +171,7 @@ def test_the_front_names_the_port_it_cannot_bind():
 def test_a_checked_front_with_no_server_up_answers_unavailable_and_sees_every_line_down(tiny):
     """Behind a checked front (the Ray stack's), a line nobody listens on is down after the first
     probes; with none up a Predict call is answered UNAVAILABLE, not refused as overload."""
-    from serving.app.grpc_ingress import own_addresses
+    from serving.config import own_addresses
     from serving.standalone.haproxy_front import Front
 
     port = free_port()
