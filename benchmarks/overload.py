@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-arg", action="append", default=[], help="extra argument for recserve serve")
     p.add_argument("--max-in-flight", type=int, default=16, help="the monolith's admission bound")
     p.add_argument("--front", choices=("auto", "haproxy", "none"), default="auto",
-                   help="the monolith's --front (default auto: HAProxy where installed, as recserve serve)")
+                   help="the server's --front (default auto: HAProxy where installed, as recserve serve; "
+                        "a --serve-arg=--front=... still wins for the stack)")
     args = p.parse_args(argv)
     try:
         args.factors = [float(f) for f in args.factors.split(",")]
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         result = asyncio.run(measure(args.address, trace.payloads, args))
     else:
         server = (Monolith(package, log_dir=args.out, max_in_flight=args.max_in_flight, front=args.front) if args.target == "monolith"
-                  else ServeStack(package, name="overload", log_dir=args.out, extra_args=tuple(args.serve_arg)))
+                  else ServeStack(package, name="overload", log_dir=args.out,
+                                  extra_args=("--front", args.front, *args.serve_arg)))
         with server:
             result = asyncio.run(measure(server.address, trace.payloads, args))
     result["target"] = args.target

@@ -6,7 +6,8 @@
   that `recserve serve --monolith` puts on its port by default (the sharded stack's door is in
   gRPC's core); the front under overload is benchmarks/overload.py's subject.
 - :class:`ServeStack`: the sharded Ray Serve stack, started with ``recserve serve PACKAGE
-  --port P`` (a local Ray instance, the gRPC proxy on P); stopped with SIGINT so it shuts
+  --port P --front none`` (a local Ray instance; the front only where its extra arguments ask for
+  it, as for the monolith); stopped with SIGINT so it shuts
   Serve and Ray down, then anything of its process tree still alive is ended by pid.
 
 Both listen on 127.0.0.1 only, say which processes do the serving (for the CPU meter and
@@ -218,7 +219,9 @@ class ServeStack(_Target):
             argv += ["--http-port", str(free_port())]  # never collide with another Serve on 8000
         if "--device" not in self.extra_args:
             argv += ["--device", self.device]
-        return argv + list(self.extra_args) + ["--feature-filter", feature_filter_of(self.extra_args)]
+        # no HAProxy front unless the extra arguments (which come later, and win) ask for one: as
+        # the monolith's, the bench compares data paths
+        return argv + ["--front", "none", *self.extra_args, "--feature-filter", feature_filter_of(self.extra_args)]
 
     def __enter__(self) -> ServeStack:
         argv = self.argv()

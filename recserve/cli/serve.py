@@ -138,8 +138,8 @@ class Serve(Subcommand):
                             "with the fewest in flight) in "
                             "native code, before Python sees the call, so goodput holds under any overload "
                             "(serving/standalone/haproxy_front.py); 'none' = the server answers --port itself; "
-                            "'auto' (default) = haproxy for --monolith where its binary is installed, none for "
-                            "the Ray stack")
+                            "'auto' (default) = haproxy where its binary is installed, for --monolith and for the "
+                            "Ray stack with --ingress shared on a local Ray (else none)")
         p.add_argument("--metrics-port", type=int, default=0,
                        help="with --monolith: Prometheus metrics (recserve_stage_ms per stage) on 127.0.0.1:PORT "
                             "(default 0 = a free one, printed; -1 = none). The Ray stack's are Ray's exporter's, "
@@ -236,8 +236,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return _serve_monolith(app_args, manifest, ports, metrics_port=args.metrics_port, front=_front(args.front))
     # on an existing cluster Serve's gRPC proxy on the head answers --port: direct ingress needs
     # settings in the environment of Ray's processes, which the cluster's operator started
-    return _serve_on_ray(app_args, manifest, ports, ingress="proxy" if args.address else args.ingress,
-                         address=args.address, front=args.front == "haproxy")
+    ingress = "proxy" if args.address else args.ingress
+    # 'auto': the front wherever HAProxy can reach the routers (their own loopback addresses)
+    front = args.front == "haproxy" or (args.front == "auto" and ingress == "shared" and _front("auto") == "haproxy")
+    return _serve_on_ray(app_args, manifest, ports, ingress=ingress, address=args.address, front=front)
 
 
 def _front(asked: str) -> str:
@@ -331,7 +333,7 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
             if front else ports.grpc
         # behind the front each Router takes a loopback address of its own on routers_port, twice
         # as many as it may run (a replacement may start before the one it replaces is gone)
-        own = 2 * max(app_args.router_replicas, app_args.router_max_replicas) if front else 0
+        own = min(254, 2 * max(app_args.router_replicas, app_args.router_max_replicas)) if front else 0
         app_args = app_args.model_copy(update={"grpc_listen": f"127.0.0.1:{routers_port}", "grpc_own_addresses": own})
         # the Routers bind it beside this socket (SO_REUSEPORT); behind the front, on addresses of their
         # own, this keeps anyone else from taking the port on every address

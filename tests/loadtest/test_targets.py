@@ -34,3 +34,15 @@ def test_both_servers_of_a_bench_run_the_same_feature_filter(tmp_path, serve_arg
 def test_recserve_serve_itself_defaults_to_fading_so_the_bench_must_say_none():
     """Guards the test above: the serve command's own default differs from the monolith's."""
     assert _app_args(["python", "-m", "recserve.cli", "serve"]).feature_filter == FADING_FILTER
+
+
+@pytest.mark.parametrize("serve_args, front", [((), "none"), (("--front", "haproxy"), "haproxy"),
+                                               (("--front=auto",), "auto")])
+def test_both_servers_of_a_bench_run_without_the_front_unless_asked(tmp_path, serve_args, front):
+    """`recserve serve` puts HAProxy in front by default ('auto'); the bench compares data paths,
+    so both servers say --front none, and a --front among the stack's extra arguments wins."""
+    parse = build_parser().parse_args
+    stack = ServeStack(tmp_path / "pkg", name="load-2", log_dir=tmp_path, extra_args=serve_args)
+    assert parse(stack.argv()[3:]).front == front
+    assert parse(MonolithServer(tmp_path / "pkg", log_dir=tmp_path).argv()[3:]).front == "none"
+    assert parse(["serve"]).front == "auto"

@@ -20,6 +20,7 @@ import pytest
 from recserve.synth import TrafficGenerator
 from serving.api.client import RankingClient
 from serving.ops.ports import free_port, port_is_free
+from tests.serving.fronts import front_lines, haproxies_of, listeners
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-5
@@ -61,7 +62,7 @@ def _all_at_once(client: RankingClient, batches) -> list:
 
 
 def _haproxies_of(server: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(server.pid).children(recursive=True) if "haproxy" in p.name()]
+    return haproxies_of(server.pid)
 
 
 def test_serve_through_the_front_scores_as_the_model_and_stops_cleanly(tiny_packages, tiny, reference):
@@ -193,27 +194,6 @@ def test_front_is_refused_where_serve_answers_the_port_before_anything_starts(in
     assert "--front haproxy needs --ingress shared" in r.stderr
 
 
-def _listeners(port: int) -> dict[str, int]:
-    """Which process listens on ``port`` at each address ({"127.0.1.1": pid, ...})."""
-    found = {}
-    for p in psutil.process_iter():
-        try:
-            for c in p.net_connections(kind="tcp"):
-                if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
-                    found[c.laddr.ip.removeprefix("::ffff:")] = p.pid  # gRPC's dual-stack sockets
-        except psutil.Error:
-            pass
-    return found
-
-
-def _stats(front: psutil.Process) -> list[dict]:
-    """HAProxy's Predict server lines, through the stats socket its configuration names."""
-    from serving.standalone.haproxy_front import servers_stats
-
-    cfg = Path(front.cmdline()[front.cmdline().index("-f") + 1]).read_text()
-    return servers_stats(next(line.split()[2] for line in cfg.splitlines() if "stats socket" in line))
-
-
 @pytest.mark.slow
 def test_the_stack_behind_the_front_spreads_one_callers_calls_over_the_routers_and_refuses_natively(
         tiny_packages, tiny, reference, tmp_path):
@@ -247,12 +227,12 @@ def test_the_stack_behind_the_front_spreads_one_callers_calls_over_the_routers_a
                 batch = gen.batch(32)
                 got = client.predict(batch.dense, _sparse(batch), timeout=60)
                 np.testing.assert_allclose(got, reference(batch), rtol=0, atol=1e-3)  # float16 on the wire
-            lines = {line["server"]: line for line in _stats(front[0])}
+            lines = front_lines(front[0])
             assert len(lines) == 4, lines  # twice the routers: a replacement may start before its predecessor ends
             up = {address for address, line in lines.items() if line["status"] == "UP"}
             assert len(up) == 2, lines
             routers_port = int(next(iter(up)).rsplit(":", 1)[1])
-            listening = _listeners(routers_port)
+            listening = listeners(routers_port)
             assert {f"{ip}:{routers_port}" for ip in listening if ip.startswith("127.0.1.")} == up, listening
             routers = {listening[address.rsplit(":", 1)[0]] for address in up}
             titles = [" ".join(psutil.Process(p).cmdline()) for p in routers]

@@ -7,6 +7,7 @@ fade`), each as a subprocess."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import signal
@@ -26,6 +27,7 @@ from recserve.synth import TrafficGenerator
 from serving.config import AppArgs
 from serving.ops.ports import free_port
 from serving.ops.scaling import app_of, replicas, serve_details
+from tests.serving.fronts import front_lines, haproxies_of, listeners
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = ("shard-0", "shard-1", "DenseTower", "Router")
@@ -56,7 +58,7 @@ def stack(two_versions, tiny, tmp_path_factory):
     argv = [sys.executable, "-m", "recserve.cli", "serve", str(two_versions["v1"][0]), "--port", str(grpc_port),
             "--dashboard-port", str(taken_dashboard), "--http-port", str(taken_http),
             "--log-rate", "1", "--log-dir", str(example_log), "--log-flush-s", "3600",
-            "--router-replicas", "2", "--router-max-replicas", "3"]  # both on --port (the default ingress, "shared")
+            "--router-replicas", "2", "--router-max-replicas", "3"]  # behind the front (the defaults)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
@@ -253,40 +255,43 @@ def test_every_socket_of_the_stack_listens_on_loopback(stack):
     ports = {port for _, _, _, port in sockets}
     assert {stack.grpc_port, dashboard, http} <= ports
     assert len({pid for pid, *_ in sockets}) >= 8  # the driver, GCS, raylet, agents, proxy, replicas
-    wide = [s for s in sockets if s[2] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    # 127/8 is loopback: behind the front each Router listens on 127.0.1.k
+    wide = [s for s in sockets if not ipaddress.ip_address(s[2].removeprefix("::ffff:")).is_loopback]
     assert wide == [], wide
 
 
-def test_both_routers_answer_the_one_port_each_over_its_own_connections(stack, two_versions, tiny):
-    """`--router-replicas 2` with the default ingress: both Router processes listen on --port
-    (read from the OS), and callers' connections reach both, every score right."""
+def test_one_callers_calls_reach_both_routers_through_the_front(stack, two_versions, tiny):
+    """`--router-replicas 2` with the defaults: HAProxy on --port, each Router on a loopback address
+    of its own (read from the OS); one caller's channel reaches both, every score right."""
     import grpc
 
     from recserve.v1 import ranker_pb2_grpc
     from serving.api.codec import encode_request
     from serving.engine.local_ranker import LocalRanker
 
-    routers = {pid for pid, title, _, port in _listening(stack.proc.pid) if port == stack.grpc_port}
-    titles = {title for pid, title, _, port in _listening(stack.proc.pid) if port == stack.grpc_port}
-    assert len(routers) == 2 and all("Router" in t for t in titles), titles
+    front = haproxies_of(stack.proc.pid)
+    assert len(front) == 1 and listeners(stack.grpc_port) == {"127.0.0.1": front[0].pid}
+    before = front_lines(front[0])
+    up = {address for address, line in before.items() if line["status"] == "UP"}
+    assert len(up) >= 2, before  # 2 to 3 (autoscaling)
+    port = int(next(iter(up)).rsplit(":", 1)[1])
+    routers = {pid for ip, pid in listeners(port).items() if f"{ip}:{port}" in up}
+    titles = [" ".join(psutil.Process(pid).cmdline()) for pid in routers]
+    assert len(routers) == len(up) and all("Router" in t for t in titles), titles
     batch = TrafficGenerator(tiny, seed=81).batch(32)
     request = encode_request(batch.dense, {f: (b.values, b.lengths) for f, b in batch.sparse.items()},
                              unit_ids=batch.unit_ids)
-    served_by: dict[int, int] = {}
     expected = {v: LocalRanker.load(pkg).score(batch) for v, (pkg, *_) in two_versions.items()}
-    for _ in range(16):  # all on one router: 2 in 2^16
-        with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}",
-                                   options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as ch:  # one channel, one connection
+        for _ in range(16):
             reply = ranker_pb2_grpc.RankerStub(ch).Predict(request, timeout=60)
-            local_port = next(c.laddr.port for c in psutil.Process().net_connections(kind="inet")
-                              if c.raddr and c.raddr.port == stack.grpc_port and c.status == psutil.CONN_ESTABLISHED)
-            pid = next(pid for pid in routers for c in psutil.Process(pid).net_connections(kind="inet")
-                       if c.raddr and c.raddr.port == local_port)
-            served_by[pid] = served_by.get(pid, 0) + 1
             scores = np.asarray(reply.scores, dtype=np.float32)
             want = expected[reply.version]
             assert np.allclose(scores, want, atol=FP16_TOL), np.abs(scores - want).max()
-    assert set(served_by) == routers, served_by
+    after = front_lines(front[0])
+    # one call at a time to the router with the fewest in flight: HAProxy takes the routers in turn
+    served = {address: after[address]["calls"] - before[address]["calls"] for address in up}
+    assert sum(served.values()) == 16 and all(n >= 16 // len(up) - 1 for n in served.values()), served
 
 
 def test_router_max_replicas_autoscales_the_router_on_its_requests_in_flight(stack):
