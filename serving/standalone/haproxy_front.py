@@ -62,7 +62,8 @@ def front_config(listen: str, servers: Sequence[str], *, max_in_flight: int, che
     ``max_in_flight`` is per server that is up: a Predict call is refused once the calls at the
     servers reach it times their number. ``checked``: the servers are probed (a TCP connect every
     second; one that refuses is down at once and up again at its first answer), calls go to the
-    one with the fewest in flight, a call whose connection is refused is sent to another, and with
+    one with the fewest in flight, a call whose connection is refused (or closed before any answer,
+    a call small enough to fit HAProxy's buffer) is sent to another, and with
     none up a call is answered UNAVAILABLE. That is how the Ray stack's Routers sit behind it, each
     on a loopback address of its own (more lines than routers: a missing one is simply down).
     Unchecked (the monolith), the one server always counts as up. ``stats_socket``: a Unix socket
@@ -74,9 +75,9 @@ def front_config(listen: str, servers: Sequence[str], *, max_in_flight: int, che
     refusal = f"overloaded: {max_in_flight} requests already in flight at " + \
         ("each server behind the front" if checked else "this server")
     if checked:
-        spread = ("    balance leastconn\n    option redispatch 1\n    retries 3\n    retry-on conn-failure\n"
+        spread = ("    balance leastconn\n    option redispatch 1\n    retries 3\n    retry-on conn-failure empty-response\n"
                   "    default-server proto h2 check inter 1s downinter 500ms fall 1 rise 1\n")
-        control = "    balance roundrobin\n    option redispatch 1\n    retries 3\n    retry-on conn-failure\n" + \
+        control = "    balance roundrobin\n    option redispatch 1\n    retries 3\n    retry-on conn-failure empty-response\n" + \
             "\n".join(f"    server s{i} {server} proto h2 track predict/s{i}" for i, server in enumerate(servers))
         none_up = ('    http-request return status 200 hdr grpc-status 14 hdr grpc-message "no server is up behind '
                    'the front" if predict { nbsrv(predict) eq 0 }\n')

@@ -259,3 +259,18 @@ def test_a_call_that_would_wait_past_its_deadline_is_refused_at_once_and_one_wit
     assert code == "RESOURCE_EXHAUSTED" and "left before the deadline" in details
     assert told_s < 0.1  # told at once, not after waiting
     assert patient == "patient"
+
+
+def test_own_addresses_are_named_from_grpc_listen_and_refused_without_it_or_fewer_than_the_routers():
+    from pydantic import ValidationError
+
+    from serving.config import AppArgs
+
+    args = AppArgs(package="p", grpc_listen="127.0.0.1:5000", grpc_own_addresses=4, router_replicas=2,
+                   router_max_replicas=4)
+    assert args.router_listen() == [f"127.0.1.{i}:5000" for i in range(1, 5)]
+    assert AppArgs(package="p", grpc_listen="127.0.0.1:5000").router_listen() == "127.0.0.1:5000"
+    with pytest.raises(ValidationError, match="grpc_own_addresses: needs grpc_listen"):
+        AppArgs(package="p", grpc_own_addresses=2)
+    with pytest.raises(ValidationError, match="grpc_own_addresses: 2 is fewer than the Router's 3 replicas"):
+        AppArgs(package="p", grpc_listen="127.0.0.1:5000", grpc_own_addresses=2, router_replicas=3)

@@ -199,7 +199,8 @@ def test_the_stack_behind_the_front_spreads_one_callers_calls_over_the_routers_a
         tiny_packages, tiny, reference, tmp_path):
     """`recserve serve --front haproxy --router-replicas 2`: HAProxy on --port, the two Routers
     behind it, each on a loopback address of its own. One caller's channel reaches both routers;
-    past 2 routers x (1 + 1) calls HAProxy refuses; what is admitted is right; Ctrl-C leaves nothing
+    past 2 routers x (1 + 1) calls HAProxy refuses; what is admitted is right; a Router killed costs
+    no call once HAProxy has seen it, and its replacement takes calls again; Ctrl-C leaves nothing
     running."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), RECSERVE_ARTIFACTS=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")
@@ -250,6 +251,32 @@ def test_the_stack_behind_the_front_spreads_one_callers_calls_over_the_routers_a
         for batch, (got, _) in zip(batches, results):
             if got is not None:
                 np.testing.assert_allclose(got, reference(batch), rtol=0, atol=1e-3)
+
+        # a Router lost (SIGKILL): once HAProxy's probe has seen it (1 s), every call goes to the
+        # other; Serve's replacement takes a free address, and HAProxy sends calls to it again
+        lost = routers.pop()
+        psutil.Process(lost).kill()
+        time.sleep(2)
+        calls = {address: line["calls"] for address, line in front_lines(front[0]).items()}
+        with RankingClient(f"127.0.0.1:{port}") as client:
+            for _ in range(8):
+                batch = gen.batch(32)
+                np.testing.assert_allclose(client.predict(batch.dense, _sparse(batch), timeout=60), reference(batch),
+                                           rtol=0, atol=1e-3)
+            lines = front_lines(front[0])
+            survivor = next(f"{ip}:{routers_port}" for ip, pid in listeners(routers_port).items() if pid in routers)
+            assert lines[survivor]["calls"] - calls[survivor] == 8, lines
+            deadline = time.monotonic() + 300
+            while sum(line["status"] == "UP" for line in front_lines(front[0]).values()) < 2:
+                assert time.monotonic() < deadline, f"no replacement Router up behind the front: {front_lines(front[0])}"
+                time.sleep(1)
+            calls = {address: line["calls"] for address, line in front_lines(front[0]).items()}
+            for _ in range(8):
+                batch = gen.batch(32)
+                np.testing.assert_allclose(client.predict(batch.dense, _sparse(batch), timeout=60), reference(batch),
+                                           rtol=0, atol=1e-3)
+            served = [line["calls"] - calls[address] for address, line in front_lines(front[0]).items()]
+            assert sorted(n for n in served if n) == [4, 4], served
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
