@@ -216,7 +216,7 @@ def run_serve(args: argparse.Namespace) -> int:
     problem = None if args.monolith else check_ingress(args.ingress, app_args.router_replicas, app_args.router_max_replicas)
     if not problem and args.front == "haproxy" and not args.monolith and (args.address or args.ingress != "shared"):
         problem = ("--front haproxy needs --ingress shared on a local Ray (HAProxy forwards to the routers' "
-                   "shared port); with --ingress direct or proxy, or --address, Serve answers --port")
+                   "own loopback addresses); with --ingress direct or proxy, or --address, Serve answers --port")
     if problem:
         print(f"recserve serve: {problem}", file=sys.stderr)
         return 2

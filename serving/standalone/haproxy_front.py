@@ -7,9 +7,9 @@ core shared with scoring, ~1,000 arrivals/s saturate that loop; what it then tak
 expired, and the server slides into a state where even a refusal takes ~1 s
 (benchmarks/results/overload-pinned). HAProxy refuses in native code, before Python sees the call:
 
-- at most ``max_in_flight`` Predict calls per server that is up are at the servers at once; a call that finds them all
-  taken gets RESOURCE_EXHAUSTED at once, as a gRPC trailers-only answer (HTTP 200,
-  ``grpc-status: 8``) from HAProxy;
+- at most ``max_in_flight`` Predict calls per server that is up are at the servers at once; a
+  call that finds them all taken gets RESOURCE_EXHAUSTED at once, as a gRPC trailers-only answer
+  (HTTP 200, ``grpc-status: 8``) from HAProxy;
 - health checks and ModelInfo go to the server on a path of their own, never refused for
   Predict's sake.
 
@@ -75,9 +75,10 @@ def front_config(listen: str, servers: Sequence[str], *, max_in_flight: int, che
     refusal = f"overloaded: {max_in_flight} requests already in flight at " + \
         ("each server behind the front" if checked else "this server")
     if checked:
-        spread = ("    balance leastconn\n    option redispatch 1\n    retries 3\n    retry-on conn-failure empty-response\n"
+        retry = "    option redispatch 1\n    retries 3\n    retry-on conn-failure empty-response\n"
+        spread = ("    balance leastconn\n" + retry +
                   "    default-server proto h2 check inter 1s downinter 500ms fall 1 rise 1\n")
-        control = "    balance roundrobin\n    option redispatch 1\n    retries 3\n    retry-on conn-failure empty-response\n" + \
+        control = "    balance roundrobin\n" + retry + \
             "\n".join(f"    server s{i} {server} proto h2 track predict/s{i}" for i, server in enumerate(servers))
         none_up = ('    http-request return status 200 hdr grpc-status 14 hdr grpc-message "no server is up behind '
                    'the front" if predict { nbsrv(predict) eq 0 }\n')

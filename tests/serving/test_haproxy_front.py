@@ -61,10 +61,6 @@ def _all_at_once(client: RankingClient, batches) -> list:
         return list(pool.map(call, batches))
 
 
-def _haproxies_of(server: subprocess.Popen) -> list[psutil.Process]:
-    return haproxies_of(server.pid)
-
-
 def test_serve_through_the_front_scores_as_the_model_and_stops_cleanly(tiny_packages, tiny, reference):
     """The default (--front auto, HAProxy installed by the lock)."""
     port = free_port()
@@ -72,7 +68,7 @@ def test_serve_through_the_front_scores_as_the_model_and_stops_cleanly(tiny_pack
     try:
         lines = _wait_listening(server)
         assert any("the front (HAProxy)" in line for line in lines), lines
-        front = _haproxies_of(server)
+        front = haproxies_of(server.pid)
         assert len(front) == 1
         gen = TrafficGenerator(tiny, seed=3, empty_bag_fraction=0.2)
         with RankingClient(f"127.0.0.1:{port}") as client:
@@ -131,7 +127,7 @@ def test_front_none_leaves_the_port_to_grpc_aio(tiny_packages):
     try:
         lines = _wait_listening(server)
         assert not any("front" in line for line in lines), lines
-        assert _haproxies_of(server) == []
+        assert haproxies_of(server.pid) == []
         with RankingClient(f"127.0.0.1:{port}") as client:
             assert client.health_check() == "SERVING"
     finally:
@@ -145,7 +141,7 @@ def test_a_killed_server_takes_its_front_with_it(tiny_packages):
     server = _serve(tiny_packages("singular-1"), port)
     try:
         _wait_listening(server)
-        front = _haproxies_of(server)
+        front = haproxies_of(server.pid)
         assert len(front) == 1
     finally:
         server.kill()
@@ -220,7 +216,7 @@ def test_the_stack_behind_the_front_spreads_one_callers_calls_over_the_routers_a
             time.sleep(1)
         assert "the front (HAProxy) on 127.0.0.1:%d refuses beyond the running routers x 2 requests" % port \
             in log_path.read_text()
-        front = _haproxies_of(proc)
+        front = haproxies_of(proc.pid)
         assert len(front) == 1
         gen = TrafficGenerator(tiny, seed=7)
         with RankingClient(f"127.0.0.1:{port}") as client:  # one channel, one connection
