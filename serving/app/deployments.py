@@ -182,19 +182,6 @@ class _Batcher:
 HEALTH_CHECK_PERIOD_S = 0.5
 
 
-def _log_start_up(name: str, constructor_started: float) -> None:
-    """Where a replica's start-up went (benchmarks/replica_loss.py reads this line from the
-    replica's log): process start -> constructor (Ray worker start, imports), constructor."""
-    import os
-
-    import psutil
-
-    now = time.time()
-    born = psutil.Process(os.getpid()).create_time()
-    logger.info("recserve start-up %s pid %d: process->constructor %.2f s, constructor %.2f s",
-                name, os.getpid(), constructor_started - born, now - constructor_started)
-
-
 def keep_grpc_deadlines() -> None:
     """Make Ray Serve's gRPC context keep the caller's deadline (idempotent; in the Router's
     process). Serve copies the gRPC call's metadata into its own context and drops the deadline;
@@ -254,7 +241,6 @@ class Shard(_BatchedReplica):
     """Shard K of the package: loads only shards/shard-K.safetensors."""
 
     def __init__(self, package: str, index: int, args: AppArgs):
-        started = time.time()
         if args.torch_threads is not None:  # else Ray's OMP_NUM_THREADS=1
             torch.set_num_threads(args.torch_threads)
         self.name = shard_name(index)
@@ -262,7 +248,6 @@ class Shard(_BatchedReplica):
         self.version = pkg.manifest.version
         self.core = ShardCore(pkg, index, device=args.resolved_device(),
                               output_dtype=args.wire_dtype, max_batch_size=args.max_batch_size)
-        _log_start_up(self.name, started)
         self._batcher = _Batcher(self._lookup_many, name=self.name, work="lookup")
         # Serve tags every metric with its deployment (shard-K), replica and application
         self._batch = Histogram("recserve_shard_batch_examples", description="examples per batched lookup",
@@ -310,7 +295,6 @@ class DenseTower(_BatchedReplica):
     """Assembles shard outputs into [B, F, D] and runs the dense model."""
 
     def __init__(self, package: str, shards: list[DeploymentHandle], args: AppArgs):
-        started = time.time()
         torch.set_num_threads(args.tower_threads())
         pkg = ModelPackage.open(package)
         self.version = pkg.manifest.version
@@ -328,7 +312,6 @@ class DenseTower(_BatchedReplica):
             self._endpoint = ReplicaEndpoint({"score": self._score_frame, "predict": self._predict_frame},
                                              version=self.version)
             self._plane, self._app = DirectPlane(on_hedge=_hedges_counted()), serve.get_replica_context().app_name
-        _log_start_up("DenseTower", started)
 
     async def _score_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
         """The data plane's score: [dense, part of shard 0 | None, ...] -> [scores]."""
