@@ -46,6 +46,12 @@ def direct_ingress_env(grpc_port: int, http_port: int) -> dict[str, str]:
         # balancer can deregister it; callers dial the Router here, so Ctrl-C took 30 s (and
         # Serve's warning). The replica still waits for the requests it has in flight.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        # throughput-optimized Serve keeps each replica's log lines in memory until 1,000 are
+        # there or one is an ERROR: a replica's log file stayed empty (its start, its warnings:
+        # the replica-loss benchmark found every replica log of `recserve serve` empty),
+        # and a killed replica took its last lines with it. The access log is off, so a request
+        # writes no line: writing each at once costs the request path nothing.
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
     }
 
 

@@ -8,6 +8,7 @@ fade`), each as a subprocess."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -232,6 +233,16 @@ def test_ray_runs_on_the_loopback_node_address(stack):
     assert {p["node_ip"] for p in details["proxies"].values()} == {"127.0.0.1"}
     nodes = {r["node_ip"] for d in DEPLOYMENTS for r in replicas(details, _app(details, d), d)}
     assert nodes == {"127.0.0.1"}
+
+
+def test_every_replica_writes_its_log_file_at_once(stack):
+    """Serve's replica log files (Ray's session_dir/logs/serve) have each replica's start-up as it
+    happens: throughput-optimized Serve kept them in memory, and the files stayed empty."""
+    session_dir = json.loads((stack.state / "serving.json").read_text())["session_dir"]
+    logs = {p.name: p.read_text(errors="replace") for p in Path(session_dir, "logs", "serve").glob("replica_*.log")}
+    started = {name for name, text in logs.items() if "Finished initializing replica" in text}
+    for deployment in ("Router", "shard-0", "shard-1", "DenseTower"):
+        assert any(f"_{deployment}_" in name for name in started), (deployment, sorted(logs))
 
 
 def _listening(pid: int) -> list[tuple[int, str, str, int]]:
