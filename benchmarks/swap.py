@@ -126,7 +126,7 @@ def _load(address: str, requests: list, expected: dict, rate: float, stop: threa
 
     payloads = [message.SerializeToString() for message, _ in requests]
     begun = time.monotonic() - started  # on the load's clock (``started``: time.monotonic()), as the commands
-    record = asyncio.run(open_loop(address, payloads, rate=rate, duration_s=3600.0,
+    record = asyncio.run(open_loop(address, payloads, rate=rate, duration_s=3600.0, max_requests=int(rate * 3600) + 1,
                                    timeout_s=timeout_s, arrivals="uniform", keep_responses=True,
                                    until=stop.is_set))
     for sent, latency, service, code, k, answer in zip(record.scheduled_s, record.latency_s, record.service_s,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import grpc
 import numpy as np
@@ -74,26 +74,43 @@ class RunRecord:
         return len(self.codes)
 
 
-def arrival_offsets(
-    rate: float, duration_s: float, max_requests: int, *, arrivals: Arrivals = "poisson", seed: int = 0
-) -> np.ndarray:
-    """Send times (s from start) at ``rate`` per second within ``duration_s``, at most ``max_requests``."""
+def arrival_times(
+    rate: float, duration_s: float, max_requests: int, *, arrivals: Arrivals = "poisson", seed: int = 0,
+    chunk: int = 4096,
+) -> Iterator[float]:
+    """Send times (s from start) at ``rate`` per second within ``duration_s``, at most
+    ``max_requests``, drawn ``chunk`` at a time: a run that another thread ends (an hour's
+    ``duration_s``) holds only what it has sent."""
     if rate <= 0:
         raise ValueError(f"rate: must be positive, got {rate}")
     if duration_s <= 0:
         raise ValueError(f"duration_s: must be positive, got {duration_s}")
     if max_requests <= 0:
         raise ValueError(f"max_requests: must be positive, got {max_requests}")
-    n = min(max_requests, int(np.ceil(rate * duration_s)) + 1)
-    if arrivals == "uniform":
-        t = np.arange(n, dtype=np.float64) / rate
-    elif arrivals == "poisson":
-        rng = np.random.default_rng(seed)
-        t = np.cumsum(rng.exponential(1.0 / rate, n))
-        t -= t[0]  # the first request leaves at once
-    else:
+    if arrivals not in ("poisson", "uniform"):
         raise ValueError(f"arrivals: must be 'poisson' or 'uniform', got {arrivals!r}")
-    return t[t < duration_s][:max_requests]  # [n]
+    rng = np.random.default_rng(seed)
+    sent, first, last = 0, None, 0.0
+    while sent < max_requests:
+        if arrivals == "uniform":
+            t = (sent + np.arange(chunk, dtype=np.float64)) / rate
+        else:
+            t = last + np.cumsum(rng.exponential(1.0 / rate, chunk))
+            last = float(t[-1])
+            first = float(t[0]) if first is None else first
+            t = t - first  # the first request leaves at once
+        for x in t[: max_requests - sent]:
+            if x >= duration_s:
+                return
+            yield float(x)
+            sent += 1
+
+
+def arrival_offsets(
+    rate: float, duration_s: float, max_requests: int, *, arrivals: Arrivals = "poisson", seed: int = 0
+) -> np.ndarray:
+    """:func:`arrival_times` as one array: [n]."""
+    return np.fromiter(arrival_times(rate, duration_s, max_requests, arrivals=arrivals, seed=seed), np.float64)
 
 
 def _deadline(timeout_s: float) -> tuple[tuple[str, str], ...]:
@@ -101,6 +118,9 @@ def _deadline(timeout_s: float) -> tuple[tuple[str, str], ...]:
 
 
 class _Recorder:
+    """One row per request; ``grow`` makes room as a run goes on (an open loop that another
+    thread ends allocates only what it sends)."""
+
     def __init__(self, n: int, *, keep_responses: bool = False) -> None:
         self.scheduled = np.zeros(n)
         self.latency = np.full(n, np.nan)
@@ -111,6 +131,22 @@ class _Recorder:
         self.resp_bytes = np.zeros(n, np.int64)
         self.responses: list[bytes | None] | None = [None] * n if keep_responses else None
         self.count = 0
+
+    def grow(self, slot: int) -> None:
+        """Room for row ``slot`` (capacity doubled when it is past the end)."""
+        n = len(self.codes)
+        if slot < n:
+            return
+        more = max(n, slot + 1 - n, 1024)
+        self.scheduled = np.concatenate([self.scheduled, np.zeros(more)])
+        self.latency = np.concatenate([self.latency, np.full(more, np.nan)])
+        self.service = np.concatenate([self.service, np.full(more, np.nan)])
+        self.codes += ["UNSENT"] * more
+        self.index = np.concatenate([self.index, np.zeros(more, np.int64)])
+        self.req_bytes = np.concatenate([self.req_bytes, np.zeros(more, np.int64)])
+        self.resp_bytes = np.concatenate([self.resp_bytes, np.zeros(more, np.int64)])
+        if self.responses is not None:
+            self.responses += [None] * more
 
     async def send(self, call, slot: int, k: int, payload: bytes, scheduled: float, t0: float, timeout_s: float) -> None:
         start = time.perf_counter()
@@ -188,10 +224,17 @@ async def open_loop(
     ``until``: also stop sending as soon as it returns True (checked before each request; a
     run whose end another thread decides, ``duration_s`` then its longest); the requests
     already sent are answered and recorded."""
-    offsets = arrival_offsets(rate, duration_s, max_requests, arrivals=arrivals, seed=seed)
-    rec = _Recorder(len(offsets), keep_responses=keep_responses)
+    offsets = arrival_times(rate, duration_s, max_requests, arrivals=arrivals, seed=seed)
+    rec = _Recorder(min(max_requests, int(rate * duration_s) + 1, 4096), keep_responses=keep_responses)
     async with _Connections(address) as calls:
-        tasks = []
+        tasks: set[asyncio.Task] = set()  # those in flight
+        errors: list[BaseException] = []  # anything but a gRPC status (those are recorded)
+
+        def done(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                errors.append(task.exception())
+
         t0 = time.perf_counter() + 0.01
         for slot, off in enumerate(offsets):
             due = t0 + off
@@ -201,10 +244,15 @@ async def open_loop(
             if until is not None and until():
                 break
             k = (start_index + slot) % len(payloads)
+            rec.grow(slot)
             rec.count = slot + 1
             call = calls[slot % len(calls)]
-            tasks.append(asyncio.create_task(rec.send(call, slot, k, payloads[k], due, t0, timeout_s)))
+            task = asyncio.create_task(rec.send(call, slot, k, payloads[k], due, t0, timeout_s))
+            tasks.add(task)
+            task.add_done_callback(done)
         await asyncio.gather(*tasks)
+        if errors:
+            raise errors[0]
         wall = time.perf_counter() - t0
     return rec.record(mode="open", rate=rate, concurrency=None, wall_s=wall)
 

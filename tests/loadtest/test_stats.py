@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from loadtest.driver import RunRecord, arrival_offsets
+from loadtest.driver import RunRecord, _Recorder, arrival_offsets, arrival_times
 from loadtest.stats import error_counts, fill_cpu_overhead, percentiles_ms, summarize
 from loadtest.trace import Fanout
 
@@ -30,6 +30,33 @@ def test_open_loop_arrivals_stay_within_the_duration_and_the_request_cap():
 def test_arrivals_are_reproducible_by_seed():
     a = arrival_offsets(50.0, 1.0, 1000, seed=5)
     np.testing.assert_array_equal(a, arrival_offsets(50.0, 1.0, 1000, seed=5))
+
+
+def test_arrivals_are_drawn_as_sent_whatever_the_chunk():
+    """An open loop that another thread ends (an hour's duration, no real cap) holds only what
+    it sent: the times are drawn a chunk at a time, the same times whatever the chunk."""
+    import itertools
+
+    for arrivals in ("poisson", "uniform"):
+        whole = list(arrival_times(50.0, 3.0, 1000, arrivals=arrivals, seed=2))
+        chunked = list(arrival_times(50.0, 3.0, 1000, arrivals=arrivals, seed=2, chunk=7))
+        assert len(chunked) == len(whole) > 100
+        np.testing.assert_allclose(chunked, whole, rtol=1e-12)  # sums in another order
+        np.testing.assert_allclose(whole, arrival_offsets(50.0, 3.0, 1000, arrivals=arrivals, seed=2))
+    # 10^12 requests over 30,000 years: the first five cost five
+    first = list(itertools.islice(arrival_times(1000.0, 1e12, 10**12, arrivals="uniform"), 5))
+    np.testing.assert_allclose(first, np.arange(5) / 1000.0)
+
+
+def test_the_recorder_grows_past_its_first_size_and_keeps_every_row():
+    rec = _Recorder(2, keep_responses=True)
+    for slot in range(5000):
+        rec.grow(slot)
+        rec.scheduled[slot], rec.codes[slot], rec.responses[slot] = slot, "OK", b"x"
+        rec.count = slot + 1
+    run = rec.record(mode="open", rate=1.0, concurrency=None, wall_s=1.0)
+    assert len(run) == 5000 and set(run.codes) == {"OK"} and len(run.responses) == 5000
+    np.testing.assert_array_equal(run.scheduled_s, np.arange(5000))
 
 
 @pytest.mark.parametrize("bad", [dict(rate=0), dict(duration_s=-1), dict(max_requests=0), dict(arrivals="burst")])
