@@ -6,6 +6,7 @@ Light module: argparse only at import time (the CLI imports every area's command
 from __future__ import annotations
 
 import argparse
+import os
 
 from recserve.cli.types import Subcommand
 from serving.app.versions import ROUTER_APP
@@ -118,7 +119,8 @@ class Serve(Subcommand):
         p.add_argument("--dashboard-port", type=int, default=8265,
                        help="Ray dashboard port on 127.0.0.1 (default 8265; a free one if it is taken)")
         p.add_argument("--http-port", type=int, default=8000,
-                       help="Serve HTTP proxy port on 127.0.0.1 (default 8000; a free one if it is taken)")
+                       help="Serve HTTP proxy port on 127.0.0.1 (default 8000; a free one if it is taken); "
+                            "with --ingress direct or proxy (--ingress shared runs no Serve proxy)")
         add_app_flags(p, defaults={"feature_filter": FADING_FILTER}, none_word="none")
         p.add_argument("--address", default=None, metavar="HOST:PORT",
                        help="deploy on this existing Ray cluster (its GCS address) instead of starting a local Ray; "
@@ -242,6 +244,14 @@ def run_serve(args: argparse.Namespace) -> int:
     return _serve_on_ray(app_args, manifest, ports, ingress=ingress, address=args.address, front=front)
 
 
+def _serve_http_off(ingress: str) -> bool:
+    """Whether Serve runs no proxy and no direct ingress: ``--ingress shared`` (the Routers
+    answer gRPC themselves; Serve's HTTP has nothing to route to), unless the operator asked for
+    Serve's HAProxy mode or direct ingress in the environment."""
+    return (ingress == "shared" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1"
+            and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0") != "1")
+
+
 def _front(asked: str) -> str:
     """``--front``: 'auto' is 'haproxy' where its binary is installed, else 'none' (said)."""
     if asked != "auto":
@@ -325,6 +335,10 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
         # "direct": the Router replica on --port; "shared": Serve's gRPC stays off (no servicers
         # below), the Router replicas bind --port themselves
         os.environ.update(direct_ingress_env(ports.grpc if ingress == "direct" else proxy_grpc, ports.http))
+        if ingress == "shared":
+            # nothing of Serve's answers callers: no direct-ingress servers in the replicas and no
+            # proxy (below), an idle stack 17% less CPU (benchmarks/results/idle-no-proxy)
+            os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")
     door = None  # the HAProxy front, with front
     if ingress == "shared":
         from serving.ops.ports import hold_for_reuseport
@@ -343,7 +357,7 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
     # Serve's proxies bind with SO_REUSEPORT by default: a second server on the same port would
     # silently share it. Off (inherited by the proxy actors through Ray's worker environment).
     os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
-    for line in ports.describe():
+    for line in ports.describe(http=not _serve_http_off(ingress)):
         print(f"recserve: {line}", flush=True)
     if address is not None:  # an existing cluster: its nodes' addresses, never loopback only
         from serving.app.cluster import join_cluster
@@ -401,7 +415,8 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
             http_options={"host": "127.0.0.1", "port": proxy_http},
             grpc_options={"port": proxy_grpc, "grpc_servicer_functions": [] if ingress == "shared" else GRPC_SERVICERS},
             # on a cluster: one gRPC ingress, on the head node (docs/multinode.md: ports)
-            **({"proxy_location": "HeadOnly"} if address is not None else {}),
+            **({"proxy_location": "HeadOnly"} if address is not None else
+               {"proxy_location": "Disabled"} if _serve_http_off(ingress) else {}),
         )
         print(f"recserve: deploying {manifest.name} {manifest.version} from {app_args.package} "
               f"({manifest.plan.num_shards} shard(s), strategy {manifest.plan.strategy}, "

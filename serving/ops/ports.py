@@ -135,11 +135,13 @@ class ServePorts:
         check and its start (two starts at once); any other port as chosen."""
         return None if self.dashboard == RAY_DASHBOARD_PORT else self.dashboard
 
-    def describe(self, host: str = LOOPBACK) -> list[str]:
-        """One line per port, saying where a taken preferred port was replaced."""
+    def describe(self, host: str = LOOPBACK, *, http: bool = True) -> list[str]:
+        """One line per port, saying where a taken preferred port was replaced (``http``: whether
+        Serve's HTTP is served at all)."""
         return [
             f"gRPC          {host}:{self.grpc}",
-            f"Serve HTTP    {host}:{self.http}{_moved(self.asked_http, self.http)}",
+            f"Serve HTTP    {host}:{self.http}{_moved(self.asked_http, self.http)}" if http else
+            "Serve HTTP    off (--ingress shared: the Routers answer gRPC themselves, Serve runs no proxy)",
         ]
 
     def describe_dashboard(self, url: str) -> str:
