@@ -4,7 +4,9 @@
               (SO_REUSEPORT): the kernel spreads callers' connections over the replicas
               (serving/app/grpc_ingress.py). Any number of Router replicas behind one address,
               no proxy, and a door in gRPC's core (RESOURCE_EXHAUSTED before any parsing).
-              Serve's own gRPC servers stay off. The default.
+              Serve's own gRPC servers stay off, and so do its proxy, its HTTP and the
+              replicas' direct-ingress servers (``recserve serve`` sets
+              ``RAY_SERVE_ENABLE_DIRECT_INGRESS=0`` and ``proxy_location="Disabled"``). The default.
     "direct"  the Router replica serves gRPC through Serve's direct ingress (Serve hands each
               ingress replica the lowest free port of a range, which starts here at ``--port``:
               the Router, deployed first, gets it). One Router replica.
