@@ -7,7 +7,7 @@ selector; take a reading before and after a run and subtract.
 
 Which processes count:
 - monolith: the server process (and any children);
-- Ray Serve: every replica (``ray::SERVE_REPLICA::app#Router#...:ServeReplica:...``:
+- Ray Serve: every replica (``ray::ServeReplica:<app>:<deployment>``:
   router, shards, dense tower) and the proxy (``ray::ProxyActor``);
   :func:`ray_serve_processes` finds them by the process title Ray sets, so the load
   generator needs no Ray import. The controller, raylet and GCS are reported apart
@@ -23,8 +23,8 @@ import psutil
 
 Selector = Callable[[], list[psutil.Process]]
 
-# substrings of the process titles Ray sets (Ray 2.60: "ray::SERVE_REPLICA::<app>#<deployment>#<id>:
-# ServeReplica:<app>:<deployment>.<method>", "ray::ProxyActor", "ray::ServeController")
+# substrings of the process titles Ray sets (Ray 2.60: "ray::ServeReplica:<app>:<deployment>" padded
+# with spaces, "ray::ProxyActor", "ray::ServeController")
 SERVE_TITLES = ("ServeReplica", "ray::ProxyActor", "HAProxy", "haproxy")  # haproxy: the HAProxy ingress
 CONTROL_TITLES = ("ray::ServeController", "raylet", "gcs_server")
 
@@ -74,8 +74,8 @@ def role_of(p: psutil.Process) -> str:
     """What a serving process does, for the per-process CPU column: the Serve deployment
     of a replica ("Router", "shard-0", "DenseTower"), "proxy", "haproxy", else "server"."""
     title = _cmdline(p)
-    if "ServeReplica" in title and "#" in title:
-        return title.split("#")[1]  # ray::SERVE_REPLICA::<app>#<deployment>#<id>:...
+    if title.startswith("ray::ServeReplica:"):  # Ray 2.60: "ray::ServeReplica:<app>:<deployment>", padded
+        return title.split()[0].rsplit(":", 1)[1]
     if "ProxyActor" in title:
         return "proxy"
     exe = title.split(" ", 1)[0].rsplit("/", 1)[-1]

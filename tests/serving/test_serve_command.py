@@ -151,6 +151,16 @@ def test_the_shared_ingress_runs_no_serve_proxy_and_no_serve_http(stack):
     assert len(processes_titled(["ServeReplica:recserve:Router"], within=stack.proc.pid)) >= 2
 
 
+def test_the_bench_tells_every_serving_process_by_its_deployment(stack):
+    """`recserve bench`'s CPU-per-process column reads each replica's deployment from the title
+    Ray 2.60 gives its process (it had read an older format and summed every replica as "server")."""
+    from loadtest.cpu import ray_serve_processes, role_of
+
+    roles = [role_of(p) for p in ray_serve_processes(within=stack.proc.pid)]
+    assert set(DEPLOYMENTS) <= set(roles) and "server" not in roles, roles
+    assert roles.count("haproxy") == 1  # the front
+
+
 def _app(details: dict, deployment: str) -> str:
     """The stack's application holding ``deployment`` (the router's, or the live version's)."""
     return app_of(details, deployment, "recserve")
