@@ -85,6 +85,7 @@ class BenchOptions:
     device: str = "cpu"  # torch device of the servers (and of --init random's weight drawing)
     init: str = "trained"  # "trained" (recserve train, torchrec) or "random" (export --init random)
     discard_packages: bool = False  # delete each package after its configuration ran (full size, small disk)
+    idle_s: float = 5.0  # seconds the serving processes' CPU is read with no requests, before the runs; 0: skip
 
     def __post_init__(self) -> None:
         for c in self.configs:
@@ -101,6 +102,8 @@ class BenchOptions:
             raise BenchError(f"--max-requests: must be positive, got {self.max_requests}")
         if self.trace_size <= 0:
             raise BenchError(f"--trace-size: must be positive, got {self.trace_size}")
+        if not 0 <= self.idle_s <= 600:
+            raise BenchError(f"--idle-seconds: must be in [0, 600], got {self.idle_s}")
         if self.closed_concurrency < 0:
             raise BenchError(f"--closed-concurrency: must be >= 0, got {self.closed_concurrency}")
         if self.init not in ("trained", "random"):
@@ -197,6 +200,20 @@ def _plan_key(plan: ShardPlan) -> str:
     return json.dumps(sorted(shards))
 
 
+def idle_cpu(config: str, target, seconds: float) -> dict[str, float]:
+    """CPU ms per second of each serving role (loadtest.cpu.role_of) while no request is sent:
+    what a Ray replica costs at rest (Ray's 10 ms signal check, metrics, health checks), which
+    every request at a low rate carries a share of. Printed, and kept as each run's idle_ms_per_req."""
+    time.sleep(1.0)  # the warm-up's stragglers finish
+    before, t0 = target.cpu.read_by_role(), time.monotonic()
+    time.sleep(seconds)
+    after, dt = target.cpu.read_by_role(), time.monotonic() - t0
+    idle = {r: (after[r] - before.get(r, 0.0)) / dt * 1e3 for r in sorted(after)}
+    parts = "; ".join(f"{r} {v:.1f}" for r, v in idle.items())
+    print(f"  {config:>12}   idle: {sum(idle.values()):.1f} ms of CPU a second with no requests ({parts})", flush=True)
+    return idle
+
+
 def measure(
     config: str,
     target,
@@ -212,6 +229,7 @@ def measure(
     bad = [c for c in codes if c != "OK"]
     if bad:
         print(f"  warm-up: {len(bad)}/{len(codes)} failed ({bad[0]})", flush=True)
+    idle = idle_cpu(config, target, opts.idle_s) if opts.idle_s else None
     rows = []
     runs: list[tuple[str, float | int]] = [("open", r) for r in opts.rates]
     if opts.closed_concurrency:
@@ -249,6 +267,8 @@ def measure(
         ok = max(row.ok, 1)
         roles = target.cpu.read_by_role()
         row.cpu_by_process = "; ".join(f"{r} {(roles[r] - roles0.get(r, 0.0)) / ok * 1e3:.2f}" for r in sorted(roles))
+        if idle is not None and row.throughput_rps > 0:
+            row.idle_ms_per_req = sum(idle.values()) / row.throughput_rps
         if metrics_url:
             time.sleep(target.metrics_delay_s)  # Ray's metrics reach its exporter every second or so
             row.stages = format_breakdown(breakdown(stages0, stage_totals(metrics_url), row.ok))

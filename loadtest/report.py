@@ -109,6 +109,7 @@ _TABLE = (
     ("intern KB", "internal_bytes_per_req", "{:.1f}"),
     ("cpu ms/req", "cpu_ms_per_req", "{:.2f}"),
     ("cpu x mono", "cpu_overhead", "{:.2f}"),
+    ("of it idle", "idle_ms_per_req", "{:.2f}"),
     ("load", "loadavg_1m", "{:.1f}"),
     ("gpu %", "gpu_util", "{:.0f}"),
     ("cpu ms/req by process", "cpu_by_process", "{}"),

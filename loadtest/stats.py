@@ -54,6 +54,9 @@ class RunSummary:
     loadavg_1m: float = float("nan")  # machine load average at the end of the run (noise check)
     gpu_util: float = float("nan")  # mean GPU utilisation during the run, % (NaN: no GPU sampled)
     cpu_by_process: str = ""  # CPU ms per OK answer of each serving process, "Router 2.10; shard-0 0.80"
+    # of cpu_ms_per_req, what the serving processes burn whatever the load: their CPU rate with no
+    # requests (measured before the runs) over this run's OK answers per second (NaN: not measured)
+    idle_ms_per_req: float = float("nan")
     stages: str = ""  # mean ms per stage (serving/engine/stages.py), "decode 0.40  coalesce_wait 1.20 ..."
 
     def as_dict(self) -> dict:

@@ -61,6 +61,9 @@ class Bench(Subcommand):
         p.add_argument("--timeout", type=float, default=5.0, help="per-request deadline, seconds")
         p.add_argument("--arrivals", choices=("poisson", "uniform"), default="poisson")
         p.add_argument("--warmup", type=int, default=50, help="requests sent before measuring")
+        p.add_argument("--idle-seconds", type=float, default=5.0,
+                       help="seconds the servers' CPU is read with no requests before the runs (printed per "
+                       "process; the table's 'of it idle' is that rate's share of each run's CPU per request; 0: skip)")
         p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16", "int8", "int4"))
         p.add_argument("--shard-memory", default=None, help="per-shard cap for export (e.g. 8MiB)")
         p.add_argument("--train-steps", type=int, default=200)
@@ -129,6 +132,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             device=args.device,
             init=args.init,
             discard_packages=args.discard_packages,
+            idle_s=args.idle_seconds,
         )
         if args.engine:
             from loadtest.engine import EngineOptions, run_engine

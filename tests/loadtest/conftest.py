@@ -23,7 +23,7 @@ def tiny_bench_root(tmp_path_factory: pytest.TempPathFactory, tiny_state_dict: P
 def _tiny_options(root: Path, **kw) -> BenchOptions:
     base = dict(
         workload="tiny", max_rows=None, artifacts=root / "artifacts", out_dir=root / "out",
-        trace_size=50, warmup_requests=3,
+        trace_size=50, warmup_requests=3, idle_s=1.0,
     )  # fmt: skip
     base.update(kw)
     return BenchOptions(**base)

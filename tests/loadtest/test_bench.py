@@ -18,6 +18,8 @@ def test_config_names_parse_and_bad_ones_are_refused_by_option_name():
         BenchOptions(rates=(10, -1))
     with pytest.raises(BenchError, match="--duration"):
         BenchOptions(duration_s=3600)
+    with pytest.raises(BenchError, match="--idle-seconds"):
+        BenchOptions(idle_s=-1)
 
 
 def test_bench_against_the_monolith_writes_csv_plot_and_table(tiny_bench_root, bench_package, tiny_options, capsys):
@@ -50,7 +52,7 @@ def test_bench_against_the_monolith_writes_csv_plot_and_table(tiny_bench_root, b
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_bench_runs_one_sharded_configuration_on_ray_serve(tiny_bench_root, bench_package, tiny_options):
+def test_bench_runs_one_sharded_configuration_on_ray_serve(tiny_bench_root, bench_package, tiny_options, capsys):
     """One Ray Serve start (about a minute on 2 cores): table-2 next to the monolith."""
     out = tiny_bench_root / "out-sharded"
     opts = tiny_options(
@@ -65,5 +67,10 @@ def test_bench_runs_one_sharded_configuration_on_ray_serve(tiny_bench_root, benc
         assert stage in sharded[0].stages, sharded[0].stages  # Ray's metrics of every deployment
     assert sharded[0].internal_bytes_per_req > 0
     assert sharded[0].cpu_s > 0 and sharded[0].cpu_overhead > 0
+    # every process's CPU apart, by its deployment, and the share of it that an idle stack burns too
+    assert [p.split()[0] for p in sharded[0].cpu_by_process.split("; ")] == ["DenseTower", "Router", "shard-0", "shard-1"]
+    idle_line = next(line for line in capsys.readouterr().out.splitlines() if "table-2   idle:" in line)
+    assert all(f"{d} " in idle_line for d in ("DenseTower", "Router", "shard-0", "shard-1")), idle_line
+    assert 0 < sharded[0].idle_ms_per_req < sharded[0].cpu_ms_per_req  # Ray replicas are never free at rest
     plan = read_plan(tiny_bench_root / "artifacts" / "tiny-full-fp32" / "packages" / "table-2")
     assert plan.num_shards == 2
