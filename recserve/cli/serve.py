@@ -462,7 +462,7 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
         ours = _descendants() if address is None else []  # the local Ray we started: raylet, GCS, agents
         try:
             if address is None:
-                serve.shutdown()
+                _stop_every_app(serve)
             elif serve.status().applications.get(ROUTER_APP) is not None:  # the operator's cluster: only our app goes
                 serve.delete(ROUTER_APP)
         finally:
@@ -489,6 +489,23 @@ def _start_front(app_args, port: int, hold) -> object:
     print(f"recserve: the front (HAProxy) on 127.0.0.1:{port} refuses beyond the running routers x "
           f"{app_args.max_in_flight + app_args.max_queued} requests", flush=True)
     return door
+
+
+def _stop_every_app(serve, timeout_s: float = 60.0) -> None:
+    """Serve's graceful stop of every application on our own local Ray (each replica's graceful
+    shutdown: the Routers finish their calls in flight and close their example logs); the
+    controller and the rest go with the local Ray at ``ray.shutdown()``. Not ``serve.shutdown()``:
+    Ray 2.60's controller kills itself inside the shutdown call it is answering, and the driver then
+    printed that call's failure ("Task ServeController.graceful_shutdown failed ... will be
+    retried") on every Ctrl-C."""
+    import time
+
+    names = list(serve.status().applications)
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while serve.status().applications and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _descendants() -> list:
