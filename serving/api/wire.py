@@ -9,7 +9,8 @@
                        sends this header too and both servers read it.
     GRPC_SERVICERS     the servicer functions Serve's gRPC proxy registers (import paths)
 
-and the one deadline reader both servers use at their edge, :func:`caller_timeout_s`.
+and the one deadline reader both servers use at their edge, :func:`caller_timeout_s`, and the
+one registration of their Ranker servicer, :func:`add_ranker_servicer`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING
 from serving.api.errors import InvalidRequest, quoted
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import grpc
 
 SERVICE_NAME = "recserve.v1.Ranker"
@@ -70,3 +73,35 @@ def caller_timeout_s(context: grpc.ServicerContext | None, default: float | None
     if left is None:
         return default
     return left if default is None else min(left, default)
+
+
+def add_ranker_servicer(servicer, server: grpc.aio.Server, observe: Callable[[str, float], None] | None = None) -> None:
+    """The generated ``add_RankerServicer_to_server``, with each Predict request's protobuf parse
+    timed as the stage ``parse`` (ms) when ``observe`` is given: gRPC parses a request before its
+    handler runs, so none of the handler's laps sees it (0.9 ms for a 214 KB dlrmv2 request here,
+    as much as the handler's own ``decode``)."""
+    import grpc
+
+    from recserve.v1 import ranker_pb2, ranker_pb2_grpc
+
+    if observe is None:
+        return ranker_pb2_grpc.add_RankerServicer_to_server(servicer, server)
+    parse_request = ranker_pb2.PredictRequest.FromString
+
+    def parse(data: bytes) -> ranker_pb2.PredictRequest:
+        start = time.perf_counter()
+        try:
+            return parse_request(data)
+        finally:
+            observe("parse", (time.perf_counter() - start) * 1000)
+
+    handlers = {
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            servicer.Predict, request_deserializer=parse,
+            response_serializer=ranker_pb2.PredictResponse.SerializeToString),
+        "ModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelInfo, request_deserializer=ranker_pb2.ModelInfoRequest.FromString,
+            response_serializer=ranker_pb2.ModelInfoResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

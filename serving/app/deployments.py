@@ -438,7 +438,7 @@ class Router:
         # Serve runs __init__ on the replica's event loop, where the server's handlers then run
         self._ingress = start_ingress(args.router_listen(), predict=self.Predict, model_info=self.ModelInfo,
                                       check=self.Check, max_in_flight=args.max_in_flight,
-                                      max_queued=args.max_queued) if args.grpc_listen else None
+                                      max_queued=args.max_queued, observe=self._observe) if args.grpc_listen else None
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """With its own gRPC server (--ingress shared) Serve sees none of this replica's requests:

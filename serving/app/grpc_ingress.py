@@ -35,6 +35,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
+from serving.api.wire import add_ranker_servicer
 from serving.engine.occupancy import TimeAverage
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
@@ -152,16 +153,16 @@ def _health_servicer(check: Handler):
 
 
 def start_ingress(address: str | list[str], *, predict: Handler, model_info: Handler, check: Handler,
-                  max_in_flight: int, max_queued: int, max_message_bytes: int = 256 << 20) -> Ingress:
+                  max_in_flight: int, max_queued: int, max_message_bytes: int = 256 << 20,
+                  observe: Callable[[str, float], None] | None = None) -> Ingress:
     """Bind ``address`` (HOST:PORT, shared with the other routers) and start serving on the
     running event loop; returns the :class:`Ingress` (``await ingress.stop(grace)`` to stop). Raises
     OSError naming the address when it cannot be bound (a server without SO_REUSEPORT holds it).
 
     A list of addresses instead: this replica takes the first one nobody holds (no SO_REUSEPORT),
     so each router has one of its own (serving.config.own_addresses); OSError naming them all when every
-    one is taken."""
+    one is taken. ``observe(stage, ms)`` gets each Predict request's protobuf parse as ``parse``."""
     from grpc_health.v1 import health_pb2_grpc
-    from recserve.v1 import ranker_pb2_grpc
 
     candidates = [address] if isinstance(address, str) else list(address)
     door = _Door(max_in_flight, max_queued)
@@ -173,7 +174,7 @@ def start_ingress(address: str | list[str], *, predict: Handler, model_info: Han
                      ("grpc.max_send_message_length", max_message_bytes)],
             maximum_concurrent_rpcs=max_in_flight + max_queued + _CONTROL_SLACK,
         )
-        ranker_pb2_grpc.add_RankerServicer_to_server(_ranker_servicer(door.guard(predict), model_info), server)
+        add_ranker_servicer(_ranker_servicer(door.guard(predict), model_info), server, observe)
         health_pb2_grpc.add_HealthServicer_to_server(_health_servicer(check), server)
         why = "taken"
         try:

@@ -25,7 +25,7 @@ from typing import Callable
 STAGE_METRIC = "recserve_stage_ms"
 STAGE_DESCRIPTION = "time of one stage of a request (per request), or of one batched call (shards, tower), ms"
 BOUNDARIES_MS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
-ORDER = ("admission", "decode", "filter", "coalesce_wait", "batch", "lookup", "tower", "encode")
+ORDER = ("parse", "admission", "decode", "filter", "coalesce_wait", "batch", "lookup", "tower", "encode")
 
 Observe = Callable[[str, float], None]  # (stage, ms)
 

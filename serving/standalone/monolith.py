@@ -31,7 +31,7 @@ from recserve.v1 import ranker_pb2_grpc
 from serving.engine.admission import Admission, AdmissionConfig
 from serving.api.codec import check_model, decode_request, encode_response, model_info
 from serving.api.errors import DeadlineExceeded
-from serving.api.wire import HEALTH_SERVICES, caller_timeout_s
+from serving.api.wire import HEALTH_SERVICES, add_ranker_servicer, caller_timeout_s
 from serving.config import DEFAULT_MAX_BATCH_SIZE, AppArgs
 from serving.engine.coalesce import Coalescer, concat_batches, split_rows
 from serving.engine.local_ranker import LocalRanker
@@ -189,7 +189,7 @@ async def create_server(
     # serve_forever's front (serving/standalone/haproxy_front.py) refuses them in native code instead.
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.so_reuseport", 0)],
                              maximum_concurrent_rpcs=max_in_flight + control_slack)
-    ranker_pb2_grpc.add_RankerServicer_to_server(servicer, server)
+    add_ranker_servicer(servicer, server, servicer.observe)  # its protobuf parse timed as stage "parse"
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:

@@ -45,7 +45,7 @@ def test_bench_against_the_monolith_writes_csv_plot_and_table(tiny_bench_root, b
     assert matplotlib.image.imread(out / "p99.png").ndim == 3  # a decodable image
     assert "monolith" in (out / "table.md").read_text()
     for r in rows:  # where the time went, from the server's own stage histograms
-        assert "decode" in r.stages and "coalesce_wait" in r.stages and "tower" in r.stages, r.stages
+        assert all(s in r.stages for s in ("parse", "decode", "coalesce_wait", "tower")), r.stages
     assert "per-stage" in (out / "table.txt").read_text()
     assert "p99 ms" in capsys.readouterr().out
 
@@ -63,7 +63,7 @@ def test_bench_runs_one_sharded_configuration_on_ray_serve(tiny_bench_root, benc
     sharded = [r for r in rows if r.config == "table-2"]
     assert len(sharded) == 1 and sharded[0].ok > 0 and sharded[0].errors == ""
     assert sharded[0].shard_calls_per_req == pytest.approx(2.0)  # every tiny request reads every table
-    for stage in ("admission", "coalesce_wait", "batch", "shard-0.lookup", "shard-1.wait", "tower.score", "encode"):
+    for stage in ("parse", "admission", "coalesce_wait", "batch", "shard-0.lookup", "shard-1.wait", "tower.score", "encode"):
         assert stage in sharded[0].stages, sharded[0].stages  # Ray's metrics of every deployment
     assert sharded[0].internal_bytes_per_req > 0
     assert sharded[0].cpu_s > 0 and sharded[0].cpu_overhead > 0

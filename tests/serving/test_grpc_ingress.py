@@ -274,3 +274,28 @@ def test_own_addresses_are_named_from_grpc_listen_and_refused_without_it_or_fewe
         AppArgs(package="p", grpc_own_addresses=2)
     with pytest.raises(ValidationError, match="grpc_own_addresses: 2 is fewer than the Router's 3 replicas"):
         AppArgs(package="p", grpc_listen="127.0.0.1:5000", grpc_own_addresses=2, router_replicas=3)
+
+
+def test_each_requests_protobuf_parse_is_timed_as_a_stage_of_its_own():
+    """gRPC parses a request before the handler runs: the ingress times that parse as "parse",
+    one observation per Predict call (none for ModelInfo), and the handler gets the request whole."""
+    async def run() -> tuple[list, list]:
+        observed, seen = [], []
+        handlers = _handlers("router", started=seen)
+        address = f"127.0.0.1:{free_port()}"
+        server = start_ingress(address, **handlers, max_in_flight=4, max_queued=4,
+                               observe=lambda stage, ms: observed.append((stage, ms)))
+        try:
+            async with _channel(address) as ch:
+                stub = ranker_pb2_grpc.RankerStub(ch)
+                dense = [0.5] * 200_000  # 800 KB of floats: a parse that takes measurable time
+                for i in range(3):
+                    await stub.Predict(ranker_pb2.PredictRequest(request_id=f"r{i}", batch_size=1, dense=dense), timeout=10)
+                await stub.ModelInfo(ranker_pb2.ModelInfoRequest(), timeout=10)
+        finally:
+            await server.stop(None)
+        return observed, seen
+
+    observed, seen = asyncio.run(run())
+    assert seen == ["r0", "r1", "r2"]
+    assert [stage for stage, _ in observed] == ["parse"] * 3 and all(ms > 0 for _, ms in observed), observed
