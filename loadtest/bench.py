@@ -200,18 +200,19 @@ def _plan_key(plan: ShardPlan) -> str:
     return json.dumps(sorted(shards))
 
 
-def idle_cpu(config: str, target, seconds: float) -> dict[str, float]:
-    """CPU ms per second of each serving role (loadtest.cpu.role_of) while no request is sent:
-    what a Ray replica costs at rest (Ray's 10 ms signal check, metrics, health checks), which
-    every request at a low rate carries a share of. Printed, and kept as each run's idle_ms_per_req."""
+def idle_cpu(config: str, target, seconds: float) -> float:
+    """CPU ms per second of the serving processes while no request is sent, printed per role
+    (loadtest.cpu.role_of): what a Ray replica costs at rest (Ray's 10 ms signal check, metrics,
+    health checks), which every request at a low rate carries a share of (each run's idle_ms_per_req)."""
     time.sleep(1.0)  # the warm-up's stragglers finish
     before, t0 = target.cpu.read_by_role(), time.monotonic()
     time.sleep(seconds)
     after, dt = target.cpu.read_by_role(), time.monotonic() - t0
     idle = {r: (after[r] - before.get(r, 0.0)) / dt * 1e3 for r in sorted(after)}
     parts = "; ".join(f"{r} {v:.1f}" for r, v in idle.items())
-    print(f"  {config:>12}   idle: {sum(idle.values()):.1f} ms of CPU a second with no requests ({parts})", flush=True)
-    return idle
+    total = sum(idle.values())
+    print(f"  {config:>12}   idle: {total:.1f} ms of CPU a second with no requests ({parts})", flush=True)
+    return total
 
 
 def measure(
@@ -268,7 +269,7 @@ def measure(
         roles = target.cpu.read_by_role()
         row.cpu_by_process = "; ".join(f"{r} {(roles[r] - roles0.get(r, 0.0)) / ok * 1e3:.2f}" for r in sorted(roles))
         if idle is not None and row.throughput_rps > 0:
-            row.idle_ms_per_req = sum(idle.values()) / row.throughput_rps
+            row.idle_ms_per_req = idle / row.throughput_rps
         if metrics_url:
             time.sleep(target.metrics_delay_s)  # Ray's metrics reach its exporter every second or so
             row.stages = format_breakdown(breakdown(stages0, stage_totals(metrics_url), row.ok))

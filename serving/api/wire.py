@@ -82,13 +82,11 @@ def add_ranker_servicer(servicer, server: grpc.aio.Server, observe: Callable[[st
     as much as the handler's own ``decode``)."""
     import grpc
 
-    from recserve.v1 import ranker_pb2, ranker_pb2_grpc
+    from recserve.v1 import ranker_pb2
 
-    if observe is None:
-        return ranker_pb2_grpc.add_RankerServicer_to_server(servicer, server)
     parse_request = ranker_pb2.PredictRequest.FromString
 
-    def parse(data: bytes) -> ranker_pb2.PredictRequest:
+    def timed_parse(data: bytes) -> ranker_pb2.PredictRequest:
         start = time.perf_counter()
         try:
             return parse_request(data)
@@ -97,7 +95,7 @@ def add_ranker_servicer(servicer, server: grpc.aio.Server, observe: Callable[[st
 
     handlers = {
         "Predict": grpc.unary_unary_rpc_method_handler(
-            servicer.Predict, request_deserializer=parse,
+            servicer.Predict, request_deserializer=parse_request if observe is None else timed_parse,
             response_serializer=ranker_pb2.PredictResponse.SerializeToString),
         "ModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.ModelInfo, request_deserializer=ranker_pb2.ModelInfoRequest.FromString,
