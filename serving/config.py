@@ -25,6 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Transport = Literal["direct", "reference", "grpc"]
 WireDtype = Literal["float32", "float16"]
 TowerDtype = Literal["float32", "float16", "bfloat16"]
+# How pooled embeddings go from a shard to the dense tower over the data plane (fanout "tower"):
+# "host": D2H into the shard's pinned buffer, the frame, the tower's H2D;
+# "ipc":  on one GPU, the shard copies them into a ring of device buffers the tower shares through
+#         CUDA IPC (serving/engine/ipc.py); a shard on another GPU or host answers by the host path;
+# "auto": "ipc" when shards and tower run on CUDA with the direct transport and fanout "tower",
+#         else "host" (docs/dataplane.md: pooled embeddings on the GPU).
+PooledTransport = Literal["auto", "ipc", "host"]
 # Who calls the shards (where the pooled embeddings flow; never through the router's pickling path):
 # "router": the router calls the shards and hands their responses to the tower (transport
 #           "reference": by reference, shard -> node's shared-memory object store -> tower;
@@ -110,6 +117,12 @@ class AppArgs(BaseModel):
     wire_dtype: WireDtype = Field(
         "float16", description="dtype of the pooled embeddings that shards hand the dense tower: float16 "
                                "halves the bytes between processes (the tower accumulates in float32)")
+    pooled_transport: PooledTransport = Field(
+        "auto", description="how pooled embeddings go from the shards to the tower: 'ipc' (one GPU: into the "
+                            "tower's ring of device buffers, shared through CUDA IPC), 'host' (pinned host "
+                            "memory and the frame), 'auto' (ipc on CUDA with transport direct and fanout tower)")
+    pooled_ring_slots: int = Field(16, gt=0, description="with pooled_transport ipc: batches a tower replica's ring "
+                                                         "holds at once (one slot each); more go by the host path")
     max_in_flight: int = Field(32, gt=0, description="requests a router replica (or the monolith) works on at once; "
                                "a request that cannot be answered within its deadline is answered "
                                "RESOURCE_EXHAUSTED at once (serving/engine/admission.py)")
@@ -181,6 +194,11 @@ class AppArgs(BaseModel):
             raise ValueError("fanout 'router' hands shard responses to the tower by reference or over the data "
                              "plane: it needs transport 'direct' or 'reference' (with 'grpc' the pooled "
                              "embeddings would pass through the router's pickling path)")
+        if self.pooled_transport == "ipc" and (self.transport != "direct" or self.resolved_fanout() != "tower"
+                                               or self.device == "cpu"):
+            raise ValueError("pooled_transport 'ipc': the shards write into the tower's GPU ring over the data "
+                             "plane, so it needs transport 'direct', fanout 'tower' and device 'cuda' or 'auto' "
+                             f"(got {self.transport!r}, {self.fanout!r}, {self.device!r})")
         if (self.router_host or self.tower_host) and not self.place_on_hosts:
             raise ValueError("router_host/tower_host: need place_on_hosts")
         if 0 < self.router_max_replicas < self.router_replicas:
@@ -214,6 +232,13 @@ class AppArgs(BaseModel):
         if self.fanout != "auto":
             return self.fanout
         return "router" if self.transport == "reference" else "tower"
+
+    def resolved_pooled_transport(self, device: str) -> str:
+        """``pooled_transport`` with "auto" decided (``device``: the resolved one)."""
+        if self.pooled_transport != "auto":
+            return self.pooled_transport
+        direct_to_tower = self.transport == "direct" and self.resolved_fanout() == "tower"
+        return "ipc" if direct_to_tower and device.startswith("cuda") else "host"
 
     def tower_threads(self, cores: int | None = None) -> int:
         """torch intra-op threads of a tower replica: ``torch_threads``, else the node's cores

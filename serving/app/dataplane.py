@@ -187,23 +187,29 @@ class DirectPlane:
         self.hedges_won = 0  # ... those the second replica answered first
 
     async def call(self, app: str, deployment: str, method: str, arrays, *, version: str,
-                   deadline: float | None = None) -> list:
+                   deadline: float | None = None, on_resend: Callable[[], None] | None = None) -> list:
         """``method``'s arrays from a replica of ``deployment`` serving model ``version``; raises
-        what the method raised, or NoReplica when no such replica can be reached."""
+        what the method raised, or NoReplica when no such replica can be reached. ``on_resend()``
+        is called when the call goes to a second replica (hedged, or its connection broke): the
+        first may still be working on it (serving/engine/ipc.py quarantines its ring slot)."""
         tried: set[tuple[str, int]] = set()
         timings = self._timings[(app, deployment, method)]
         timings.counted()
         while True:
             channel = await self._pick(app, deployment, version, tried)
             try:
-                return await self._answer(channel, timings, app, deployment, method, arrays, version, deadline, tried)
+                return await self._answer(channel, timings, app, deployment, method, arrays, version, deadline, tried,
+                                          on_resend)
             except ChannelBroken as e:
                 address = getattr(e, "address", None) or (channel.host, channel.port)
                 tried.add(address)
                 self._drop(app, deployment, address)
+                if on_resend is not None:
+                    on_resend()
 
     async def _answer(self, channel: Channel, timings: _Timings, app: str, deployment: str, method: str, arrays,
-                      version: str, deadline: float | None, tried: set) -> list:
+                      version: str, deadline: float | None, tried: set,
+                      on_resend: Callable[[], None] | None = None) -> list:
         """The first answer to the call on ``channel``, or on a second replica once the first is slow."""
         started = time.monotonic()
         first = asyncio.ensure_future(_on(channel, method, arrays, deadline))
@@ -223,6 +229,8 @@ class DirectPlane:
             self.hedges += 1
             if self.on_hedge is not None:
                 self.on_hedge(deployment)
+            if on_resend is not None:
+                on_resend()
             second = asyncio.ensure_future(_on(other, method, arrays, deadline))
             try:
                 racing = {first, second}

@@ -43,6 +43,8 @@ from serving.api.errors import DeadlineExceeded, Overloaded, ServingError, Shard
 from serving.example_log import config_of, example_log_for
 from serving.engine import routing as routing_module  # a module global: Serve pickles Router by value
 from serving.engine.routing import FeatureFilter, Routing, ShardRequest, load_feature_filter
+from serving.engine.ipc import PooledRing, RingViews
+from serving.engine.pooled import embedding_dtype
 from serving.engine.shard import ShardCore
 from serving.engine.stages import BOUNDARIES_MS, STAGE_DESCRIPTION, STAGE_METRIC, Observe, Stopwatch
 from serving.api.status import grpc_status
@@ -92,12 +94,15 @@ def _shard_request(arrays: list, deadline: float | None, version: str | None = N
     return ShardRequest(lengths=lengths, values=values, weights=weights, deadline=deadline, version=version)
 
 
-async def _lookups_direct(plane: DirectPlane, app: str, requests: dict[int, ShardRequest],
-                          version: str) -> dict[int, np.ndarray]:
+async def _lookups_direct(plane: DirectPlane, app: str, requests: dict[int, ShardRequest], version: str, *,
+                          ring: dict[int, list] | None = None,
+                          on_resend: Callable[[], None] | None = None) -> dict[int, np.ndarray | None]:
     """Each shard's pooled embeddings for its request from a replica of model ``version``, over
-    the data plane, concurrently (NoReplica when a shard cannot be reached there)."""
-    looked = await asyncio.gather(*(plane.call(app, shard_name(k), "lookup", _shard_frame(r), version=version,
-                                               deadline=r.deadline)
+    the data plane, concurrently (NoReplica when a shard cannot be reached there). With
+    ``ring[k]`` ([handle, [offset]] of the tower's ring) shard k writes them there and its
+    entry is None, unless it answered by the host path (serving/engine/ipc.py)."""
+    looked = await asyncio.gather(*(plane.call(app, shard_name(k), "lookup", _shard_frame(r) + (ring[k] if ring else []),
+                                               version=version, deadline=r.deadline, on_resend=on_resend)
                                     for k, r in requests.items()))
     return {k: out[0] for k, out in zip(requests, looked)}
 
@@ -255,28 +260,48 @@ class Shard(_BatchedReplica):
         self._latency = Histogram("recserve_shard_lookup_ms", description="batched lookup time, ms", boundaries=_MS)
         self._endpoint = (ReplicaEndpoint({"lookup": self._lookup_frame}, version=self.version)
                           if args.transport == "direct" else None)
+        # the towers' GPU rings this replica writes into (pooled_transport "ipc")
+        self._rings = RingViews(self.core.device) if self._endpoint and self.core.device.type == "cuda" else None
 
-    async def _lookup_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
-        """The data plane's lookup: [lengths, values, weights | None] -> [pooled]."""
-        return [await self.lookup(_shard_request(arrays, deadline))]
+    async def _lookup_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray | None]:
+        """The data plane's lookup: [lengths, values, weights | None] -> [pooled]; with a tower's
+        ring after them ([..., handle, [offset]]) -> [None], the output written there, when this
+        replica can reach the ring (else [pooled], the host path)."""
+        request = _shard_request(arrays[:3], deadline)
+        target = None
+        if len(arrays) == 5 and self._rings is not None:
+            target = self._rings.target(arrays[3], int(arrays[4][0]), request.batch_size, self.core.output_dim,
+                                        self.core.output_dtype)
+        return [await self.lookup(request, target)]
 
-    async def lookup(self, request: ShardRequest) -> np.ndarray:
+    async def lookup(self, request: ShardRequest, target: torch.Tensor | None = None) -> np.ndarray | None:
         """Pooled embeddings [B, columns x D] (the app's wire dtype) of one request
-        (DEADLINE_EXCEEDED if the router's deadline passed before the lookup ran: the work is skipped)."""
+        (DEADLINE_EXCEEDED if the router's deadline passed before the lookup ran: the work is skipped);
+        None once written into ``target`` (a tower's ring on this GPU)."""
         _same_version(self.name, self.version, request.version)
         if _expired(request):
             raise self._late()
-        return await self._batcher(request, deadline=request.deadline, expired=self._late)
+        return await self._batcher(_ShardItem(request, target), deadline=request.deadline, expired=self._late)
 
     def _late(self) -> DeadlineExceeded:
         return DeadlineExceeded(f"{self.name}: the request's deadline passed before its lookup ran")
 
-    def _lookup_many(self, requests: list[ShardRequest]) -> list[np.ndarray]:
+    def _lookup_many(self, items: list[_ShardItem]) -> list[np.ndarray | None]:
         start = time.perf_counter()
-        outs = self.core.lookup_many(requests)
+        outs = self.core.lookup_many([it.request for it in items], [it.target for it in items])
         self._latency.observe((time.perf_counter() - start) * 1000)
-        self._batch.observe(_examples(requests))
+        self._batch.observe(_examples(items))
         return outs
+
+
+@dataclass(frozen=True)
+class _ShardItem:
+    request: ShardRequest
+    target: torch.Tensor | None  # [B, columns x D] in a tower's ring, or None: answered by the host
+
+    @property
+    def batch_size(self) -> int:
+        return self.request.batch_size
 
 
 @dataclass(frozen=True)
@@ -307,11 +332,24 @@ class DenseTower(_BatchedReplica):
         self._batcher = _Batcher(self._score_many, name="tower", work="score")
         self._batch = Histogram("recserve_tower_batch_examples", description="examples per batched tower call",
                                 boundaries=_SIZES)
-        self._endpoint = self._plane = None
+        self._endpoint = self._plane = self._ring = None
         if args.transport == "direct":  # answers the router over the data plane; with fanout "tower" calls the shards there
             self._endpoint = ReplicaEndpoint({"score": self._score_frame, "predict": self._predict_frame},
                                              version=self.version)
             self._plane, self._app = DirectPlane(on_hedge=_hedges_counted()), serve.get_replica_context().app_name
+        # the part of each shard in a batch's slot of the ring: [B, columns x D]
+        self._widths = {k: len(cols) * self.routing.dim for k, cols in self.routing.columns.items()}
+        if self._plane is not None and args.resolved_pooled_transport(str(self.core.device)) == "ipc":
+            examples = max(args.coalesce_max_examples, args.max_batch_size)  # a router's largest batch
+            self._ring = PooledRing(self.core.device, embedding_dtype(args.wire_dtype), slots=args.pooled_ring_slots,
+                                    slot_elems=examples * sum(self._widths.values()))
+            logger.info("pooled embeddings: by CUDA IPC into this replica's ring, %d slots of %d examples (%.0f MB)",
+                        args.pooled_ring_slots, examples, self._ring.buffer.nbytes / 1e6)
+        self._declined = 0  # batches with a shard that answered by the host though the ring was offered
+        self._pooled = Counter("recserve_pooled_batches", tag_keys=("path",),
+                               description="batches whose pooled embeddings came over CUDA IPC ('ipc'), by the "
+                                           "host because the ring had no room ('host') or a shard could not reach it "
+                                           "('declined')")
 
     async def _score_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
         """The data plane's score: [dense, part of shard 0 | None, ...] -> [scores]."""
@@ -340,8 +378,7 @@ class DenseTower(_BatchedReplica):
             _same_version("DenseTower", self.version, r.version)
         if self._plane is not None:
             try:
-                done = await _lookups_direct(self._plane, self._app, requests, self.version)
-                return await self._batcher(_TowerItem(dense, tuple(done.get(k) for k in range(self.routing.num_shards))))
+                return await self._predict_direct(dense, requests)
             except NoReplica:
                 pass  # Serve's path below (it knows which replicas died)
         calls = {k: self.shards[k].remote(r) for k, r in requests.items()}
@@ -350,7 +387,52 @@ class DenseTower(_BatchedReplica):
         except BaseException:
             cancel(*calls.values())
             raise
-        return await self._batcher(_TowerItem(dense, tuple(done.get(k) for k in range(self.routing.num_shards))))
+        return await self._batcher(_TowerItem(dense, self._parts(done)))
+
+    async def _predict_direct(self, dense: np.ndarray, requests: dict[int, ShardRequest]) -> np.ndarray:
+        """:meth:`predict` over the data plane; the pooled embeddings into a slot of this
+        replica's GPU ring when it has one and a slot is free (serving/engine/ipc.py)."""
+        B = int(dense.shape[0])
+        lease = None
+        if self._ring is not None and requests:
+            lease = self._ring.lease(B, {k: self._widths[k] for k in requests})
+            self._pooled.inc(tags={"path": "host" if lease is None else "ipc"})
+        if lease is None:
+            done = await _lookups_direct(self._plane, self._app, requests, self.version)
+            return await self._batcher(_TowerItem(dense, self._parts(done)))
+        failed = True
+        try:
+            ring = {k: [self._ring.handle, np.array([lease.offsets[k]], np.int64)] for k in requests}
+            done = await _lookups_direct(self._plane, self._app, requests, self.version, ring=ring,
+                                         on_resend=lease.abandon)
+            if any(out is not None for out in done.values()):
+                if not self._declined:
+                    logger.warning("pooled embeddings: shards %s answered by the host, though offered the ring (another "
+                                   "GPU or host: their logs say why)", sorted(k for k, o in done.items() if o is not None))
+                self._declined += 1
+                self._pooled.inc(tags={"path": "declined"})
+            parts = {k: self._ring.view(lease, k, B, self._widths[k]) if out is None else out
+                     for k, out in done.items()}
+            scores = await self._batcher(_TowerItem(dense, self._parts(parts)))  # read the slot, synced
+            failed = False
+            return scores
+        finally:
+            deadline = max((r.deadline for r in requests.values() if r.deadline is not None), default=None)
+            self._ring.settle(lease, failed=failed, deadline=deadline)
+
+    def pooled_paths(self) -> dict[str, int]:
+        """Batches by the way their pooled embeddings came (the Prometheus counter's figures
+        for this replica): "ipc" (the ring), "host" (no ring, no room in it, or larger than a
+        slot), "declined" (a shard could not reach the ring), "quarantined" (slots held back
+        after an abandoned call). All zeros without a ring (pooled_transport "host")."""
+        if self._ring is None:
+            return {"ipc": 0, "host": 0, "declined": 0, "quarantined": 0}
+        r = self._ring.ring
+        return {"ipc": r.leased, "host": r.fell_back, "declined": self._declined, "quarantined": r.quarantines}
+
+    def _parts(self, done: dict) -> tuple:
+        """Shard outputs in shard order, None for a shard not called."""
+        return tuple(done.get(k) for k in range(self.routing.num_shards))
 
     def _score_many(self, items: list[_TowerItem]) -> list[np.ndarray]:
         self._batch.observe(_examples(items))

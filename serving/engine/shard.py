@@ -339,10 +339,44 @@ class ShardCore:
         p = int(np.argmax((local < 0) | (local >= self._rows[col])))
         raise IndexOutOfRangeError(table=int(col[p]), index=int(local[p]), rows=int(self._rows[col[p]]), position=p)
 
-    def lookup_many(self, requests: list[ShardRequest]) -> list[np.ndarray]:
-        """Several requests in one lookup (dynamic batching); one output per request."""
-        if len(requests) == 1:
-            return [self.lookup(requests[0])]
-        merged = self.lookup(concat_requests(requests))  # [sum B, C * D]
+    def lookup_many(self, requests: list[ShardRequest],
+                    targets: list[torch.Tensor | None] | None = None) -> list[np.ndarray | None]:
+        """Several requests in one lookup (dynamic batching); one output per request.
+
+        ``targets[i]``: a device tensor [B_i, C * D] in the output dtype (a tower's ring,
+        serving/engine/ipc.py) that request i's output is copied into, on this device, before
+        this returns; its output is then None. The rest come back as numpy."""
         bounds = np.cumsum([r.batch_size for r in requests])[:-1]
-        return np.split(merged, bounds)
+        if targets is None or all(t is None for t in targets):
+            if len(requests) == 1:
+                return [self.lookup(requests[0])]
+            return np.split(self.lookup(concat_requests(requests)), bounds)  # [sum B, C * D] split
+        request = requests[0] if len(requests) == 1 else concat_requests(requests)
+        B = request.batch_size
+        self._check_lengths(request)
+        with self._lock:
+            if self.lookup_kernel is None or request.num_ids == 0:
+                pooled = torch.zeros(B, self.output_dim, dtype=self.output_dtype, device=self.device)  # [B, C * D]
+                flag = torch.zeros((), dtype=torch.bool, device=self.device)
+            else:
+                pooled, flag = self._run(request)  # [>= B, C * D] on the device
+            for t, start, r in zip(targets, (0, *bounds), requests):
+                if t is not None:
+                    t.copy_(pooled[start:start + r.batch_size], non_blocking=True)
+            if any(t is None for t in targets):
+                host, bad = self._fetch(pooled, flag, B)  # the one stream sync (the copies above ran first)
+                outs = [None if t is not None else part for t, part in zip(targets, np.split(host, bounds))]
+            else:
+                bad = self._synced_flag(flag)
+                outs = [None] * len(requests)
+        if bad:
+            self._raise_bad_id(request)
+        return outs
+
+    def _synced_flag(self, flag: torch.Tensor) -> bool:
+        """The bad-id flag on the host after one stream sync (every copy queued before it ran)."""
+        if self.device.type == "cuda" and self.pad:
+            self._flag_h.copy_(flag, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            return bool(self._flag_h)
+        return bool(flag)  # on a GPU: a sync

@@ -1,0 +1,115 @@
+"""Pooled embeddings on the GPU between the shards and the tower (serving/engine/ipc.py): the
+ring's rules for reusing a slot, the settings that choose the path, and a shard's copies into
+targets, here on the CPU (tests/serving/test_gpu_pooled_ipc.py runs CUDA IPC itself on a GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import IndexOutOfRangeError
+from recserve.package import ModelPackage
+from recserve.synth import TrafficGenerator
+from serving.config import AppArgs
+from serving.engine.ipc import NO_DEADLINE_QUARANTINE_S, QUARANTINE_S, Lease, PooledRing, SlotRing
+from serving.engine.routing import Routing, ShardRequest
+from serving.engine.shard import ShardCore
+
+
+@pytest.fixture(scope="module")
+def package(tiny, tmp_path_factory):
+    from recserve.planning import plan_workload
+    from recserve.random_init import export_random_package
+
+    plan = plan_workload(tiny, strategy="load", num_shards=2)
+    return ModelPackage.open(export_random_package(tiny, tmp_path_factory.mktemp("ipc") / "load-2", plan=plan,
+                                                   seed=5, progress=False).path)
+
+
+def test_a_released_slot_is_reused_and_a_full_ring_leaves_the_batch_to_the_host():
+    ring = SlotRing(2)
+    a, b = ring.lease(), ring.lease()
+    assert {a, b} == {0, 1} and ring.lease() is None and ring.fell_back == 1
+    ring.settle(a, clean=True, deadline=None)
+    assert ring.lease() == a and ring.leased == 3
+
+
+def test_a_slot_whose_call_was_abandoned_comes_back_only_after_its_deadline_and_the_grace():
+    now = [100.0]
+    ring = SlotRing(1, clock=lambda: now[0])
+    slot = ring.lease()
+    ring.settle(slot, clean=False, deadline=105.0)  # a call failed, was cancelled, hedged or resent
+    now[0] = 105.0 + QUARANTINE_S - 0.01
+    assert ring.lease() is None
+    now[0] = 105.0 + QUARANTINE_S
+    assert ring.lease() == slot
+    ring.settle(slot, clean=False, deadline=now[0] - 50)  # a deadline long past: the grace counts from now
+    now[0] += QUARANTINE_S - 0.01
+    assert ring.lease() is None
+    now[0] += 0.01
+    assert ring.lease() == slot
+    ring.settle(slot, clean=False, deadline=None)
+    now[0] += NO_DEADLINE_QUARANTINE_S - 0.01
+    assert ring.lease() is None
+    now[0] += 0.01
+    assert ring.lease() == slot and ring.quarantines == 3
+
+
+def test_a_lease_marked_abandoned_by_a_resend_is_not_clean():
+    lease = Lease(slot=0, offsets={0: 0})
+    assert not lease.abandoned
+    lease.abandon()  # DirectPlane.call's on_resend
+    assert lease.abandoned
+
+
+def test_ipc_is_chosen_on_cuda_with_the_direct_transport_and_the_tower_fanout_only():
+    args = AppArgs()
+    assert args.resolved_pooled_transport("cuda:0") == "ipc"
+    assert args.resolved_pooled_transport("cpu") == "host"
+    assert AppArgs(transport="reference").resolved_pooled_transport("cuda:0") == "host"
+    assert AppArgs(fanout="router").resolved_pooled_transport("cuda:0") == "host"
+    assert AppArgs(pooled_transport="host").resolved_pooled_transport("cuda:0") == "host"
+    AppArgs(pooled_transport="ipc", device="auto")
+    for bad in ({"device": "cpu"}, {"device": "cuda", "transport": "reference"},
+                {"device": "cuda", "fanout": "router"}):
+        with pytest.raises(ValueError, match="pooled_transport 'ipc'"):
+            AppArgs(pooled_transport="ipc", **bad)
+
+
+def test_a_ring_needs_a_cuda_device():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        PooledRing(torch.device("cpu"), torch.float16, slots=2, slot_elems=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_outputs_copied_into_targets_equal_the_lookups_returned(tiny, package, dtype):
+    routing = Routing(package.manifest)
+    gen = TrafficGenerator(tiny, seed=11, empty_bag_fraction=0.3)
+    for k in routing.columns:
+        core = ShardCore(package, k, output_dtype=dtype)
+        requests = [routing.split(gen.batch(B))[k] for B in (3, 1, 6)]
+        want = [core.lookup(r) for r in requests]
+        for chosen in ((0, 2), (0, 1, 2), (1,)):  # some outputs to targets, the rest returned
+            targets = [torch.full((r.batch_size, core.output_dim), float("nan"), dtype=dtype) if i in chosen else None
+                       for i, r in enumerate(requests)]
+            outs = core.lookup_many(requests, targets)
+            for i, (out, t) in enumerate(zip(outs, targets)):
+                if i in chosen:
+                    assert out is None
+                    np.testing.assert_array_equal(t.numpy(), want[i])
+                else:
+                    np.testing.assert_array_equal(out, want[i])
+
+
+def test_a_request_without_ids_writes_zeros_and_a_bad_id_still_raises(tiny, package):
+    core = ShardCore(package, 0)
+    good = Routing(package.manifest).split(TrafficGenerator(tiny, seed=2).batch(4))[0]
+    empty = ShardRequest(lengths=np.zeros_like(good.lengths), values=good.values[:0])
+    target = torch.full((4, core.output_dim), float("nan"))
+    assert core.lookup_many([empty], [target]) == [None]
+    assert torch.equal(target, torch.zeros_like(target))
+    values = good.values.copy()
+    values[0] = -1
+    with pytest.raises(IndexOutOfRangeError):
+        core.lookup_many([ShardRequest(lengths=good.lengths, values=values)], [target])
