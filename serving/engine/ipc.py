@@ -20,6 +20,9 @@ when one was abandoned (an error, a cancel, a hedge to a second replica, a resen
 broken connection: a replica may still be finishing a lookup into it). A batch that finds
 no free slot, or is larger than a slot, goes by the host path: never refused.
 
+A shard keeps the rings it opened (at most 16) and closes one unused for IDLE_CLOSE_S when it
+opens another: a replaced tower's ring would otherwise stay allocated on the GPU.
+
 Identity: a handle names its ring (16 random bytes), the host (Linux boot id) and the GPU
 (its UUID). A shard opens it only when both match its own; else, or when CUDA refuses to open
 it (another container without a shared IPC namespace), it answers by the host path.
@@ -41,6 +44,8 @@ QUARANTINE_S = 10.0  # after an abandoned call's deadline, before its slot is re
 NO_DEADLINE_QUARANTINE_S = 60.0  # the same for calls that carry no deadline
 _ID_BYTES = 16
 _OPEN_RINGS = 16  # rings a shard keeps open (tower replicas it has served); the oldest closed first
+IDLE_CLOSE_S = 60.0  # a ring not written for this long is closed when another is opened (its tower was
+# replaced or scaled away: an open handle keeps a dead tower's ring allocated on the GPU)
 logger = logging.getLogger("ray.serve")
 
 
@@ -54,7 +59,8 @@ def host_id() -> str:
 
 
 def gpu_id(device: torch.device) -> str:
-    return str(torch.cuda.get_device_properties(device).uuid)
+    """The GPU's UUID ('' for a CPU device: no ring matches it)."""
+    return str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else ""
 
 
 class SlotRing:
@@ -165,10 +171,12 @@ class PooledRing:
 class RingViews:
     """A shard's side: the rings of the towers it serves, opened once each."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, *, clock=time.monotonic):
         self.device = device
         self._host, self._gpu = host_id(), gpu_id(device)
-        self._open: collections.OrderedDict[bytes, torch.Tensor | None] = collections.OrderedDict()
+        self._clock = clock
+        # ring id -> (the ring or None: not reachable from here, last used)
+        self._open: collections.OrderedDict[bytes, tuple[torch.Tensor | None, float]] = collections.OrderedDict()
         self.refused: dict[str, int] = collections.Counter()  # why rings were not opened
 
     def target(self, handle: np.ndarray, offset: int, batch: int, width: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -180,21 +188,29 @@ class RingViews:
         return ring[offset:offset + batch * width].view(batch, width)
 
     def _ring(self, handle: np.ndarray) -> torch.Tensor | None:
-        key = handle[:_ID_BYTES].tobytes()
+        key, now = handle[:_ID_BYTES].tobytes(), self._clock()
         if key in self._open:
             self._open.move_to_end(key)
-            return self._open[key]
+            ring = self._open[key][0]
+            self._open[key] = (ring, now)
+            return ring
+        for old in [k for k, (_, used) in self._open.items() if now - used > IDLE_CLOSE_S]:
+            del self._open[old]  # closed with its last reference (a target still being written keeps it)
         ring = self._opened(pickle.loads(handle[_ID_BYTES:].tobytes()))
-        self._open[key] = ring
+        self._open[key] = (ring, now)
         if len(self._open) > _OPEN_RINGS:
-            self._open.popitem(last=False)  # a replaced tower replica's ring: closed with its last reference
+            self._open.popitem(last=False)  # the least recently used
         return ring
+
+    @property
+    def open_rings(self) -> int:
+        return sum(ring is not None for ring, _ in self._open.values())
 
     def _opened(self, desc: dict) -> torch.Tensor | None:
         why = None
         if desc["host"] != self._host or not self._host:
             why = "another host"
-        elif desc["gpu"] != self._gpu:
+        elif desc["gpu"] != self._gpu or not self._gpu:
             why = "another GPU"
         else:
             try:

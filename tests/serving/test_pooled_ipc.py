@@ -12,7 +12,7 @@ from kernels import IndexOutOfRangeError
 from recserve.package import ModelPackage
 from recserve.synth import TrafficGenerator
 from serving.config import AppArgs
-from serving.engine.ipc import NO_DEADLINE_QUARANTINE_S, QUARANTINE_S, Lease, PooledRing, SlotRing
+from serving.engine.ipc import IDLE_CLOSE_S, NO_DEADLINE_QUARANTINE_S, QUARANTINE_S, Lease, PooledRing, RingViews, SlotRing
 from serving.engine.routing import Routing, ShardRequest
 from serving.engine.shard import ShardCore
 
@@ -113,3 +113,27 @@ def test_a_request_without_ids_writes_zeros_and_a_bad_id_still_raises(tiny, pack
     values[0] = -1
     with pytest.raises(IndexOutOfRangeError):
         core.lookup_many([ShardRequest(lengths=good.lengths, values=values)], [target])
+
+
+def _handle(ring_id: bytes, **desc) -> np.ndarray:
+    """A ring's handle as a tower sends it (serving/engine/ipc.py), for a ring this process cannot open."""
+    import pickle
+
+    return np.frombuffer(ring_id.ljust(16, b"-") + pickle.dumps({"host": "elsewhere", "gpu": "", **desc}), np.uint8)
+
+
+def test_a_shard_answers_by_the_host_for_a_ring_it_cannot_reach_and_closes_rings_left_idle():
+    now = [0.0]
+    views = RingViews(torch.device("cpu"), clock=lambda: now[0])
+    assert views.target(_handle(b"tower-a"), 0, 2, 8, torch.float16) is None  # another host
+    assert views.refused == {"another host": 1}
+    assert views.target(_handle(b"tower-a"), 0, 2, 8, torch.float16) is None
+    assert views.refused == {"another host": 1}  # looked at once per ring, not per call
+    now[0] = IDLE_CLOSE_S / 2
+    views.target(_handle(b"tower-b"), 0, 2, 8, torch.float16)
+    now[0] = IDLE_CLOSE_S + 1  # a was last used at 0, b at IDLE_CLOSE_S / 2
+    views.target(_handle(b"tower-c"), 0, 2, 8, torch.float16)
+    assert [k.rstrip(b"-") for k in views._open] == [b"tower-b", b"tower-c"]
+    for i in range(20):  # never more than 16 kept
+        views.target(_handle(f"t{i}".encode()), 0, 2, 8, torch.float16)
+    assert len(views._open) == 16 and views.open_rings == 0
