@@ -121,11 +121,13 @@ def validate(
     if unknown:
         raise InvalidRequest(f"sparse[{quoted(unknown[0])}]",
                              f"unknown feature (the model has {list(spec.served)})")
-    bags: dict[str, Bags] = {}
-    for name, (values, lengths, weights) in sparse.items():
-        checked = _check_bags(name, values, lengths, weights, B, spec.rows[name])
-        if name not in spec.dropped:
-            bags[name] = checked
+    bags = _checked_at_once(spec, B, sparse)
+    if bags is None:  # something is wrong (or weights came): feature by feature, naming the first error
+        bags = {}
+        for name, (values, lengths, weights) in sparse.items():
+            checked = _check_bags(name, values, lengths, weights, B, spec.rows[name])
+            if name not in spec.dropped:
+                bags[name] = checked
     if unit_ids is not None:
         unit_ids = unit_ids.reshape(-1).astype(np.uint64, copy=False)
         if unit_ids.size != B:
@@ -133,6 +135,37 @@ def validate(
     # a served feature the request leaves out stays absent: looked up as empty bags (zero
     # pooled embedding, no shard call for it), as ranker.proto says
     return Batch(dense=dense, sparse={f: bags[f] for f in spec.served if f in bags}, unit_ids=unit_ids)
+
+
+def _checked_at_once(spec: ModelSpec, B: int, sparse: dict) -> dict[str, Bags] | None:
+    """The Bags of every feature the model serves when every rule of :func:`_check_bags` holds,
+    checked over all features at once (a few numpy passes instead of a few per feature: 0.32 of
+    a 322 KB dlrmv2 request's 0.44 ms of validation went to per-feature calls); None when any
+    rule fails or a feature carries weights (then :func:`_check_bags` names the first error)."""
+    names, values, lengths = [], [], []
+    for name, (v, ln, w) in sparse.items():
+        if w is not None:
+            return None
+        ln = ln.reshape(-1).astype(np.int32, copy=False)
+        if ln.size != B:
+            return None
+        names.append(name)
+        values.append(v.reshape(-1).astype(np.int64, copy=False))
+        lengths.append(ln)
+    if not names:
+        return {}
+    per_feature = np.stack(lengths)  # [features, B]
+    sizes = np.array([v.size for v in values], np.int64)  # [features] ids each
+    if (per_feature < 0).any() or not np.array_equal(per_feature.sum(axis=1, dtype=np.int64), sizes):
+        return None
+    some = sizes > 0
+    if some.any():  # the largest id of each feature with ids, unsigned: a negative id is larger than any table
+        ids = np.concatenate([v for v in values if v.size]).view(np.uint64)  # [N]
+        starts = np.concatenate(([0], np.cumsum(sizes[some])[:-1]))  # [features with ids]
+        rows = np.array([spec.rows[n] for n in names], np.uint64)[some]
+        if (np.maximum.reduceat(ids, starts) >= rows).any():
+            return None
+    return {n: Bags(v, ln, None) for n, v, ln in zip(names, values, lengths) if n not in spec.dropped}
 
 
 def _check_bags(

@@ -60,3 +60,39 @@ def test_non_finite_scores_are_never_encoded():
     with pytest.raises(InvalidRequest, match="example 1"):
         encode_response(np.array([0.5, np.nan, 0.2], np.float32), model="tiny", version="v")
     assert list(encode_response(np.array([0.5], np.float32), model="tiny", version="v").scores) == [0.5]
+
+
+def test_the_check_over_all_features_at_once_accepts_exactly_what_the_per_feature_check_accepts(spec, tiny):
+    from recserve.synth import TrafficGenerator
+    from serving.api.codec import _check_bags, _checked_at_once
+
+    rng = np.random.default_rng(0)
+    for seed in range(40):
+        batch = TrafficGenerator(tiny, seed=seed, empty_bag_fraction=0.3).batch(int(rng.integers(1, 9)))
+        B = batch.batch_size
+        sparse = {f: [b.values.copy(), b.lengths.copy(), None] for f, b in batch.sparse.items()}
+        f = list(sparse)[seed % len(sparse)]
+        values, lengths, _ = sparse[f]
+        defect = seed % 6
+        if defect == 1 and values.size:
+            values[rng.integers(values.size)] = spec.rows[f]  # one past the table
+        elif defect == 2 and values.size:
+            values[rng.integers(values.size)] = -1
+        elif defect == 3:
+            lengths[0] += 1  # lengths no longer sum to the ids
+        elif defect == 4:
+            sparse[f][1] = np.append(lengths, 0)  # B + 1 bags
+        elif defect == 5:
+            sparse[f][2] = np.ones(values.size, np.float32)  # weights: always the per-feature path
+        try:
+            want = {n: _check_bags(n, *sparse[n], B, spec.rows[n]) for n in sparse}
+        except ServingError:
+            want = None
+        got = _checked_at_once(spec, B, {n: tuple(t) for n, t in sparse.items()})
+        if want is None or defect == 5:
+            assert got is None, (seed, defect)
+            continue
+        assert got is not None and set(got) == set(want), (seed, defect)
+        for n, bags in got.items():
+            np.testing.assert_array_equal(bags.values, want[n].values)
+            np.testing.assert_array_equal(bags.lengths, want[n].lengths)
