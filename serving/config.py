@@ -266,7 +266,8 @@ SMALL_MACHINE_CORES = 8  # below this, replicas reserve no CPU
 
 
 def replica_num_cpus(cores: int | None = None) -> float:
-    """CPU reserved per replica (``ray_actor_options.num_cpus``), from the machine's cores.
+    """CPU reserved per replica (``ray_actor_options.num_cpus``), from the cores of the smallest
+    node Ray has (serving/app/builder.py's ``ray_node_cpus``; default: this machine's).
 
     A reservation only decides where Ray may place a replica; it never limits what the
     replica uses. On a small machine (fewer than 8 cores) it is 0: every replica, the scaled

@@ -31,7 +31,22 @@ def _resolved(args: AppArgs | dict) -> tuple[AppArgs, Manifest]:
 
 
 def _actor() -> dict:
-    return {"num_cpus": replica_num_cpus(), "runtime_env": {"env_vars": transport_env()}}  # fits this machine
+    return {"num_cpus": replica_num_cpus(ray_node_cpus()), "runtime_env": {"env_vars": transport_env()}}
+
+
+def ray_node_cpus() -> int:
+    """The CPUs Ray gave its smallest live node (this machine's cores when Ray is not running):
+    what a replica's CPU reservation must fit. Not os.cpu_count(): a Ray started with fewer CPUs
+    than the host has (`ray start --num-cpus 2` on a 16-core GPU host, a test session's Ray)
+    could not place 1-CPU replicas, and serve.run waited for them forever."""
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        return os.cpu_count() or 1
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return int(min(cpus)) if cpus else 0
 
 
 def _version_deployments(args: AppArgs, manifest: Manifest) -> tuple[list[Application], Application]:
