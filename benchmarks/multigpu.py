@@ -208,12 +208,13 @@ def run_transfer(args: argparse.Namespace) -> list[dict]:
 # ---- bench: dlrmv2 on 1/2/4 GPUs, and the model larger than one GPU -----------------------------
 
 def _plan(workload: str, gpus: int, args: argparse.Namespace):
-    from recserve.planning import plan_workload_for_gpus, tower_bytes
+    from recserve.cli.plan import served_tower_bytes
+    from recserve.planning import plan_workload_for_gpus
     from recserve.workloads import load_workload
     from sharding import GpuTopology
 
     w = load_workload(workload)
-    topology = GpuTopology(gpus=gpus, gpu_memory=args.gpu_memory, tower_bytes=tower_bytes(w))
+    topology = GpuTopology(gpus=gpus, gpu_memory=args.gpu_memory, tower_bytes=served_tower_bytes(w))
     plan = plan_workload_for_gpus(w, strategy=args.strategy, topology=topology, dtype=args.dtype)
     print(f"{w.name} on {gpus} GPU(s): {topology.describe(plan.num_shards)}", flush=True)
     return plan, topology.shard_memory(plan.num_shards)

@@ -95,13 +95,17 @@ def plan_workload(
 TOWER_BATCH = 65_536
 
 
-def tower_bytes(workload: WorkloadConfig, *, batch: int = TOWER_BATCH) -> int:
+def tower_bytes(workload: WorkloadConfig, *, batch: int = TOWER_BATCH, ring_slots: int = 0,
+                ring_examples: int = 0, wire_bytes: int = 2) -> int:
     """Bytes one dense tower replica takes on its GPU: fp32 weights, plus activations of a
-    ``batch``-example call (its [B, interaction width] input and its two widest layers, fp32)."""
+    ``batch``-example call (its [B, interaction width] input and its two widest layers, fp32),
+    plus the ring the shards write pooled embeddings into over CUDA IPC (serving/engine/ipc.py):
+    ``ring_slots`` x ``ring_examples`` x features x D x ``wire_bytes`` (0 slots: no ring)."""
     weights = sum(math.prod(shape) for shape in dense_shapes(workload).values())
     widths = [interaction_width(workload), *workload.bottom_mlp, *workload.top_mlp]
     widest = sorted(widths)[-2:]
-    return 4 * (weights + batch * (interaction_width(workload) + sum(widest)))
+    ring = ring_slots * ring_examples * len(workload.features) * workload.embedding_dim * wire_bytes
+    return 4 * (weights + batch * (interaction_width(workload) + sum(widest))) + ring
 
 
 def plan_workload_for_gpus(

@@ -136,6 +136,18 @@ def _write_plan(result: ShardPlan, out: Path | None) -> None:
         print(f"wrote {out}")
 
 
+def served_tower_bytes(workload: WorkloadConfig) -> int:
+    """A tower replica's GPU bytes as `recserve serve` runs it on a GPU by default: with the ring
+    its shards write pooled embeddings into (--pooled-transport auto, --pooled-ring-slots slots of
+    its largest batch, in the wire dtype)."""
+    from serving.config import AppArgs
+
+    served = AppArgs()
+    return tower_bytes(workload, ring_slots=served.pooled_ring_slots,
+                       ring_examples=max(served.coalesce_max_examples, served.max_batch_size),
+                       wire_bytes={"float32": 4, "float16": 2}[served.wire_dtype])
+
+
 def _topology(args: argparse.Namespace, workload: WorkloadConfig) -> GpuTopology | None:
     """The GPUs of --gpus (None without it); ValueError naming the flag that is wrong."""
     if args.gpus is None:
@@ -148,6 +160,6 @@ def _topology(args: argparse.Namespace, workload: WorkloadConfig) -> GpuTopology
         raise ValueError("--shard-memory: not with --gpus (the per-shard cap comes from --gpu-memory)")
     return GpuTopology(
         gpus=args.gpus, gpu_memory=args.gpu_memory, shard_replicas=args.shard_replicas, tower=args.tower_gpu,
-        tower_bytes=tower_bytes(workload),
+        tower_bytes=served_tower_bytes(workload),
         reserve=GpuReserve(fraction=args.gpu_reserve_fraction, fixed=args.gpu_reserve),
     )

@@ -87,3 +87,13 @@ def test_plan_cli_plans_for_gpus_and_names_the_table_that_does_not_fit(capsys):
     assert "cannot place table 't_cat_" in capsys.readouterr().err
     assert main(["plan", "--workload", "tiny", "--strategy", "load", "--gpus", "2"]) == 2
     assert "--gpu-memory: required" in capsys.readouterr().err
+
+
+def test_the_gpu_plan_counts_the_towers_ring_of_pooled_embeddings(capsys):
+    from recserve.cli.plan import served_tower_bytes
+
+    w = load_workload("dlrmv2")
+    ring = 16 * 4096 * 26 * 128 * 2  # --pooled-ring-slots x the largest batch x features x D x float16
+    assert served_tower_bytes(w) - tower_bytes(w) == ring  # 436 MB: what a tower logs for its ring
+    assert main(["plan", "--workload", "dlrmv2", "--strategy", "load", "--gpus", "1", "--gpu-memory", "141GB"]) == 0
+    assert f"1 x {served_tower_bytes(w):,} bytes" in capsys.readouterr().out
