@@ -90,6 +90,26 @@ class _Target:
             f"log {self.log_path}:\n{_tail(self.log_path)}"
         )
 
+    port: int
+    _port_chosen = False  # the port came from free_port(): another may replace it
+
+    def _start(self, argv_of, env: dict[str, str], timeout_s: float) -> ranker_pb2.ModelInfoResponse:
+        """Spawns ``argv_of()`` and waits for its first answer. When this object chose the port and
+        the server refuses it as taken (another process bound it between free_port() and the
+        server's own bind: parallel test workers ask the kernel for ports at once), it tries
+        another, twice at most."""
+        for attempt in range(3):
+            self._spawn(argv_of(), env)
+            try:
+                return self._wait_ready(timeout_s)
+            except TargetError as e:
+                if not (self._port_chosen and "is already in use" in str(e)) or attempt == 2:
+                    raise
+                self._stop(grace_s=5)
+                self.port = free_port()
+                self.address = f"127.0.0.1:{self.port}"
+        raise AssertionError("unreachable")
+
     def _stop(self, grace_s: float) -> None:
         if self.proc is None:
             return
@@ -165,7 +185,7 @@ class MonolithServer(_Target):
         self.feature_filter = feature_filter
         self.device = device
         self.package = Path(package)
-        self.port = port or free_port()
+        self.port, self._port_chosen = port or free_port(), port is None
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"{name}.log"
         self.ready_timeout_s = ready_timeout_s
@@ -176,9 +196,8 @@ class MonolithServer(_Target):
                 "--front", "none", *self.extra_args]
 
     def __enter__(self) -> MonolithServer:
-        self._spawn(self.argv(), {**os.environ, **self.env})
         self.cpu = CpuMeter(lambda: process_tree(self.proc.pid) if self.proc else [])
-        self.info = self._wait_ready(self.ready_timeout_s)
+        self.info = self._start(self.argv, {**os.environ, **self.env}, self.ready_timeout_s)
         self._find_metrics(METRICS_LINE)
         return self
 
@@ -204,7 +223,7 @@ class ServeStack(_Target):
         self.name = name
         self.device = device
         self.package = Path(package)
-        self.port = port or free_port()
+        self.port, self._port_chosen = port or free_port(), port is None
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"serve-{name}.log"
         self.env = dict(env or {})
@@ -224,7 +243,6 @@ class ServeStack(_Target):
         return argv + ["--front", "none", *self.extra_args, "--feature-filter", feature_filter_of(self.extra_args)]
 
     def __enter__(self) -> ServeStack:
-        argv = self.argv()
         env = dict(os.environ)
         env.update(self.env)
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -242,9 +260,8 @@ class ServeStack(_Target):
             )
         self.cpu = CpuMeter(lambda: ray_serve_processes(within=self.proc.pid) if self.proc else [])
         self.control_cpu = CpuMeter(lambda: ray_control_processes(within=self.proc.pid) if self.proc else [])
-        self._spawn(argv, env)
         try:
-            self.info = self._wait_ready(self.ready_timeout_s)
+            self.info = self._start(self.argv, env, self.ready_timeout_s)
         except TargetError:
             self._stop(grace_s=10)
             raise

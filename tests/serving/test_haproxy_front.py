@@ -49,6 +49,20 @@ def _wait_listening(server: subprocess.Popen, timeout: float = 120.0) -> list[st
     raise AssertionError("the server did not start:\n" + "".join(lines) + server.stdout.read())
 
 
+def _started(package: Path, *extra: str) -> tuple[subprocess.Popen, int, list[str]]:
+    """A monolith serving on a free port: (server, port, its lines up to "listening on"). A port
+    that another process took between free_port() and the server's bind (xdist workers ask the
+    kernel for ports at the same time) is refused by the server, naming it: then another port."""
+    for attempt in range(3):
+        port = free_port()
+        server = _serve(package, port, *extra)
+        try:
+            return server, port, _wait_listening(server)
+        except AssertionError as e:
+            if "is already in use" not in str(e) or attempt == 2:
+                raise
+
+
 def _all_at_once(client: RankingClient, batches) -> list:
     """Every batch sent at once, each on its own thread: [(scores or None, RpcError or None)]."""
     def call(batch):
@@ -63,10 +77,8 @@ def _all_at_once(client: RankingClient, batches) -> list:
 
 def test_serve_through_the_front_scores_as_the_model_and_stops_cleanly(tiny_packages, tiny, reference):
     """The default (--front auto, HAProxy installed by the lock)."""
-    port = free_port()
-    server = _serve(tiny_packages("singular-1"), port)
+    server, port, lines = _started(tiny_packages("singular-1"))
     try:
-        lines = _wait_listening(server)
         assert any("the front (HAProxy)" in line for line in lines), lines
         front = haproxies_of(server.pid)
         assert len(front) == 1
@@ -96,10 +108,8 @@ def test_the_front_refuses_beyond_its_slots_with_resource_exhausted_and_what_it_
     """Two slots: of 24 large requests sent at once, those that find both taken are refused by
     HAProxy at once (its message), the others are scored exactly, and nothing waits for a
     deadline (a call queued in HAProxy could stall its whole connection)."""
-    port = free_port()
-    server = _serve(tiny_packages("singular-1"), port, "--max-in-flight", "2")
+    server, port, _ = _started(tiny_packages("singular-1"), "--max-in-flight", "2")
     try:
-        _wait_listening(server)
         gen = TrafficGenerator(tiny, seed=4)
         batches = [gen.batch(4096) for _ in range(24)]
         with RankingClient(f"127.0.0.1:{port}") as client:
@@ -122,10 +132,8 @@ def test_the_front_refuses_beyond_its_slots_with_resource_exhausted_and_what_it_
 
 
 def test_front_none_leaves_the_port_to_grpc_aio(tiny_packages):
-    port = free_port()
-    server = _serve(tiny_packages("singular-1"), port, "--front", "none")
+    server, port, lines = _started(tiny_packages("singular-1"), "--front", "none")
     try:
-        lines = _wait_listening(server)
         assert not any("front" in line for line in lines), lines
         assert haproxies_of(server.pid) == []
         with RankingClient(f"127.0.0.1:{port}") as client:
@@ -137,10 +145,8 @@ def test_front_none_leaves_the_port_to_grpc_aio(tiny_packages):
 
 
 def test_a_killed_server_takes_its_front_with_it(tiny_packages):
-    port = free_port()
-    server = _serve(tiny_packages("singular-1"), port)
+    server, port, _ = _started(tiny_packages("singular-1"))
     try:
-        _wait_listening(server)
         front = haproxies_of(server.pid)
         assert len(front) == 1
     finally:
