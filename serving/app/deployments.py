@@ -345,7 +345,7 @@ class DenseTower(_BatchedReplica):
                                     slot_elems=examples * sum(self._widths.values()))
             logger.info("pooled embeddings: by CUDA IPC into this replica's ring, %d slots of %d examples (%.0f MB)",
                         args.pooled_ring_slots, examples, self._ring.buffer.nbytes / 1e6)
-        self._declined = 0  # batches with a shard that answered by the host though the ring was offered
+        self._told_declined = False  # a shard answered by the host though offered the ring: logged once
         self._pooled = Counter("recserve_pooled_batches", tag_keys=("path",),
                                description="batches whose pooled embeddings came over CUDA IPC ('ipc'), by the "
                                            "host because the ring had no room ('host') or a shard could not reach it "
@@ -406,10 +406,10 @@ class DenseTower(_BatchedReplica):
             done = await _lookups_direct(self._plane, self._app, requests, self.version, ring=ring,
                                          on_resend=lease.abandon)
             if any(out is not None for out in done.values()):
-                if not self._declined:
+                if not self._told_declined:
                     logger.warning("pooled embeddings: shards %s answered by the host, though offered the ring (another "
                                    "GPU or host: their logs say why)", sorted(k for k, o in done.items() if o is not None))
-                self._declined += 1
+                    self._told_declined = True
                 self._pooled.inc(tags={"path": "declined"})
             parts = {k: self._ring.view(lease, k, B, self._widths[k]) if out is None else out
                      for k, out in done.items()}
@@ -419,16 +419,6 @@ class DenseTower(_BatchedReplica):
         finally:
             deadline = max((r.deadline for r in requests.values() if r.deadline is not None), default=None)
             self._ring.settle(lease, failed=failed, deadline=deadline)
-
-    def pooled_paths(self) -> dict[str, int]:
-        """Batches by the way their pooled embeddings came (the Prometheus counter's figures
-        for this replica): "ipc" (the ring), "host" (no ring, no room in it, or larger than a
-        slot), "declined" (a shard could not reach the ring), "quarantined" (slots held back
-        after an abandoned call). All zeros without a ring (pooled_transport "host")."""
-        if self._ring is None:
-            return {"ipc": 0, "host": 0, "declined": 0, "quarantined": 0}
-        r = self._ring.ring
-        return {"ipc": r.leased, "host": r.fell_back, "declined": self._declined, "quarantined": r.quarantines}
 
     def _parts(self, done: dict) -> tuple:
         """Shard outputs in shard order, None for a shard not called."""

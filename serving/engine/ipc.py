@@ -109,10 +109,6 @@ class SlotRing:
         self._quarantined.append((until, slot))
         self.quarantines += 1
 
-    @property
-    def free(self) -> int:
-        return len(self._free)
-
 
 @dataclass
 class Lease:
@@ -122,7 +118,7 @@ class Lease:
     offsets: dict[int, int]  # shard -> first element of its [B, C_k x D] part
     abandoned: bool = False  # a call was resent or hedged: the slot is quarantined, not released
 
-    def abandon(self, *_) -> None:
+    def abandon(self) -> None:
         self.abandoned = True
 
 
