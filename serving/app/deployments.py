@@ -286,7 +286,7 @@ class Shard(_BatchedReplica):
     def _late(self) -> DeadlineExceeded:
         return DeadlineExceeded(f"{self.name}: the request's deadline passed before its lookup ran")
 
-    def _lookup_many(self, items: list[_ShardItem]) -> list[np.ndarray | None]:
+    def _lookup_many(self, items: list[_ShardItem]) -> list[np.ndarray | None | DeadlineExceeded]:
         start = time.perf_counter()
         outs = self.core.lookup_many([it.request for it in items], [it.target for it in items])
         self._latency.observe((time.perf_counter() - start) * 1000)

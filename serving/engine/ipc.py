@@ -17,8 +17,12 @@ call carries where in it to write::
 A slot is reused only when nothing can still write it (:class:`SlotRing`): released when every
 shard call sent to it answered, quarantined until the calls' deadline plus ``QUARANTINE_S``
 when one was abandoned (an error, a cancel, a hedge to a second replica, a resend after a
-broken connection: a replica may still be finishing a lookup into it). A batch that finds
-no free slot, or is larger than a slot, goes by the host path: never refused.
+broken connection: a replica may still be finishing a lookup into it). The fence that bounds
+it: a shard never queues a copy into a slot once the call's deadline has passed
+(``ShardCore.lookup_many``; shard and tower share the host's clock), so a late write can only
+be one queued before the deadline and still in the shard's GPU stream, milliseconds behind.
+Calls without a deadline have no fence: their slot waits ``NO_DEADLINE_QUARANTINE_S``. A batch
+that finds no free slot, or is larger than a slot, goes by the host path: never refused.
 
 A shard keeps the rings it opened (at most 16) and closes one unused for IDLE_CLOSE_S when it
 opens another: a replaced tower's ring would otherwise stay allocated on the GPU.
@@ -40,7 +44,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-QUARANTINE_S = 10.0  # after an abandoned call's deadline, before its slot is reused
+QUARANTINE_S = 2.0  # after an abandoned call's deadline, before its slot is reused: the fence's margin (a copy
+# queued before the deadline, behind the shard's GPU stream; 10 s before the fence, while a burst of expired calls
+# could quarantine every slot and send all batches by the host path for that long)
 NO_DEADLINE_QUARANTINE_S = 60.0  # the same for calls that carry no deadline
 _ID_BYTES = 16
 _OPEN_RINGS = 16  # rings a shard keeps open (tower replicas it has served); the oldest closed first

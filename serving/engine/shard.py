@@ -25,6 +25,7 @@ the kernels' reference, eagerly.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 from kernels import IndexOutOfRangeError, KernelInputError, TableBatchedEmbeddingBag, TableWeights
 from recserve.package import ModelPackage
+from serving.api.errors import DeadlineExceeded
 from serving.engine.buckets import Bucket, pick, shard_buckets
 from serving.config import DEFAULT_MAX_BATCH_SIZE
 from serving.engine.graphs import GraphSet
@@ -339,13 +341,17 @@ class ShardCore:
         p = int(np.argmax((local < 0) | (local >= self._rows[col])))
         raise IndexOutOfRangeError(table=int(col[p]), index=int(local[p]), rows=int(self._rows[col[p]]), position=p)
 
-    def lookup_many(self, requests: list[ShardRequest],
-                    targets: list[torch.Tensor | None] | None = None) -> list[np.ndarray | None]:
+    def lookup_many(self, requests: list[ShardRequest], targets: list[torch.Tensor | None] | None = None,
+                    *, clock=time.time) -> list[np.ndarray | None | DeadlineExceeded]:
         """Several requests in one lookup (dynamic batching); one output per request.
 
         ``targets[i]``: a device tensor [B_i, C * D] in the output dtype (a tower's ring,
         serving/engine/ipc.py) that request i's output is copied into, on this device, before
-        this returns; its output is then None. The rest come back as numpy."""
+        this returns; its output is then None. The rest come back as numpy. The fence that
+        lets a tower reuse a slot soon after a call it gave up on: a copy into a target is
+        never queued once its request's deadline has passed (``clock``, wall time like the
+        deadline); that request's output is then a :class:`DeadlineExceeded` (not raised:
+        its batch mates keep theirs)."""
         bounds = np.cumsum([r.batch_size for r in requests])[:-1]
         if targets is None or all(t is None for t in targets):
             if len(requests) == 1:
@@ -360,8 +366,13 @@ class ShardCore:
                 flag = torch.zeros((), dtype=torch.bool, device=self.device)
             else:
                 pooled, flag = self._run(request)  # [>= B, C * D] on the device
-            for t, start, r in zip(targets, (0, *bounds), requests):
-                if t is not None:
+            now, late = clock(), {}
+            for i, (t, start, r) in enumerate(zip(targets, (0, *bounds), requests)):
+                if t is None:
+                    continue
+                if r.deadline is not None and now > r.deadline:  # its caller gave up: the slot may be reused
+                    late[i] = DeadlineExceeded("the request's deadline passed before its output was written")
+                else:
                     t.copy_(pooled[start:start + r.batch_size], non_blocking=True)
             if any(t is None for t in targets):
                 host, bad = self._fetch(pooled, flag, B)  # the one stream sync (the copies above ran first)
@@ -371,7 +382,7 @@ class ShardCore:
                 outs = [None] * len(requests)
         if bad:
             self._raise_bad_id(request)
-        return outs
+        return [late.get(i, out) for i, out in enumerate(outs)]
 
     def _synced_flag(self, flag: torch.Tensor) -> bool:
         """The bad-id flag on the host after one stream sync (every copy queued before it ran)."""

@@ -4,6 +4,8 @@ targets, here on the CPU (tests/serving/test_gpu_pooled_ipc.py runs CUDA IPC its
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch
 from kernels import IndexOutOfRangeError
 from recserve.package import ModelPackage
 from recserve.synth import TrafficGenerator
+from serving.api.errors import DeadlineExceeded
 from serving.config import AppArgs
 from serving.engine.ipc import IDLE_CLOSE_S, NO_DEADLINE_QUARANTINE_S, QUARANTINE_S, Lease, PooledRing, RingViews, SlotRing
 from serving.engine.routing import Routing, ShardRequest
@@ -100,6 +103,26 @@ def test_outputs_copied_into_targets_equal_the_lookups_returned(tiny, package, d
                     np.testing.assert_array_equal(t.numpy(), want[i])
                 else:
                     np.testing.assert_array_equal(out, want[i])
+
+
+def test_no_copy_into_a_target_once_its_deadline_passed_and_its_batch_mates_keep_theirs(tiny, package):
+    """The fence behind the ring's short quarantine: a shard never queues a write into a slot
+    whose caller has given up (its deadline passed before the copy), so the tower may reuse
+    the slot soon after the deadline; the late request alone gets DEADLINE_EXCEEDED."""
+    core = ShardCore(package, 0)
+    gen = TrafficGenerator(tiny, seed=4)
+    routing = Routing(package.manifest)
+    late, fresh, none = (dataclasses.replace(routing.split(gen.batch(B))[0], deadline=d)
+                         for B, d in ((3, 100.0), (2, 100.5), (4, None)))
+    want = [core.lookup(r) for r in (late, fresh, none)]
+    targets = [torch.full((r.batch_size, core.output_dim), float("nan")) for r in (late, fresh, none)]
+    outs = core.lookup_many([late, fresh, none, fresh], [*targets, None], clock=lambda: 100.25)
+    assert isinstance(outs[0], DeadlineExceeded) and "deadline passed" in str(outs[0])
+    assert torch.isnan(targets[0]).all()  # never written
+    assert outs[1:3] == [None, None]
+    np.testing.assert_array_equal(targets[1].numpy(), want[1])
+    np.testing.assert_array_equal(targets[2].numpy(), want[2])  # no deadline: no fence
+    np.testing.assert_array_equal(outs[3], want[1])  # by the host: a late caller costs nothing more there
 
 
 def test_a_request_without_ids_writes_zeros_and_a_bad_id_still_raises(tiny, package):
