@@ -64,11 +64,16 @@ def prometheus_observer() -> Observe:
 
 _SERIES = re.compile(r'^(?:ray_)?' + STAGE_METRIC + r'_(sum|count)\{([^}]*)\}\s+(\S+)', re.M)
 _STAGE = re.compile(r'(?:^|,)stage="([^"]*)"')
+# the towers' batches by how their pooled embeddings came (serving/engine/ipc.py): ipc, host, declined
+POOLED = "pooled_batches"
+_POOLED_SERIES = re.compile(r'^(?:ray_)?recserve_pooled_batches(?:_total)?\{([^}]*)\}\s+(\S+)', re.M)
+_PATH = re.compile(r'(?:^|,)path="([^"]*)"')
 
 
 def parse_totals(text: str) -> dict[str, tuple[float, float]]:
     """stage -> (observations, total ms) of the stage histogram in a Prometheus text page,
-    summed over every series of that stage (replicas, deployments)."""
+    summed over every series of that stage (replicas, deployments); and ``pooled_batches.PATH``
+    -> (the towers' batches by that path, 0): a count without a time."""
     out: dict[str, list[float]] = {}
     for kind, labels, value in _SERIES.findall(text):
         m = _STAGE.search(labels)
@@ -76,6 +81,10 @@ def parse_totals(text: str) -> dict[str, tuple[float, float]]:
             continue
         acc = out.setdefault(m.group(1), [0.0, 0.0])
         acc[0 if kind == "count" else 1] += float(value)
+    for labels, value in _POOLED_SERIES.findall(text):
+        m = _PATH.search(labels)
+        if m is not None:
+            out.setdefault(f"{POOLED}.{m.group(1)}", [0.0, 0.0])[0] += float(value)
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
@@ -109,5 +118,7 @@ def breakdown(before: dict[str, tuple[float, float]], after: dict[str, tuple[flo
 
 
 def format_breakdown(rows: list[tuple[str, float, float]]) -> str:
-    """One line: ``stage mean-ms (xN per request)`` for each stage."""
-    return "  ".join(f"{s} {ms:.2f}" + (f" (x{per:.2f})" if abs(per - 1) > 0.05 else "") for s, per, ms in rows)
+    """One line: ``stage mean-ms (xN per request)`` for each stage (``pooled_batches.PATH xN``:
+    a count per request)."""
+    return "  ".join(f"{s} x{per:.2f}" if s.startswith(POOLED + ".") else
+                     f"{s} {ms:.2f}" + (f" (x{per:.2f})" if abs(per - 1) > 0.05 else "") for s, per, ms in rows)
