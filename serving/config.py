@@ -233,6 +233,17 @@ class AppArgs(BaseModel):
             return self.fanout
         return "router" if self.transport == "reference" else "tower"
 
+    @property
+    def pooled_ring_examples(self) -> int:
+        """Examples in one slot of a tower's ring: the largest batch a router sends it (the tower
+        allocates the ring by this, the GPU planner counts it)."""
+        return max(self.coalesce_max_examples, self.max_batch_size)
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes of one pooled-embedding element between shards and tower (``wire_dtype``)."""
+        return {"float32": 4, "float16": 2}[self.wire_dtype]
+
     def resolved_pooled_transport(self, device: str) -> str:
         """``pooled_transport`` with "auto" decided (``device``: the resolved one)."""
         if self.pooled_transport != "auto":

@@ -143,9 +143,8 @@ def served_tower_bytes(workload: WorkloadConfig) -> int:
     from serving.config import AppArgs
 
     served = AppArgs()
-    return tower_bytes(workload, ring_slots=served.pooled_ring_slots,
-                       ring_examples=max(served.coalesce_max_examples, served.max_batch_size),
-                       wire_bytes={"float32": 4, "float16": 2}[served.wire_dtype])
+    return tower_bytes(workload, ring_slots=served.pooled_ring_slots, ring_examples=served.pooled_ring_examples,
+                       wire_bytes=served.wire_bytes)
 
 
 def _topology(args: argparse.Namespace, workload: WorkloadConfig) -> GpuTopology | None:

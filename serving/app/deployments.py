@@ -340,7 +340,7 @@ class DenseTower(_BatchedReplica):
         # the part of each shard in a batch's slot of the ring: [B, columns x D]
         self._widths = {k: len(cols) * self.routing.dim for k, cols in self.routing.columns.items()}
         if self._plane is not None and args.resolved_pooled_transport(str(self.core.device)) == "ipc":
-            examples = max(args.coalesce_max_examples, args.max_batch_size)  # a router's largest batch
+            examples = args.pooled_ring_examples  # a router's largest batch
             self._ring = PooledRing(self.core.device, embedding_dtype(args.wire_dtype), slots=args.pooled_ring_slots,
                                     slot_elems=examples * sum(self._widths.values()))
             logger.info("pooled embeddings: by CUDA IPC into this replica's ring, %d slots of %d examples (%.0f MB)",
