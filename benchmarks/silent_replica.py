@@ -70,7 +70,7 @@ def main() -> None:
     for t in threads:
         t.start()
     time.sleep(args.before_s)
-    pids = subprocess.run(["pgrep", "-f", r"ServeReplica:.*:shard-0$"], capture_output=True, text=True).stdout.split()
+    pids = subprocess.run(["pgrep", "-f", r"ServeReplica:[^ ]*:shard-0(\.[a-z_]+)?( |$)"], capture_output=True, text=True).stdout.split()
     if len(pids) < 2:
         sys.exit(f"silent_replica: needs 2 replicas of shard-0, found processes {pids}")
     victim = int(pids[0])

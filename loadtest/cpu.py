@@ -16,6 +16,8 @@ Which processes count:
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -75,7 +77,8 @@ def role_of(p: psutil.Process) -> str:
     of a replica ("Router", "shard-0", "DenseTower"), "proxy", "haproxy", else "server"."""
     title = _cmdline(p)
     if title.startswith("ray::ServeReplica:"):  # Ray 2.60: "ray::ServeReplica:<app>:<deployment>", padded
-        return title.split()[0].rsplit(":", 1)[1]
+        # while a replica runs an actor method Ray appends it ("...:shard-1.check_health")
+        return re.sub(r"\.[a-z_][a-z0-9_]*$", "", title.split()[0].rsplit(":", 1)[1])
     if "ProxyActor" in title:
         return "proxy"
     exe = title.split(" ", 1)[0].rsplit("/", 1)[-1]

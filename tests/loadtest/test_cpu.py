@@ -82,3 +82,26 @@ def test_a_server_started_with_front_haproxy_is_not_taken_for_haproxy():
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.mark.parametrize("title, role", [
+    ("ray::ServeReplica:recserve:Router", "Router"),
+    ("ray::ServeReplica:recserve@8f6f7927722c:shard-1", "shard-1"),
+    # while a replica runs an actor method, Ray appends the method to its title
+    ("ray::ServeReplica:recserve@8f6f7927722c:shard-1.check_health", "shard-1"),
+    ("ray::ServeReplica:recserve:DenseTower.handle_request_with_rejection", "DenseTower"),
+])
+def test_a_replica_is_named_by_its_deployment_whatever_method_it_runs(title, role):
+    import psutil
+
+    proc = subprocess.Popen(["bash", "-c", f'exec -a "{title}" sleep 30'])
+    try:
+        p = psutil.Process(proc.pid)
+        for _ in range(200):  # until bash has exec'd sleep under the title
+            if p.cmdline()[:1] == [title]:
+                break
+            __import__("time").sleep(0.01)
+        assert role_of(p) == role
+    finally:
+        proc.kill()
+        proc.wait()
