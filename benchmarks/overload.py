@@ -15,6 +15,13 @@ Per target (the default model: criteo-kaggle, tables capped at 100k rows), in on
    time from the end of the overload until the probe's latency stays under the unloaded
    P99 (<= 2 s)
 
+With ``--knee 1,2,4,8,16`` it also measures, before the sweep, the curve the two targets sit on:
+a closed loop at each number of callers (``--knee-duration`` s each), OK/s and P50/P90/P99, and
+names the fewest in flight that reach 90% of the best throughput (with its P99 against the
+unloaded) and the most in flight whose P99 stays within 2x the unloaded (with its share of the
+best throughput). Where the first needs more in flight than the second allows, no door depth
+meets both targets on that machine.
+
 Writes ``overload-<target>.md`` (a table per factor and one summary row each),
 ``overload-<target>.json`` and ``overload-<target>.png`` (goodput and admitted P99 against
 offered load) under ``--out``.
@@ -104,6 +111,37 @@ async def overload_at(address: str, payloads, args, factor: float, max_ok_s: flo
     }
 
 
+async def knee(address: str, payloads, concurrencies: list[int], duration_s: float, timeout_s: float) -> list[dict]:
+    """A closed loop at each of ``concurrencies`` callers: what each number in flight answers, how fast."""
+    rows = []
+    for c in concurrencies:
+        rec = await closed_loop(address, payloads, concurrency=c, duration_s=duration_s, timeout_s=timeout_s)
+        ok = np.array([code == "OK" for code in rec.codes], bool)
+        p50, p90, p99 = percentiles_ms(rec.latency_s[ok], (50, 90, 99))
+        rows.append({"concurrency": c, "ok_per_s": ok.sum() / rec.wall_s, "p50_ms": p50, "p90_ms": p90,
+                     "p99_ms": p99, "codes": _codes(rec)})
+        print(f"  {c} in flight: {rows[-1]['ok_per_s']:.1f} OK/s, P99 {_ms(p99)} ms", flush=True)
+    return rows
+
+
+def knee_summary(rows: list[dict], u99: float, *, goodput: float = 0.9, latency: float = 2.0) -> dict:
+    """Against the best throughput of ``rows``: the fewest in flight answering ``goodput`` of it
+    (and its P99 over ``u99``), the most in flight whose P99 is within ``latency`` x ``u99`` (and
+    its share of the best), and whether one depth does both."""
+    best = max(r["ok_per_s"] for r in rows)
+    enough = [r for r in rows if r["ok_per_s"] >= goodput * best]
+    fast = [r for r in rows if r["p99_ms"] <= latency * u99]
+    first = min(enough, key=lambda r: r["concurrency"])
+    last = max(fast, key=lambda r: r["concurrency"]) if fast else None
+    return {
+        "best_ok_per_s": best,
+        "fewest_for_goodput": first["concurrency"], "its_p99_x": first["p99_ms"] / u99,
+        "most_within_latency": last["concurrency"] if last else None,
+        "its_share_of_best": last["ok_per_s"] / best if last else 0.0,
+        "both": any(r["ok_per_s"] >= goodput * best and r["p99_ms"] <= latency * u99 for r in rows),
+    }
+
+
 async def measure(address: str, payloads, args) -> dict:
     await warm_up(address, payloads, 20)
     unloaded = await open_loop(address, payloads, rate=args.unloaded_rps, duration_s=args.unloaded_duration,
@@ -113,6 +151,7 @@ async def measure(address: str, payloads, args) -> dict:
                                 timeout_s=args.timeout)
     max_ok_s = sum(c == "OK" for c in maximum.codes) / maximum.wall_s
     print(f"unloaded p50 {u50:.1f} ms p99 {u99:.1f} ms; maximum {max_ok_s:.1f} OK/s", flush=True)
+    curve = await knee(address, payloads, args.knee, args.knee_duration, args.timeout) if args.knee else []
     sweep = []
     for factor in args.factors:
         sweep.append(await overload_at(address, payloads, args, factor, max_ok_s, u99))
@@ -121,6 +160,7 @@ async def measure(address: str, payloads, args) -> dict:
         "unloaded": {"p50_ms": u50, "p99_ms": u99, "codes": _codes(unloaded), "rps": args.unloaded_rps},
         "maximum": {"ok_per_s": max_ok_s, "concurrency": args.concurrency, "codes": _codes(maximum)},
         "overload": sweep,
+        "knee": curve,
     }
 
 
@@ -177,6 +217,20 @@ def table(target: str, r: dict) -> str:
                      f"{_ms(o['admitted_p99_ms'])} | {_ms(o['shed_p99_ms'])} | "
                      f"{_ms(o['admitted_p99_sent_ms'])} / {_ms(o['shed_p99_sent_ms'])} | "
                      f"{_ms(o['sender_lag_p99_ms'])} | {o['recovery_s']:.2f} | {o['codes']} |")
+    if r.get("knee"):
+        k = knee_summary(r["knee"], u99)
+        lines += ["", f"the curve under it (closed loop, {len(r['knee'])} depths): what each number in flight answers",
+                  "", "| in flight | OK/s | of the best | P50 ms | P90 ms | P99 ms | P99 / unloaded P99 |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {c['concurrency']} | {c['ok_per_s']:.1f} | {c['ok_per_s'] / k['best_ok_per_s'] * 100:.0f}% | "
+                  f"{_ms(c['p50_ms'])} | {_ms(c['p90_ms'])} | {_ms(c['p99_ms'])} | {c['p99_ms'] / u99:.2f}x |"
+                  for c in r["knee"]]
+        within = (f"the most in flight within 2x the unloaded P99: {k['most_within_latency']}, answering "
+                  f"{k['its_share_of_best'] * 100:.0f}% of it" if k["most_within_latency"] else
+                  "no depth kept the P99 within 2x the unloaded")
+        lines += ["", f"- 90% of the best ({k['best_ok_per_s']:.1f} OK/s) needs {k['fewest_for_goodput']} in flight, "
+                      f"at a P99 of {k['its_p99_x']:.2f}x the unloaded; {within}.",
+                  f"- one depth meeting both: {'yes' if k['both'] else '**none** on this machine'}"]
     for o in r["overload"]:
         lines += ["", f"{o['factor']:g}x against the targets:", "", "| figure | measured | target | met |",
                   "| --- | ---: | ---: | --- |"]
@@ -226,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unloaded-duration", type=float, default=12.0)
     p.add_argument("--max-duration", type=float, default=12.0)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--knee", default="", help="numbers in flight for the closed-loop curve, comma-separated "
+                                             "(e.g. 1,2,4,8,16; default: none)")
+    p.add_argument("--knee-duration", type=float, default=8.0, help="seconds per depth of --knee")
     p.add_argument("--recovery-window", type=float, default=6.0)
     p.add_argument("--requests", type=int, default=200, help="distinct requests in the trace")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overload")
@@ -241,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--factors: comma-separated numbers, not {args.factors!r}")
     if not args.factors or min(args.factors) <= 0:
         p.error("--factors: every factor must be > 0")
+    try:
+        args.knee = [int(c) for c in args.knee.split(",")] if args.knee else []
+    except ValueError:
+        p.error(f"--knee: comma-separated whole numbers, not {args.knee!r}")
+    if args.knee and min(args.knee) < 1:
+        p.error("--knee: every depth must be at least 1")
 
     from loadtest.targets import ServeStack
     from loadtest.trace import make_trace
