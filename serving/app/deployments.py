@@ -396,7 +396,8 @@ class DenseTower(_BatchedReplica):
         lease = None
         if self._ring is not None and requests:
             lease = self._ring.lease(B, {k: self._widths[k] for k in requests})
-            self._pooled.inc(tags={"path": "host" if lease is None else "ipc"})
+            if lease is None:
+                self._pooled.inc(tags={"path": "host"})
         if lease is None:
             done = await _lookups_direct(self._plane, self._app, requests, self.version)
             return await self._batcher(_TowerItem(dense, self._parts(done)))
@@ -405,12 +406,13 @@ class DenseTower(_BatchedReplica):
             ring = {k: [self._ring.handle, np.array([lease.offsets[k]], np.int64)] for k in requests}
             done = await _lookups_direct(self._plane, self._app, requests, self.version, ring=ring,
                                          on_resend=lease.abandon)
-            if any(out is not None for out in done.values()):
-                if not self._told_declined:
-                    logger.warning("pooled embeddings: shards %s answered by the host, though offered the ring (another "
-                                   "GPU or host: their logs say why)", sorted(k for k, o in done.items() if o is not None))
-                    self._told_declined = True
-                self._pooled.inc(tags={"path": "declined"})
+            declined = sorted(k for k, out in done.items() if out is not None)
+            if declined and not self._told_declined:
+                logger.warning("pooled embeddings: shards %s answered by the host, though offered the ring (another "
+                               "GPU or host: their logs say why)", declined)
+                self._told_declined = True
+            # each batch counted once, by how its embeddings came: a declined one is not also an 'ipc' one
+            self._pooled.inc(tags={"path": "declined" if declined else "ipc"})
             parts = {k: self._ring.view(lease, k, B, self._widths[k]) if out is None else out
                      for k, out in done.items()}
             scores = await self._batcher(_TowerItem(dense, self._parts(parts)))  # read the slot, synced
