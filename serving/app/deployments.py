@@ -348,8 +348,13 @@ class DenseTower(_BatchedReplica):
         self._told_declined = False  # a shard answered by the host though offered the ring: logged once
         self._pooled = Counter("recserve_pooled_batches", tag_keys=("path",),
                                description="batches whose pooled embeddings came over CUDA IPC ('ipc'), by the "
-                                           "host because the ring had no room ('host') or a shard could not reach it "
-                                           "('declined')")
+                                           "host because no slot of the ring was free ('host'), because the batch "
+                                           "is larger than a slot ('too_large') or because a shard could not reach "
+                                           "the ring ('declined'); each batch once")
+        self._quarantined = Counter("recserve_pooled_ring_quarantined",
+                                    description="ring slots quarantined after their batch: a call to the slot failed, "
+                                                "expired or was resent, so it comes back after the calls' deadline "
+                                                "(serving/engine/ipc.py)")
 
     async def _score_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
         """The data plane's score: [dense, part of shard 0 | None, ...] -> [scores]."""
@@ -395,9 +400,10 @@ class DenseTower(_BatchedReplica):
         B = int(dense.shape[0])
         lease = None
         if self._ring is not None and requests:
-            lease = self._ring.lease(B, {k: self._widths[k] for k in requests})
+            widths = {k: self._widths[k] for k in requests}
+            lease = self._ring.lease(B, widths)
             if lease is None:
-                self._pooled.inc(tags={"path": "host"})
+                self._pooled.inc(tags={"path": "host" if self._ring.fits(B, widths) else "too_large"})
         if lease is None:
             done = await _lookups_direct(self._plane, self._app, requests, self.version)
             return await self._batcher(_TowerItem(dense, self._parts(done)))
@@ -420,7 +426,8 @@ class DenseTower(_BatchedReplica):
             return scores
         finally:
             deadline = max((r.deadline for r in requests.values() if r.deadline is not None), default=None)
-            self._ring.settle(lease, failed=failed, deadline=deadline)
+            if self._ring.settle(lease, failed=failed, deadline=deadline):
+                self._quarantined.inc()
 
     def _parts(self, done: dict) -> tuple:
         """Shard outputs in shard order, None for a shard not called."""

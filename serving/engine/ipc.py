@@ -144,10 +144,14 @@ class PooledRing:
             "host": host_id(), "gpu": gpu_id(device), "storage": shared[1:], "offset_bytes": offset,
             "dtype": str(dtype).removeprefix("torch."), "elems": self.buffer.numel()}), np.uint8)  # [bytes]
 
+    def fits(self, batch: int, widths: dict[int, int]) -> bool:
+        """Whether a batch of ``batch`` examples, shard k writing [batch, widths[k]], fits one slot."""
+        return batch * sum(widths.values()) <= self.slot_elems
+
     def lease(self, batch: int, widths: dict[int, int]) -> Lease | None:
         """A slot for a batch of ``batch`` examples, shard k writing [batch, widths[k]]; None
         when it does not fit one slot or none is free (the host path takes the batch)."""
-        if batch * sum(widths.values()) > self.slot_elems:
+        if not self.fits(batch, widths):
             self.ring.fell_back += 1
             return None
         slot = self.ring.lease()
@@ -164,10 +168,13 @@ class PooledRing:
         start = lease.offsets[shard]
         return self.buffer[start:start + batch * width].view(batch, width)
 
-    def settle(self, lease: Lease, *, failed: bool, deadline: float | None) -> None:
+    def settle(self, lease: Lease, *, failed: bool, deadline: float | None) -> bool:
         """After the batch: the slot back to the ring, or into quarantine when a call to it
-        failed, was cancelled or was sent twice (``deadline``: the calls', time.time())."""
-        self.ring.settle(lease.slot, clean=not (failed or lease.abandoned), deadline=deadline)
+        failed, was cancelled or was sent twice (``deadline``: the calls', time.time()). Returns
+        whether it was quarantined."""
+        clean = not (failed or lease.abandoned)
+        self.ring.settle(lease.slot, clean=clean, deadline=deadline)
+        return not clean
 
 
 class RingViews:

@@ -64,9 +64,12 @@ def prometheus_observer() -> Observe:
 
 _SERIES = re.compile(r'^(?:ray_)?' + STAGE_METRIC + r'_(sum|count)\{([^}]*)\}\s+(\S+)', re.M)
 _STAGE = re.compile(r'(?:^|,)stage="([^"]*)"')
-# the towers' batches by how their pooled embeddings came (serving/engine/ipc.py): ipc, host, declined
+# the towers' batches by how their pooled embeddings came (serving/engine/ipc.py): ipc, host,
+# too_large, declined; and "quarantined", the ring slots quarantined after their batch (a batch
+# counted by its path as well)
 POOLED = "pooled_batches"
 _POOLED_SERIES = re.compile(r'^(?:ray_)?recserve_pooled_batches(?:_total)?\{([^}]*)\}\s+(\S+)', re.M)
+_QUARANTINED_SERIES = re.compile(r'^(?:ray_)?recserve_pooled_ring_quarantined(?:_total)?(?:\{[^}]*\})?\s+(\S+)', re.M)
 _PATH = re.compile(r'(?:^|,)path="([^"]*)"')
 
 
@@ -85,6 +88,8 @@ def parse_totals(text: str) -> dict[str, tuple[float, float]]:
         m = _PATH.search(labels)
         if m is not None:
             out.setdefault(f"{POOLED}.{m.group(1)}", [0.0, 0.0])[0] += float(value)
+    for value in _QUARANTINED_SERIES.findall(text):
+        out.setdefault(f"{POOLED}.quarantined", [0.0, 0.0])[0] += float(value)
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 

@@ -160,3 +160,21 @@ def test_a_shard_answers_by_the_host_for_a_ring_it_cannot_reach_and_closes_rings
     for i in range(20):  # never more than 16 kept
         views.target(_handle(f"t{i}".encode()), 0, 2, 8, torch.float16)
     assert len(views._open) == 16 and views.open_rings == 0
+
+
+def test_a_batch_larger_than_a_slot_is_told_apart_from_a_full_ring_and_a_quarantine_is_reported():
+    """PooledRing.fits (the tower counts 'too_large' apart from 'host', no slot free): checked
+    on SlotRing's arithmetic without a GPU, as the ring's own lease uses it."""
+    from serving.engine.ipc import PooledRing
+
+    ring = PooledRing.__new__(PooledRing)  # the arithmetic only: no device buffer
+    ring.slot_elems = 64 * 10
+    assert ring.fits(64, {0: 4, 1: 6}) and not ring.fits(65, {0: 4, 1: 6}) and ring.fits(1, {0: 640})
+    from serving.engine.ipc import Lease, SlotRing
+
+    ring.ring = SlotRing(2)
+    clean, resent = Lease(ring.ring.lease(), {0: 0}), Lease(ring.ring.lease(), {0: 640})
+    resent.abandon()
+    assert ring.settle(clean, failed=False, deadline=None) is False  # back in the ring
+    assert ring.settle(resent, failed=False, deadline=None) is True  # quarantined: the tower counts it
+    assert ring.ring.quarantines == 1 and ring.ring.lease() == clean.slot and ring.ring.lease() is None

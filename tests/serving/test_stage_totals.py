@@ -37,3 +37,15 @@ def test_stage_times_and_pooled_batches_per_request_between_two_scrapes():
 def test_a_page_without_the_counter_gives_stages_only():
     totals = parse_totals(_page(1, 2.0, 0, 0).split("# TYPE ray_recserve_pooled")[0])
     assert set(totals) == {"shard-0.lookup"}
+
+
+def test_quarantined_ring_slots_are_counted_beside_the_paths():
+    """recserve_pooled_ring_quarantined (no labels but the replica's) summed over the towers."""
+    page = _page(1, 2.0, 3, 0) + """# TYPE ray_recserve_pooled_ring_quarantined_total counter
+ray_recserve_pooled_ring_quarantined_total{deployment="DenseTower",replica="t1"} 2
+ray_recserve_pooled_ring_quarantined_total{deployment="DenseTower",replica="t2"} 5
+"""
+    totals = parse_totals(page)
+    assert totals["pooled_batches.quarantined"] == (7.0, 0.0)
+    line = format_breakdown(breakdown({}, totals, requests=14))
+    assert "pooled_batches.quarantined x0.50" in line
