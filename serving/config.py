@@ -129,9 +129,17 @@ class AppArgs(BaseModel):
     max_queued: int = Field(32, gt=0, description="requests that wait at a router replica's door for one of its "
                             "max_in_flight slots; beyond them Serve answers RESOURCE_EXHAUSTED before any decoding, "
                             "so an overload costs little (docs/reliability.md: past the maximum)")
+    adaptive_door: bool = Field(True, description="with grpc_listen: a router replica's door works on as many "
+                                "requests at once as its throughput needs (the knee of its throughput, up to "
+                                "max_in_flight; serving/engine/concurrency.py), a quarter as many wait, and the "
+                                "rest are refused at once (behind the front, by HAProxy); --no-adaptive-door: max_in_flight "
+                                "working and max_queued waiting, fixed")
     max_latency_factor: float | None = Field(
         None, ge=1.0, description="a router replica also sheds a request whose estimated latency exceeds this "
                                  "multiple of its latency on an idle stack (None: the deadline only)")
+    front_socket: str = Field("", description="set by recserve serve with --front haproxy and adaptive_door: "
+                                              "the front's control socket, where each Router replica tells how many "
+                                              "requests its door takes now, so that the front refuses past them; '' = none")
     router_replicas: int = Field(1, ge=1, description="replicas of the Router (the gRPC ingress); the proxy "
                                                       "or the shared port spreads requests over them")
     router_max_replicas: int = Field(0, ge=0, description="above router_replicas: the Router autoscales between "

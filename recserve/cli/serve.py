@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import tempfile
 
 from recserve.cli.types import Subcommand
 from serving.app.versions import ROUTER_APP
@@ -340,6 +342,7 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
             # proxy (below), an idle stack 17% less CPU (benchmarks/results/idle-no-proxy)
             os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")
     door = None  # the HAProxy front, with front
+    front_dir = None  # its control socket's directory, where the routers tell it their depths
     if ingress == "shared":
         from serving.ops.ports import hold_for_reuseport
 
@@ -349,6 +352,9 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
         # as many as it may run (a replacement may start before the one it replaces is gone)
         own = min(254, 2 * max(app_args.router_replicas, app_args.router_max_replicas)) if front else 0
         app_args = app_args.model_copy(update={"grpc_listen": f"127.0.0.1:{routers_port}", "grpc_own_addresses": own})
+        if front and app_args.adaptive_door:  # the routers tell the front their doors' depths
+            front_dir = tempfile.mkdtemp(prefix="recserve-front-")
+            app_args = app_args.model_copy(update={"front_socket": os.path.join(front_dir, "control.sock")})
         # the Routers bind it beside this socket (SO_REUSEPORT); behind the front, on addresses of their
         # own, this keeps anyone else from taking the port on every address
         held = hold_for_reuseport(routers_port)
@@ -472,6 +478,8 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
                 held.close()
             if front:
                 front_port.close()
+            if front_dir is not None:
+                shutil.rmtree(front_dir, ignore_errors=True)
     print("recserve: stopped", flush=True)
     return 0
 
@@ -483,11 +491,20 @@ def _start_front(app_args, port: int, hold) -> object:
     from serving.standalone.haproxy_front import Front
 
     hold.close()
-    door = Front("127.0.0.1", port, app_args.router_listen(), checked=True,
-                 max_in_flight=app_args.max_in_flight + app_args.max_queued)
+    from serving.engine.concurrency import may_wait
+
+    # an adaptive door starts at max_in_flight working and may_wait of them waiting, then tells its changes
+    depth = app_args.max_in_flight + (may_wait(app_args.max_in_flight, app_args.max_queued) if app_args.front_socket
+                                      else app_args.max_queued)
+    door = Front("127.0.0.1", port, app_args.router_listen(), checked=True, max_in_flight=depth,
+                 stats_socket=app_args.front_socket or None)
     door.start()
-    print(f"recserve: the front (HAProxy) on 127.0.0.1:{port} refuses beyond the running routers x "
-          f"{app_args.max_in_flight + app_args.max_queued} requests", flush=True)
+    if app_args.front_socket:
+        print(f"recserve: the front (HAProxy) on 127.0.0.1:{port} refuses beyond the running routers' doors, "
+              f"each adapting its depth to its throughput's knee, from {depth} requests", flush=True)
+    else:
+        print(f"recserve: the front (HAProxy) on 127.0.0.1:{port} refuses beyond the running routers x "
+              f"{app_args.max_in_flight + app_args.max_queued} requests", flush=True)
     return door
 
 

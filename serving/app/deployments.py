@@ -30,7 +30,7 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from recserve.package import ModelPackage
 from serving.engine.admission import Admission, AdmissionConfig
@@ -464,6 +464,28 @@ class _ReplicaDied(Exception):
         self.error = error
 
 
+def _depth_teller(front_socket: str):
+    """``on_depth`` for the Router's door: the depth as the gauge recserve_router_door_depth, and
+    told to the front on ``front_socket`` (if any). A front that cannot be reached (starting,
+    stopping) is told at the next change."""
+    gauge = Gauge("recserve_router_door_depth", description="requests this router's door takes now, working and "
+                                                            "waiting (with adaptive_door: the knee of its throughput)")
+    tell_depth = None
+    if front_socket:
+        from serving.ops.front_control import tell_depth
+
+    def tell(line: int, calls: int) -> None:
+        gauge.set(calls)
+        if tell_depth is None:
+            return
+        try:
+            tell_depth(front_socket, line, calls)
+        except OSError as e:
+            logger.debug("the front was not told the door's depth %d: %s", calls, e)
+
+    return tell
+
+
 # max_ongoing_requests/max_queued_requests: from AppArgs (max_in_flight, max_queued; builder._router);
 # beyond both, Serve answers RESOURCE_EXHAUSTED at the door (direct ingress) or in the proxy (BackPressureError)
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -519,7 +541,9 @@ class Router:
         # Serve runs __init__ on the replica's event loop, where the server's handlers then run
         self._ingress = start_ingress(args.router_listen(), predict=self.Predict, model_info=self.ModelInfo,
                                       check=self.Check, max_in_flight=args.max_in_flight,
-                                      max_queued=args.max_queued, observe=self._observe) if args.grpc_listen else None
+                                      max_queued=args.max_queued, observe=self._observe,
+                                      adaptive=args.adaptive_door,
+                                      on_depth=_depth_teller(args.front_socket)) if args.grpc_listen else None
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """With its own gRPC server (--ingress shared) Serve sees none of this replica's requests:

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from serving.ops.front_control import command
+
 PREDICT_PATH = "/recserve.v1.Ranker/Predict"
 _FIRST_PROBES_S = 1.2  # HAProxy spreads the servers' first probes over one interval (1 s) from its start
 
@@ -56,7 +58,7 @@ def haproxy_binary() -> str:
 
 
 def front_config(listen: str, servers: Sequence[str], *, max_in_flight: int, checked: bool = False,
-                 stats_socket: str | None = None) -> str:
+                 stats_socket: str | None = None, told: bool = False) -> str:
     """HAProxy's configuration: ``listen`` (HOST:PORT) for callers, ``servers`` (HOST:PORT each) behind.
 
     ``max_in_flight`` is per server that is up: a Predict call is refused once the calls at the
@@ -67,7 +69,10 @@ def front_config(listen: str, servers: Sequence[str], *, max_in_flight: int, che
     none up a call is answered UNAVAILABLE. That is how the Ray stack's Routers sit behind it, each
     on a loopback address of its own (more lines than routers: a missing one is simply down).
     Unchecked (the monolith), the one server always counts as up. ``stats_socket``: a Unix socket
-    for HAProxy's ``show stat`` (:meth:`Front.servers_stats`)."""
+    for HAProxy's ``show stat`` (:meth:`Front.servers_stats`). ``told`` (checked, with a socket):
+    each server's share of the cap starts at ``max_in_flight`` and is what the server last said
+    through serving.ops.front_control.tell_depth (a Router whose door adapts its depth), so the front refuses past
+    the doors' current depths in native code."""
     if max_in_flight < 1 or not servers:
         raise ValueError(f"max_in_flight must be >= 1 and servers not empty (got {max_in_flight}, {list(servers)})")
     # trailers-only: HEADERS with END_STREAM; grpc-message is percent-encoded on the wire, and
@@ -87,7 +92,15 @@ def front_config(listen: str, servers: Sequence[str], *, max_in_flight: int, che
         control = "\n".join(f"    server s{i} {server} proto h2" for i, server in enumerate(servers))
         none_up = ""
     lines = "\n".join(f"    server s{i} {server}" for i, server in enumerate(servers))
-    stats = f"    stats socket {stats_socket} mode 600 level operator\n" if stats_socket else ""
+    told = told and checked and bool(stats_socket)
+    stats = f"    stats socket {stats_socket} mode 600 level {'admin' if told else 'operator'}\n" if stats_socket else ""
+    cap = f"    http-request set-var(txn.cap) nbsrv(predict),mul({max_in_flight}) if predict\n"
+    if told:  # the sum of the told depths of the servers that are up
+        stats += "".join(f"    set-var proc.cap_s{i} int({max_in_flight})\n" for i in range(len(servers)))
+        cap = "    http-request set-var(txn.cap) int(0) if predict\n" + "".join(
+            f"    http-request set-var(txn.cap) var(txn.cap),add(proc.cap_s{i}) if predict {{ srv_is_up(predict/s{i}) }}\n"
+            for i in range(len(servers)))
+        refusal = "overloaded: every router behind the front is at its door's depth now"
     return f"""\
 global
 {stats}    nbthread 1
@@ -104,8 +117,7 @@ defaults
 frontend callers
     bind {listen} proto h2
     acl predict path {PREDICT_PATH}
-{none_up}    http-request set-var(txn.cap) nbsrv(predict),mul({max_in_flight}) if predict
-    acl full be_conn(predict),sub(txn.cap) ge 0
+{none_up}{cap}    acl full be_conn(predict),sub(txn.cap) ge 0
     http-request return status 200 hdr grpc-status 8 hdr grpc-message "{refusal}" if predict full
     use_backend predict if predict
     default_backend control
@@ -120,16 +132,7 @@ def servers_stats(stats_socket: str) -> list[dict]:
     """Each Predict server line of the HAProxy front answering on ``stats_socket``, as it sees it
     now: ``server`` (its address), ``status`` (UP, DOWN, "no check"), ``calls`` (sent to it since
     the start) and ``in_flight``."""
-    import socket
-
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(stats_socket)
-        s.sendall(b"show stat\n")
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    head, *rows = out.decode().lstrip("# ").splitlines()
+    head, *rows = command(stats_socket, "show stat").lstrip("# ").splitlines()
     names = head.split(",")
     found = []
     for row in rows:
@@ -163,14 +166,16 @@ class Front:
     """A running HAProxy front (``start()`` it, ``stop()`` it; a context manager too)."""
 
     def __init__(self, host: str, port: int, servers: str | Sequence[str], *, max_in_flight: int,
-                 checked: bool = False):
+                 checked: bool = False, stats_socket: str | None = None):
+        """``stats_socket``: where HAProxy's control socket goes (a file in a directory of the
+        front's own otherwise); given, the servers tell their depths there (front_config's ``told``)."""
         self.host, self.port = host, port
         self.servers = [servers] if isinstance(servers, str) else list(servers)
         self.checked = checked
         self._dir = tempfile.TemporaryDirectory(prefix="recserve-front-")
-        self._stats = str(Path(self._dir.name) / "stats.sock")
+        self._stats = stats_socket or str(Path(self._dir.name) / "stats.sock")
         self._config = front_config(f"{host}:{port}", self.servers, max_in_flight=max_in_flight, checked=checked,
-                                    stats_socket=self._stats)
+                                    stats_socket=self._stats, told=stats_socket is not None)
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
 

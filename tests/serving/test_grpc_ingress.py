@@ -9,6 +9,7 @@ import asyncio
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from recserve.v1 import ranker_pb2, ranker_pb2_grpc
@@ -299,3 +300,60 @@ def test_each_requests_protobuf_parse_is_timed_as_a_stage_of_its_own():
     observed, seen = asyncio.run(run())
     assert seen == ["r0", "r1", "r2"]
     assert [stage for stage, _ in observed] == ["parse"] * 3 and all(ms > 0 for _, ms in observed), observed
+
+
+def _overload_door(adaptive, clients: int = 48, seconds: float = 6.0):
+    """A router whose work gains nothing past 2 calls at once (2 cores' worth, each call 10 ms of
+    one), offered `clients` callers in closed loops: (the door, admitted latencies, codes)."""
+    async def run():
+        address = f"127.0.0.1:{free_port()}"
+        cores = asyncio.Semaphore(2)
+
+        async def predict(request, context):
+            async with cores:
+                await asyncio.sleep(0.010)
+            return ranker_pb2.PredictResponse(request_id=request.request_id)
+
+        ingress = start_ingress(address, predict=predict, **{k: v for k, v in _handlers("r").items() if k != "predict"},
+                                max_in_flight=32, max_queued=32, adaptive=adaptive)
+        admitted, codes = [], []
+        try:
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = ranker_pb2_grpc.RankerStub(ch)
+                end = time.monotonic() + seconds
+
+                async def caller():
+                    while time.monotonic() < end:
+                        sent = time.monotonic()
+                        try:
+                            await stub.Predict(ranker_pb2.PredictRequest(batch_size=64), timeout=1)
+                            admitted.append(time.monotonic() - sent)
+                            codes.append("OK")
+                        except grpc.aio.AioRpcError as e:
+                            codes.append(e.code().name)
+                            await asyncio.sleep(0.05)  # a refused caller backs off
+
+                await asyncio.gather(*(caller() for _ in range(clients)))
+        finally:
+            await ingress.stop(None)
+        return ingress._door, admitted, codes
+
+    return asyncio.run(run())
+
+
+def test_an_adaptive_door_comes_down_to_the_depth_its_throughput_needs_and_refuses_the_rest_at_once():
+    """48 callers at a router that answers 200 calls/s at any depth from 2: a fixed door of 32
+    (+ 32 waiting) admits them all and each waits behind the other 47 (~240 ms for a 10 ms call);
+    the adaptive door, full from the start, comes down toward 2 within seconds, keeps answering, refuses the others with
+    RESOURCE_EXHAUSTED naming why, and its admitted calls wait less."""
+    from serving.engine.concurrency import KneeConfig
+
+    # steps of 0.6 s (3 windows of 0.2 s) instead of 1.5 s: from 32 to the knee within the test's 6 s
+    door, admitted, codes = _overload_door(adaptive=KneeConfig(max_limit=32, window_s=0.2, per_step=3))
+    assert door.adaptive.stats.lowered >= 3 and door.slots() <= 16, (door.slots(), door.adaptive.stats)
+    assert "RESOURCE_EXHAUSTED" in codes and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
+    assert len(admitted) >= 450  # 6 s at up to 200 calls/s: the throughput was kept
+    fixed, fixed_admitted, fixed_codes = _overload_door(adaptive=False, seconds=1.5)
+    assert fixed.adaptive is None and fixed.slots() == 32 and set(fixed_codes) == {"OK"}
+    late = sorted(admitted)[len(admitted) // 2:]  # the second half, after the limit came down
+    assert np.median(late) < np.median(fixed_admitted), (np.median(late), np.median(fixed_admitted))

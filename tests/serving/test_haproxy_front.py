@@ -187,6 +187,69 @@ def test_a_checked_front_with_no_server_up_answers_unavailable_and_sees_every_li
     assert "no server is up behind the front" in e.value.details()
 
 
+def test_routers_tell_the_front_their_doors_depths_and_it_refuses_past_the_sum_in_native_code(tmp_path):
+    """Two adaptive doors (serving/app/grpc_ingress.py, real gRPC, no Ray) behind a checked front
+    with a control socket: each tells its depth at start (max_in_flight working + a quarter
+    waiting), the front holds it as its line's share; told a depth of 1 each, the front admits two
+    calls and answers the third RESOURCE_EXHAUSTED itself (the routers never see it)."""
+    import asyncio
+
+    from recserve.v1 import ranker_pb2, ranker_pb2_grpc
+    from serving.app.grpc_ingress import start_ingress
+    from serving.config import own_addresses
+    from serving.engine.concurrency import may_wait
+    from serving.ops.front_control import command, tell_depth
+    from serving.standalone.haproxy_front import Front
+
+    control = str(tmp_path / "control.sock")
+    lines, port = own_addresses(free_port(), 2), free_port()
+
+    def share(line: int) -> int:
+        said = command(control, f"experimental-mode on; get var proc.cap_s{line}")
+        return int(said.split("value=<")[1].split(">")[0])
+
+    async def run():
+        hold, seen = asyncio.Event(), []
+
+        async def predict(request, context):
+            seen.append(request.request_id)
+            await hold.wait()
+            return ranker_pb2.PredictResponse(request_id=request.request_id)
+
+        async def other(request, context):
+            return ranker_pb2.ModelInfoResponse()
+
+        with Front("127.0.0.1", port, lines, max_in_flight=9, checked=True, stats_socket=control):
+            assert share(0) == share(1) == 9  # the front's start, before any router
+            routers = [start_ingress(lines, predict=predict, model_info=other, check=other, max_in_flight=4,
+                                     max_queued=4, adaptive=True, on_depth=lambda i, n: tell_depth(control, i, n))
+                       for _ in range(2)]
+            try:
+                told = [share(0), share(1)]
+                for line in (0, 1):  # as a door that came down to 1 working (+1 waiting) tells it
+                    tell_depth(control, line, 1)
+                await asyncio.sleep(2.5)  # HAProxy's probes see both routers up
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                    stub = ranker_pb2_grpc.RankerStub(ch)
+                    admitted = [asyncio.ensure_future(stub.Predict(ranker_pb2.PredictRequest(request_id=f"a{i}"),
+                                                                   timeout=20)) for i in range(2)]
+                    while len(seen) < 2:
+                        await asyncio.sleep(0.01)
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await stub.Predict(ranker_pb2.PredictRequest(request_id="third"), timeout=20)
+                    hold.set()
+                    answered = [r.request_id for r in await asyncio.gather(*admitted)]
+            finally:
+                await asyncio.gather(*(r.stop(None) for r in routers))
+        return told, refused.value, answered, seen
+
+    told, refused, answered, seen = asyncio.run(run())
+    assert told == [4 + may_wait(4, 4)] * 2 == [5, 5]
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "every router behind the front is at its door's depth now" in refused.details()
+    assert sorted(answered) == ["a0", "a1"] and "third" not in seen  # refused by HAProxy, not a router
+
+
 @pytest.mark.parametrize("ingress", ["direct", "proxy"])
 def test_front_is_refused_where_serve_answers_the_port_before_anything_starts(ingress):
     r = subprocess.run([sys.executable, "-m", "recserve.cli", "serve", "--front", "haproxy", "--ingress", ingress,
@@ -209,7 +272,8 @@ def test_the_stack_behind_the_front_spreads_one_callers_calls_over_the_routers_a
     log_path = tmp_path / "serve.log"
     argv = [sys.executable, "-m", "recserve.cli", "serve", str(tiny_packages("table-2")), "--port", str(port),
             "--dashboard-port", str(free_port()), "--http-port", str(free_port()), "--feature-filter", "none",
-            "--front", "haproxy", "--router-replicas", "2", "--max-in-flight", "1", "--max-queued", "1"]
+            "--front", "haproxy", "--router-replicas", "2", "--max-in-flight", "1", "--max-queued", "1",
+            "--no-adaptive-door"]  # the fixed door: 1 working + 1 waiting per router
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)

@@ -326,6 +326,22 @@ def test_one_callers_calls_reach_both_routers_through_the_front(stack, two_versi
     assert sum(served.values()) == 16 and all(n >= 16 // len(up) - 1 for n in served.values()), served
 
 
+def test_the_routers_doors_adapt_by_default_and_report_their_depth(stack):
+    """The default stack's doors adapt (serving/engine/concurrency.py): the front starts each line's
+    share at max_in_flight (32) + a quarter of it waiting and says so; each Router reports its
+    door's depth as the gauge recserve_router_door_depth."""
+    import urllib.request
+
+    assert "each adapting its depth to its throughput's knee, from 40 requests" in stack.log.read_text()
+    metrics = re.search(r"metrics \(Prometheus[^)]*\) on (http://\S+/metrics)", stack.log.read_text()).group(1)
+    deadline, page = time.monotonic() + 90, ""
+    while "recserve_router_door_depth" not in page and time.monotonic() < deadline:
+        time.sleep(2)
+        page = urllib.request.urlopen(metrics, timeout=10).read().decode()
+    depths = [float(v) for v in re.findall(r"^\w*recserve_router_door_depth\{[^}]*\} (\S+)$", page, re.M)]
+    assert depths and all(1 <= d <= 40 for d in depths), depths
+
+
 def test_router_max_replicas_autoscales_the_router_on_its_requests_in_flight(stack):
     """`--router-replicas 2 --router-max-replicas 3`: Serve runs the Router between 2 and 3 replicas
     on InFlightPolicy (tests/serving/test_autoscaling.py has the controller add one under load)."""
