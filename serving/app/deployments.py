@@ -464,12 +464,10 @@ class _ReplicaDied(Exception):
         self.error = error
 
 
-def _depth_teller(front_socket: str):
-    """``on_depth`` for the Router's door: the depth as the gauge recserve_router_door_depth, and
-    told to the front on ``front_socket`` (if any). A front that cannot be reached (starting,
-    stopping) is told at the next change."""
-    gauge = Gauge("recserve_router_door_depth", description="requests this router's door takes now, working and "
-                                                            "waiting (with adaptive_door: the knee of its throughput)")
+def _depth_teller(gauge: Gauge, front_socket: str):
+    """``on_depth`` for the Router's door: the depth into ``gauge``, and told to the front on
+    ``front_socket`` (if any). A front that cannot be reached (starting, stopping) is told at the
+    next change."""
     tell_depth = None
     if front_socket:
         from serving.ops.front_control import tell_depth
@@ -539,11 +537,21 @@ class Router:
         self._observe = ray_observer()
         # --ingress shared: this replica answers the stack's one address itself (serving/app/grpc_ingress.py);
         # Serve runs __init__ on the replica's event loop, where the server's handlers then run
+        self._door_depth = Gauge("recserve_router_door_depth",
+                                 description="requests this router's door takes now, working and waiting (with "
+                                             "adaptive_door: the knee of its throughput)")
         self._ingress = start_ingress(args.router_listen(), predict=self.Predict, model_info=self.ModelInfo,
                                       check=self.Check, max_in_flight=args.max_in_flight,
                                       max_queued=args.max_queued, observe=self._observe,
                                       adaptive=args.adaptive_door,
-                                      on_depth=_depth_teller(args.front_socket)) if args.grpc_listen else None
+                                      on_depth=_depth_teller(self._door_depth, args.front_socket)) \
+            if args.grpc_listen else None
+
+    def check_health(self) -> None:
+        """Serve's periodic health check (every 10 s): the door's depth reported again, so the gauge
+        has a sample however long ago the depth last changed."""
+        if getattr(self, "_ingress", None) is not None:
+            self._door_depth.set(self._ingress.depth())
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """With its own gRPC server (--ingress shared) Serve sees none of this replica's requests:

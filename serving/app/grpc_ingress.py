@@ -197,6 +197,10 @@ class Ingress:
         """Mean Predict calls in the door (working + waiting) since the previous call."""
         return self._door.load()
 
+    def depth(self) -> int:
+        """Calls the door takes now, working and waiting."""
+        return self._door.depth()
+
     async def stop(self, grace: float | None) -> None:
         """Take no new calls; those in flight get ``grace`` seconds (None: cancelled at once)."""
         # a grpc.aio server stopped before its start has run crashes the process (grpcio 1.85)
