@@ -348,8 +348,11 @@ def test_an_adaptive_door_comes_down_to_the_depth_its_throughput_needs_and_refus
     RESOURCE_EXHAUSTED naming why, and its admitted calls wait less."""
     from serving.engine.concurrency import KneeConfig
 
-    # steps of 0.6 s (3 windows of 0.2 s) instead of 1.5 s: from 32 to the knee within the test's 6 s
-    door, admitted, codes = _overload_door(adaptive=KneeConfig(max_limit=32, window_s=0.2, per_step=3))
+    # steps of 0.6 s (3 windows of 0.2 s) instead of 1.5 s: from 32 to the knee within the test's 6 s;
+    # a tolerance of 50%, so that a loaded machine's noise (CI at a load of 23 once stopped the
+    # descent at 24 with 10%) cannot end it early: how the limit handles noise is
+    # tests/serving/test_concurrency.py's; this test is the door following its limit over real gRPC
+    door, admitted, codes = _overload_door(adaptive=KneeConfig(max_limit=32, window_s=0.2, per_step=3, tolerance=0.5))
     assert door.adaptive.stats.lowered >= 3 and door.slots() <= 16, (door.slots(), door.adaptive.stats)
     assert "RESOURCE_EXHAUSTED" in codes and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
     assert len(admitted) >= 450  # 6 s at up to 200 calls/s: the throughput was kept
