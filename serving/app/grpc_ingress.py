@@ -88,9 +88,7 @@ class _Door:
 
     def may_wait(self) -> int:
         """How many calls may wait for a slot now."""
-        if self.adaptive is None:
-            return self._max_queued
-        return may_wait(self.slots(), self._max_queued)
+        return may_wait(self.slots(), self._max_queued, adaptive=self.adaptive is not None)
 
     def depth(self) -> int:
         """Calls this door takes now, working and waiting."""

@@ -47,10 +47,10 @@ import math
 from dataclasses import dataclass, field
 
 
-def may_wait(slots: int, max_queued: int) -> int:
-    """Calls an adaptive door lets wait beside ``slots`` working: a quarter as many, at least one,
-    at most ``max_queued``."""
-    return min(max_queued, max(1, slots // 4))
+def may_wait(slots: int, max_queued: int, adaptive: bool = True) -> int:
+    """Calls a door lets wait beside ``slots`` working: adaptive, a quarter as many, at least one,
+    at most ``max_queued``; fixed, ``max_queued``."""
+    return min(max_queued, max(1, slots // 4)) if adaptive else max_queued
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,7 +153,7 @@ class KneeLimit:
         if self.phase == "settled":
             if now - self._settled_at < c.hold_s:
                 return
-            up = min(c.max_limit, self._limit + max(2, math.ceil(self._limit / 2)))
+            up = self._above()
             self.phase, self.reference = "reference", None
             if up > self._limit:
                 self.stats.raised += 1
@@ -165,7 +165,7 @@ class KneeLimit:
         measured = sum(self._samples) / len(self._samples)
         if self.phase == "reference":
             self.stats.cycles += 1
-            up = min(c.max_limit, self._limit + max(2, math.ceil(self._limit / 2)))
+            up = self._above()
             if self._knee_rate is not None and measured > (1 + c.tolerance) * self._knee_rate and up > self._limit:
                 self._knee_rate = measured  # more depth answered more: climb on before descending
                 self.stats.raised += 1
@@ -183,6 +183,10 @@ class KneeLimit:
             self._set(lower)
         else:
             self._settle(now, self._limit)
+
+    def _above(self) -> int:
+        """A reference depth above this one: half as deep again, at least two more, at most max_limit."""
+        return min(self.config.max_limit, self._limit + max(2, math.ceil(self._limit / 2)))
 
     def _settle(self, now: float, depth: int) -> None:
         if depth > self._limit:
