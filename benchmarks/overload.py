@@ -240,8 +240,13 @@ def table(target: str, r: dict) -> str:
 
 
 def plot(target: str, r: dict, path: Path) -> None:
-    """Goodput (OK/s) and admitted P99 against offered load, with the targets drawn in."""
-    import matplotlib
+    """Goodput (OK/s) and admitted P99 against offered load, with the targets drawn in; skipped,
+    saying so, where matplotlib is not installed (the GPU host's image lacks it)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"overload: no plot ({path.name}): matplotlib is not installed here")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

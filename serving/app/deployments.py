@@ -94,15 +94,13 @@ def _shard_request(arrays: list, deadline: float | None, version: str | None = N
     return ShardRequest(lengths=lengths, values=values, weights=weights, deadline=deadline, version=version)
 
 
-async def _lookups_direct(plane: DirectPlane, app: str, requests: dict[int, ShardRequest], version: str, *,
-                          ring: dict[int, list] | None = None,
-                          on_resend: Callable[[], None] | None = None) -> dict[int, np.ndarray | None]:
+async def _lookups_direct(plane: DirectPlane, app: str, requests: dict[int, ShardRequest],
+                          version: str) -> dict[int, np.ndarray]:
     """Each shard's pooled embeddings for its request from a replica of model ``version``, over
-    the data plane, concurrently (NoReplica when a shard cannot be reached there). With
-    ``ring[k]`` ([handle, [offset]] of the tower's ring) shard k writes them there and its
-    entry is None, unless it answered by the host path (serving/engine/ipc.py)."""
-    looked = await asyncio.gather(*(plane.call(app, shard_name(k), "lookup", _shard_frame(r) + (ring[k] if ring else []),
-                                               version=version, deadline=r.deadline, on_resend=on_resend)
+    the data plane, concurrently (NoReplica when a shard cannot be reached there). The tower's
+    calls into its GPU ring: DenseTower._ring_batch."""
+    looked = await asyncio.gather(*(plane.call(app, shard_name(k), "lookup", _shard_frame(r), version=version,
+                                               deadline=r.deadline)
                                     for k, r in requests.items()))
     return {k: out[0] for k, out in zip(requests, looked)}
 
@@ -148,6 +146,7 @@ class _Batcher:
         self.stages = (f"{name}.wait", f"{name}.{work}")
         self.observe = ray_observer()
         self._busy = TimeAverage()  # 1 while the core runs a call
+        self._running: asyncio.Future | None = None  # that call
 
     def reconfigure(self, config: dict | None) -> None:
         self.config = BatchingConfig(**(config or {}))
@@ -157,10 +156,23 @@ class _Batcher:
     async def _run(self, items: list) -> list:
         async with self.lock:
             self._busy.add(1)
+            running = self._running = asyncio.get_running_loop().run_in_executor(self._thread, self.run_many, items)
+            running.add_done_callback(self._ran)
             try:
-                return await asyncio.get_running_loop().run_in_executor(self._thread, self.run_many, items)
+                return await asyncio.shield(running)  # a cancel leaves the thread's call to finish
             finally:
                 self._busy.add(-1)
+
+    def _ran(self, call: asyncio.Future) -> None:
+        _retrieve(call)  # read by its batch, unless that was cancelled
+        if self._running is call:
+            self._running = None
+
+    async def settled(self) -> None:
+        """Returns once the core's calls sent so far have returned (one thread runs them in
+        order: the last one sent returns last)."""
+        if self._running is not None:
+            await asyncio.wait({self._running})
 
     def utilization(self) -> float:
         """The fraction of the time since the last reading that the core was busy (0-1), the
@@ -281,23 +293,31 @@ class Shard(_BatchedReplica):
         _same_version(self.name, self.version, request.version)
         if _expired(request):
             raise self._late()
-        return await self._batcher(_ShardItem(request, target), deadline=request.deadline, expired=self._late)
+        item = _ShardItem(request, target)
+        try:
+            return await self._batcher(item, deadline=request.deadline, expired=self._late)
+        except BaseException:
+            if target is not None:  # the tower frees the slot at this answer: nothing may write it after
+                item.gone = True  # a lookup that starts from now on leaves the slot alone
+                await self._batcher.settled()  # and the one running, which may be writing it, is done
+            raise
 
     def _late(self) -> DeadlineExceeded:
         return DeadlineExceeded(f"{self.name}: the request's deadline passed before its lookup ran")
 
     def _lookup_many(self, items: list[_ShardItem]) -> list[np.ndarray | None | DeadlineExceeded]:
         start = time.perf_counter()
-        outs = self.core.lookup_many([it.request for it in items], [it.target for it in items])
+        outs = self.core.lookup_many([it.request for it in items], [None if it.gone else it.target for it in items])
         self._latency.observe((time.perf_counter() - start) * 1000)
         self._batch.observe(_examples(items))
         return outs
 
 
-@dataclass(frozen=True)
+@dataclass
 class _ShardItem:
     request: ShardRequest
     target: torch.Tensor | None  # [B, columns x D] in a tower's ring, or None: answered by the host
+    gone: bool = False  # its caller was answered (an error): a lookup starting now leaves the target alone
 
     @property
     def batch_size(self) -> int:
@@ -407,11 +427,36 @@ class DenseTower(_BatchedReplica):
         if lease is None:
             done = await _lookups_direct(self._plane, self._app, requests, self.version)
             return await self._batcher(_TowerItem(dense, self._parts(done)))
-        failed = True
+        # the slot is free again once nothing writes or reads it: every shard called has answered and
+        # the score that reads it has returned. So when this call is cancelled (its deadline passed)
+        # that work runs on, unscored, and frees the slot; only a call left unanswered (a broken
+        # connection, a resend, a hedge) quarantines it. Quarantined at every cancel, slots ran out
+        # under overload and the batches fell back to the host path (H100, 550 req/s: 60% of them)
+        gone = asyncio.Event()  # set when the caller stops waiting
+        work = asyncio.ensure_future(self._ring_batch(dense, requests, lease, gone))
         try:
-            ring = {k: [self._ring.handle, np.array([lease.offsets[k]], np.int64)] for k in requests}
-            done = await _lookups_direct(self._plane, self._app, requests, self.version, ring=ring,
-                                         on_resend=lease.abandon)
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            gone.set()
+            work.add_done_callback(_retrieve)
+            raise
+
+    async def _ring_batch(self, dense: np.ndarray, requests: dict[int, ShardRequest], lease,
+                          gone: asyncio.Event) -> np.ndarray | None:
+        """:meth:`_predict_direct`'s batch by the ring's slot ``lease``: its scores (None once
+        ``gone``: not scored), the slot settled at the end."""
+        B = int(dense.shape[0])
+        unanswered = True
+        try:
+            calls = {k: asyncio.ensure_future(self._plane.call(
+                         self._app, shard_name(k), "lookup",
+                         _shard_frame(r) + [self._ring.handle, np.array([lease.offsets[k]], np.int64)],
+                         version=self.version, deadline=r.deadline, on_resend=lease.abandon))
+                     for k, r in requests.items()}
+            await asyncio.wait(calls.values())  # every one: a shard still looking up may still write
+            # an error a shard sent is an answer; no connection (ChannelBroken, NoReplica) is none
+            unanswered = any(isinstance(c.exception(), ConnectionError) for c in calls.values())
+            done = {k: c.result()[0] for k, c in calls.items()}  # the first error, raised
             declined = sorted(k for k, out in done.items() if out is not None)
             if declined and not self._told_declined:
                 logger.warning("pooled embeddings: shards %s answered by the host, though offered the ring (another "
@@ -419,14 +464,14 @@ class DenseTower(_BatchedReplica):
                 self._told_declined = True
             # each batch counted once, by how its embeddings came: a declined one is not also an 'ipc' one
             self._pooled.inc(tags={"path": "declined" if declined else "ipc"})
+            if gone.is_set():
+                return None
             parts = {k: self._ring.view(lease, k, B, self._widths[k]) if out is None else out
                      for k, out in done.items()}
-            scores = await self._batcher(_TowerItem(dense, self._parts(parts)))  # read the slot, synced
-            failed = False
-            return scores
+            return await self._batcher(_TowerItem(dense, self._parts(parts)))  # read the slot, synced
         finally:
             deadline = max((r.deadline for r in requests.values() if r.deadline is not None), default=None)
-            if self._ring.settle(lease, failed=failed, deadline=deadline):
+            if self._ring.settle(lease, failed=unanswered, deadline=deadline):
                 self._quarantined.inc()
 
     def _parts(self, done: dict) -> tuple:

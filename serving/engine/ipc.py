@@ -14,11 +14,17 @@ call carries where in it to write::
             bad-id flag D2H, one stream sync                 -> answers [None]   ([pooled]: host path)
     tower   parts[k] = ring.view(slot, offset_k, ...): assembled on the device, scored, released
 
-A slot is reused only when nothing can still write it (:class:`SlotRing`): released when every
-shard call sent to it answered, quarantined until the calls' deadline plus ``QUARANTINE_S``
-when one was abandoned (an error, a cancel, a hedge to a second replica, a resend after a
-broken connection: a replica may still be finishing a lookup into it). The fence that bounds
-it: a shard never queues a copy into a slot once the call's deadline has passed
+A slot is reused only when nothing can still write or read it (:class:`SlotRing`): released when
+every shard call sent to it was answered and the score that reads it returned. A shard answers,
+with its output or with an error (its deadline passed), only once no lookup of its can write the
+slot any more: a lookup that starts later leaves it alone, and the one running has finished
+(``Shard.lookup``). A tower call cancelled at its deadline does not cancel that batch: it runs on,
+unscored, until the shards have answered (``DenseTower._ring_batch``). Quarantined, until the
+calls' deadline plus ``QUARANTINE_S``, only when a call went unanswered: a broken connection, a
+resend or a hedge to a second replica (a replica may still be finishing a lookup into it).
+Quarantined at every cancel, as before, the slots ran out under overload (one H100, 550 req/s:
+60% of the batches by the host path) and the stack collapsed. The fence that bounds the quarantine:
+a shard never queues a copy into a slot once the call's deadline has passed
 (``ShardCore.lookup_many``; shard and tower share the host's clock), so a late write can only
 be one queued before the deadline and still in the shard's GPU stream, milliseconds behind.
 Calls without a deadline have no fence: their slot waits ``NO_DEADLINE_QUARANTINE_S``. A batch
@@ -169,8 +175,8 @@ class PooledRing:
         return self.buffer[start:start + batch * width].view(batch, width)
 
     def settle(self, lease: Lease, *, failed: bool, deadline: float | None) -> bool:
-        """After the batch: the slot back to the ring, or into quarantine when a call to it
-        failed, was cancelled or was sent twice (``deadline``: the calls', time.time()). Returns
+        """After the batch: the slot back to the ring, or into quarantine when a call to it went
+        unanswered (``failed``) or was sent twice (``deadline``: the calls', time.time()). Returns
         whether it was quarantined."""
         clean = not (failed or lease.abandoned)
         self.ring.settle(lease.slot, clean=clean, deadline=deadline)

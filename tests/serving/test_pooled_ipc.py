@@ -178,3 +178,54 @@ def test_a_batch_larger_than_a_slot_is_told_apart_from_a_full_ring_and_a_quarant
     assert ring.settle(clean, failed=False, deadline=None) is False  # back in the ring
     assert ring.settle(resent, failed=False, deadline=None) is True  # quarantined: the tower counts it
     assert ring.ring.quarantines == 1 and ring.ring.lease() == clean.slot and ring.ring.lease() is None
+
+
+def test_a_shard_answers_a_call_into_a_ring_only_once_nothing_of_its_can_write_the_slot(package, tiny):
+    """The tower frees a slot at the shards' answers (serving/engine/ipc.py), also at an error
+    answer. So a shard whose caller's deadline passes while the lookup holding its call runs
+    answers DEADLINE_EXCEEDED only when that lookup is done (it may be copying into the slot),
+    and a lookup that starts after the answer leaves the slot alone. Here the lookup is held on
+    a CPU target by an event: the GPU's copy still queued behind its stream."""
+    import asyncio
+    import threading
+    import time
+
+    from serving.app.deployments import Shard
+
+    shard = Shard.func_or_class(str(package.path), 0, AppArgs(package=str(package.path), transport="reference"))
+    running, release = threading.Event(), threading.Event()
+    real, given = shard.core.lookup_many, []
+
+    def held(requests, targets=None, **kw):
+        given.append(list(targets or []))
+        running.set()
+        release.wait(30)
+        return real(requests, targets, **kw)
+
+    shard.core.lookup_many = held
+    routing = Routing(package.manifest)
+    batch = TrafficGenerator(tiny, seed=3).batch(4)
+
+    def request(deadline_s: float) -> ShardRequest:
+        return dataclasses.replace(routing.split(batch)[0], deadline=time.time() + deadline_s)
+
+    width = shard.core.output_dim
+    first, second = (torch.zeros(4, width, dtype=shard.core.output_dtype) for _ in range(2))
+
+    async def main():
+        a = asyncio.ensure_future(shard.lookup(request(0.3), first))
+        while not running.is_set():
+            await asyncio.sleep(0.01)
+        b = asyncio.ensure_future(shard.lookup(request(0.3), second))  # waits behind a's lookup
+        await asyncio.sleep(0.8)  # both deadlines passed, a's lookup still running
+        early = a.done() or b.done()
+        release.set()
+        answers = await asyncio.gather(a, b, return_exceptions=True)
+        await shard._batcher.settled()
+        return early, answers
+
+    early, answers = asyncio.run(asyncio.wait_for(main(), 60))
+    assert not early, "a shard answered while its lookup could still write the slot"
+    assert all(isinstance(x, DeadlineExceeded) for x in answers), answers
+    assert all(targets == [None] for targets in given[1:]), "a lookup after the answer was given the slot"
+    assert not second.any(), "the slot of a call already answered was written"
