@@ -455,7 +455,8 @@ class DenseTower(_BatchedReplica):
                      for k, r in requests.items()}
             await asyncio.wait(calls.values())  # every one: a shard still looking up may still write
             # an error a shard sent is an answer; no connection (ChannelBroken, NoReplica) is none
-            unanswered = any(isinstance(c.exception(), ConnectionError) for c in calls.values())
+            errors = [c.exception() for c in calls.values()]  # each read: none left unretrieved
+            unanswered = any(isinstance(e, ConnectionError) for e in errors)
             done = {k: c.result()[0] for k, c in calls.items()}  # the first error, raised
             declined = sorted(k for k, out in done.items() if out is not None)
             if declined and not self._told_declined:

@@ -229,3 +229,90 @@ def test_a_shard_answers_a_call_into_a_ring_only_once_nothing_of_its_can_write_t
     assert all(isinstance(x, DeadlineExceeded) for x in answers), answers
     assert all(targets == [None] for targets in given[1:]), "a lookup after the answer was given the slot"
     assert not second.any(), "the slot of a call already answered was written"
+
+
+def _cpu_ring(slots: int, slot_elems: int, dtype: torch.dtype) -> PooledRing:
+    """A PooledRing's bookkeeping over a CPU buffer (CUDA IPC itself: tests/serving/test_gpu_pooled_ipc.py)."""
+    ring = PooledRing.__new__(PooledRing)
+    ring.device, ring.dtype, ring.slot_elems = torch.device("cpu"), dtype, slot_elems
+    ring.buffer = torch.zeros(slots * slot_elems, dtype=dtype)
+    ring.ring = SlotRing(slots)
+    ring.handle = np.frombuffer(b"cpu-ring".ljust(16, b"-"), np.uint8)
+    return ring
+
+
+def test_a_towers_slot_comes_back_at_the_shards_answers_also_when_its_call_was_cancelled(serve_instance, package,
+                                                                                       tiny):
+    """The tower's call into its ring is cancelled at its deadline while the shards still look up
+    (an overload): the slot stays out until both shards have answered, then comes back to the
+    ring, not into quarantine (quarantined at every cancel, the slots ran out under overload and the
+    batches fell back to the host path). A shard whose connection breaks leaves it quarantined.
+    Real channels and the tower's own code; the shards are handlers that answer late."""
+    import asyncio
+    import time
+
+    from ray.experimental import internal_kv
+
+    from serving.app.dataplane import DirectPlane, _forget, _key
+    from serving.app.deployments import DenseTower
+    from serving.engine.channel import ChannelServer
+
+    app = "ring-cancel"
+    tower = DenseTower.func_or_class(str(package.path), [], AppArgs(package=str(package.path), transport="reference"))
+    widths = tower._widths
+    tower._ring = ring = _cpu_ring(1, 64 * sum(widths.values()), torch.float16)
+    tower._plane, tower._app = DirectPlane(), app
+    batch = TrafficGenerator(tiny, seed=4).batch(8)
+    answered, breaking = [], asyncio.Event()
+
+    def shard(k: int):
+        async def lookup(arrays, deadline):
+            assert len(arrays) == 5  # the ring's handle and this shard's offset came with the call
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:  # the deadline: a shard answers once its running lookup is done
+                if breaking.is_set():
+                    for server in servers:
+                        server.close()  # the replica goes away without answering
+                await asyncio.sleep(0.3)
+                answered.append(k)
+                raise
+        return {"lookup": lookup}
+
+    async def call(deadline_s: float):
+        requests = {k: dataclasses.replace(r, deadline=time.time() + deadline_s)
+                    for k, r in tower.routing.split(batch).items()}
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(tower._predict_direct(batch.dense, requests), deadline_s)  # as the channel does
+
+    async def main():
+        nonlocal servers
+        servers = [ChannelServer(shard(k), "127.0.0.1") for k in range(2)]
+        endpoints = []
+        for k, server in enumerate(servers):
+            await server.start()
+            endpoints.append((f"s{k}", "127.0.0.1", server.port, tower.version))
+            internal_kv._internal_kv_put(_key(app, f"shard-{k}", endpoints[-1]), b"", overwrite=True,
+                                         namespace="recserve")
+        try:
+            await call(0.2)
+            out_while_looking = ring.ring.lease()  # the shards still write: no slot
+            await asyncio.sleep(0.6)
+            back = ring.ring.lease()
+            ring.ring.settle(back, clean=True, deadline=None)
+            breaking.set()
+            await call(0.2)
+            await asyncio.sleep(1.5)
+            return out_while_looking, back, ring.ring.lease(), ring.ring.quarantines
+        finally:
+            tower._plane.close()
+            for k, endpoint in enumerate(endpoints):
+                _forget(app, f"shard-{k}", endpoint)
+            for server in servers:
+                server.close()
+
+    servers = []
+    out_while_looking, back, after_break, quarantines = asyncio.run(asyncio.wait_for(main(), 60))
+    assert out_while_looking is None, "the slot was free while the shards could still write it"
+    assert back == 0 and sorted(answered[:2]) == [0, 1], "the slot did not come back at the shards' answers"
+    assert after_break is None and quarantines == 1, "a call left unanswered did not quarantine the slot"
