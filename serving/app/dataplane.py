@@ -51,6 +51,14 @@ def _retrieved(task: asyncio.Future) -> None:
         task.exception()
 
 
+def _give_up(call: asyncio.Future, *, keep: bool) -> None:
+    """A call no longer awaited here: cancelled, or (``keep``) left to run to its answer."""
+    if keep:
+        call.add_done_callback(_retrieved)
+    else:
+        call.cancel()
+
+
 async def _on(channel: Channel, method: str, arrays, deadline: float | None) -> list:
     """``channel.call``, its ChannelBroken naming the replica's address (a hedged call's error
     may come from either replica)."""
@@ -187,11 +195,15 @@ class DirectPlane:
         self.hedges_won = 0  # ... those the second replica answered first
 
     async def call(self, app: str, deployment: str, method: str, arrays, *, version: str,
-                   deadline: float | None = None, on_resend: Callable[[], None] | None = None) -> list:
+                   deadline: float | None = None,
+                   on_resend: Callable[[asyncio.Future | None], None] | None = None) -> list:
         """``method``'s arrays from a replica of ``deployment`` serving model ``version``; raises
-        what the method raised, or NoReplica when no such replica can be reached. ``on_resend()``
-        is called when the call goes to a second replica (hedged, or its connection broke): the
-        first may still be working on it (serving/engine/ipc.py quarantines its ring slot)."""
+        what the method raised, or NoReplica when no such replica can be reached.
+        ``on_resend(call)`` is called when the call goes to a second replica: the first may still
+        be working on it (serving/engine/ipc.py: a ring slot it may write). Hedged, ``call`` is the
+        call to the replica that lost the race, left to run to its answer (it is not cancelled
+        when ``on_resend`` is given; its outcome, its answer or ChannelBroken); after a broken
+        connection, None: whether that replica still works on it cannot be known."""
         tried: set[tuple[str, int]] = set()
         timings = self._timings[(app, deployment, method)]
         timings.counted()
@@ -205,11 +217,11 @@ class DirectPlane:
                 tried.add(address)
                 self._drop(app, deployment, address)
                 if on_resend is not None:
-                    on_resend()
+                    on_resend(None)
 
     async def _answer(self, channel: Channel, timings: _Timings, app: str, deployment: str, method: str, arrays,
                       version: str, deadline: float | None, tried: set,
-                      on_resend: Callable[[], None] | None = None) -> list:
+                      on_resend: Callable[[asyncio.Future | None], None] | None = None) -> list:
         """The first answer to the call on ``channel``, or on a second replica once the first is slow."""
         started = time.monotonic()
         first = asyncio.ensure_future(_on(channel, method, arrays, deadline))
@@ -229,8 +241,6 @@ class DirectPlane:
             self.hedges += 1
             if self.on_hedge is not None:
                 self.on_hedge(deployment)
-            if on_resend is not None:
-                on_resend()
             second = asyncio.ensure_future(_on(other, method, arrays, deadline))
             try:
                 racing = {first, second}
@@ -241,11 +251,13 @@ class DirectPlane:
                             if call is second:
                                 self.hedges_won += 1
                                 self._slow[(channel.host, channel.port)] = time.monotonic() + self.slow_out_s
+                            if on_resend is not None:  # the loser runs on to its answer, for the caller
+                                on_resend(second if call is first else first)
                             return call.result()
             finally:
-                second.cancel()
+                _give_up(second, keep=on_resend is not None)
         finally:
-            first.cancel()
+            _give_up(first, keep=on_resend is not None)
         raise AssertionError("unreachable")
 
     async def _pick(self, app: str, deployment: str, version: str, tried: set) -> Channel:

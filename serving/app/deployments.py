@@ -43,7 +43,7 @@ from serving.api.errors import DeadlineExceeded, Overloaded, ServingError, Shard
 from serving.example_log import config_of, example_log_for
 from serving.engine import routing as routing_module  # a module global: Serve pickles Router by value
 from serving.engine.routing import FeatureFilter, Routing, ShardRequest, load_feature_filter
-from serving.engine.ipc import PooledRing, RingViews
+from serving.engine.ipc import PooledRing, RingViews, all_answered
 from serving.engine.pooled import embedding_dtype
 from serving.engine.shard import ShardCore
 from serving.engine.stages import BOUNDARIES_MS, STAGE_DESCRIPTION, STAGE_METRIC, Observe, Stopwatch
@@ -366,6 +366,7 @@ class DenseTower(_BatchedReplica):
             logger.info("pooled embeddings: by CUDA IPC into this replica's ring, %d slots of %d examples (%.0f MB)",
                         args.pooled_ring_slots, examples, self._ring.buffer.nbytes / 1e6)
         self._told_declined = False  # a shard answered by the host though offered the ring: logged once
+        self._settling: set[asyncio.Future] = set()  # hedged batches' slots waiting for the losers' answers
         self._pooled = Counter("recserve_pooled_batches", tag_keys=("path",),
                                description="batches whose pooled embeddings came over CUDA IPC ('ipc'), by the "
                                            "host because no slot of the ring was free ('host'), because the batch "
@@ -427,11 +428,12 @@ class DenseTower(_BatchedReplica):
         if lease is None:
             done = await _lookups_direct(self._plane, self._app, requests, self.version)
             return await self._batcher(_TowerItem(dense, self._parts(done)))
-        # the slot is free again once nothing writes or reads it: every shard called has answered and
-        # the score that reads it has returned. So when this call is cancelled (its deadline passed)
-        # that work runs on, unscored, and frees the slot; only a call left unanswered (a broken
-        # connection, a resend, a hedge) quarantines it. Quarantined at every cancel, slots ran out
-        # under overload and the batches fell back to the host path (H100, 550 req/s: 60% of them)
+        # the slot is free again once nothing writes or reads it: every shard called has answered (a
+        # hedged call: both replicas) and the score that reads it has returned. So when this call is
+        # cancelled (its deadline passed) that work runs on, unscored, and frees the slot; only a call
+        # left unanswered (a broken connection, a resend) quarantines it. Quarantined at every cancel,
+        # slots ran out under overload and the batches fell back to the host path (H100, 550 req/s:
+        # 60% of them)
         gone = asyncio.Event()  # set when the caller stops waiting
         work = asyncio.ensure_future(self._ring_batch(dense, requests, lease, gone))
         try:
@@ -472,8 +474,20 @@ class DenseTower(_BatchedReplica):
             return await self._batcher(_TowerItem(dense, self._parts(parts)))  # read the slot, synced
         finally:
             deadline = max((r.deadline for r in requests.values() if r.deadline is not None), default=None)
-            if self._ring.settle(lease, failed=unanswered, deadline=deadline):
-                self._quarantined.inc()
+            if lease.racing and not unanswered and not lease.abandoned:  # hedged: the losers answer later
+                settling = asyncio.ensure_future(self._settle_answered(lease, deadline))
+                self._settling.add(settling)  # a reference: asyncio keeps none
+                settling.add_done_callback(self._settling.discard)
+            else:
+                self._settle(lease, unanswered, deadline)
+
+    def _settle(self, lease, unanswered: bool, deadline: float | None) -> None:
+        if self._ring.settle(lease, failed=unanswered, deadline=deadline):
+            self._quarantined.inc()
+
+    async def _settle_answered(self, lease, deadline: float | None) -> None:
+        """A hedged batch's slot, once the calls that lost their races have answered too."""
+        self._settle(lease, not await all_answered(lease.racing, deadline), deadline)
 
     def _parts(self, done: dict) -> tuple:
         """Shard outputs in shard order, None for a shard not called."""

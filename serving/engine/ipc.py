@@ -21,7 +21,8 @@ slot any more: a lookup that starts later leaves it alone, and the one running h
 (``Shard.lookup``). A tower call cancelled at its deadline does not cancel that batch: it runs on,
 unscored, until the shards have answered (``DenseTower._ring_batch``). Quarantined, until the
 calls' deadline plus ``QUARANTINE_S``, only when a call went unanswered: a broken connection, a
-resend or a hedge to a second replica (a replica may still be finishing a lookup into it).
+resend after a broken connection (that replica may still be finishing a lookup into it). A call
+hedged to a second replica is answered twice: the slot comes back once both have answered.
 Quarantined at every cancel, as before, the slots ran out under overload (one H100, 550 req/s:
 60% of the batches by the host path) and the stack collapsed. The fence that bounds the quarantine:
 a shard never queues a copy into a slot once the call's deadline has passed
@@ -40,12 +41,13 @@ it (another container without a shared IPC namespace), it answers by the host pa
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import os
 import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -128,10 +130,27 @@ class Lease:
 
     slot: int
     offsets: dict[int, int]  # shard -> first element of its [B, C_k x D] part
-    abandoned: bool = False  # a call was resent or hedged: the slot is quarantined, not released
+    abandoned: bool = False  # a call was resent after a broken connection: the slot is quarantined
+    racing: list = field(default_factory=list)  # hedged calls that lost the race, running on to their answers
 
-    def abandon(self) -> None:
-        self.abandoned = True
+    def abandon(self, call: asyncio.Future | None = None) -> None:
+        """A call to this slot also went to a second replica (DirectPlane.call's ``on_resend``):
+        ``call``, the one that lost the race, still runs and must be answered before the slot is
+        released (:func:`all_answered`); None (a broken connection): its replica may write it
+        until the fence, so the slot is quarantined."""
+        if call is None:
+            self.abandoned = True
+        else:
+            self.racing.append(call)
+
+
+async def all_answered(calls: list[asyncio.Future], deadline: float | None) -> bool:
+    """Whether each of ``calls`` was answered by its replica (an error it sent is an answer, a
+    broken connection is none) by ``deadline`` (time.time()) plus QUARANTINE_S, when the fence
+    would release the slot anyway."""
+    wait_s = QUARANTINE_S + (max(0.0, deadline - time.time()) if deadline is not None else NO_DEADLINE_QUARANTINE_S)
+    done, pending = await asyncio.wait(calls, timeout=wait_s)
+    return not pending and not any(c.cancelled() or isinstance(c.exception(), ConnectionError) for c in done)
 
 
 class PooledRing:

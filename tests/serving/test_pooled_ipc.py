@@ -316,3 +316,68 @@ def test_a_towers_slot_comes_back_at_the_shards_answers_also_when_its_call_was_c
     assert out_while_looking is None, "the slot was free while the shards could still write it"
     assert back == 0 and sorted(answered[:2]) == [0, 1], "the slot did not come back at the shards' answers"
     assert after_break is None and quarantines == 1, "a call left unanswered did not quarantine the slot"
+
+
+def test_a_hedged_call_into_the_ring_frees_its_slot_once_both_replicas_have_answered(serve_instance, package, tiny):
+    """A shard call that is slow to answer also goes to the shard's other replica (DirectPlane's
+    hedge); the first replica may still write the slot. The slot stays out until the replica that
+    lost the race has answered too, then comes back (it used to be quarantined for the deadline
+    plus 2 s: under overload hedges emptied the ring as cancels did)."""
+    import asyncio
+    import time
+
+    from ray.experimental import internal_kv
+
+    from serving.app.dataplane import DirectPlane, _forget, _key
+    from serving.app.deployments import DenseTower
+    from serving.engine.channel import ChannelServer
+
+    app = "ring-hedge"
+    tower = DenseTower.func_or_class(str(package.path), [], AppArgs(package=str(package.path), transport="reference"))
+    tower._ring = ring = _cpu_ring(1, 64 * sum(tower._widths.values()), torch.float16)
+    tower._plane, tower._app = DirectPlane(hedge_floor_s=0.15), app  # hedged after 150 ms at the least
+    batch = TrafficGenerator(tiny, seed=4).batch(8)
+    slow = {"armed": False}
+    answered = []
+
+    def replica(name: str):
+        async def lookup(arrays, deadline):
+            if slow["armed"]:
+                slow["armed"] = False  # the first call after arming is the slow one
+                await asyncio.sleep(1.0)
+                answered.append(name)
+            return [None] if len(arrays) == 5 else [np.zeros((int(arrays[0].shape[0]), 1), np.float16)]
+        return {"lookup": lookup}
+
+    async def main():
+        names = [("shard-0", "a"), ("shard-0", "b"), ("shard-1", "c")]
+        servers = [ChannelServer(replica(n), "127.0.0.1") for _, n in names]
+        keys = []
+        for (deployment, n), server in zip(names, servers):
+            await server.start()
+            keys.append((deployment, (n, "127.0.0.1", server.port, tower.version)))
+            internal_kv._internal_kv_put(_key(app, *keys[-1]), b"", overwrite=True, namespace="recserve")
+        requests = {k: dataclasses.replace(r, deadline=time.time() + 30) for k, r in tower.routing.split(batch).items()}
+        try:
+            for _ in range(48):  # the plane learns how long shard-0 takes (its hedging needs a P90)
+                await tower._plane.call(app, "shard-0", "lookup", [np.zeros(2, np.int32)], version=tower.version)
+            hedges, slow["armed"] = tower._plane.hedges, True
+            scores = await tower._predict_direct(batch.dense, requests)
+            hedged, lost_answered = tower._plane.hedges - hedges, list(answered)
+            out_while_racing = ring.ring.lease()
+            await asyncio.sleep(1.2)
+            back = ring.ring.lease()
+            return scores, hedged, lost_answered, out_while_racing, back
+        finally:
+            tower._plane.close()
+            for key in keys:
+                _forget(app, *key)
+            for server in servers:
+                server.close()
+
+    scores, hedged, lost_answered, out_while_racing, back = asyncio.run(asyncio.wait_for(main(), 60))
+    assert hedged == 1 and answered in (["a"], ["b"]), f"the slow call was not hedged ({hedged}, {answered})"
+    assert not lost_answered, "the batch's scores waited for the replica that lost the race"
+    assert np.isfinite(scores).all() and scores.shape == (8,)
+    assert out_while_racing is None, "the slot was free while the replica that lost the race could still write it"
+    assert back == 0 and ring.ring.quarantines == 0, "the slot did not come back once both replicas had answered"
