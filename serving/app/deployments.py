@@ -486,8 +486,13 @@ class DenseTower(_BatchedReplica):
             self._quarantined.inc()
 
     async def _settle_answered(self, lease, deadline: float | None) -> None:
-        """A hedged batch's slot, once the calls that lost their races have answered too."""
-        self._settle(lease, not await all_answered(lease.racing, deadline), deadline)
+        """A hedged batch's slot, once the calls that lost their races have answered too (one
+        still unanswered at the fence's time, a replica that stopped, is dropped: the slot is
+        quarantined)."""
+        answered = await all_answered(lease.racing, deadline)
+        for call in lease.racing:
+            call.cancel()  # its channel forgets the call
+        self._settle(lease, not answered, deadline)
 
     def _parts(self, done: dict) -> tuple:
         """Shard outputs in shard order, None for a shard not called."""
