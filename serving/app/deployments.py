@@ -43,7 +43,7 @@ from serving.api.errors import DeadlineExceeded, Overloaded, ServingError, Shard
 from serving.example_log import config_of, example_log_for
 from serving.engine import routing as routing_module  # a module global: Serve pickles Router by value
 from serving.engine.routing import FeatureFilter, Routing, ShardRequest, load_feature_filter
-from serving.engine.ipc import PooledRing, RingViews, all_answered
+from serving.engine.ipc import PooledRing, RingViews, all_answered, answered
 from serving.engine.pooled import embedding_dtype
 from serving.engine.shard import ShardCore
 from serving.engine.stages import BOUNDARIES_MS, STAGE_DESCRIPTION, STAGE_METRIC, Observe, Stopwatch
@@ -456,9 +456,7 @@ class DenseTower(_BatchedReplica):
                          version=self.version, deadline=r.deadline, on_resend=lease.abandon))
                      for k, r in requests.items()}
             await asyncio.wait(calls.values())  # every one: a shard still looking up may still write
-            # an error a shard sent is an answer; no connection (ChannelBroken, NoReplica) is none
-            errors = [c.exception() for c in calls.values()]  # each read: none left unretrieved
-            unanswered = any(isinstance(e, ConnectionError) for e in errors)
+            unanswered = not all([answered(c) for c in calls.values()])  # a list: every error read
             done = {k: c.result()[0] for k, c in calls.items()}  # the first error, raised
             declined = sorted(k for k, out in done.items() if out is not None)
             if declined and not self._told_declined:
@@ -489,10 +487,10 @@ class DenseTower(_BatchedReplica):
         """A hedged batch's slot, once the calls that lost their races have answered too (one
         still unanswered at the fence's time, a replica that stopped, is dropped: the slot is
         quarantined)."""
-        answered = await all_answered(lease.racing, deadline)
+        every_one = await all_answered(lease.racing, deadline)
         for call in lease.racing:
             call.cancel()  # its channel forgets the call
-        self._settle(lease, not answered, deadline)
+        self._settle(lease, not every_one, deadline)
 
     def _parts(self, done: dict) -> tuple:
         """Shard outputs in shard order, None for a shard not called."""

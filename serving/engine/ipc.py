@@ -20,9 +20,9 @@ with its output or with an error (its deadline passed), only once no lookup of i
 slot any more: a lookup that starts later leaves it alone, and the one running has finished
 (``Shard.lookup``). A tower call cancelled at its deadline does not cancel that batch: it runs on,
 unscored, until the shards have answered (``DenseTower._ring_batch``). Quarantined, until the
-calls' deadline plus ``QUARANTINE_S``, only when a call went unanswered: a broken connection, a
-resend after a broken connection (that replica may still be finishing a lookup into it). A call
-hedged to a second replica is answered twice: the slot comes back once both have answered.
+calls' deadline plus ``QUARANTINE_S``, only when a call went unanswered: its connection broke (and
+it was resent), so that replica may still be finishing a lookup into it. A call hedged to a second
+replica is answered twice: the slot comes back once both have answered.
 Quarantined at every cancel, as before, the slots ran out under overload (one H100, 550 req/s:
 60% of the batches by the host path) and the stack collapsed. The fence that bounds the quarantine:
 a shard never queues a copy into a slot once the call's deadline has passed
@@ -144,13 +144,18 @@ class Lease:
             self.racing.append(call)
 
 
+def answered(call: asyncio.Future) -> bool:
+    """Whether a finished call into a slot was answered by its replica: an error the replica sent
+    is an answer; no connection (ChannelBroken, NoReplica) or a cancel is none."""
+    return not call.cancelled() and not isinstance(call.exception(), ConnectionError)
+
+
 async def all_answered(calls: list[asyncio.Future], deadline: float | None) -> bool:
-    """Whether each of ``calls`` was answered by its replica (an error it sent is an answer, a
-    broken connection is none) by ``deadline`` (time.time()) plus QUARANTINE_S, when the fence
-    would release the slot anyway."""
+    """Whether each of ``calls`` was :func:`answered` by ``deadline`` (time.time()) plus
+    QUARANTINE_S, when the fence would release the slot anyway."""
     wait_s = QUARANTINE_S + (max(0.0, deadline - time.time()) if deadline is not None else NO_DEADLINE_QUARANTINE_S)
     done, pending = await asyncio.wait(calls, timeout=wait_s)
-    return not pending and not any(c.cancelled() or isinstance(c.exception(), ConnectionError) for c in done)
+    return not pending and all(answered(c) for c in done)
 
 
 class PooledRing:
@@ -195,8 +200,8 @@ class PooledRing:
 
     def settle(self, lease: Lease, *, failed: bool, deadline: float | None) -> bool:
         """After the batch: the slot back to the ring, or into quarantine when a call to it went
-        unanswered (``failed``) or was sent twice (``deadline``: the calls', time.time()). Returns
-        whether it was quarantined."""
+        unanswered (``failed``, or resent after a broken connection: ``lease.abandoned``;
+        ``deadline``: the calls', time.time()). Returns whether it was quarantined."""
         clean = not (failed or lease.abandoned)
         self.ring.settle(lease.slot, clean=clean, deadline=deadline)
         return not clean
