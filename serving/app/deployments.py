@@ -36,7 +36,7 @@ from recserve.package import ModelPackage
 from serving.engine.admission import Admission, AdmissionConfig
 from serving.api.wire import ARRIVAL_DEADLINE_ATTR, HEALTH_SERVICES, caller_timeout_s
 from serving.api.codec import ModelSpec, check_model, decode_request, encode_response, model_info
-from serving.engine.coalesce import Coalescer, concat_batches, split_rows
+from serving.engine.coalesce import Coalescer, concat_batches, split_rows, too_late
 from serving.engine.occupancy import TimeAverage
 from serving.config import AppArgs, BatchingConfig
 from serving.api.errors import DeadlineExceeded, Overloaded, ServingError, ShardUnavailable
@@ -122,6 +122,11 @@ def _same_version(component: str, serves: str, wanted: str | None) -> None:
                                           f"{wanted!r} (the application is being updated; send it again)")
 
 
+def _latest_deadline(requests: dict[int, ShardRequest]) -> float | None:
+    """The latest deadline (time.time()) among a batch's shard requests; None when none has one."""
+    return max((r.deadline for r in requests.values() if r.deadline is not None), default=None)
+
+
 def _expired(request: ShardRequest) -> bool:
     return request.deadline is not None and time.time() > request.deadline
 
@@ -144,6 +149,7 @@ class _Batcher:
         self.coalescer = Coalescer(self._run, max_examples=self.config.max_batch_size,
                                    max_wait_s=self.config.batch_wait_timeout_s)
         self.stages = (f"{name}.wait", f"{name}.{work}")
+        self._shed = too_late(name)
         self.observe = ray_observer()
         self._busy = TimeAverage()  # 1 while the core runs a call
         self._running: asyncio.Future | None = None  # that call
@@ -182,15 +188,18 @@ class _Batcher:
         return self._busy.mean()
 
     async def __call__(self, item, *, deadline: float | None = None, expired=TimeoutError):
-        """``item``'s result; ``deadline`` (time.time()) as the caller sent it."""
+        """``item``'s result; ``deadline`` (time.time()) as the caller sent it: refused at once
+        (RESOURCE_EXHAUSTED) when its batch goes with less time left than a batch takes here."""
         waited: list = []
         left = None if deadline is None else time.monotonic() + (deadline - time.time())
         out = await self.coalescer.submit(item, size=_examples([item]), deadline=left, expired=expired,
-                                          waited=waited)
+                                          waited=waited, shed=self._shed)
         self.observe(self.stages[0], waited[0].queued_s * 1000)
         self.observe(self.stages[1], waited[0].batch_s * 1000)
         return out
 
+
+_ROUTER_SHED = too_late("the router's batch (the shards and the dense tower)")
 
 # Serve's controller learns that a replica's process died at that replica's next health check
 # (a check of a dead actor fails at once), and only then starts its replacement: with one
@@ -379,13 +388,22 @@ class DenseTower(_BatchedReplica):
 
     async def _score_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
         """The data plane's score: [dense, part of shard 0 | None, ...] -> [scores]."""
-        return [await self.score(arrays[0], *arrays[1:])]
+        return [await self.score(arrays[0], *arrays[1:], deadline=deadline)]
 
-    async def score(self, dense: np.ndarray, *parts: np.ndarray | None, version: str | None = None) -> np.ndarray:
+    async def score(self, dense: np.ndarray, *parts: np.ndarray | None, version: str | None = None,
+                    deadline: float | None = None) -> np.ndarray:
         """Scores float32 [B]; ``parts[k]`` is shard k's output (Serve resolved the responses),
-        looked up by model ``version`` (refused when it is not this tower's)."""
+        looked up by model ``version`` (refused when it is not this tower's); ``deadline``
+        (time.time()): not scored once it passed (or cannot be met by a batch here)."""
         _same_version("DenseTower", self.version, version)
-        return await self._batcher(_TowerItem(dense, parts))
+        return await self._tower(_TowerItem(dense, parts), deadline)
+
+    async def _tower(self, item: _TowerItem, deadline: float | None) -> np.ndarray:
+        return await self._batcher(item, deadline=deadline, expired=self._late)
+
+    @staticmethod
+    def _late() -> DeadlineExceeded:
+        return DeadlineExceeded("DenseTower: the request's deadline passed before it was scored")
 
     async def _predict_frame(self, arrays: list, deadline: float | None) -> list[np.ndarray]:
         """The data plane's predict: [dense, then per shard lengths, values, weights (None x 3:
@@ -413,7 +431,7 @@ class DenseTower(_BatchedReplica):
         except BaseException:
             cancel(*calls.values())
             raise
-        return await self._batcher(_TowerItem(dense, self._parts(done)))
+        return await self._tower(_TowerItem(dense, self._parts(done)), _latest_deadline(requests))
 
     async def _predict_direct(self, dense: np.ndarray, requests: dict[int, ShardRequest]) -> np.ndarray:
         """:meth:`predict` over the data plane; the pooled embeddings into a slot of this
@@ -427,7 +445,7 @@ class DenseTower(_BatchedReplica):
                 self._pooled.inc(tags={"path": "host" if self._ring.fits(B, widths) else "too_large"})
         if lease is None:
             done = await _lookups_direct(self._plane, self._app, requests, self.version)
-            return await self._batcher(_TowerItem(dense, self._parts(done)))
+            return await self._tower(_TowerItem(dense, self._parts(done)), _latest_deadline(requests))
         # the slot is free again once nothing writes or reads it: every shard called has answered (a
         # hedged call: both replicas) and the score that reads it has returned. So when this call is
         # cancelled (its deadline passed) that work runs on, unscored, and frees the slot; only a call
@@ -469,9 +487,9 @@ class DenseTower(_BatchedReplica):
                 return None
             parts = {k: self._ring.view(lease, k, B, self._widths[k]) if out is None else out
                      for k, out in done.items()}
-            return await self._batcher(_TowerItem(dense, self._parts(parts)))  # read the slot, synced
+            return await self._tower(_TowerItem(dense, self._parts(parts)), _latest_deadline(requests))  # synced
         finally:
-            deadline = max((r.deadline for r in requests.values() if r.deadline is not None), default=None)
+            deadline = _latest_deadline(requests)
             if lease.racing and not unanswered and not lease.abandoned:  # hedged: the losers answer later
                 settling = asyncio.ensure_future(self._settle_answered(lease, deadline))
                 self._settling.add(settling)  # a reference: asyncio keeps none
@@ -820,7 +838,8 @@ class Router:
         scores = await self._coalescer.submit(
             (batch, p, app, deadline, budget), size=batch.batch_size, key=(app, p.manifest.version), deadline=deadline, waited=waited,
             expired=lambda: DeadlineExceeded(f"deadline of {budget * 1000:.0f} ms exceeded waiting for the shards "
-                                              f"and the dense tower"))
+                                              f"and the dense tower"),
+            shed=_ROUTER_SHED)
         if clock is not None:
             clock.add("coalesce_wait", waited[0].queued_s)
             clock.add("batch", waited[0].batch_s)

@@ -15,7 +15,18 @@ When a batch goes (per key; keys never mix in a batch, e.g. the model version)::
     a request arrives that cannot wait         -> everything pending goes with it
 
 "Cannot wait": its deadline is nearer than the expected hold (the recent batch latency, at
-most ``max_wait_s``) plus its own batch. ``fixed_wait`` (@serve.batch's way, for tests of
+most ``max_wait_s``) plus its own batch.
+
+No work for a request that cannot be answered in time: when a batch goes, a request in it whose
+deadline is nearer than a batch takes here (the median of the newest ``_LATENCY_WINDOW`` batch
+times, once ``_LATENCY_MIN`` are known) is failed at once with ``shed(left_s, batch_s)``
+instead of riding along, and its mates go without it. Under overload the queue ahead of a
+request is this batch: without this, batches carried requests that expired before they
+returned, and the work spent on them was the capacity that the requests still in time lacked
+(four routers over one tower on 2 cores: batches of 660 ms for 1 s deadlines, 16-25 OK/s of a
+capacity of ~110, benchmarks/results/door-4routers-2core). When every request of a batch is
+that late, the one with the most time left still goes, alone: a batch of one is the fastest
+there is, and its time corrects an estimate that was too long. ``fixed_wait`` (@serve.batch's way, for tests of
 slow deployments): every batch waits ``max_wait_s`` for others, idle or not. A batch never exceeds ``max_examples`` except a single
 request larger than that, which runs alone (never refused).
 
@@ -34,6 +45,7 @@ Example (a tower that scores dense rows)::
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,9 +54,15 @@ from typing import Awaitable, Callable, Generic, Hashable, TypeVar
 import numpy as np
 
 from recserve.batch import Bags, Batch
+from serving.api.errors import Overloaded
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# the time a batch takes here, for shedding: the median of this many newest batches, once this
+# many are known (a few slow ones, a first call that compiles, do not shed anything)
+_LATENCY_WINDOW = 16
+_LATENCY_MIN = 4
 
 
 @dataclass(eq=False)
@@ -54,6 +72,7 @@ class _Entry(Generic[T]):
     deadline: float | None  # time.monotonic()
     queued_at: float
     future: asyncio.Future = field(default=None)  # type: ignore[assignment]
+    shed: Callable[[float, float], BaseException] | None = None  # (left_s, batch_s) -> its error
     sent_at: float | None = None  # when its batch went
     batch_s: float = 0.0  # its batch's time, set when the batch returns
     batch_items: int = 0  # requests in its batch
@@ -75,6 +94,15 @@ class Waited:
     queued_s: float
     batch_s: float
     batch_items: int
+
+
+def too_late(where: str) -> Callable[[float, float], Overloaded]:
+    """A ``shed`` for :meth:`Coalescer.submit`: RESOURCE_EXHAUSTED (retry later or elsewhere),
+    naming ``where`` the request waited and the times that did not fit."""
+    def shed(left_s: float, batch_s: float) -> Overloaded:
+        return Overloaded(f"overloaded: {where} takes ~{batch_s * 1000:.0f} ms a batch and "
+                          f"{left_s * 1000:.0f} ms were left before the deadline")
+    return shed
 
 
 class _Key:
@@ -119,8 +147,10 @@ class Coalescer(Generic[T, R]):
         self.fixed_wait = fixed_wait  # every batch waits max_wait_s, idle or not (@serve.batch's way)
         self._keys: dict[Hashable, _Key] = {}
         self._latency_s = 0.0  # recent batch latency (EWMA), for "cannot wait"
+        self._batch_times: deque[float] = deque(maxlen=_LATENCY_WINDOW)  # newest last, for shedding
         self.batches = 0  # calls of run (isolated reruns included)
         self.items = 0  # requests those calls carried
+        self.shed = 0  # requests failed at once: their deadline was nearer than a batch's time
 
     def configure(self, *, max_examples: int, max_wait_s: float | None, fixed_wait: bool = False) -> None:
         """Change the cap and the bound at run time (Serve's reconfigure)."""
@@ -139,15 +169,17 @@ class Coalescer(Generic[T, R]):
         deadline: float | None = None,
         expired: Callable[[], BaseException] = TimeoutError,
         waited: list | None = None,
+        shed: Callable[[float, float], BaseException] | None = None,
     ) -> R:
         """``item``'s result from a batch of ``key``; raises ``expired()`` once ``deadline``
-        (time.monotonic()) passes, or the item's own error. ``waited``, when given, gets a
-        :class:`Waited` appended."""
+        (time.monotonic()) passes, ``shed(left_s, batch_s)`` (default ``expired()``) when its
+        batch goes with less time left than a batch takes, or the item's own error.
+        ``waited``, when given, gets a :class:`Waited` appended."""
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             raise expired()
         entry = _Entry(item=item, size=int(size), deadline=deadline, queued_at=now,
-                       future=asyncio.get_running_loop().create_future())
+                       future=asyncio.get_running_loop().create_future(), shed=shed or (lambda _l, _b: expired()))
         k = self._keys.setdefault(key, _Key())
         k.pending.append(entry)
         k.pending_examples += entry.size
@@ -185,8 +217,33 @@ class Coalescer(Generic[T, R]):
         hold = self._latency_s if self.max_wait_s is None else min(self._latency_s, self.max_wait_s)
         return entry.deadline - now > hold + self._latency_s
 
+    def batch_time(self) -> float | None:
+        """What a batch takes here: the median of the newest batches' times (seconds); None
+        until ``_LATENCY_MIN`` are known."""
+        if len(self._batch_times) < _LATENCY_MIN:
+            return None
+        return statistics.median_low(self._batch_times)
+
+    def _without_late(self, batch: list[_Entry]) -> list[_Entry]:
+        """``batch`` less the requests that cannot be answered in time by it (failed here at once);
+        if that is all of them, the one with the most time left still goes, alone."""
+        took = self.batch_time()
+        if took is None:
+            return batch
+        now = time.monotonic()
+        late = [e for e in batch if e.deadline is not None and e.deadline - now < took]
+        if not late:
+            return batch
+        if len(late) == len(batch):
+            late.remove(max(late, key=lambda e: e.deadline))
+        for e in late:
+            self.shed += 1
+            e.future.set_exception(e.shed(max(e.deadline - now, 0.0), took))
+        return [e for e in batch if not e.left]
+
     def _flush(self, key: Hashable, k: _Key) -> None:
-        """Send everything pending of ``key``, in batches of at most ``max_examples``."""
+        """Send everything pending of ``key``, in batches of at most ``max_examples``, without the
+        requests too late for a batch."""
         if k.timer is not None:
             k.timer.cancel()
             k.timer = None
@@ -204,6 +261,7 @@ class Coalescer(Generic[T, R]):
                 k.pending_examples -= e.size
                 batch.append(e)
                 examples += e.size
+            batch = self._without_late(batch) if batch and not self.fixed_wait else batch
             if batch:
                 k.in_flight += 1
                 asyncio.ensure_future(self._send(key, k, batch))
@@ -227,6 +285,7 @@ class Coalescer(Generic[T, R]):
         finally:
             took = time.monotonic() - started
             self._latency_s = took if self._latency_s == 0 else 0.8 * self._latency_s + 0.2 * took
+            self._batch_times.append(took)
             for e in batch:
                 e.batch_s, e.batch_items = took, len(batch)
             k.in_flight -= 1

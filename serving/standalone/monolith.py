@@ -33,7 +33,7 @@ from serving.api.codec import check_model, decode_request, encode_response, mode
 from serving.api.errors import DeadlineExceeded
 from serving.api.wire import HEALTH_SERVICES, add_ranker_servicer, caller_timeout_s
 from serving.config import DEFAULT_MAX_BATCH_SIZE, AppArgs
-from serving.engine.coalesce import Coalescer, concat_batches, split_rows
+from serving.engine.coalesce import Coalescer, concat_batches, split_rows, too_late
 from serving.engine.local_ranker import LocalRanker
 from serving.engine.stages import Stopwatch, prometheus_observer
 from serving.example_log import OFF, ExampleLog, ExampleLogConfig, NoLog, example_log_for
@@ -43,6 +43,7 @@ from serving.ops.server_thread import ServerThread, serve_until_signalled
 
 DEFAULT_COALESCE_EXAMPLES: int = AppArgs.model_fields["coalesce_max_examples"].default
 DEFAULT_TORCH_THREADS: int | None = AppArgs.model_fields["torch_threads"].default
+_SHED = too_late("scoring")
 
 
 class MonolithServicer(ranker_pb2_grpc.RankerServicer):
@@ -103,7 +104,7 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
             waited: list = []
             expired = functools.partial(DeadlineExceeded, f"deadline of {(left or 0) * 1000:.0f} ms exceeded while scoring")
             scores = await self.coalescer.submit(filtered, size=filtered.batch_size, deadline=deadline,
-                                                 expired=expired, waited=waited)
+                                                 expired=expired, waited=waited, shed=_SHED)
             clock.add("coalesce_wait", waited[0].queued_s)
             clock.add("batch", waited[0].batch_s)
             observe_scores(self.ranker.feature_filter, filtered, scores, time.monotonic() - started)

@@ -235,3 +235,77 @@ def test_concatenated_batches_slice_back_into_the_requests():
                 np.testing.assert_array_equal(bags.weights, want.weights if want.weights is not None
                                               else np.ones(want.values.size, np.float32))
     assert merged.batch_size == 9 and set(merged.sparse) == {"a", "b", "c"}
+
+
+
+class Timed:
+    """A run function that takes ``seconds`` a batch, whatever its size, and records its batches."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.batches: list[list] = []
+
+    async def __call__(self, items):
+        self.batches.append(list(items))
+        await asyncio.sleep(self.seconds)
+        return [x * 10 for x in items]
+
+
+async def _slow_batch_ahead(c: Coalescer, timed: Timed, learned: int, ahead_s: float):
+    """``learned`` batches of ``timed.seconds`` one after the other (what a batch takes here),
+    then one of ``ahead_s`` in flight, which the next requests wait for."""
+    for i in range(learned):
+        await c.submit(100 + i, size=1)
+    fast, timed.seconds = timed.seconds, ahead_s
+    first = asyncio.ensure_future(c.submit(1, size=1))
+    await asyncio.sleep(0.01)
+    timed.seconds = fast
+    return first
+
+
+def test_a_request_with_less_time_left_than_a_batch_takes_is_refused_when_its_batch_goes_and_its_mates_run():
+    async def main():
+        timed = Timed(0.1)
+        c = Coalescer(timed, max_examples=100)
+        first = await _slow_batch_ahead(c, timed, 4, 0.3)  # a batch takes ~0.1 s; this one 0.3 s
+        assert 0.09 <= c.batch_time() < 0.5
+        late = asyncio.ensure_future(c.submit(2, size=1, deadline=time.monotonic() + 0.34,  # may wait: > 2 batches
+                                              shed=lambda left, took: RuntimeError(f"shed {left:.2f} {took:.2f}")))
+        patient = asyncio.ensure_future(c.submit(3, size=1, deadline=time.monotonic() + 30))
+        assert await first == 10
+        # when [1] returned, [2] had ~0.04 s left, less than a batch: refused at once, not run
+        with pytest.raises(RuntimeError, match=r"shed 0\.0\d 0\.1"):
+            await late
+        assert await patient == 30
+        assert timed.batches[-2:] == [[1], [3]]
+        assert c.shed == 1
+
+    run(main())
+
+
+def test_the_last_late_request_still_goes_alone_and_nothing_is_shed_before_batch_times_are_known():
+    async def main():
+        timed = Timed(0.1)
+        c = Coalescer(timed, max_examples=100)
+        first = await _slow_batch_ahead(c, timed, 2, 0.2)  # 3 batch times when it returns: not enough
+        soon = [asyncio.ensure_future(c.submit(x, size=1, deadline=time.monotonic() + 0.25,
+                                               shed=lambda left, took: RuntimeError("shed")))
+                for x in (2, 3)]
+        assert await first == 10
+        for late in soon:  # too late for a batch, but no estimate yet: sent, and then expired
+            with pytest.raises(TimeoutError):
+                await late
+        assert timed.batches[-1] == [2, 3] and c.shed == 0
+        await asyncio.sleep(0.1)  # their batch returns: a fourth batch time
+        assert c.batch_time() is not None
+        first = await _slow_batch_ahead(c, timed, 0, 0.3)
+        a = asyncio.ensure_future(c.submit(4, size=1, deadline=time.monotonic() + 0.32))
+        b = asyncio.ensure_future(c.submit(5, size=1, deadline=time.monotonic() + 0.35))
+        await first
+        # both have less than a batch left: the one with the most time goes alone, the other is refused
+        with pytest.raises(TimeoutError):
+            await a
+        await asyncio.wait([b])  # answered or expired: it ran
+        assert timed.batches[-1] == [5] and c.shed == 1
+
+    run(main())
