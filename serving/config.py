@@ -123,12 +123,15 @@ class AppArgs(BaseModel):
                             "memory and the frame), 'auto' (ipc on CUDA with transport direct and fanout tower)")
     pooled_ring_slots: int = Field(16, gt=0, description="with pooled_transport ipc: batches a tower replica's ring "
                                                          "holds at once (one slot each); more go by the host path")
-    max_in_flight: int = Field(32, gt=0, description="requests a router replica (or the monolith) works on at once; "
-                               "a request that cannot be answered within its deadline is answered "
-                               "RESOURCE_EXHAUSTED at once (serving/engine/admission.py)")
-    max_queued: int = Field(32, gt=0, description="requests that wait at a router replica's door for one of its "
-                            "max_in_flight slots; beyond them Serve answers RESOURCE_EXHAUSTED before any decoding, "
-                            "so an overload costs little (docs/reliability.md: past the maximum)")
+    max_in_flight: int = Field(32, gt=0, description="requests the stack's routers (or the monolith) work on at once, "
+                               "together: each router replica's door takes its share (router_door: divided by the "
+                               "replicas, the most when the router autoscales, rounded up), since they all wait on "
+                               "the same shards and tower; a request that cannot be answered within its deadline "
+                               "is answered RESOURCE_EXHAUSTED at once (serving/engine/admission.py)")
+    max_queued: int = Field(32, gt=0, description="requests that wait at the routers' doors for one of the "
+                            "max_in_flight slots, shared among the replicas the same way; beyond them the "
+                            "request is answered RESOURCE_EXHAUSTED before any decoding, so an overload costs "
+                            "little (docs/reliability.md: past the maximum)")
     adaptive_door: bool = Field(True, description="with grpc_listen: a router replica's door works on as many "
                                 "requests at once as its throughput needs (the knee of its throughput, up to "
                                 "max_in_flight; serving/engine/concurrency.py), a quarter as many wait, and the "
@@ -143,7 +146,7 @@ class AppArgs(BaseModel):
     router_replicas: int = Field(1, ge=1, description="replicas of the Router (the gRPC ingress); the proxy "
                                                       "or the shared port spreads requests over them")
     router_max_replicas: int = Field(0, ge=0, description="above router_replicas: the Router autoscales between "
-                                     "the two by requests in flight, max_in_flight / 2 per replica (Serve's "
+                                     "the two by requests in flight, half a replica's door (router_door) each (Serve's "
                                      "autoscaler; with grpc_listen the replicas report their own, "
                                      "serving/app/autoscaling.py's InFlightPolicy); 0 = fixed at router_replicas")
     grpc_listen: str = Field("", description="HOST:PORT every Router replica serves gRPC on itself, the port "
@@ -226,12 +229,22 @@ class AppArgs(BaseModel):
             return self.grpc_listen
         return own_addresses(int(self.grpc_listen.rsplit(":", 1)[1]), self.grpc_own_addresses)
 
+    def router_door(self) -> tuple[int, int]:
+        """(working, waiting) at one router replica's door: max_in_flight and max_queued shared among
+        the router replicas (the most there may be when it autoscales), rounded up. Every router
+        waits on the same shards and tower: a door of max_in_flight each admitted four times what
+        one router does, and four routers on 2 cores collapsed at their capacity (120 req/s: 16-70
+        OK/s in 3 of 3 runs; 106-115 with the door shared, 3 of 3;
+        benchmarks/results/door-4routers-2core)."""
+        routers = max(self.router_replicas, self.router_max_replicas)
+        return -(-self.max_in_flight // routers), -(-self.max_queued // routers)
+
     def router_autoscaling(self) -> dict | None:
         """Serve's autoscaling_config of the Router, or None (router_replicas, fixed)."""
         if self.router_max_replicas <= self.router_replicas:
             return None
         return {"min_replicas": self.router_replicas, "max_replicas": self.router_max_replicas,
-                "target_ongoing_requests": max(1, self.max_in_flight // 2),
+                "target_ongoing_requests": max(1, self.router_door()[0] // 2),
                 "upscale_delay_s": 5, "downscale_delay_s": 60,
                 "policy": {"policy_function": "serving.app.autoscaling:InFlightPolicy"}}
 

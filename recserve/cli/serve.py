@@ -487,15 +487,16 @@ def _serve_on_ray(app_args, manifest, ports, *, ingress: str = "proxy", address:
 def _start_front(app_args, port: int, hold) -> object:
     """HAProxy on ``port`` (``hold`` released just before it binds) in front of the Routers, each on
     a loopback address of its own: it sends each call to the router with the fewest in flight and
-    refuses past every running router's door (max_in_flight working and may_wait waiting each; an
+    refuses past every running router's door (its share of max_in_flight working and may_wait waiting; an
     adaptive door tells the front its depth as it changes)."""
     from serving.engine.concurrency import may_wait
     from serving.standalone.haproxy_front import Front
 
     hold.close()
-    # an adaptive door starts at max_in_flight working and may_wait of them waiting, then tells its changes
-    depth = app_args.max_in_flight + may_wait(app_args.max_in_flight, app_args.max_queued,
-                                              adaptive=bool(app_args.front_socket))
+    # an adaptive door starts at its share of max_in_flight working and may_wait of them waiting, then
+    # tells its changes
+    working, waiting = app_args.router_door()
+    depth = working + may_wait(working, waiting, adaptive=bool(app_args.front_socket))
     door = Front("127.0.0.1", port, app_args.router_listen(), checked=True, max_in_flight=depth,
                  stats_socket=app_args.front_socket or None)
     door.start()

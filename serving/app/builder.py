@@ -80,7 +80,7 @@ def _nodes(args: AppArgs, manifest: Manifest) -> NodePlacement:
 
 def _router(args: AppArgs, shards: list, tower) -> Application:
     nodes = NodePlacement(router_host=args.router_host)
-    # the door: past max_in_flight working + max_queued waiting, Serve refuses a request before
+    # the door: past its share of max_in_flight working + max_queued waiting, Serve refuses a request before
     # the router's Python runs (measured: without it, past the maximum the queue in front of the
     # router's loop grew until most requests waited out their deadlines; docs/reliability.md);
     # with grpc_listen Serve sees no request and the Router's own server keeps the same door
@@ -89,8 +89,9 @@ def _router(args: AppArgs, shards: list, tower) -> Application:
     autoscaling = args.router_autoscaling()
     replicas = {"num_replicas": args.router_replicas} if autoscaling is None else {
         "num_replicas": "auto", "autoscaling_config": autoscaling}
+    working, waiting = args.router_door()  # the stack's door, shared among the routers
     return Router.options(**replicas, ray_actor_options=_actor() | nodes.router_options(),
-                          max_ongoing_requests=args.max_in_flight, max_queued_requests=args.max_queued).bind(
+                          max_ongoing_requests=working, max_queued_requests=waiting).bind(
         args.package, shards, tower, args)
 
 

@@ -565,7 +565,7 @@ def _depth_teller(gauge: Gauge, front_socket: str):
     return tell
 
 
-# max_ongoing_requests/max_queued_requests: from AppArgs (max_in_flight, max_queued; builder._router);
+# max_ongoing_requests/max_queued_requests: from AppArgs (router_door: the stack's max_in_flight and max_queued shared; builder._router);
 # beyond both, Serve answers RESOURCE_EXHAUSTED at the door (direct ingress) or in the proxy (BackPressureError)
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Router:
@@ -592,7 +592,8 @@ class Router:
         self._retiring: set[asyncio.Task] = set()  # closing retired versions' logs
         self.versions = RouterVersions(self._version_parts, table)
         # the latency bound from 4 requests in flight on: shards and tower overlap that many
-        self.admission = Admission(AdmissionConfig(max_in_flight=args.max_in_flight, min_in_flight=4,
+        working, waiting = args.router_door()  # this replica's share of the stack's door
+        self.admission = Admission(AdmissionConfig(max_in_flight=working, min_in_flight=4,
                                                    max_latency_factor=args.max_latency_factor))
         self._status_cache: dict[str, tuple[float, dict[str, int]]] = {}
         self._status_lookup: dict[str, asyncio.Future] = {}  # per app: the look under way, if any
@@ -622,8 +623,8 @@ class Router:
                                  description="requests this router's door takes now, working and waiting (with "
                                              "adaptive_door: the knee of its throughput)")
         self._ingress = start_ingress(args.router_listen(), predict=self.Predict, model_info=self.ModelInfo,
-                                      check=self.Check, max_in_flight=args.max_in_flight,
-                                      max_queued=args.max_queued, observe=self._observe,
+                                      check=self.Check, max_in_flight=working,
+                                      max_queued=waiting, observe=self._observe,
                                       adaptive=args.adaptive_door,
                                       on_depth=_depth_teller(self._door_depth, args.front_socket)) \
             if args.grpc_listen else None

@@ -11,8 +11,9 @@ from serving.api.wire import GRPC_SERVICERS
 from serving.config import AppArgs, BatchingConfig
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-# args a cluster sets differently: the package on its volume, the device of its nodes
-CLUSTER_ARGS = {"package", "device"}
+# args a cluster sets differently: the package on its volume, the device of its nodes, the routers'
+# scale and the door they share
+CLUSTER_ARGS = {"package", "device", "router_replicas", "router_max_replicas", "max_in_flight", "max_queued"}
 LOCAL_ARGS = {"grpc_listen"}  # the local file's routers serve gRPC themselves; the cluster's proxy does
 
 
@@ -39,7 +40,7 @@ def test_both_serve_the_same_application_over_the_same_grpc_services():
 def test_the_args_are_the_same_keys_and_values_except_package_and_device():
     local, cluster, _ = _configs()
     args, cluster_args = local["applications"][0]["args"], cluster["applications"][0]["args"]
-    assert set(cluster_args) == set(args) - LOCAL_ARGS
+    assert set(cluster_args) - CLUSTER_ARGS == set(args) - LOCAL_ARGS - CLUSTER_ARGS
     assert {k: v for k, v in cluster_args.items() if k not in CLUSTER_ARGS} == \
         {k: v for k, v in args.items() if k not in CLUSTER_ARGS | LOCAL_ARGS}
     AppArgs(**cluster_args)  # valid: unknown keys or bad values would raise
@@ -57,7 +58,7 @@ def test_every_deployment_has_the_same_settings_only_its_scale_differs():
         # the local Router counts its requests itself (InFlightPolicy): the cluster's pass Serve's proxy
         assert set(c["autoscaling_config"]) == set(d["autoscaling_config"]) - ({"policy"} if name == "Router" else set()), name
         for key in ("max_ongoing_requests", "max_queued_requests", "health_check_period_s"):
-            assert c.get(key) == d.get(key), (name, key)
+            assert c.get(key) == d.get(key) or name == "Router", (name, key)  # the routers: their share, below
         if "user_config" in d:
             BatchingConfig(**c["user_config"])
 
@@ -146,3 +147,18 @@ def test_each_host_group_is_one_labelled_node_and_the_placement_code_fills_the_s
     shard_hosts = {h for sh in placed.assignment.shards for h in sh}
     assert shard_hosts <= set(hosts) - {args["router_host"]} and shard_hosts, placed.assignment
     assert placed.router_options() == {"label_selector": {HOST_LABEL: f"in({args['router_host']})"}}
+
+
+def test_each_files_routers_take_their_share_of_its_door_and_scale_as_its_args_say():
+    """Serve's door of each Router replica (max_ongoing/max_queued_requests) is the args' router_door(),
+    the stack's max_in_flight and max_queued shared by the most routers the autoscaling runs, and
+    each scales on half of it; a file that said otherwise would admit more than its args intend."""
+    local, cluster, _ = _configs()
+    for config in (local, cluster):
+        [app] = config["applications"]
+        args = AppArgs(**app["args"])
+        router = next(d for d in app["deployments"] if d["name"] == "Router")
+        assert (router["max_ongoing_requests"], router["max_queued_requests"]) == args.router_door()
+        scaling = router["autoscaling_config"]
+        assert (scaling["min_replicas"], scaling["max_replicas"]) == (args.router_replicas, args.router_max_replicas)
+        assert scaling["target_ongoing_requests"] == args.router_door()[0] // 2

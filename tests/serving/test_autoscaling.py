@@ -61,7 +61,8 @@ def test_router_max_replicas_becomes_serves_autoscaling_config_or_is_refused_by_
     assert AppArgs(package="p").router_autoscaling() is None  # fixed at router_replicas
     config = AutoscalingConfig(**AppArgs(package="p", router_replicas=2, router_max_replicas=6,
                                          max_in_flight=32).router_autoscaling())
-    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (2, 6, 16)
+    # half of one router's share of the stack's door (32 over up to 6 routers: 6 each)
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (2, 6, 3)
     assert config.policy.policy_function == "serving.app.autoscaling:InFlightPolicy"
     with pytest.raises(ValidationError, match="router_max_replicas"):
         AppArgs(package="p", router_replicas=3, router_max_replicas=2)

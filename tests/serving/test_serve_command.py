@@ -327,19 +327,25 @@ def test_one_callers_calls_reach_both_routers_through_the_front(stack, two_versi
 
 
 def test_the_routers_doors_adapt_by_default_and_report_their_depth(stack):
-    """The default stack's doors adapt (serving/engine/concurrency.py): the front starts each line's
-    share at max_in_flight (32) + a quarter of it waiting and says so; each Router reports its
-    door's depth as the gauge recserve_router_door_depth."""
+    """The default stack's doors adapt (serving/engine/concurrency.py) and share the stack's
+    max_in_flight (32) among the routers (up to 3 here: 11 each), so the front starts each line
+    at 11 + a quarter of it waiting and says so; each Router reports its door's depth as the
+    gauge recserve_router_door_depth, never past its share."""
     import urllib.request
 
-    assert "each adapting its depth to its throughput's knee, from 40 requests" in stack.log.read_text()
+    from serving.engine.concurrency import may_wait
+
+    working, waiting = AppArgs(package="p", router_replicas=2, router_max_replicas=3).router_door()
+    share = working + may_wait(working, waiting)
+    assert (working, share) == (11, 13)
+    assert f"each adapting its depth to its throughput's knee, from {share} requests" in stack.log.read_text()
     metrics = re.search(r"metrics \(Prometheus[^)]*\) on (http://\S+/metrics)", stack.log.read_text()).group(1)
     deadline, depths = time.monotonic() + 120, []
     while not depths and time.monotonic() < deadline:  # a sample, not only its HELP line
         time.sleep(2)
         page = urllib.request.urlopen(metrics, timeout=10).read().decode()
         depths = [float(v) for v in re.findall(r"^\w*recserve_router_door_depth(?:\{[^}]*\})? (\S+)$", page, re.M)]
-    assert depths and all(1 <= d <= 40 for d in depths), depths
+    assert depths and all(1 <= d <= share for d in depths), depths
 
 
 def test_router_max_replicas_autoscales_the_router_on_its_requests_in_flight(stack):
@@ -349,7 +355,7 @@ def test_router_max_replicas_autoscales_the_router_on_its_requests_in_flight(sta
     scaling = router["deployment_config"]["autoscaling_config"]
     assert (scaling["min_replicas"], scaling["max_replicas"]) == (2, 3), scaling
     assert scaling["policy"]["policy_function"] == "serving.app.autoscaling:InFlightPolicy", scaling
-    assert scaling["target_ongoing_requests"] == AppArgs.model_fields["max_in_flight"].default // 2, scaling
+    assert scaling["target_ongoing_requests"] == 11 // 2, scaling  # half a router's share of the door
 
 
 def test_a_stop_while_the_replicas_start_shuts_down_cleanly(tiny_packages, tmp_path):

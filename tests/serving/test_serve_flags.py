@@ -77,3 +77,14 @@ def test_router_autoscaling_that_cannot_work_is_refused_by_name_before_anything_
 ])
 def test_a_tower_replica_takes_the_nodes_cores_over_the_tower_replicas(flags, cores, threads):
     assert app_args_from(parse(*flags), package="p").tower_threads(cores) == threads
+
+
+@pytest.mark.parametrize("fields, door", [
+    ({}, (32, 32)),  # one router: the whole door
+    ({"router_replicas": 4}, (8, 8)),  # four routers wait on one tower: a quarter each
+    ({"router_replicas": 3, "max_queued": 8}, (11, 3)),  # rounded up
+    ({"router_replicas": 2, "router_max_replicas": 6}, (6, 6)),  # autoscaling: shared by the most there may be
+    ({"router_replicas": 64}, (1, 1)),  # never a door that takes nothing
+])
+def test_the_routers_share_the_stacks_door(fields, door):
+    assert AppArgs(package="p", **fields).router_door() == door
