@@ -164,9 +164,9 @@ async def measure(address: str, payloads, args) -> dict:
     }
 
 
-def Monolith(package: Path, *, log_dir: Path, max_in_flight: int, front: str = "auto"):
-    """loadtest's MonolithServer with the admission bound and the front given (the load test runs
-    256 and no front)."""
+def Monolith(package: Path, *, log_dir: Path, max_in_flight: int, front: str = "auto", extra: tuple[str, ...] = ()):
+    """loadtest's MonolithServer with the admission bound, the front and the ``extra`` serve flags
+    given (the load test runs 256 and no front)."""
     import os
 
     from loadtest.cpu import CpuMeter, process_tree
@@ -176,7 +176,7 @@ def Monolith(package: Path, *, log_dir: Path, max_in_flight: int, front: str = "
         def __enter__(self):
             argv = [sys.executable, "-m", "recserve.cli", "serve", "--monolith", str(self.package), "--port",
                     str(self.port), "--max-in-flight", str(max_in_flight), "--feature-filter", "none",
-                    "--front", front]
+                    "--front", front, *extra]
             self._spawn(argv, dict(os.environ))
             self.cpu = CpuMeter(lambda: process_tree(self.proc.pid) if self.proc else [])
             self.info = self._wait_ready(self.ready_timeout_s)
@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.address:
         result = asyncio.run(measure(args.address, trace.payloads, args))
     else:
-        server = (Monolith(package, log_dir=args.out, max_in_flight=args.max_in_flight, front=args.front) if args.target == "monolith"
+        server = (Monolith(package, log_dir=args.out, max_in_flight=args.max_in_flight, front=args.front,
+                            extra=tuple(args.serve_arg)) if args.target == "monolith"
                   else ServeStack(package, name="overload", log_dir=args.out,
                                   extra_args=("--front", args.front, *args.serve_arg)))
         with server:

@@ -132,11 +132,11 @@ class AppArgs(BaseModel):
                             "max_in_flight slots, shared among the replicas the same way; beyond them the "
                             "request is answered RESOURCE_EXHAUSTED before any decoding, so an overload costs "
                             "little (docs/reliability.md: past the maximum)")
-    adaptive_door: bool = Field(True, description="with grpc_listen: a router replica's door works on as many "
+    adaptive_door: bool = Field(True, description="with grpc_listen (and the monolith): a server's door works on as many "
                                 "requests at once as its throughput needs (the knee of its throughput, up to "
                                 "max_in_flight; serving/engine/concurrency.py), a quarter as many wait, and the "
                                 "rest are refused at once (behind the front, by HAProxy); --no-adaptive-door: max_in_flight "
-                                "working and max_queued waiting, fixed")
+                                "working and max_queued waiting, fixed (the monolith: max_in_flight, none waiting)")
     max_latency_factor: float | None = Field(
         None, ge=1.0, description="a router replica also sheds a request whose estimated latency exceeds this "
                                  "multiple of its latency on an idle stack (None: the deadline only)")

@@ -67,6 +67,10 @@ class Overloaded(ServingError):
     code = Code.RESOURCE_EXHAUSTED
 
 
+class DoorRefused(Overloaded):
+    """Refused by a server's door (serving/engine/door.py) before its handler ran."""
+
+
 class DeadlineExceeded(ServingError):
     code = Code.DEADLINE_EXCEEDED
 

@@ -103,3 +103,20 @@ def add_ranker_servicer(servicer, server: grpc.aio.Server, observe: Callable[[st
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def behind_door(door, handler):
+    """``handler(request, context)`` behind a server's ``door`` (serving/engine/door.py's Door: its
+    ``through(left_s, call)``): a call the door refuses is answered RESOURCE_EXHAUSTED with the
+    door's reason before the handler runs; the caller's deadline (gRPC's) decides whether it may wait."""
+    import grpc
+
+    from serving.api.errors import DoorRefused
+
+    async def guarded(request, context):
+        try:
+            return await door.through(context.time_remaining(), lambda: handler(request, context))
+        except DoorRefused as refused:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(refused))
+
+    return guarded

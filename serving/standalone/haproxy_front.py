@@ -100,7 +100,7 @@ def front_config(listen: str, servers: Sequence[str], *, max_in_flight: int, che
         cap = "    http-request set-var(txn.cap) int(0) if predict\n" + "".join(
             f"    http-request set-var(txn.cap) var(txn.cap),add(proc.cap_s{i}) if predict {{ srv_is_up(predict/s{i}) }}\n"
             for i in range(len(servers)))
-        refusal = "overloaded: every router behind the front is at its door's depth now"
+        refusal = "overloaded: every server behind the front is at its door's depth now"
     return f"""\
 global
 {stats}    nbthread 1

@@ -19,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import os
+import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -31,9 +34,11 @@ from recserve.v1 import ranker_pb2_grpc
 from serving.engine.admission import Admission, AdmissionConfig
 from serving.api.codec import check_model, decode_request, encode_response, model_info
 from serving.api.errors import DeadlineExceeded
-from serving.api.wire import HEALTH_SERVICES, add_ranker_servicer, caller_timeout_s
+from serving.api.wire import HEALTH_SERVICES, add_ranker_servicer, behind_door, caller_timeout_s
 from serving.config import DEFAULT_MAX_BATCH_SIZE, AppArgs
 from serving.engine.coalesce import Coalescer, concat_batches, split_rows, too_late
+from serving.engine.concurrency import may_wait
+from serving.engine.door import Door
 from serving.engine.local_ranker import LocalRanker
 from serving.engine.stages import Stopwatch, prometheus_observer
 from serving.example_log import OFF, ExampleLog, ExampleLogConfig, NoLog, example_log_for
@@ -59,8 +64,12 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
     to the ``recserve_stage_ms`` histogram (serving/engine/stages.py)."""
 
     def __init__(self, ranker: LocalRanker, *, admission: AdmissionConfig | None = None, workers: int = 1,
-                 example_log: ExampleLog | NoLog = OFF, coalesce_max_examples: int = DEFAULT_COALESCE_EXAMPLES):
+                 example_log: ExampleLog | NoLog = OFF, coalesce_max_examples: int = DEFAULT_COALESCE_EXAMPLES,
+                 door: Door | None = None):
         self.ranker = ranker
+        # ``door``: Predict behind it (serving/engine/door.py: the adaptive door); None: gRPC's own
+        # maximum_concurrent_rpcs is the door
+        self._behind_door = None if door is None else behind_door(door, self._predict)
         self.example_log = example_log
         self.admission = Admission(admission or AdmissionConfig())
         self.workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recserve-score")
@@ -81,6 +90,11 @@ class MonolithServicer(ranker_pb2_grpc.RankerServicer):
         return await asyncio.get_running_loop().run_in_executor(self.workers, score)
 
     async def Predict(self, request, context):
+        if self._behind_door is not None:
+            return await self._behind_door(request, context)
+        return await self._predict(request, context)
+
+    async def _predict(self, request, context):
         started = time.monotonic()
         clock = Stopwatch(self.observe)
         token = REQUEST_ID.set(request.request_id)  # copied into the filter's thread by contextvars
@@ -153,6 +167,9 @@ async def create_server(
     host: str = "127.0.0.1",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_in_flight: int = 16,
+    max_queued: int = 0,
+    adaptive_door: bool = False,
+    on_depth: Callable[[int], None] | None = None,
     max_latency_factor: float | None = AdmissionConfig.max_latency_factor,
     workers: int = 1,
     device: str = "cpu",
@@ -165,7 +182,10 @@ async def create_server(
     """Load the package, bind ``host:port`` (0 = any free port), start; returns (server, port).
 
     ``max_in_flight`` bounds the admitted requests, ``max_latency_factor`` the estimated
-    latency of an admitted request against the idle one (serving/engine/admission.py); ``workers``
+    latency of an admitted request against the idle one (serving/engine/admission.py);
+    ``adaptive_door``: the requests worked on at once follow the knee of the throughput, up to
+    ``max_in_flight``, and a quarter as many (at most ``max_queued``) wait (serving/engine/door.py,
+    as the Routers' doors); ``on_depth(calls)`` hears each change of the depth; ``workers``
     threads score; concurrent requests are scored together up to ``coalesce_max_examples``
     (1 = each alone). ``example_log``: log settings (or a ready log) for the served-example log; None = off.
     ``torch_threads``: torch's intra-op threads in this process (None: leave them as they are).
@@ -181,15 +201,19 @@ async def create_server(
     if isinstance(example_log, ExampleLogConfig):
         example_log = example_log_for(example_log, ranker.package.manifest)
     admission = AdmissionConfig(max_in_flight=max_in_flight, max_latency_factor=max_latency_factor)
+    door = None
+    if adaptive_door:
+        door = Door(max_in_flight, max(1, max_queued), adaptive=True, on_depth=_door_gauge(on_depth))
+        door.on_depth(door.depth())
     servicer = MonolithServicer(ranker, admission=admission, workers=workers, example_log=example_log or OFF,
-                                coalesce_max_examples=coalesce_max_examples)
+                                coalesce_max_examples=coalesce_max_examples, door=door)
     # so_reuseport off: a second server on a taken port fails to bind instead of sharing it.
     # Beyond max_in_flight calls, gRPC answers RESOURCE_EXHAUSTED before the request is parsed or
     # a handler runs; grpc.aio still takes each arrival through the event loop, so at ~1,000
     # arrivals/s on one core the refusals themselves can queue (benchmarks/results/overload-pinned):
     # serve_forever's front (serving/standalone/haproxy_front.py) refuses them in native code instead.
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.so_reuseport", 0)],
-                             maximum_concurrent_rpcs=max_in_flight + control_slack)
+                             maximum_concurrent_rpcs=max_in_flight + control_slack + (max(1, max_queued) if door else 0))
     add_ranker_servicer(servicer, server, servicer.observe)  # its protobuf parse timed as stage "parse"
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -209,6 +233,27 @@ async def create_server(
 _FRONT_CONTROL_SLACK = 8
 
 
+_DOOR_GAUGE = None  # prometheus_client's gauge of this process (one per process)
+
+
+def _door_gauge(also: Callable[[int], None] | None) -> Callable[[int], None]:
+    """``on_depth`` of the monolith's adaptive door: the gauge recserve_door_depth, then ``also``."""
+    global _DOOR_GAUGE
+    if _DOOR_GAUGE is None:
+        from prometheus_client import Gauge
+
+        _DOOR_GAUGE = Gauge("recserve_door_depth", "requests the server's door takes now, working and waiting "
+                                                   "(adaptive: the knee of its throughput)")
+    gauge = _DOOR_GAUGE
+
+    def told(calls: int) -> None:
+        gauge.set(calls)
+        if also is not None:
+            also(calls)
+
+    return told
+
+
 class MonolithThread(ServerThread):
     """A monolith server on its own event loop in a background thread (for sync callers)."""
 
@@ -224,6 +269,7 @@ async def serve_forever(package: ModelPackage | str, port: int = 9000, *, metric
     refuses beyond ``max_in_flight`` calls in native code (serving/standalone/haproxy_front.py);
     this server then listens on a loopback port of its own."""
     host = kwargs.pop("host", "127.0.0.1")
+    control_dir = None  # the front's control socket's directory (adaptive door behind the front)
     if front == "none":
         server, bound = await create_server(package, port, host=host, **kwargs)
         stop_front = None
@@ -232,17 +278,39 @@ async def serve_forever(package: ModelPackage | str, port: int = 9000, *, metric
         from serving.standalone.haproxy_front import Front
 
         max_in_flight = kwargs.get("max_in_flight", 16)
+        control = None  # adaptive: the door tells the front its depth on this socket
+        if kwargs.get("adaptive_door"):
+            from serving.ops.front_control import tell_depth
+
+            control_dir = tempfile.TemporaryDirectory(prefix="recserve-front-")
+            control = os.path.join(control_dir.name, "control.sock")
+
+            def tell(calls: int) -> None:
+                try:
+                    tell_depth(control, 0, calls)
+                except OSError:  # the front not up yet (it starts at the first depth) or stopping
+                    pass
+
+            kwargs["on_depth"] = tell
+            max_in_flight += may_wait(max_in_flight, max(1, kwargs.get("max_queued", 0)))  # the door's first depth
         server, inner = await create_server(package, 0, host="127.0.0.1", control_slack=_FRONT_CONTROL_SLACK,
                                             **kwargs)
-        door = Front(host, port or free_port(host), f"127.0.0.1:{inner}", max_in_flight=max_in_flight)
+        door = Front(host, port or free_port(host), f"127.0.0.1:{inner}", max_in_flight=max_in_flight,
+                     checked=control is not None, stats_socket=control)
         try:
             await asyncio.to_thread(door.start)
         except BaseException:
             await server.stop(grace=None)
+            if control_dir is not None:
+                control_dir.cleanup()
             raise
         bound, stop_front = door.port, door.stop
-        print(f"recserve: the front (HAProxy) on {host}:{bound} refuses beyond {max_in_flight} requests in flight",
-              flush=True)
+        if control is None:
+            print(f"recserve: the front (HAProxy) on {host}:{bound} refuses beyond {max_in_flight} requests in flight",
+                  flush=True)
+        else:
+            print(f"recserve: the front (HAProxy) on {host}:{bound} refuses beyond the server's door, which adapts "
+                  f"its depth to its throughput's knee, from {max_in_flight} requests", flush=True)
     else:
         raise ValueError(f"front must be 'none' or 'haproxy', not {front!r}")
     try:  # from here on, whatever ends this stops the front too (its own stop is idempotent)
@@ -257,3 +325,5 @@ async def serve_forever(package: ModelPackage | str, port: int = 9000, *, metric
     finally:
         if stop_front is not None:
             stop_front()
+        if control_dir is not None:
+            control_dir.cleanup()

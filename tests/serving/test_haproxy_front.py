@@ -105,10 +105,10 @@ def test_serve_through_the_front_scores_as_the_model_and_stops_cleanly(tiny_pack
 
 def test_the_front_refuses_beyond_its_slots_with_resource_exhausted_and_what_it_admits_is_right(
         tiny_packages, tiny, reference):
-    """Two slots: of 24 large requests sent at once, those that find both taken are refused by
-    HAProxy at once (its message), the others are scored exactly, and nothing waits for a
-    deadline (a call queued in HAProxy could stall its whole connection)."""
-    server, port, _ = _started(tiny_packages("singular-1"), "--max-in-flight", "2")
+    """Two slots, the fixed door: of 24 large requests sent at once, those that find both taken are
+    refused by HAProxy at once (its message), the others are scored exactly, and nothing waits for
+    a deadline (a call queued in HAProxy could stall its whole connection)."""
+    server, port, _ = _started(tiny_packages("singular-1"), "--max-in-flight", "2", "--no-adaptive-door")
     try:
         gen = TrafficGenerator(tiny, seed=4)
         batches = [gen.batch(4096) for _ in range(24)]
@@ -127,6 +127,38 @@ def test_the_front_refuses_beyond_its_slots_with_resource_exhausted_and_what_it_
         assert "2 requests already in flight at this server" in e.details()
     scored = [(b, got) for b, (got, _) in zip(batches, results) if got is not None]
     assert scored, "nothing was admitted"
+    for batch, got in scored:
+        np.testing.assert_allclose(got, reference(batch), rtol=0, atol=ATOL)
+
+
+def test_the_monoliths_adaptive_door_tells_the_front_its_depth_and_what_either_admits_is_right(
+        tiny_packages, tiny, reference):
+    """The default door adapts (serving/engine/door.py): the front starts at its first depth (2 working
+    + 1 waiting) and says so; of 24 large requests at once, the refused are RESOURCE_EXHAUSTED, by
+    the front at the door's told depth or by the door itself, and the admitted are scored exactly."""
+    server, port, lines = _started(tiny_packages("singular-1"), "--max-in-flight", "2")
+    try:
+        said = [line for line in lines if "the front (HAProxy)" in line]
+        assert said and "refuses beyond the server's door, which adapts its depth to its throughput's knee, " \
+                        "from 3 requests" in said[0], lines
+        gen = TrafficGenerator(tiny, seed=5)
+        batches = [gen.batch(4096) for _ in range(24)]
+        with RankingClient(f"127.0.0.1:{port}") as client:
+            client.predict(batches[0].dense, _sparse(batches[0]), timeout=60)  # warm
+            results = _all_at_once(client, batches)
+            assert client.health_check() == "SERVING"
+    finally:
+        server.send_signal(signal.SIGINT)
+        out = server.communicate(timeout=60)[0]
+    assert server.returncode == 0, out
+    refused = [e for _, e in results if e is not None]
+    assert refused, "nothing was refused with two slots"
+    for e in refused:
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+        assert ("every server behind the front is at its door's depth now" in e.details()
+                or "this server works on" in e.details()), e.details()
+    scored = [(b, got) for b, (got, _) in zip(batches, results) if got is not None]
+    assert len(scored) >= 2, "fewer than the door's slots were admitted"
     for batch, got in scored:
         np.testing.assert_allclose(got, reference(batch), rtol=0, atol=ATOL)
 
@@ -246,7 +278,7 @@ def test_routers_tell_the_front_their_doors_depths_and_it_refuses_past_the_sum_i
     told, refused, answered, seen = asyncio.run(run())
     assert told == [4 + may_wait(4, 4)] * 2 == [5, 5]
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "every router behind the front is at its door's depth now" in refused.details()
+    assert "every server behind the front is at its door's depth now" in refused.details()
     assert sorted(answered) == ["a0", "a1"] and "third" not in seen  # refused by HAProxy, not a router
 
 

@@ -105,6 +105,34 @@ def test_overload_is_resource_exhausted(tiny_packages, tiny, helpers):
     assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, codes
 
 
+def test_the_adaptive_door_works_its_slots_lets_a_quarter_wait_and_refuses_the_rest_naming_why(
+        tiny_packages, tiny, helpers):
+    """serving/engine/door.py in the monolith: 2 slots, 1 may wait (a quarter, at least one); of 6
+    slow calls at once, 3 are answered and 3 refused at once with the door's reason."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def slow(batch):
+        time.sleep(0.4)
+        return batch
+
+    batch = TrafficGenerator(tiny, seed=4).batch(2)
+    with MonolithThread(tiny_packages("singular-1"), feature_filter=slow, max_in_flight=2, max_queued=4,
+                        adaptive_door=True, workers=2) as srv, RankingClient(f"127.0.0.1:{srv.port}") as client:
+
+        def call(_):
+            try:
+                client.predict(batch.dense, helpers.as_sparse(batch), timeout=30)
+                return "OK", ""
+            except grpc.RpcError as e:
+                return e.code().name, e.details()
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(call, range(6)))
+    codes = sorted(code for code, _ in answers)
+    assert codes == ["OK"] * 3 + ["RESOURCE_EXHAUSTED"] * 3, answers
+    assert all("this server works on 2 requests" in why for code, why in answers if code != "OK"), answers
+
+
 def test_a_burst_is_shed_at_once_and_every_admitted_request_is_scored_correctly(tiny_packages, tiny, reference,
                                                                                 helpers):
     from concurrent.futures import ThreadPoolExecutor
