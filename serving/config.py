@@ -32,6 +32,7 @@ TowerDtype = Literal["float32", "float16", "bfloat16"]
 # "auto": "ipc" when shards and tower run on CUDA with the direct transport and fanout "tower",
 #         else "host" (docs/dataplane.md: pooled embeddings on the GPU).
 PooledTransport = Literal["auto", "ipc", "host"]
+MonolithDoor = Literal["fixed", "adaptive"]
 # Who calls the shards (where the pooled embeddings flow; never through the router's pickling path):
 # "router": the router calls the shards and hands their responses to the tower (transport
 #           "reference": by reference, shard -> node's shared-memory object store -> tower;
@@ -132,11 +133,16 @@ class AppArgs(BaseModel):
                             "max_in_flight slots, shared among the replicas the same way; beyond them the "
                             "request is answered RESOURCE_EXHAUSTED before any decoding, so an overload costs "
                             "little (docs/reliability.md: past the maximum)")
-    adaptive_door: bool = Field(True, description="with grpc_listen (and the monolith): a server's door works on as many "
+    adaptive_door: bool = Field(True, description="with grpc_listen: a router replica's door works on as many "
                                 "requests at once as its throughput needs (the knee of its throughput, up to "
                                 "max_in_flight; serving/engine/concurrency.py), a quarter as many wait, and the "
                                 "rest are refused at once (behind the front, by HAProxy); --no-adaptive-door: max_in_flight "
-                                "working and max_queued waiting, fixed (the monolith: max_in_flight, none waiting)")
+                                "working and max_queued waiting, fixed")
+    monolith_door: MonolithDoor = Field(
+        "fixed", description="the monolith's door: 'fixed' (max_in_flight in gRPC's core, none waiting) or "
+                             "'adaptive' (the routers' door at the knee of the throughput, a quarter as many "
+                             "waiting; serving/engine/door.py). Fixed by default: on 2 cores it answered more "
+                             "and faster under overload (benchmarks/results/overload-monolith-door)")
     max_latency_factor: float | None = Field(
         None, ge=1.0, description="a router replica also sheds a request whose estimated latency exceeds this "
                                  "multiple of its latency on an idle stack (None: the deadline only)")

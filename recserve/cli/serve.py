@@ -280,7 +280,7 @@ def _serve_monolith(app_args, manifest, ports, *, metrics_port: int, front: str 
     try:
         asyncio.run(serve_forever(app_args.package, ports.grpc, max_batch_size=app_args.max_batch_size,
                                   max_in_flight=app_args.max_in_flight, max_queued=app_args.max_queued,
-                                  adaptive_door=app_args.adaptive_door,
+                                  adaptive_door=app_args.monolith_door == "adaptive",
                                   max_latency_factor=app_args.max_latency_factor, device=app_args.device,
                                   feature_filter=load_feature_filter(app_args.feature_filter, manifest),
                                   example_log=config_of(app_args),

@@ -108,7 +108,7 @@ def test_the_front_refuses_beyond_its_slots_with_resource_exhausted_and_what_it_
     """Two slots, the fixed door: of 24 large requests sent at once, those that find both taken are
     refused by HAProxy at once (its message), the others are scored exactly, and nothing waits for
     a deadline (a call queued in HAProxy could stall its whole connection)."""
-    server, port, _ = _started(tiny_packages("singular-1"), "--max-in-flight", "2", "--no-adaptive-door")
+    server, port, _ = _started(tiny_packages("singular-1"), "--max-in-flight", "2")
     try:
         gen = TrafficGenerator(tiny, seed=4)
         batches = [gen.batch(4096) for _ in range(24)]
@@ -133,10 +133,10 @@ def test_the_front_refuses_beyond_its_slots_with_resource_exhausted_and_what_it_
 
 def test_the_monoliths_adaptive_door_tells_the_front_its_depth_and_what_either_admits_is_right(
         tiny_packages, tiny, reference):
-    """The default door adapts (serving/engine/door.py): the front starts at its first depth (2 working
+    """--monolith-door adaptive (serving/engine/door.py): the front starts at its first depth (2 working
     + 1 waiting) and says so; of 24 large requests at once, the refused are RESOURCE_EXHAUSTED, by
     the front at the door's told depth or by the door itself, and the admitted are scored exactly."""
-    server, port, lines = _started(tiny_packages("singular-1"), "--max-in-flight", "2")
+    server, port, lines = _started(tiny_packages("singular-1"), "--max-in-flight", "2", "--monolith-door", "adaptive")
     try:
         said = [line for line in lines if "the front (HAProxy)" in line]
         assert said and "refuses beyond the server's door, which adapts its depth to its throughput's knee, " \
