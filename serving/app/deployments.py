@@ -549,18 +549,16 @@ def _depth_teller(gauge: Gauge, front_socket: str):
     """``on_depth`` for the Router's door: the depth into ``gauge``, and told to the front on
     ``front_socket`` (if any). A front that cannot be reached (starting, stopping) is told at the
     next change."""
-    tell_depth = None
+    front = None
     if front_socket:
-        from serving.ops.front_control import tell_depth
+        from serving.ops.front_control import depth_teller
+
+        front = depth_teller(front_socket)
 
     def tell(line: int, calls: int) -> None:
         gauge.set(calls)
-        if tell_depth is None:
-            return
-        try:
-            tell_depth(front_socket, line, calls)
-        except OSError as e:
-            logger.debug("the front was not told the door's depth %d: %s", calls, e)
+        if front is not None:
+            front(line, calls)
 
     return tell
 

@@ -26,3 +26,17 @@ def tell_depth(stats_socket: str, line: int, calls: int) -> None:
     said = command(stats_socket, f"experimental-mode on; set var proc.cap_s{int(line)} int({int(calls)})", 1.0)
     if said.strip():
         raise OSError(f"the front refused the depth of line {line}: {said.strip()}")
+
+
+def depth_teller(stats_socket: str):
+    """``tell(line, calls)``: :func:`tell_depth` on ``stats_socket`` that lets a front it cannot reach
+    pass (starting, stopping: it hears the next change), logged at debug level."""
+    import logging
+
+    def tell(line: int, calls: int) -> None:
+        try:
+            tell_depth(stats_socket, line, calls)
+        except OSError as e:
+            logging.getLogger(__name__).debug("the front was not told the door's depth %d: %s", calls, e)
+
+    return tell

@@ -167,7 +167,7 @@ async def create_server(
     host: str = "127.0.0.1",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_in_flight: int = 16,
-    max_queued: int = 0,
+    max_queued: int = 1,
     adaptive_door: bool = False,
     on_depth: Callable[[int], None] | None = None,
     max_latency_factor: float | None = AdmissionConfig.max_latency_factor,
@@ -203,7 +203,7 @@ async def create_server(
     admission = AdmissionConfig(max_in_flight=max_in_flight, max_latency_factor=max_latency_factor)
     door = None
     if adaptive_door:
-        door = Door(max_in_flight, max(1, max_queued), adaptive=True, on_depth=_door_gauge(on_depth))
+        door = Door(max_in_flight, max_queued, adaptive=True, on_depth=_door_gauge(on_depth))
         door.on_depth(door.depth())
     servicer = MonolithServicer(ranker, admission=admission, workers=workers, example_log=example_log or OFF,
                                 coalesce_max_examples=coalesce_max_examples, door=door)
@@ -213,7 +213,7 @@ async def create_server(
     # arrivals/s on one core the refusals themselves can queue (benchmarks/results/overload-pinned):
     # serve_forever's front (serving/standalone/haproxy_front.py) refuses them in native code instead.
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.so_reuseport", 0)],
-                             maximum_concurrent_rpcs=max_in_flight + control_slack + (max(1, max_queued) if door else 0))
+                             maximum_concurrent_rpcs=max_in_flight + control_slack + (max_queued if door else 0))
     add_ranker_servicer(servicer, server, servicer.observe)  # its protobuf parse timed as stage "parse"
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -280,19 +280,13 @@ async def serve_forever(package: ModelPackage | str, port: int = 9000, *, metric
         max_in_flight = kwargs.get("max_in_flight", 16)
         control = None  # adaptive: the door tells the front its depth on this socket
         if kwargs.get("adaptive_door"):
-            from serving.ops.front_control import tell_depth
+            from serving.ops.front_control import depth_teller
 
             control_dir = tempfile.TemporaryDirectory(prefix="recserve-front-")
             control = os.path.join(control_dir.name, "control.sock")
-
-            def tell(calls: int) -> None:
-                try:
-                    tell_depth(control, 0, calls)
-                except OSError:  # the front not up yet (it starts at the first depth) or stopping
-                    pass
-
-            kwargs["on_depth"] = tell
-            max_in_flight += may_wait(max_in_flight, max(1, kwargs.get("max_queued", 0)))  # the door's first depth
+            tell = depth_teller(control)  # the front not up yet hears the next change (it starts at the first)
+            kwargs["on_depth"] = lambda calls: tell(0, calls)
+            max_in_flight += may_wait(max_in_flight, kwargs.get("max_queued", 1))  # the door's first depth
         server, inner = await create_server(package, 0, host="127.0.0.1", control_slack=_FRONT_CONTROL_SLACK,
                                             **kwargs)
         door = Front(host, port or free_port(host), f"127.0.0.1:{inner}", max_in_flight=max_in_flight,
